@@ -1,0 +1,99 @@
+"""Low-rank inputs: subspace bases, projectors, samplers and probes.
+
+Inputs lie in an r-dimensional subspace S of R^d: ``x = U z`` with ``U`` a
+``d x r`` matrix with orthonormal columns and ``z ~ N(0, s^2 I_r)``.
+``P = U U^T`` projects onto S and ``P_perp = I - P`` onto its complement.
+
+Samplers take the projector rather than the basis: ``s * P g`` with
+``g ~ N(0, I_d)`` has exactly the law of ``U z`` (``U^T g ~ N(0, I_r)``), and a
+``[d, d]`` projector has the same shape at every rank, so one compiled
+function serves a whole sweep over ranks.
+"""
+
+import math
+from typing import Tuple
+
+import chex
+import jax
+import jax.numpy as jnp
+
+
+def random_orthonormal(key: chex.PRNGKey, d: int, r: int) -> chex.Array:
+  """A random ``[d, r]`` matrix with orthonormal columns (QR of a Gaussian).
+
+  The columns are Haar-distributed (signs fixed so that R has a positive
+  diagonal). The first ``r'`` columns of ``random_orthonormal(key, d, r)``
+  equal ``random_orthonormal(key, d, r')`` only up to QR, so for nested
+  subspaces take leading columns of one ``[d, d]`` basis (``nested_basis``).
+  """
+  if not 1 <= r <= d:
+    raise ValueError(f'rank r must satisfy 1 <= r <= d = {d}, got r = {r}')
+  q, rr = jnp.linalg.qr(jax.random.normal(key, (d, r)))
+  return q * jnp.sign(jnp.diagonal(rr))[None, :]
+
+
+def nested_basis(key: chex.PRNGKey, d: int, r: int) -> chex.Array:
+  """Leading ``r`` columns of a random ``[d, d]`` orthonormal basis.
+
+  With the same key, the subspace for rank ``r`` contains the one for every
+  smaller rank, so a sweep over ranks changes only the data's dimension.
+  """
+  if not 1 <= r <= d:
+    raise ValueError(f'rank r must satisfy 1 <= r <= d = {d}, got r = {r}')
+  return random_orthonormal(key, d, d)[:, :r]
+
+
+def projectors(basis: chex.Array) -> Tuple[chex.Array, chex.Array]:
+  """``(P, P_perp)``, both ``[d, d]``, for a ``[d, r]`` orthonormal basis."""
+  chex.assert_rank(basis, 2)
+  p = basis @ basis.T
+  return p, jnp.eye(basis.shape[0], dtype=p.dtype) - p
+
+
+def energy_matched_scale(d: int, r: int, scale: float = 1.0) -> float:
+  """``s = scale * sqrt(d / r)``: then ``E||x||^2 = scale^2 d`` at every rank.
+
+  With unit-norm teacher fan-in vectors this also keeps the first-layer
+  pre-activation variance near ``scale^2`` whatever the rank, so budgets and
+  biases mean the same thing across a rank sweep.
+  """
+  if not 1 <= r <= d:
+    raise ValueError(f'rank r must satisfy 1 <= r <= d = {d}, got r = {r}')
+  return scale * math.sqrt(d / r)
+
+
+def sample_lowrank(key: chex.PRNGKey, projector: chex.Array, n: int,
+                   scale: chex.Numeric = 1.0) -> chex.Array:
+  """``n`` inputs ``s * P g``, ``g ~ N(0, I_d)``: the law of ``U z``, ``z ~ N(0, s^2 I_r)``.
+
+  Args:
+    key: PRNG key.
+    projector: ``[d, d]`` orthogonal projector onto the data subspace
+      (``jnp.eye(d)`` for full rank).
+    n: number of samples.
+    scale: per-coordinate standard deviation ``s`` inside the subspace.
+
+  Returns:
+    ``[n, d]`` inputs.
+  """
+  chex.assert_rank(projector, 2)
+  d = projector.shape[0]
+  return scale * jax.random.normal(key, (n, d), projector.dtype) @ projector
+
+
+def off_subspace_probe(key: chex.PRNGKey, x: chex.Array, projector_perp: chex.Array,
+                       scale: chex.Numeric = 1.0) -> chex.Array:
+  """``x + P_perp xi``, ``xi ~ N(0, scale^2 I_d)``: inputs that leave the data subspace.
+
+  Args:
+    key: PRNG key.
+    x: ``[n, d]`` inputs (usually from the subspace).
+    projector_perp: ``[d, d]`` projector onto the complement of the subspace.
+    scale: standard deviation of each coordinate of ``xi``.
+
+  Returns:
+    ``[n, d]`` probes.
+  """
+  chex.assert_rank([x, projector_perp], 2)
+  xi = jax.random.normal(key, x.shape, x.dtype)
+  return x + scale * xi @ projector_perp

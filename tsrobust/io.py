@@ -1,0 +1,155 @@
+"""Result files, written atomically (temporary file in the same folder, fsync, rename).
+
+A reader never sees a partial file: it sees the old file or the new one.
+Missing values (``None`` or NaN) are written as empty CSV cells and JSON
+``null`` - never as 0.
+"""
+
+import csv
+import io as _io
+import json
+import math
+import os
+import tempfile
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+  """Writes ``data`` to ``path`` atomically."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.',
+                             suffix='.tmp')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  """Writes ``text`` (UTF-8) to ``path`` atomically."""
+  atomic_write_bytes(path, text.encode('utf-8'))
+
+
+def to_plain(value: Any) -> Any:
+  """JSON-ready copy: numpy/JAX scalars and arrays to Python, NaN/inf to None."""
+  if isinstance(value, Mapping):
+    return {str(k): to_plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [to_plain(v) for v in value]
+  if hasattr(value, 'tolist') and not isinstance(value, (str, bytes)):
+    return to_plain(np.asarray(value).tolist())
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Atomic JSON (strict: NaN and infinities become ``null``)."""
+  atomic_write_text(path, json.dumps(to_plain(obj), indent=2, allow_nan=False) + '\n')
+
+
+def _cell(value: Any) -> str:
+  value = to_plain(value)
+  if value is None:
+    return ''
+  if isinstance(value, float):
+    return repr(value)
+  return str(value)
+
+
+def write_csv(path: str, records: Sequence[Mapping[str, Any]],
+              columns: Optional[Sequence[str]] = None) -> None:
+  """Atomic CSV, one row per record; columns default to first-seen key order."""
+  if columns is None:
+    columns = []
+    for r in records:
+      columns.extend(k for k in r if k not in columns)
+  buf = _io.StringIO()
+  w = csv.writer(buf, lineterminator='\n')
+  w.writerow(columns)
+  for r in records:
+    w.writerow([_cell(r.get(c)) for c in columns])
+  atomic_write_text(path, buf.getvalue())
+
+
+def read_csv(path: str) -> List[Dict[str, Optional[float]]]:
+  """Reads a results CSV: numeric cells as float, empty cells as None, others as str."""
+  rows = []
+  with open(path, newline='') as f:
+    for row in csv.DictReader(f):
+      parsed = {}
+      for k, v in row.items():
+        if v == '':
+          parsed[k] = None
+        else:
+          try:
+            parsed[k] = float(v)
+          except ValueError:
+            parsed[k] = v
+      rows.append(parsed)
+  return rows
+
+
+def library_versions() -> Dict[str, str]:
+  """Versions of the numerical stack, for embedding in result files."""
+  import platform  # pylint: disable=g-import-not-at-top
+  import chex
+  import flax
+  import jax
+  import optax
+  return {'python': platform.python_version(), 'jax': jax.__version__,
+          'jaxlib': getattr(__import__('jaxlib'), '__version__', 'unknown'),
+          'flax': flax.__version__, 'optax': optax.__version__, 'chex': chex.__version__,
+          'numpy': np.__version__, 'backend': jax.default_backend()}
+
+
+def save_pytree(path: str, tree: Any) -> None:
+  """Saves a pytree of arrays atomically (flax msgpack serialization)."""
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  atomic_write_bytes(path, serialization.msgpack_serialize(
+      serialization.to_state_dict(tree)))
+
+
+def columns_with_prefix(records: Iterable[Mapping[str, Any]], prefix: str) -> List[str]:
+  """Columns of ``records`` starting with ``prefix``, in first-seen order."""
+  out = []
+  for r in records:
+    out.extend(k for k in r if k.startswith(prefix) and k not in out)
+  return out
+
+
+def markdown_summary(rows: Sequence[Mapping[str, Any]], group_by: Sequence[str],
+                     columns: Sequence[str], digits: int = 3) -> str:
+  """A markdown table: ``mean +- std`` over the rows of each group, per column.
+
+  Missing values (None / NaN) are ignored; a group with none shows ``-``.
+  Groups appear in first-seen order.
+  """
+  groups: Dict[tuple, List[Mapping[str, Any]]] = {}
+  for r in rows:
+    groups.setdefault(tuple(r.get(g) for g in group_by), []).append(r)
+  header = list(group_by) + ['n'] + list(columns)
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  for key, members in groups.items():
+    cells = [_group_cell(k) for k in key] + [str(len(members))]
+    for c in columns:
+      vals = [float(m[c]) for m in members
+              if m.get(c) is not None and math.isfinite(float(m[c]))]
+      cells.append(f'{np.mean(vals):.{digits}f} +- {np.std(vals):.{digits}f}' if vals else '-')
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def _group_cell(value: Any) -> str:
+  if isinstance(value, float) and value.is_integer():
+    return str(int(value))
+  return str(value)

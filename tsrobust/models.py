@@ -1,0 +1,114 @@
+"""Teacher and student networks.
+
+Every model's ``apply`` returns ``(outputs, activations)`` where
+``activations`` is a tuple holding the post-ReLU activations of every hidden
+layer, first layer first. Specialization is measured on those.
+
+Random teachers follow Tian (2019)'s code: Gaussian weights with each node's
+fan-in vector normalized to unit norm, an optional Gaussian bias, and an
+optional *strength decay* that scales the fan-out weights of hidden node ``j``
+by ``(j + 1) ** -decay`` so that teacher nodes have different strengths.
+Students are the same family with every hidden width multiplied by ``k``.
+"""
+
+from typing import Sequence, Tuple
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class MLP(nn.Module):
+  """ReLU MLP returning outputs and every hidden layer's activations.
+
+  Attributes:
+    hidden_widths: width of each hidden layer (empty means linear model).
+    out_dim: number of outputs.
+    use_bias: whether every Dense layer has a bias.
+    init_scale: kernels start as N(0, init_scale**2 / fan_in); biases at 0.
+  """
+  hidden_widths: Sequence[int]
+  out_dim: int
+  use_bias: bool = True
+  init_scale: float = 1.0
+
+  @nn.compact
+  def __call__(self, x: chex.Array) -> Tuple[chex.Array, Tuple[chex.Array, ...]]:
+    """Args: x [batch, d]. Returns (outputs [batch, out_dim], (h_1 [batch, n_1], ...))."""
+    chex.assert_rank(x, 2)
+    kernel_init = nn.initializers.variance_scaling(
+        self.init_scale ** 2, 'fan_in', 'normal')
+    h = x
+    acts = []
+    for i, width in enumerate(self.hidden_widths):
+      h = nn.relu(nn.Dense(width, use_bias=self.use_bias, kernel_init=kernel_init,
+                           name=f'hidden_{i}')(h))
+      acts.append(h)
+    out = nn.Dense(self.out_dim, use_bias=self.use_bias, kernel_init=kernel_init,
+                   name='output')(h)
+    return out, tuple(acts)
+
+
+def layer_names(model: MLP) -> Tuple[str, ...]:
+  """Names of the Dense layers of ``model`` in order, output last."""
+  return tuple(f'hidden_{i}' for i in range(len(model.hidden_widths))) + ('output',)
+
+
+def student_of(teacher: MLP, width_mult: int, init_scale: float = 1.0) -> MLP:
+  """The over-realized student family of ``teacher``: widths ``k * m_l``."""
+  if not isinstance(width_mult, int) or width_mult < 1:
+    raise ValueError(f'width_mult must be an integer >= 1, got {width_mult!r}')
+  if init_scale <= 0:
+    raise ValueError(f'init_scale must be > 0, got {init_scale!r}')
+  return MLP(hidden_widths=tuple(width_mult * m for m in teacher.hidden_widths),
+             out_dim=teacher.out_dim, use_bias=teacher.use_bias,
+             init_scale=init_scale)
+
+
+def random_teacher_params(key: chex.PRNGKey, model: MLP, in_dim: int,
+                          bias_scale: float = 0.5,
+                          strength_decay: float = 0.0) -> chex.ArrayTree:
+  """Random teacher parameters (Tian 2019).
+
+  Every kernel column (a node's fan-in vector) is Gaussian, normalized to unit
+  norm. Biases, when the model has them, are N(0, bias_scale**2). With
+  ``strength_decay > 0`` the fan-out weights of hidden node ``j`` (row ``j`` of
+  the next layer's kernel) are multiplied by ``(j + 1) ** -strength_decay``.
+
+  Args:
+    key: PRNG key.
+    model: the teacher's MLP.
+    in_dim: input dimension d.
+    bias_scale: standard deviation of the biases (>= 0).
+    strength_decay: exponent of the fan-out decay (>= 0; 0 disables it).
+
+  Returns:
+    A Flax params dict ``{'params': {...}}`` for ``model``.
+  """
+  if bias_scale < 0:
+    raise ValueError(f'bias_scale must be >= 0, got {bias_scale!r}')
+  if strength_decay < 0:
+    raise ValueError(f'strength_decay must be >= 0, got {strength_decay!r}')
+  names = layer_names(model)
+  widths = (in_dim,) + tuple(model.hidden_widths) + (model.out_dim,)
+  keys = jax.random.split(key, 2 * len(names))
+  params = {}
+  for i, name in enumerate(names):
+    fan_in, fan_out = widths[i], widths[i + 1]
+    w = jax.random.normal(keys[2 * i], (fan_in, fan_out))
+    w = w / jnp.linalg.norm(w, axis=0, keepdims=True)
+    if i > 0 and strength_decay > 0:
+      decay = (jnp.arange(fan_in) + 1.0) ** (-strength_decay)
+      w = w * decay[:, None]
+    layer = {'kernel': w}
+    if model.use_bias:
+      layer['bias'] = bias_scale * jax.random.normal(keys[2 * i + 1], (fan_out,))
+    params[name] = layer
+  return {'params': params}
+
+
+def first_layer_kernel(params: chex.ArrayTree) -> chex.Array:
+  """The first Dense layer's kernel [d, n_1] (node ``j``'s weights are column j)."""
+  p = params['params']
+  return p['hidden_0']['kernel'] if 'hidden_0' in p else p['output']['kernel']

@@ -1,0 +1,238 @@
+"""Training students from a teacher: losses, optimizers, jitted chunks of steps.
+
+The pieces compose as in flax/examples:
+
+* a *loss function* ``loss_fn(params, teacher_params, data_args, key) -> scalar``
+  draws its own batch from ``key`` (``teacher_regression_loss`` is the
+  standard one; robust methods supply others);
+* ``train_step`` is one optimizer step of it, for one seed;
+* ``make_chunk_fn`` scans ``length`` steps, for one seed. The step's key is
+  ``fold_in(key, global_step)``, so the trajectory does not depend on how the
+  run is cut into chunks;
+* ``train_seeds`` is the thin driver: ``jit(vmap(chunk))`` over a leading
+  seeds axis, called chunk after chunk, checking for non-finite losses and
+  reporting progress through a callback (the library never prints).
+"""
+
+import time
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+LOSSES = ('mse', 'ce_argmax', 'ce_soft')
+OPTIMIZERS = ('sgd', 'momentum', 'adam')
+SCHEDULES = ('constant', 'cosine')
+
+LossFn = Callable[[chex.ArrayTree, chex.ArrayTree, Any, chex.PRNGKey], chex.Array]
+
+
+class TrainState(NamedTuple):
+  """Per-seed training state: parameters, optimizer state, step count."""
+  params: chex.ArrayTree
+  opt_state: optax.OptState
+  step: chex.Array
+
+
+class TrainingDivergedError(RuntimeError):
+  """A loss or parameter became non-finite.
+
+  Attributes:
+    last_good_state: the (batched) state at the end of the last finite chunk.
+    step: the step count of ``last_good_state``.
+    bad_seeds: indices along the seeds axis that went non-finite.
+  """
+
+  def __init__(self, message: str, last_good_state: TrainState, step: int, bad_seeds):
+    super().__init__(message)
+    self.last_good_state = last_good_state
+    self.step = step
+    self.bad_seeds = bad_seeds
+
+
+def teacher_loss(student_out: chex.Array, teacher_out: chex.Array, loss: str) -> chex.Array:
+  """Scalar loss of student outputs against teacher outputs, both ``[B, C]``.
+
+  ``'mse'``: mean over batch and outputs of ``(s - t)^2`` (Tian's regression);
+  ``'ce_argmax'``: cross-entropy to the teacher's argmax;
+  ``'ce_soft'``: cross-entropy to the teacher's softmax (distillation).
+  The teacher's outputs are treated as constants.
+  """
+  chex.assert_equal_shape([student_out, teacher_out])
+  teacher_out = jax.lax.stop_gradient(teacher_out)
+  if loss == 'mse':
+    return jnp.mean((student_out - teacher_out) ** 2)
+  logp = jax.nn.log_softmax(student_out)
+  if loss == 'ce_argmax':
+    labels = teacher_out.argmax(-1)
+    return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
+  if loss == 'ce_soft':
+    return -jnp.mean((jax.nn.softmax(teacher_out) * logp).sum(-1))
+  raise ValueError(f'loss must be one of {LOSSES}, got {loss!r}')
+
+
+def make_optimizer(name: str, learning_rate: float, *, momentum: float = 0.9,
+                   weight_decay: float = 0.0, schedule: str = 'constant',
+                   total_steps: Optional[int] = None) -> optax.GradientTransformation:
+  """An optax optimizer by name.
+
+  Args:
+    name: ``'sgd'``, ``'momentum'`` (SGD with heavy-ball momentum) or ``'adam'``.
+    learning_rate: peak learning rate (> 0).
+    momentum: momentum for ``'momentum'``, in [0, 1).
+    weight_decay: coefficient of an L2 penalty added to the gradient
+      (``add_decayed_weights`` before the optimizer), >= 0.
+    schedule: ``'constant'`` or ``'cosine'`` (decay to 0 over ``total_steps``).
+    total_steps: number of steps, needed by ``'cosine'``.
+  """
+  if name not in OPTIMIZERS:
+    raise ValueError(f'optimizer must be one of {OPTIMIZERS}, got {name!r}')
+  if schedule not in SCHEDULES:
+    raise ValueError(f'schedule must be one of {SCHEDULES}, got {schedule!r}')
+  if not learning_rate > 0:
+    raise ValueError(f'learning_rate must be > 0, got {learning_rate!r}')
+  if not 0 <= momentum < 1:
+    raise ValueError(f'momentum must be in [0, 1), got {momentum!r}')
+  if weight_decay < 0:
+    raise ValueError(f'weight_decay must be >= 0, got {weight_decay!r}')
+  lr = learning_rate
+  if schedule == 'cosine':
+    if not total_steps or total_steps < 1:
+      raise ValueError(f'total_steps must be >= 1 for a cosine schedule, got {total_steps!r}')
+    lr = optax.cosine_decay_schedule(learning_rate, total_steps)
+  if name == 'sgd':
+    opt = optax.sgd(lr)
+  elif name == 'momentum':
+    opt = optax.sgd(lr, momentum=momentum)
+  else:
+    opt = optax.adam(lr)
+  if weight_decay > 0:
+    opt = optax.chain(optax.add_decayed_weights(weight_decay), opt)
+  return opt
+
+
+def init_state(params: chex.ArrayTree, optimizer: optax.GradientTransformation) -> TrainState:
+  """A fresh ``TrainState`` for ``params`` (one seed; vmap it for many)."""
+  return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+
+
+def teacher_regression_loss(student_apply: Callable, teacher_apply: Callable, loss: str,
+                            sample_inputs: Callable, batch_size: int) -> LossFn:
+  """Standard training: ``loss`` between student and teacher on fresh inputs.
+
+  Args:
+    student_apply, teacher_apply: ``(params, x) -> (outputs, activations)``.
+    loss: one of ``LOSSES``.
+    sample_inputs: ``(key, data_args, n) -> [n, d]`` inputs.
+    batch_size: inputs per step.
+
+  Returns:
+    ``loss_fn(params, teacher_params, data_args, key) -> scalar``.
+  """
+  if loss not in LOSSES:
+    raise ValueError(f'loss must be one of {LOSSES}, got {loss!r}')
+
+  def loss_fn(params, teacher_params, data_args, key):
+    x = sample_inputs(key, data_args, batch_size)
+    return teacher_loss(student_apply(params, x)[0], teacher_apply(teacher_params, x)[0],
+                        loss)
+  return loss_fn
+
+
+def train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, state: TrainState,
+               teacher_params: chex.ArrayTree, data_args: Any,
+               key: chex.PRNGKey) -> Tuple[TrainState, chex.Array]:
+  """One optimizer step for one seed. Returns ``(new_state, loss)``."""
+  loss, grads = jax.value_and_grad(loss_fn)(state.params, teacher_params, data_args, key)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  return TrainState(optax.apply_updates(state.params, updates), opt_state,
+                    state.step + 1), loss
+
+
+def make_chunk_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                  length: int) -> Callable:
+  """``chunk(state, teacher_params, data_args, key) -> (state, losses [length])``, one seed.
+
+  Step ``t`` (global) uses ``jax.random.fold_in(key, t)``.
+  """
+  def chunk(state, teacher_params, data_args, key):
+    def body(st, _):
+      return train_step(loss_fn, optimizer, st, teacher_params, data_args,
+                        jax.random.fold_in(key, st.step))
+    return jax.lax.scan(body, state, None, length=length)
+  return chunk
+
+
+def _tree_all_finite(tree) -> chex.Array:
+  """``[S]`` bool: every leaf is finite, per seed (leading axis)."""
+  leaves = [jnp.isfinite(l.reshape(l.shape[0], -1)).all(-1)
+            for l in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(l.dtype, jnp.inexact)]
+  return jnp.stack(leaves).all(0)
+
+
+def train_seeds(loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                state: TrainState, teacher_params: chex.ArrayTree, data_args: Any,
+                keys: chex.PRNGKey, *, num_steps: int, chunk_steps: int,
+                on_chunk: Optional[Callable[[Dict[str, float]], None]] = None
+                ) -> Tuple[TrainState, np.ndarray]:
+  """Trains a batch of seeds for ``num_steps`` steps in jitted chunks.
+
+  Every argument but ``keys`` and the static ones has a leading seeds axis
+  ``[S, ...]`` (tile a shared teacher). ``keys`` is ``[S]`` keys.
+
+  Args:
+    loss_fn, optimizer: as for ``train_step``.
+    state: batched ``TrainState`` (``state.step`` equal across seeds).
+    teacher_params, data_args: batched pytrees.
+    keys: ``[S]`` training keys (one per seed).
+    num_steps: steps to take (>= 0); the run ends at ``state.step + num_steps``.
+    chunk_steps: steps per jitted chunk (>= 1). A shorter last chunk compiles
+      once more.
+    on_chunk: called after each chunk with ``step``, ``num_steps``,
+      ``steps_per_sec``, ``eta_sec``, ``loss`` (mean over seeds of the
+      chunk's last loss).
+
+  Returns:
+    ``(state, losses)``: the final batched state and ``[S, num_chunks]`` mean
+    loss of every chunk.
+
+  Raises:
+    TrainingDivergedError: a loss or parameter went non-finite; the error
+      carries the state after the last finite chunk.
+  """
+  if num_steps < 0:
+    raise ValueError(f'num_steps must be >= 0, got {num_steps}')
+  if chunk_steps < 1:
+    raise ValueError(f'chunk_steps must be >= 1, got {chunk_steps}')
+  compiled = {}
+  history = []
+  done = 0
+  t_start = time.perf_counter()
+  while done < num_steps:
+    length = min(chunk_steps, num_steps - done)
+    if length not in compiled:
+      compiled[length] = jax.jit(jax.vmap(make_chunk_fn(loss_fn, optimizer, length)))
+    new_state, losses = compiled[length](state, teacher_params, data_args, keys)
+    ok = np.asarray(_tree_all_finite(new_state.params) & jnp.isfinite(losses).all(-1))
+    if not ok.all():
+      bad = np.flatnonzero(~ok).tolist()
+      step = int(np.asarray(state.step).reshape(-1)[0])
+      raise TrainingDivergedError(
+          f'training diverged: non-finite loss or parameters for seeds {bad} in the '
+          f'chunk after step {step}; the last good state (step {step}) is kept',
+          state, step, bad)
+    state = new_state
+    done += length
+    history.append(np.asarray(losses.mean(-1)))
+    if on_chunk is not None:
+      elapsed = time.perf_counter() - t_start
+      rate = done / max(elapsed, 1e-9)
+      on_chunk({'step': done, 'num_steps': num_steps, 'steps_per_sec': rate,
+                'eta_sec': (num_steps - done) / rate,
+                'loss': float(np.asarray(losses[:, -1]).mean())})
+  s = jax.tree_util.tree_leaves(keys)[0].shape[0]
+  losses = np.stack(history, axis=1) if history else np.zeros((s, 0), np.float32)
+  return state, losses
