@@ -1,0 +1,59 @@
+"""Default config of the low-rank teacher-student experiment (experiments/lowrank.py).
+
+Every field can be overridden on the command line, e.g.
+``--config.ranks='(5, 40)' --config.num_seeds=16``.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0                  # master PRNG seed; seed s of the sweep uses fold_in(seed, s)
+  c.num_seeds = 8             # students per rank (a vmapped axis)
+
+  # Task: inputs x = U z in an r-dim subspace of R^d.
+  c.d = 40
+  c.ranks = (5, 10, 20, 40)   # r = d is the full-rank case
+  c.data_scale = 1.0          # per-coordinate std of full-rank data
+  c.energy_matched = True     # z ~ N(0, s^2 I_r) with s = data_scale*sqrt(d/r): E||x||^2 equal at every rank
+  c.num_train = 0             # 0: fresh samples every step (online); N > 0: a fixed training set of N points
+
+  # Teacher (the oracle): a random ReLU MLP (Tian 2019).
+  c.teacher_hidden = (10,)    # hidden widths m_1..m_{L-1}
+  c.out_dim = 10              # outputs C
+  c.use_bias = True
+  c.teacher_bias_scale = 0.5
+  c.strength_decay = 0.0      # fan-out of hidden node j scaled by (j+1)^-decay
+  c.teacher_per_seed = True   # each seed draws its own teacher and subspace (False: shared)
+
+  # Student: same family, widths x width_mult.
+  c.width_mult = 5
+  c.student_init_scale = 1.0  # kernels start as N(0, scale^2 / fan_in)
+
+  # Training.
+  c.loss = 'mse'              # mse | ce_argmax | ce_soft
+  c.optimizer = 'momentum'    # sgd | momentum | adam
+  c.learning_rate = 0.05
+  c.momentum = 0.9
+  c.weight_decay = 0.0
+  c.schedule = 'constant'     # constant | cosine
+  c.batch_size = 128
+  c.num_steps = 20000
+  c.chunk_steps = 2000        # steps per jitted lax.scan chunk
+
+  # Evaluation.
+  c.num_eval = 4096           # held-out in-subspace points for specialization
+  c.eval_batch = 1024         # streaming batch (must divide num_eval)
+  c.probe_scale = 1.0         # xi ~ N(0, probe_scale^2 I_d) in the probes x + P_perp xi
+  c.tau = 0.9                 # specialization threshold
+
+  # Attacks: PGD judged by the oracle.
+  c.attack_norm = 'l2'        # l2 | linf
+  c.eps = (0.5, 1.0, 2.0)     # budgets; columns are named with these as written
+  c.attack_steps = 20
+  c.attack_step_factor = 2.5  # alpha = factor * eps / steps (Madry et al.)
+  c.attack_restarts = 1
+  c.num_attack = 512          # held-out in-subspace points attacked
+  c.oracle_loss = 'kl'        # objective of the oracle attack: kl | mse
+  return c
