@@ -1,0 +1,122 @@
+"""The low-rank experiment binary: end to end on a tiny config, and config errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import common
+from experiments import lowrank
+from experiments.configs import lowrank as lowrank_config
+from tsrobust import io
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = dict(num_seeds=2, d=6, ranks=(2, 6), teacher_hidden=(3,), out_dim=3, width_mult=2,
+            num_steps=60, chunk_steps=30, batch_size=16, num_eval=64, eval_batch=32,
+            num_attack=16, attack_steps=3, eps=(0.5, 1.0, 2.0))
+
+
+def tiny_config(**overrides):
+  config = lowrank_config.get_config()
+  config.update(TINY)
+  config.update(overrides)
+  return config
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('lowrank'))
+  records = lowrank.train_and_evaluate(tiny_config(), workdir)
+  return workdir, records
+
+
+def test_writes_files_that_parse(tiny_run):
+  workdir, records = tiny_run
+  rows = io.read_csv(os.path.join(workdir, 'results.csv'))
+  assert len(rows) == len(records) == 4  # 2 ranks x 2 seeds
+  assert [(r['rank'], r['seed']) for r in rows] == [(2, 0), (2, 1), (6, 0), (6, 1)]
+  expected = ['rank', 'seed', 'spec_in', 'spec_in_l1', 'spec_off', 'wcos_in', 'wcos_off',
+              'wcos_off_random', 'clean_agree']
+  expected += [f'adv_{lab}_{w}_{e}' for lab in ('oracle', 'fixed')
+               for w in ('in', 'off', 'full') for e in ('0.5', '1.0', '2.0')]
+  assert set(expected) <= set(rows[0])
+  with open(os.path.join(workdir, 'results.json')) as f:
+    payload = json.load(f)
+  assert payload['config']['d'] == 6
+  assert {'jax', 'flax', 'optax'} <= set(payload['versions'])
+  assert len(payload['records']) == 4
+  with open(os.path.join(workdir, 'lowrank.png'), 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  with open(os.path.join(workdir, 'summary.md')) as f:
+    table = f.read()
+  assert table.startswith('| rank | n | spec_in')
+  assert len(table.strip().splitlines()) == 4  # header, rule, two ranks
+
+
+def test_values_are_in_range(tiny_run):
+  _, records = tiny_run
+  for r in records:
+    for key, value in r.items():
+      if key.startswith(('spec_', 'wcos_in')) and value is not None:
+        assert -1.0 - 1e-5 <= value <= 1.0 + 1e-5, (key, value)
+      if key.startswith(('adv_', 'clean_agree', 'frac_')) and value is not None:
+        assert 0.0 <= value <= 1.0, (key, value)
+    if r['rank'] == 2:
+      assert r['wcos_off_random'] == pytest.approx(np.sqrt(2 / (np.pi * 4)))
+
+
+def test_full_rank_off_subspace_columns_are_empty(tiny_run):
+  workdir, _ = tiny_run
+  rows = io.read_csv(os.path.join(workdir, 'results.csv'))
+  for row in rows:
+    off = [k for k in row if '_off' in k]
+    assert off
+    if row['rank'] == 6:
+      assert all(row[k] is None for k in off), {k: row[k] for k in off}
+    else:
+      assert all(row[k] is not None for k in off)
+
+
+def test_same_config_same_results(tiny_run, tmp_path):
+  _, records = tiny_run
+  again = lowrank.train_and_evaluate(tiny_config(), str(tmp_path))
+  assert again == records
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('ranks', (2, 7), 'config.ranks must satisfy 1 <= r <= d = 6'),
+    ('ranks', (0,), 'config.ranks values must be >= 1'),
+    ('eps', (0.5, -1.0), 'config.eps values must be >= 0'),
+    ('num_seeds', 0, 'config.num_seeds must be >= 1'),
+    ('optimizer', 'lbfgs', 'config.optimizer must be one of'),
+    ('eval_batch', 30, 'config.eval_batch must divide config.num_eval'),
+    ('learning_rate', -0.1, 'config.learning_rate must be > 0'),
+    ('attack_norm', 'l1', 'config.attack_norm must be one of'),
+])
+def test_bad_config_fails_at_start(tmp_path, field, value, message):
+  with pytest.raises(common.ConfigError) as info:
+    lowrank.train_and_evaluate(tiny_config(**{field: value}), str(tmp_path))
+  assert message in str(info.value)
+  assert not os.listdir(tmp_path)  # nothing was started
+
+
+def test_command_line(tmp_path):
+  """The absl binary: overrides from flags, and a bad value named on stderr."""
+  args = [sys.executable, '-m', 'experiments.lowrank', f'--workdir={tmp_path / "ok"}']
+  # A repeated tuple flag appends, so ranks is given once.
+  args += [f'--config.{k}={v}' for k, v in TINY.items() if k != 'ranks']
+  args += ['--config.ranks=(3,)']
+  done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  rows = io.read_csv(str(tmp_path / 'ok' / 'results.csv'))
+  assert [r['rank'] for r in rows] == [3, 3]
+  bad = [sys.executable, '-m', 'experiments.lowrank', f'--workdir={tmp_path / "bad"}',
+         '--config.d=6', '--config.ranks=(2,9)']
+  done = subprocess.run(bad, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode != 0
+  assert 'config.ranks must satisfy 1 <= r <= d = 6, got r = 9' in done.stderr
+  assert not (tmp_path / 'bad').exists()

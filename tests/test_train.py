@@ -1,0 +1,159 @@
+"""Training: losses, optimizers, chunked scans, vmapped seeds, divergence."""
+
+import functools
+
+from absl.testing import parameterized
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tsrobust import data
+from tsrobust import models
+from tsrobust import train
+
+D, R = 8, 3
+
+
+def _problem(num_seeds, optimizer_name='momentum', lr=0.05, weight_decay=0.0, hidden=(4,),
+             batch=16):
+  """A tiny low-rank problem with ``num_seeds`` seeds stacked on a leading axis."""
+  teacher = models.MLP(hidden, 3)
+  student = models.student_of(teacher, 2)
+  keys = jax.random.split(jax.random.PRNGKey(0), 4 * num_seeds).reshape(num_seeds, 4, 2)
+  tparams = jax.vmap(functools.partial(models.random_teacher_params, model=teacher,
+                                       in_dim=D))(keys[:, 0])
+  bases = jax.vmap(lambda k: data.random_orthonormal(k, D, R))(keys[:, 1])
+  projector = bases @ jnp.swapaxes(bases, 1, 2)
+  sparams = jax.vmap(lambda k: student.init(k, jnp.zeros((1, D))))(keys[:, 2])
+  opt = train.make_optimizer(optimizer_name, lr, weight_decay=weight_decay)
+  state = jax.vmap(lambda p: train.init_state(p, opt))(sparams)
+  loss_fn = train.teacher_regression_loss(
+      student.apply, teacher.apply, 'mse',
+      lambda k, a, n: data.sample_lowrank(k, a['projector'], n, a['scale']), batch)
+  data_args = {'projector': projector, 'scale': jnp.full((num_seeds,), 1.5)}
+  return loss_fn, opt, state, tparams, data_args, keys[:, 3]
+
+
+def _index(tree, i):
+  return jax.tree_util.tree_map(lambda v: v[i], tree)
+
+
+class TeacherLossTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_known_values(self):
+    s = jnp.array([[1.0, 2.0], [0.0, 0.0]])
+    t = jnp.array([[3.0, 2.0], [0.0, 4.0]])
+    mse = self.variant(functools.partial(train.teacher_loss, loss='mse'))(s, t)
+    np.testing.assert_allclose(mse, (4.0 + 16.0) / 4, rtol=1e-6)
+    ce = self.variant(functools.partial(train.teacher_loss, loss='ce_argmax'))(s, t)
+    # teacher argmax: class 0 for row 0, class 1 for row 1.
+    expected = -(jax.nn.log_softmax(s[0])[0] + jax.nn.log_softmax(s[1])[1]) / 2
+    np.testing.assert_allclose(ce, expected, rtol=1e-6)
+    soft = self.variant(functools.partial(train.teacher_loss, loss='ce_soft'))(s, t)
+    expected = -jnp.mean((jax.nn.softmax(t) * jax.nn.log_softmax(s)).sum(-1))
+    np.testing.assert_allclose(soft, expected, rtol=1e-6)
+
+  def test_gradient_does_not_flow_into_teacher(self):
+    g = jax.grad(lambda t: train.teacher_loss(jnp.ones((2, 3)), t, 'mse'))(jnp.zeros((2, 3)))
+    np.testing.assert_array_equal(g, 0.0)
+
+  def test_unknown_names_raise(self):
+    with pytest.raises(ValueError, match='loss must be one of'):
+      train.teacher_loss(jnp.ones((1, 2)), jnp.ones((1, 2)), 'hinge')
+    with pytest.raises(ValueError, match='optimizer must be one of'):
+      train.make_optimizer('rmsprop', 0.1)
+    with pytest.raises(ValueError, match='learning_rate must be > 0'):
+      train.make_optimizer('sgd', 0.0)
+    with pytest.raises(ValueError, match='total_steps'):
+      train.make_optimizer('sgd', 0.1, schedule='cosine')
+
+
+class TrainSeedsTest(chex.TestCase):
+
+  def test_vmapped_equals_single_seed(self):
+    loss_fn, opt, state, tparams, data_args, keys = _problem(3)
+    batched, losses = train.train_seeds(loss_fn, opt, state, tparams, data_args, keys,
+                                        num_steps=40, chunk_steps=20)
+    self.assertEqual(losses.shape, (3, 2))
+    chunk = jax.jit(train.make_chunk_fn(loss_fn, opt, 40))
+    for i in range(3):
+      single, single_losses = chunk(_index(state, i), _index(tparams, i),
+                                    _index(data_args, i), keys[i])
+      chex.assert_trees_all_close(_index(batched.params, i), single.params, atol=1e-5,
+                                  rtol=1e-5)
+      np.testing.assert_allclose(losses[i, -1], single_losses[20:].mean(), rtol=1e-4)
+    # Seeds really differ (the test would pass vacuously if every seed were equal).
+    self.assertGreater(float(jnp.abs(batched.params['params']['hidden_0']['kernel'][0]
+                                     - batched.params['params']['hidden_0']['kernel'][1]).max()),
+                       1e-2)
+
+  def test_chunking_does_not_change_the_trajectory(self):
+    loss_fn, opt, state, tparams, data_args, keys = _problem(2)
+    whole, _ = train.train_seeds(loss_fn, opt, state, tparams, data_args, keys,
+                                 num_steps=30, chunk_steps=30)
+    pieces, losses = train.train_seeds(loss_fn, opt, state, tparams, data_args, keys,
+                                       num_steps=30, chunk_steps=7)
+    self.assertEqual(losses.shape, (2, 5))  # 7+7+7+7+2
+    chex.assert_trees_all_close(whole.params, pieces.params, atol=1e-6, rtol=1e-6)
+    np.testing.assert_array_equal(pieces.step, [30, 30])
+
+  def test_training_lowers_the_loss(self):
+    loss_fn, opt, state, tparams, data_args, keys = _problem(2)
+    _, losses = train.train_seeds(loss_fn, opt, state, tparams, data_args, keys,
+                                  num_steps=600, chunk_steps=100)
+    self.assertTrue(np.all(losses[:, -1] < 0.2 * losses[:, 0]), losses)
+
+  def test_progress_callback(self):
+    loss_fn, opt, state, tparams, data_args, keys = _problem(1)
+    seen = []
+    train.train_seeds(loss_fn, opt, state, tparams, data_args, keys, num_steps=10,
+                      chunk_steps=4, on_chunk=seen.append)
+    self.assertEqual([s['step'] for s in seen], [4, 8, 10])
+    self.assertTrue(all(s['steps_per_sec'] > 0 and np.isfinite(s['loss']) for s in seen))
+    self.assertEqual(seen[-1]['eta_sec'], 0.0)
+
+  def test_divergence_stops_with_last_good_state(self):
+    loss_fn, opt, state, tparams, data_args, keys = _problem(2, optimizer_name='sgd', lr=1e6)
+    with pytest.raises(train.TrainingDivergedError, match='diverged') as info:
+      train.train_seeds(loss_fn, opt, state, tparams, data_args, keys, num_steps=200,
+                        chunk_steps=5)
+    err = info.value
+    self.assertTrue(err.bad_seeds)
+    self.assertEqual(err.step % 5, 0)
+    np.testing.assert_array_equal(err.last_good_state.step, [err.step, err.step])
+    for leaf in jax.tree_util.tree_leaves(err.last_good_state.params):
+      self.assertTrue(np.isfinite(np.asarray(leaf)).all())
+
+
+class OffSubspaceWeightsTest(chex.TestCase):
+  """Claim 2: SGD moves first-layer weights only inside the data subspace."""
+
+  def _off_subspace_change(self, optimizer_name, weight_decay=0.0):
+    loss_fn, opt, state, tparams, data_args, keys = _problem(
+        2, optimizer_name=optimizer_name, lr=0.01 if optimizer_name == 'adam' else 0.05,
+        weight_decay=weight_decay)
+    final, _ = train.train_seeds(loss_fn, opt, state, tparams, data_args, keys,
+                                 num_steps=300, chunk_steps=100)
+    p_perp = jnp.eye(D) - data_args['projector']
+    w0 = state.params['params']['hidden_0']['kernel']
+    w1 = final.params['params']['hidden_0']['kernel']
+    p = data_args['projector']
+    moved_in = float(jnp.abs(p @ w1 - p @ w0).max())
+    moved_off = float(jnp.abs(p_perp @ w1 - p_perp @ w0).max())
+    return moved_in, moved_off
+
+  @parameterized.parameters('sgd', 'momentum')
+  def test_sgd_leaves_complement_at_init(self, name):
+    moved_in, moved_off = self._off_subspace_change(name)
+    self.assertGreater(moved_in, 1e-2)   # it did learn inside the subspace
+    self.assertLess(moved_off, 1e-5)     # and nothing outside it
+
+  def test_adam_and_weight_decay_do_move_it(self):
+    # The same measurement detects a change where theory says there is one.
+    _, adam_off = self._off_subspace_change('adam')
+    self.assertGreater(adam_off, 1e-3)
+    _, wd_off = self._off_subspace_change('sgd', weight_decay=0.5)
+    self.assertGreater(wd_off, 1e-3)
