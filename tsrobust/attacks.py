@@ -20,6 +20,7 @@ point) and *oracle* (the teacher evaluated at the perturbed point,
 differentiating through both networks).
 """
 
+import math
 from typing import Callable, Optional, Tuple
 
 import chex
@@ -109,11 +110,24 @@ def _random_start(key: chex.PRNGKey, x: chex.Array, eps: chex.Numeric, norm: str
 
 
 def _clip_inputs(x: chex.Array, delta: chex.Array,
-                 clip_range: Optional[Tuple[float, float]]) -> chex.Array:
+                 clip_range: Optional[Tuple[float, float]],
+                 projector: Optional[chex.Array] = None) -> chex.Array:
+  """Keeps ``x + delta`` in ``clip_range``.
+
+  Without a subspace, ``x + delta`` is clipped coordinate-wise. With one,
+  clipping would leave the subspace, so ``delta`` is instead scaled down along
+  its own direction until ``x + delta`` fits (it stays in the subspace and in
+  the ball; ``x`` itself is assumed to be in range).
+  """
   if clip_range is None:
     return delta
   lo, hi = clip_range
-  return jnp.clip(x + delta, lo, hi) - x
+  if projector is None:
+    return jnp.clip(x + delta, lo, hi) - x
+  safe = jnp.where(delta == 0, 1.0, delta)
+  room = jnp.where(delta > 0, (hi - x) / safe, jnp.where(delta < 0, (lo - x) / safe, jnp.inf))
+  factor = jnp.clip(_flat(room).min(-1), 0.0, 1.0)
+  return delta * _broadcast(factor, delta)
 
 
 def pgd(objective_fn: Fn, x: chex.Array, key: chex.PRNGKey, *, eps: chex.Numeric,
@@ -134,7 +148,8 @@ def pgd(objective_fn: Fn, x: chex.Array, key: chex.PRNGKey, *, eps: chex.Numeric
     norm: ``'linf'`` or ``'l2'`` (static).
     restarts: number of independent runs (>= 1, static).
     projector: ``[D, D]`` projector restricting ``delta`` to a subspace, or None.
-    clip_range: ``(lo, hi)`` valid input range, or None.
+    clip_range: ``(lo, hi)`` valid input range, or None. With a projector,
+      ``delta`` is scaled down (not clipped) to fit, so it stays in the subspace.
     success_fn: ``x_adv -> [N] bool``; when given, restarts prefer successes.
     random_start: start from a random feasible point (else from 0).
 
@@ -156,12 +171,12 @@ def pgd(objective_fn: Fn, x: chex.Array, key: chex.PRNGKey, *, eps: chex.Numeric
     else:
       step = g / _broadcast(jnp.maximum(_per_example_norm(g, 'l2'), 1e-12), g)
     delta = project(delta + alpha * step, eps, norm, projector)
-    return _clip_inputs(x, delta, clip_range), None
+    return _clip_inputs(x, delta, clip_range, projector), None
 
   def one_run(run_key):
     delta = (_random_start(run_key, x, eps, norm, projector) if random_start
              else jnp.zeros_like(x))
-    delta = _clip_inputs(x, delta, clip_range)
+    delta = _clip_inputs(x, delta, clip_range, projector)
     delta, _ = jax.lax.scan(ascend, delta, None, length=steps)
     xa = x + delta
     succ = (success_fn(xa) if success_fn is not None
@@ -258,3 +273,75 @@ def robust_error(student_fn: Fn, teacher_fn: Fn, x: chex.Array, key: chex.PRNGKe
               restarts=restarts, projector=projector, clip_range=clip_range,
               success_fn=success)
   return success(x + delta)
+
+
+# ----------------------------------------------------------------------------
+# Confidence-calibrated adversarial training (Stutz, Hein, Schiele 2020).
+# ----------------------------------------------------------------------------
+
+
+def ccat_objective(student_fn: Fn, labels: chex.Array) -> Fn:
+  """CCAT's attack objective: the largest non-label confidence ``max_{k != y} softmax_k``."""
+  def objective(xa):
+    probs = jax.nn.softmax(student_fn(xa))
+    return jnp.where(jax.nn.one_hot(labels, probs.shape[-1], dtype=bool), -jnp.inf,
+                     probs).max(-1)
+  return objective
+
+
+def ccat_lambda(delta: chex.Array, eps: chex.Numeric, norm: str, rho: float = 10.0):
+  """``lam = (1 - min(1, ||delta|| / eps)) ** rho`` per example (``[N]``)."""
+  _check_norm(norm)
+  size = _per_example_norm(delta, norm)
+  return (1.0 - jnp.minimum(1.0, size / jnp.maximum(eps, 1e-12))) ** rho
+
+
+def ccat_target(labels: chex.Array, lam: chex.Array, num_classes: int) -> chex.Array:
+  """``lam * onehot(y) + (1 - lam) / C``: ``[N, C]`` targets of adversarial points."""
+  onehot = jax.nn.one_hot(labels, num_classes)
+  return lam[:, None] * onehot + (1.0 - lam[:, None]) / num_classes
+
+
+def confidence_threshold(clean_confidence: chex.Array, pass_rate: float = 0.99) -> chex.Array:
+  """The largest threshold that at least ``pass_rate`` of the clean points meet.
+
+  Points with ``confidence >= threshold`` are accepted. With ``n`` points
+  sorted ascending ``c_1 <= ... <= c_n``, it is ``c_i`` with
+  ``i = n - ceil(pass_rate * n) + 1`` (1-based).
+  """
+  chex.assert_rank(clean_confidence, 1)
+  n = clean_confidence.shape[0]
+  if not 0 < pass_rate <= 1:
+    raise ValueError(f'pass_rate must be in (0, 1], got {pass_rate!r}')
+  keep = min(max(math.ceil(pass_rate * n - 1e-9), 1), n)  # 1e-9: 0.99 * 100 -> 99
+  return jnp.sort(clean_confidence)[n - keep]
+
+
+def ccat_robust_error(student_fn: Fn, teacher_fn: Fn, x: chex.Array, key: chex.PRNGKey, *,
+                      eps: chex.Numeric, alpha: chex.Numeric, steps: int, threshold: chex.Numeric,
+                      norm: str = 'linf', restarts: int = 1,
+                      projector: Optional[chex.Array] = None,
+                      clip_range: Optional[Tuple[float, float]] = None) -> chex.Array:
+  """CCAT evaluation: per-example error of an attacked point that is *not rejected*.
+
+  The attack maximizes the student's largest confidence in a class other than
+  the teacher's clean label. A point is rejected when the student's
+  confidence (max softmax) at ``x + delta`` is below ``threshold`` (set with
+  ``confidence_threshold`` on clean points); an accepted point is an error
+  when the student's argmax differs from the teacher's at ``x + delta`` (the
+  oracle).
+
+  Returns:
+    ``[N]`` bool: accepted and wrong.
+  """
+  y = teacher_fn(x).argmax(-1)
+
+  def accepted_and_wrong(xa):
+    s = student_fn(xa)
+    conf = jax.nn.softmax(s).max(-1)
+    return (conf >= threshold) & (s.argmax(-1) != teacher_fn(xa).argmax(-1))
+
+  delta = pgd(ccat_objective(student_fn, y), x, key, eps=eps, alpha=alpha, steps=steps,
+              norm=norm, restarts=restarts, projector=projector, clip_range=clip_range,
+              success_fn=accepted_and_wrong)
+  return accepted_and_wrong(x + delta)

@@ -11,6 +11,7 @@ by ``(j + 1) ** -decay`` so that teacher nodes have different strengths.
 Students are the same family with every hidden width multiplied by ``k``.
 """
 
+import numbers
 from typing import Sequence, Tuple
 
 import chex
@@ -57,10 +58,12 @@ def layer_names(model: MLP) -> Tuple[str, ...]:
 
 def student_of(teacher: MLP, width_mult: int, init_scale: float = 1.0) -> MLP:
   """The over-realized student family of ``teacher``: widths ``k * m_l``."""
-  if not isinstance(width_mult, int) or width_mult < 1:
+  if (isinstance(width_mult, bool) or not isinstance(width_mult, numbers.Integral)
+      or width_mult < 1):
     raise ValueError(f'width_mult must be an integer >= 1, got {width_mult!r}')
   if init_scale <= 0:
     raise ValueError(f'init_scale must be > 0, got {init_scale!r}')
+  width_mult = int(width_mult)
   return MLP(hidden_widths=tuple(width_mult * m for m in teacher.hidden_widths),
              out_dim=teacher.out_dim, use_bias=teacher.use_bias,
              init_scale=init_scale)
