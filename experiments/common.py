@@ -1,14 +1,23 @@
 """Shared pieces of the experiment binaries: config checks, progress, result files."""
 
+import functools
 import numbers
 import os
-from typing import Any, Dict, Iterable, List, Mapping, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Sequence
 
 from absl import logging
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from tsrobust import attacks
+from tsrobust import data
 from tsrobust import io
+from tsrobust import metrics
+from tsrobust import models
+from tsrobust import specialization
+from tsrobust import train
 
 
 class ConfigError(ValueError):
@@ -81,6 +90,20 @@ def check_sequence(config, field: str, kind: type, lo: float = None, hi: float =
   return tuple(v)
 
 
+def as_tuple(v) -> tuple:
+  """A config value that may be a single item or a sequence, as a tuple."""
+  return (v,) if isinstance(v, (str, int, float)) else tuple(v)
+
+
+def check_names(config, field: str, allowed: Sequence[str]) -> tuple:
+  """A non-empty sequence of distinct names, each from ``allowed``."""
+  v = as_tuple(_get(config, field))
+  if not v or any(x not in allowed for x in v) or len(set(v)) != len(v):
+    raise ConfigError(f'config.{field} must be distinct names from {tuple(allowed)}, '
+                      f'got {v!r}')
+  return v
+
+
 def progress_logger(stage: str):
   """An ``on_chunk`` callback logging one line per chunk: steps/s and ETA."""
   def on_chunk(info: Mapping[str, float]) -> None:
@@ -105,3 +128,241 @@ def write_results(workdir: str, config: ml_collections.ConfigDict,
   if extra:
     payload.update(extra)
   io.write_json(os.path.join(workdir, 'results.json'), payload)
+
+
+# ----------------------------------------------------------------------------
+# The low-rank synthetic setting, shared by experiments/lowrank.py and
+# experiments/robustness.py.
+# ----------------------------------------------------------------------------
+
+WHERES = ('in', 'off', 'full')
+
+
+def validate_lowrank_fields(config) -> None:
+  """Checks the fields every low-rank binary shares (task, networks, training, eval)."""
+  check_int(config, 'seed', lo=0)
+  check_int(config, 'num_seeds', lo=1)
+  check_int(config, 'd', lo=1)
+  check_float(config, 'data_scale', lo=0, lo_open=True)
+  check_bool(config, 'energy_matched')
+  check_int(config, 'num_train', lo=0)
+  check_sequence(config, 'teacher_hidden', int, lo=1)
+  check_int(config, 'out_dim', lo=2)
+  check_bool(config, 'use_bias')
+  check_float(config, 'teacher_bias_scale', lo=0)
+  check_float(config, 'strength_decay', lo=0)
+  check_bool(config, 'teacher_per_seed')
+  check_int(config, 'width_mult', lo=1)
+  check_float(config, 'student_init_scale', lo=0, lo_open=True)
+  check_choice(config, 'loss', train.LOSSES)
+  check_choice(config, 'optimizer', train.OPTIMIZERS)
+  check_float(config, 'learning_rate', lo=0, lo_open=True)
+  check_float(config, 'momentum', lo=0, hi=0.999)
+  check_float(config, 'weight_decay', lo=0)
+  check_choice(config, 'schedule', train.SCHEDULES)
+  check_int(config, 'batch_size', lo=1)
+  check_int(config, 'num_steps', lo=0)
+  check_int(config, 'chunk_steps', lo=1)
+  n_eval = check_int(config, 'num_eval', lo=2)
+  eval_batch = check_int(config, 'eval_batch', lo=1)
+  if n_eval % eval_batch:
+    raise ConfigError(
+        f'config.eval_batch must divide config.num_eval = {n_eval}, got {eval_batch}')
+  check_float(config, 'probe_scale', lo=0, lo_open=True)
+  check_float(config, 'tau', lo=-1, hi=1)
+  check_choice(config, 'attack_norm', attacks.NORMS)
+  check_sequence(config, 'eps', float, lo=0, unique=True)
+  check_int(config, 'attack_steps', lo=1)
+  check_float(config, 'attack_step_factor', lo=0, lo_open=True)
+  check_int(config, 'attack_restarts', lo=1)
+  check_int(config, 'num_attack', lo=1)
+  check_choice(config, 'oracle_loss', attacks.ORACLE_LOSSES)
+
+
+def metric_columns(config) -> List[str]:
+  """Columns of one student's evaluation (``LowRankEvaluator.evaluate``), in order."""
+  n_layers = len(config.teacher_hidden)
+  cols = ['train_loss', 'spec_in'] + [f'spec_in_l{l + 1}' for l in range(n_layers)]
+  cols += ['spec_off'] + [f'spec_off_l{l + 1}' for l in range(n_layers)]
+  cols += [f'frac_in_l{l + 1}' for l in range(n_layers)]
+  cols += [f'frac_off_l{l + 1}' for l in range(n_layers)]
+  cols += [f'dead_l{l + 1}' for l in range(n_layers)]
+  cols += ['wcos_in', 'wcos_off', 'wcos_off_random', 'clean_agree']
+  cols += [f'adv_{label}_{where}_{eps_name(e)}'
+           for label in attacks.LABELS for where in WHERES for e in config.eps]
+  return cols
+
+
+class SeedKeys(NamedTuple):
+  """``[S]`` keys per use; a shared problem uses one teacher/basis key for every seed."""
+  teacher: jax.Array
+  basis: jax.Array
+  student: jax.Array
+  train: jax.Array
+  eval: jax.Array
+
+
+def seed_keys(config) -> SeedKeys:
+  master = jax.random.PRNGKey(config.seed)
+  per_seed = jax.vmap(lambda s: jax.random.split(jax.random.fold_in(master, s), 5))(
+      jnp.arange(config.num_seeds))
+  keys = SeedKeys(*(per_seed[:, i] for i in range(5)))
+  if not config.teacher_per_seed:
+    shared = jax.random.split(jax.random.fold_in(master, 2 ** 31 - 1), 2)
+    keys = keys._replace(teacher=jnp.broadcast_to(shared[0], keys.teacher.shape),
+                         basis=jnp.broadcast_to(shared[1], keys.basis.shape))
+  return keys
+
+
+class Problem(NamedTuple):
+  teacher: models.MLP
+  student: models.MLP
+  teacher_params: Any   # [S, ...]
+  bases: jax.Array      # [S, d, d]; rank r uses the leading r columns
+  student_params: Any   # [S, ...] initial student parameters
+
+
+def build_problem(config, keys: SeedKeys) -> Problem:
+  """Teachers, nested subspace bases and initial students, one per seed."""
+  d = config.d
+  teacher = models.MLP(tuple(config.teacher_hidden), config.out_dim, config.use_bias)
+  student = models.student_of(teacher, config.width_mult, config.student_init_scale)
+  teacher_params = jax.vmap(functools.partial(
+      models.random_teacher_params, model=teacher, in_dim=d,
+      bias_scale=config.teacher_bias_scale, strength_decay=config.strength_decay))(
+          keys.teacher)
+  bases = jax.vmap(lambda k: data.random_orthonormal(k, d, d))(keys.basis)
+  student_params = jax.vmap(lambda k: student.init(k, jnp.zeros((1, d))))(keys.student)
+  return Problem(teacher, student, teacher_params, bases, student_params)
+
+
+def rank_projector(bases: jax.Array, r: int) -> jax.Array:
+  """``[S, d, d]`` projectors onto the span of the leading ``r`` basis columns."""
+  u = bases[:, :, :r]
+  return u @ jnp.swapaxes(u, 1, 2)
+
+
+def data_scale(config, r: int) -> float:
+  """Per-coordinate std ``s`` of ``z`` at rank ``r`` (see ``energy_matched``)."""
+  if config.energy_matched:
+    return data.energy_matched_scale(config.d, r, config.data_scale)
+  return config.data_scale
+
+
+def sampler(num_train: int):
+  """``(key, data_args, n) -> x``: online low-rank samples, or a fixed training set."""
+  if num_train == 0:
+    return lambda key, a, n: data.sample_lowrank(key, a['projector'], n, a['scale'])
+  return lambda key, a, n: a['train_x'][jax.random.randint(key, (n,), 0, num_train)]
+
+
+def make_optimizer(config, num_steps: int = None):
+  return train.make_optimizer(
+      config.optimizer, config.learning_rate, momentum=config.momentum,
+      weight_decay=config.weight_decay, schedule=config.schedule,
+      total_steps=num_steps or config.num_steps)
+
+
+def train_or_keep_last_good(loss_fn, optimizer, state, teacher_params, data_args, keys, config,
+                            workdir: str, stage: str, num_steps: int = None):
+  """``train.train_seeds`` with progress logging; on divergence, saves the last good
+  parameters in the workdir and stops with a message."""
+  try:
+    return train.train_seeds(loss_fn, optimizer, state, teacher_params, data_args, keys,
+                             num_steps=num_steps or config.num_steps,
+                             chunk_steps=config.chunk_steps, on_chunk=progress_logger(stage))
+  except train.TrainingDivergedError as e:
+    path = os.path.join(workdir, f'last_good_params_{stage}.msgpack')
+    io.save_pytree(path, e.last_good_state.params)
+    raise RuntimeError(f'{e} ({stage}); last good parameters saved to {path}; lower '
+                       f'config.learning_rate') from e
+
+
+class LowRankEvaluator:
+  """Compiles the evaluation of a batch of students once, for every rank and method.
+
+  ``held_out`` draws per-seed evaluation data; ``evaluate`` returns one dict of
+  ``metric_columns`` (minus ``train_loss``) per student. Budgets and
+  projectors are array arguments, so nothing recompiles across ranks,
+  budgets or methods.
+  """
+
+  def __init__(self, config, teacher: models.MLP, student: models.MLP):
+    self.config = config
+    c = config
+    t_apply, s_apply = teacher.apply, student.apply
+
+    def held_out(projector, scale, key):
+      def one(p, sc, k):
+        k_spec, k_probe, k_att, k_pgd, k_tr = jax.random.split(k, 5)
+        out = {'x_eval': data.sample_lowrank(k_spec, p, c.num_eval, sc),
+               'x_attack': data.sample_lowrank(k_att, p, c.num_attack, sc),
+               'probe_key': k_probe, 'pgd_key': k_pgd}
+        if c.num_train:
+          out['train_x'] = data.sample_lowrank(k_tr, p, c.num_train, sc)
+        return out
+      return jax.vmap(one)(projector, scale, key)
+
+    def spec(sp, tp, x, projector, probe_key):
+      return jax.vmap(functools.partial(
+          metrics.lowrank_specialization, t_apply, s_apply, probe_scale=c.probe_scale,
+          tau=c.tau, batch_size=c.eval_batch))(tp, sp, x, projector, probe_key)
+
+    def attack(sp, tp, x, key, eps, projector, label):
+      def one(sp1, tp1, x1, k1, p1):
+        return attacks.robust_error(
+            lambda v: s_apply(sp1, v)[0], lambda v: t_apply(tp1, v)[0], x1, k1, eps=eps,
+            alpha=c.attack_step_factor * eps / c.attack_steps, steps=c.attack_steps,
+            label=label, norm=c.attack_norm, restarts=c.attack_restarts, projector=p1,
+            oracle_loss=c.oracle_loss).mean()
+      return jax.vmap(one)(sp, tp, x, key, projector)
+
+    self.held_out = jax.jit(held_out)
+    self._spec = jax.jit(spec)
+    self._attack = jax.jit(attack, static_argnames='label')
+
+  def attack_keys(self, held, i: int) -> jax.Array:
+    """Per-seed PGD keys for the ``i``-th budget."""
+    return jax.vmap(lambda k: jax.random.fold_in(k, i))(held['pgd_key'])
+
+  def evaluate(self, params, teacher_params, projector, held,
+               full_rank: bool) -> List[Dict[str, Any]]:
+    """Metrics of a batch of students ``[S, ...]``; off-subspace ones are None at full rank."""
+    c = self.config
+    num = projector.shape[0]
+    d = projector.shape[-1]
+    spec = jax.device_get(self._spec(params, teacher_params, held['x_eval'], projector,
+                                     held['probe_key']))
+    eye = jnp.broadcast_to(jnp.eye(d), projector.shape)
+    projs = {'in': projector, 'off': eye - projector, 'full': eye}
+    adv = {}
+    for label in attacks.LABELS:
+      for where in WHERES:
+        for i, eps in enumerate(c.eps):
+          name = f'adv_{label}_{where}_{eps_name(eps)}'
+          if where == 'off' and full_rank:
+            adv[name] = None  # no complement at full rank
+            continue
+          adv[name] = np.asarray(self._attack(params, teacher_params, held['x_attack'],
+                                              self.attack_keys(held, i), jnp.float32(eps),
+                                              projs[where], label))
+    rank = int(round(float(np.trace(np.asarray(projector[0])))))
+    baseline = None if full_rank else specialization.random_cosine_baseline(d - rank)
+    rows = []
+    for i in range(num):
+      row = {'spec_in': float(np.mean(spec['spec_in'][i])),
+             'spec_off': None if full_rank else float(np.mean(spec['spec_off'][i]))}
+      for l in range(spec['spec_in'].shape[1]):
+        row[f'spec_in_l{l + 1}'] = float(spec['spec_in'][i, l])
+        row[f'spec_off_l{l + 1}'] = None if full_rank else float(spec['spec_off'][i, l])
+        row[f'frac_in_l{l + 1}'] = float(spec['frac_in'][i, l])
+        row[f'frac_off_l{l + 1}'] = None if full_rank else float(spec['frac_off'][i, l])
+        row[f'dead_l{l + 1}'] = int(spec['dead_in'][i, l])
+      row['wcos_in'] = float(spec['wcos_in'][i])
+      row['wcos_off'] = None if full_rank else float(spec['wcos_off'][i])
+      row['wcos_off_random'] = baseline
+      row['clean_agree'] = float(spec['clean_agree'][i])
+      for name, values in adv.items():
+        row[name] = None if values is None else float(values[i])
+      rows.append(row)
+    return rows

@@ -150,6 +150,8 @@ def markdown_summary(rows: Sequence[Mapping[str, Any]], group_by: Sequence[str],
 
 
 def _group_cell(value: Any) -> str:
+  if value is None:
+    return '-'
   if isinstance(value, float) and value.is_integer():
     return str(int(value))
   return str(value)
