@@ -21,6 +21,51 @@ def _by_rank(rows, column: str) -> Tuple[List[float], List[float], List[float]]:
           [float(np.std(groups[r])) for r in ranks])
 
 
+def _save(fig, out_png: str) -> None:
+  """Saves a figure atomically (temporary file, then rename)."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  tmp = os.path.join(os.path.dirname(os.path.abspath(out_png)),
+                     '.' + os.path.basename(out_png) + '.tmp.png')
+  fig.savefig(tmp, dpi=120)
+  plt.close(fig)
+  os.replace(tmp, out_png)
+
+
+def _pyplot():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def plot_spec_vs_robustness(results_csv: str, out_png: str, eps: str) -> None:
+  """Scatter of specialization (in / off subspace) vs oracle robust accuracy.
+
+  One point per student, one color per method; robust accuracy is
+  ``1 - adv_oracle_full_{eps}``.
+  """
+  plt = _pyplot()
+  rows = io.read_csv(results_csv)
+  methods = list(dict.fromkeys(r['method'] for r in rows))
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+  for ax, column, title in ((axes[0], 'spec_in', 'in-subspace specialization'),
+                            (axes[1], 'spec_off', 'off-subspace specialization')):
+    for method in methods:
+      pts = [(r[column], 1.0 - r[f'adv_oracle_full_{eps}']) for r in rows
+             if r['method'] == method and r.get(column) is not None]
+      if pts:
+        xs, ys = zip(*pts)
+        ax.scatter(xs, ys, label=method, alpha=0.7, s=18)
+    ax.set_xlabel(title + ' (mean max correlation)')
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel(f'oracle robust accuracy, budget {eps}')
+  axes[1].legend()
+  fig.suptitle('Specialization vs robustness: one point per student')
+  fig.tight_layout()
+  _save(fig, out_png)
+
+
 def plot_lowrank(results_csv: str, out_png: str, eps: str) -> None:
   """Specialization and oracle adversarial error against rank, in vs off subspace.
 
@@ -29,10 +74,7 @@ def plot_lowrank(results_csv: str, out_png: str, eps: str) -> None:
     out_png: the figure's path (written atomically).
     eps: the budget to plot, as written in the column names.
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
+  plt = _pyplot()
   rows = io.read_csv(results_csv)
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
   panels = [
@@ -56,8 +98,4 @@ def plot_lowrank(results_csv: str, out_png: str, eps: str) -> None:
     ax.legend()
   fig.suptitle('Low-rank teacher-student: mean +- std over seeds')
   fig.tight_layout()
-  tmp = os.path.join(os.path.dirname(os.path.abspath(out_png)),
-                     '.' + os.path.basename(out_png) + '.tmp.png')
-  fig.savefig(tmp, dpi=120)
-  plt.close(fig)
-  os.replace(tmp, out_png)
+  _save(fig, out_png)

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from tsrobust import attacks
+
 LOSSES = ('mse', 'ce_argmax', 'ce_soft')
 OPTIMIZERS = ('sgd', 'momentum', 'adam')
 SCHEDULES = ('constant', 'cosine')
@@ -53,25 +55,32 @@ class TrainingDivergedError(RuntimeError):
     self.bad_seeds = bad_seeds
 
 
-def teacher_loss(student_out: chex.Array, teacher_out: chex.Array, loss: str) -> chex.Array:
-  """Scalar loss of student outputs against teacher outputs, both ``[B, C]``.
+def per_example_teacher_loss(student_out: chex.Array, teacher_out: chex.Array,
+                             loss: str) -> chex.Array:
+  """``[B]`` loss of student outputs against teacher outputs, both ``[B, C]``.
 
-  ``'mse'``: mean over batch and outputs of ``(s - t)^2`` (Tian's regression);
+  ``'mse'``: mean over outputs of ``(s - t)^2`` (Tian's regression);
   ``'ce_argmax'``: cross-entropy to the teacher's argmax;
   ``'ce_soft'``: cross-entropy to the teacher's softmax (distillation).
-  The teacher's outputs are treated as constants.
+  Gradients flow into both arguments (attacks differentiate through the
+  teacher); ``teacher_loss`` is the training loss with the teacher held fixed.
   """
   chex.assert_equal_shape([student_out, teacher_out])
-  teacher_out = jax.lax.stop_gradient(teacher_out)
   if loss == 'mse':
-    return jnp.mean((student_out - teacher_out) ** 2)
+    return jnp.mean((student_out - teacher_out) ** 2, axis=-1)
   logp = jax.nn.log_softmax(student_out)
   if loss == 'ce_argmax':
     labels = teacher_out.argmax(-1)
-    return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
+    return -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
   if loss == 'ce_soft':
-    return -jnp.mean((jax.nn.softmax(teacher_out) * logp).sum(-1))
+    return -(jax.nn.softmax(teacher_out) * logp).sum(-1)
   raise ValueError(f'loss must be one of {LOSSES}, got {loss!r}')
+
+
+def teacher_loss(student_out: chex.Array, teacher_out: chex.Array, loss: str) -> chex.Array:
+  """Scalar training loss: batch mean of ``per_example_teacher_loss``, teacher held fixed."""
+  return jnp.mean(per_example_teacher_loss(student_out, jax.lax.stop_gradient(teacher_out),
+                                           loss))
 
 
 def make_optimizer(name: str, learning_rate: float, *, momentum: float = 0.9,
@@ -120,25 +129,162 @@ def init_state(params: chex.ArrayTree, optimizer: optax.GradientTransformation) 
 
 
 def teacher_regression_loss(student_apply: Callable, teacher_apply: Callable, loss: str,
-                            sample_inputs: Callable, batch_size: int) -> LossFn:
-  """Standard training: ``loss`` between student and teacher on fresh inputs.
+                            sample_inputs: Callable, batch_size: int,
+                            transform: Optional[Callable] = None,
+                            label_at: str = 'transformed') -> LossFn:
+  """Training on teacher labels, optionally at transformed inputs.
+
+  Each step draws ``x`` with ``sample_inputs``, maps it to ``x' =
+  transform(params, teacher_params, data_args, x, key)`` (augmentation, PGD
+  points; the identity when ``transform`` is None), and fits the student at
+  ``x'`` to the teacher at ``x'`` (``label_at='transformed'``, the oracle) or
+  at ``x`` (``label_at='clean'``, fixed labels). ``x'`` is a constant for the
+  gradient.
 
   Args:
     student_apply, teacher_apply: ``(params, x) -> (outputs, activations)``.
     loss: one of ``LOSSES``.
     sample_inputs: ``(key, data_args, n) -> [n, d]`` inputs.
     batch_size: inputs per step.
+    transform: ``(params, teacher_params, data_args, x, key) -> x'`` or None.
+    label_at: ``'transformed'`` or ``'clean'``.
 
   Returns:
     ``loss_fn(params, teacher_params, data_args, key) -> scalar``.
   """
   if loss not in LOSSES:
     raise ValueError(f'loss must be one of {LOSSES}, got {loss!r}')
+  if label_at not in ('transformed', 'clean'):
+    raise ValueError(f"label_at must be 'transformed' or 'clean', got {label_at!r}")
 
   def loss_fn(params, teacher_params, data_args, key):
-    x = sample_inputs(key, data_args, batch_size)
-    return teacher_loss(student_apply(params, x)[0], teacher_apply(teacher_params, x)[0],
-                        loss)
+    k_data, k_transform = jax.random.split(key)
+    x = sample_inputs(k_data, data_args, batch_size)
+    x_train = x
+    if transform is not None:
+      x_train = jax.lax.stop_gradient(
+          transform(params, teacher_params, data_args, x, k_transform))
+    x_label = x_train if label_at == 'transformed' else x
+    return teacher_loss(student_apply(params, x_train)[0],
+                        teacher_apply(teacher_params, x_label)[0], loss)
+  return loss_fn
+
+
+# ----------------------------------------------------------------------------
+# Robust training methods. Their hyper-parameters that do not change shapes
+# (budgets, noise scales, fractions, projectors) are read from ``data_args``,
+# so a grid of them is one more vmapped axis: no recompiling per grid point.
+# ----------------------------------------------------------------------------
+
+
+def _leading_mask(batch_size: int, fraction: chex.Numeric) -> chex.Array:
+  """``[B]`` bool: the first ``round(fraction * B)`` examples are selected."""
+  return jnp.arange(batch_size) < jnp.round(fraction * batch_size)
+
+
+def _where_rows(mask: chex.Array, a: chex.Array, b: chex.Array) -> chex.Array:
+  return jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+
+
+NOISE_KINDS = ('orthogonal', 'isotropic')
+
+
+def noise_augmentation(kind: str) -> Callable:
+  """Transform adding Gaussian noise to a fraction of the batch (PAPER.md claim 5).
+
+  ``'orthogonal'``: ``x + P_perp xi`` (noise only in the complement of the
+  data subspace); ``'isotropic'``: ``x + xi`` (the control). ``xi ~ N(0,
+  aug_scale^2 I)``. Reads ``data_args['aug_scale']``,
+  ``data_args['aug_fraction']`` and (orthogonal) ``data_args['projector']``.
+  Use with ``teacher_regression_loss(..., label_at='transformed')``: the
+  teacher labels the noisy points.
+  """
+  if kind not in NOISE_KINDS:
+    raise ValueError(f'noise kind must be one of {NOISE_KINDS}, got {kind!r}')
+
+  def transform(params, teacher_params, data_args, x, key):
+    del params, teacher_params
+    xi = data_args['aug_scale'] * jax.random.normal(key, x.shape, x.dtype)
+    if kind == 'orthogonal':
+      p = data_args['projector']
+      xi = xi - xi @ p
+    return x + _where_rows(_leading_mask(x.shape[0], data_args['aug_fraction']), xi, 0.0)
+  return transform
+
+
+def pgd_augmentation(student_apply: Callable, teacher_apply: Callable, loss: str, *,
+                     norm: str, steps: int, step_factor: float = 2.5, label: str = 'oracle',
+                     restarts: int = 1) -> Callable:
+  """Transform replacing a fraction of the batch by PGD points (Madry et al. 2018).
+
+  The attack maximizes the per-example training ``loss`` between the student
+  (parameters held fixed during the attack) and its target: the teacher at
+  the perturbed point (``label='oracle'``) or at the clean point
+  (``'fixed'``). Pair it with ``teacher_regression_loss(..., label_at=
+  'transformed' if label == 'oracle' else 'clean')``.
+
+  Reads ``data_args['at_eps']`` (budget), ``data_args['at_fraction']`` and
+  ``data_args['at_projector']`` (``[d, d]``: the identity for an
+  unconstrained attack, ``P`` to keep it in the data subspace).
+  """
+  if label not in attacks.LABELS:
+    raise ValueError(f'label must be one of {attacks.LABELS}, got {label!r}')
+
+  def transform(params, teacher_params, data_args, x, key):
+    params = jax.lax.stop_gradient(params)
+    s_fn = lambda v: student_apply(params, v)[0]
+    t_fn = lambda v: teacher_apply(teacher_params, v)[0]
+    if label == 'oracle':
+      objective = lambda xa: per_example_teacher_loss(s_fn(xa), t_fn(xa), loss)
+    else:
+      t_clean = t_fn(x)
+      objective = lambda xa: per_example_teacher_loss(s_fn(xa), t_clean, loss)
+    eps = data_args['at_eps']
+    delta = attacks.pgd(objective, x, key, eps=eps, alpha=step_factor * eps / steps,
+                        steps=steps, norm=norm, restarts=restarts,
+                        projector=data_args['at_projector'])
+    return x + _where_rows(_leading_mask(x.shape[0], data_args['at_fraction']), delta, 0.0)
+  return transform
+
+
+def ccat_loss(student_apply: Callable, teacher_apply: Callable, sample_inputs: Callable,
+              batch_size: int, *, norm: str, steps: int, step_factor: float = 2.5,
+              rho: float = 10.0) -> LossFn:
+  """Confidence-calibrated adversarial training (Stutz, Hein, Schiele 2020).
+
+  Labels ``y`` are the teacher's argmax at the clean points. The first half
+  of each batch is clean with one-hot targets; the second half is attacked
+  by PGD maximizing ``max_{k != y} softmax(f(x + delta))_k`` and gets the
+  target ``lam * onehot(y) + (1 - lam) / C`` with
+  ``lam = (1 - min(1, ||delta|| / eps)) ** rho``. The loss is the
+  cross-entropy to these targets, averaged over the batch.
+
+  Reads ``data_args['ccat_eps']`` and ``data_args['ccat_projector']``
+  (identity for an unconstrained attack).
+  """
+  if batch_size < 2:
+    raise ValueError(f'batch_size must be >= 2 for CCAT (half clean, half adversarial), '
+                     f'got {batch_size}')
+
+  def loss_fn(params, teacher_params, data_args, key):
+    k_data, k_attack = jax.random.split(key)
+    x = sample_inputs(k_data, data_args, batch_size)
+    t = teacher_apply(teacher_params, x)[0]
+    y = t.argmax(-1)
+    num_classes = t.shape[-1]
+    half = batch_size // 2
+    frozen = jax.lax.stop_gradient(params)
+    eps = data_args['ccat_eps']
+    delta = attacks.pgd(attacks.ccat_objective(lambda v: student_apply(frozen, v)[0], y[half:]),
+                        x[half:], k_attack, eps=eps, alpha=step_factor * eps / steps,
+                        steps=steps, norm=norm, projector=data_args['ccat_projector'])
+    delta = jax.lax.stop_gradient(delta)
+    lam = attacks.ccat_lambda(delta, eps, norm, rho)
+    targets = jnp.concatenate([jax.nn.one_hot(y[:half], num_classes),
+                               attacks.ccat_target(y[half:], lam, num_classes)])
+    inputs = jnp.concatenate([x[:half], x[half:] + delta])
+    logp = jax.nn.log_softmax(student_apply(params, inputs)[0])
+    return -jnp.mean((targets * logp).sum(-1))
   return loss_fn
 
 

@@ -1,0 +1,294 @@
+r"""The specialization-robustness study (PAPER.md sections 4-7, claims 4-5).
+
+On the low-rank synthetic setting (one rank r < d), trains students with
+every method of a grid - standard training, PGD adversarial training (several
+budgets, unconstrained and restricted to the data subspace), CCAT, and noise
+augmentation in the orthogonal complement of the data subspace or
+isotropic (the control) at several scales - ``num_seeds`` students per grid
+point. Each method is compiled once: its grid points and seeds form one
+vmapped axis. All students are then evaluated together as in the low-rank
+experiment, and specialization is correlated with robust accuracy.
+
+    python -m experiments.robustness --workdir=runs/robustness \
+        [--config=experiments/configs/robustness.py] [--config.FIELD=VALUE ...]
+
+Writes into ``--workdir``: ``results.csv`` / ``results.json`` (one row per
+student), ``correlation.json``, ``summary.md`` (mean +- std per grid point)
+and ``robustness.png`` (specialization vs robust accuracy, one color per
+method).
+"""
+
+import os
+import time
+from typing import Any, Dict, List, Tuple
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+from experiments import common
+from tsrobust import attacks
+from tsrobust import io
+from tsrobust import plotting
+from tsrobust import stats
+from tsrobust import train
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'robustness.py')
+_CONFIG = config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG,
+                                          'Study config (ml_collections).')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for the result files.')
+
+METHODS = ('standard', 'at', 'ccat', 'orth', 'iso')
+HPARAM_COLUMNS = ('at_eps', 'at_where', 'at_label', 'ccat_eps', 'aug_scale')
+
+
+def validate_config(config) -> None:
+  """Checks every field at start; raises ``common.ConfigError`` naming the field."""
+  common.validate_lowrank_fields(config)
+  d = config.d
+  common.check_int(config, 'rank', lo=1)
+  if config.rank >= d:
+    raise common.ConfigError(
+        f'config.rank must satisfy 1 <= rank < d = {d} (the study needs an '
+        f'off-subspace), got {config.rank}')
+  methods = common.check_names(config, 'methods', METHODS)
+  common.check_sequence(config, 'at_eps', float, lo=0, unique=True)
+  common.check_names(config, 'at_where', ('full', 'in'))
+  common.check_choice(config, 'at_label', attacks.LABELS)
+  common.check_choice(config, 'at_norm', attacks.NORMS)
+  common.check_int(config, 'at_steps', lo=1)
+  common.check_float(config, 'at_fraction', lo=0, hi=1)
+  common.check_sequence(config, 'ccat_eps', float, lo=0, unique=True)
+  common.check_choice(config, 'ccat_norm', attacks.NORMS)
+  common.check_int(config, 'ccat_steps', lo=1)
+  common.check_float(config, 'ccat_rho', lo=0, lo_open=True)
+  common.check_float(config, 'ccat_pass_rate', lo=0, hi=1, lo_open=True)
+  if 'ccat' in methods:
+    common.check_int(config, 'batch_size', lo=2)
+  common.check_sequence(config, 'aug_scales', float, lo=0, unique=True)
+  common.check_float(config, 'aug_fraction', lo=0, hi=1)
+  common.check_int(config, 'bootstrap_resamples', lo=10)
+
+
+def grid(config) -> List[Tuple[str, Dict[str, Any]]]:
+  """``(method, hyper-parameters)`` of every grid point, grouped by method."""
+  points = []
+  for method in common.as_tuple(config.methods):
+    if method == 'standard':
+      points.append((method, {}))
+    elif method == 'at':
+      points += [(method, {'at_eps': e, 'at_where': w, 'at_label': config.at_label})
+                 for w in common.as_tuple(config.at_where) for e in config.at_eps]
+    elif method == 'ccat':
+      points += [(method, {'ccat_eps': e}) for e in config.ccat_eps]
+    else:
+      points += [(method, {'aug_scale': s}) for s in config.aug_scales]
+  return points
+
+
+def columns(config) -> List[str]:
+  cols = ['method', *HPARAM_COLUMNS, 'seed'] + common.metric_columns(config)
+  if 'ccat' in common.as_tuple(config.methods):
+    cols += [f'ccat_err_{common.eps_name(e)}' for e in config.eps]
+  return cols
+
+
+def _method_loss(config, method: str, problem):
+  """The loss function of ``method``, compiled once for all its grid points."""
+  t_apply, s_apply = problem.teacher.apply, problem.student.apply
+  sample = common.sampler(config.num_train)
+  if method == 'standard':
+    return train.teacher_regression_loss(s_apply, t_apply, config.loss, sample,
+                                         config.batch_size)
+  if method == 'at':
+    transform = train.pgd_augmentation(s_apply, t_apply, config.loss, norm=config.at_norm,
+                                       steps=config.at_steps,
+                                       step_factor=config.attack_step_factor,
+                                       label=config.at_label)
+    return train.teacher_regression_loss(
+        s_apply, t_apply, config.loss, sample, config.batch_size, transform=transform,
+        label_at='transformed' if config.at_label == 'oracle' else 'clean')
+  if method == 'ccat':
+    return train.ccat_loss(s_apply, t_apply, sample, config.batch_size, norm=config.ccat_norm,
+                           steps=config.ccat_steps, step_factor=config.attack_step_factor,
+                           rho=config.ccat_rho)
+  kind = {'orth': 'orthogonal', 'iso': 'isotropic'}[method]
+  return train.teacher_regression_loss(s_apply, t_apply, config.loss, sample,
+                                       config.batch_size,
+                                       transform=train.noise_augmentation(kind))
+
+
+def _tile(tree, times: int):
+  """Repeats the leading seeds axis: ``[S, ...] -> [times * S, ...]`` (grid-major)."""
+  return jax.tree_util.tree_map(lambda v: jnp.concatenate([v] * times), tree)
+
+
+def _method_args(config, points, projector, scales) -> Dict[str, jax.Array]:
+  """Per-student ``data_args`` for one method's grid points x seeds."""
+  s, d = config.num_seeds, config.d
+  g = len(points)
+  args = {'projector': _tile(projector, g), 'scale': _tile(scales, g)}
+  eye = jnp.broadcast_to(jnp.eye(d), projector.shape)
+
+  def per_point(name):  # grid-major: student g * S + seed has grid point g's value
+    return jnp.repeat(jnp.array([hp[name] for _, hp in points], jnp.float32), s)
+  method = points[0][0]
+  if method == 'at':
+    args['at_eps'] = per_point('at_eps')
+    args['at_fraction'] = jnp.full((g * s,), config.at_fraction)
+    args['at_projector'] = jnp.concatenate(
+        [projector if hp['at_where'] == 'in' else eye for _, hp in points])
+  elif method == 'ccat':
+    args['ccat_eps'] = per_point('ccat_eps')
+    args['ccat_projector'] = _tile(eye, g)
+  elif method in ('orth', 'iso'):
+    args['aug_scale'] = per_point('aug_scale')
+    args['aug_fraction'] = jnp.full((g * s,), config.aug_fraction)
+  return args
+
+
+def _ccat_errors(config, problem, params, teacher_params, held) -> Dict[str, np.ndarray]:
+  """CCAT evaluation (99%-clean-pass threshold, robust error on accepted points)."""
+  t_apply, s_apply = problem.teacher.apply, problem.student.apply
+  c = config
+
+  @jax.jit
+  def errors(sp, tp, x_eval, x_att, key, eps):
+    def one(sp1, tp1, xe, xa, k):
+      s_fn = lambda v: s_apply(sp1, v)[0]
+      conf = jax.nn.softmax(s_fn(xe)).max(-1)
+      thr = attacks.confidence_threshold(conf, c.ccat_pass_rate)
+      return attacks.ccat_robust_error(
+          s_fn, lambda v: t_apply(tp1, v)[0], xa, k, eps=eps,
+          alpha=c.attack_step_factor * eps / c.attack_steps, steps=c.attack_steps,
+          threshold=thr, norm=c.attack_norm, restarts=c.attack_restarts).mean()
+    return jax.vmap(one)(sp, tp, x_eval, x_att, key)
+
+  out = {}
+  for i, eps in enumerate(config.eps):
+    keys = jax.vmap(lambda k, j=i: jax.random.fold_in(k, 1000 + j))(held['pgd_key'])
+    out[f'ccat_err_{common.eps_name(eps)}'] = np.asarray(
+        errors(params, teacher_params, held['x_eval'], held['x_attack'], keys,
+               jnp.float32(eps)))
+  return out
+
+
+def correlations(config, records) -> Dict[str, Any]:
+  """Pearson / Spearman (bootstrap CIs) of robust accuracy vs specialization."""
+  key = jax.random.PRNGKey(config.seed)
+  out = {'robust_accuracy': '1 - adv_oracle_full_{eps}', 'n_students': len(records)}
+  spec = {'spec_in': np.array([r['spec_in'] for r in records]),
+          'spec_off': np.array([r['spec_off'] for r in records])}
+  spec['spec_mean'] = (spec['spec_in'] + spec['spec_off']) / 2
+  for i, eps in enumerate(config.eps):
+    name = common.eps_name(eps)
+    acc = 1.0 - np.array([r[f'adv_oracle_full_{name}'] for r in records])
+    out[f'eps_{name}'] = {
+        s_name: stats.correlation_report(s_val, acc, jax.random.fold_in(key, 10 * i + j),
+                                         config.bootstrap_resamples)
+        for j, (s_name, s_val) in enumerate(spec.items())}
+  return out
+
+
+def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
+  """Runs the study and writes the result files; returns the records."""
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  s, r = config.num_seeds, config.rank
+  keys = common.seed_keys(config)
+  problem = common.build_problem(config, keys)
+  optimizer = common.make_optimizer(config)
+  evaluator = common.LowRankEvaluator(config, problem.teacher, problem.student)
+  projector = common.rank_projector(problem.bases, r)
+  scales = jnp.full((s,), common.data_scale(config, r))
+  held = evaluator.held_out(projector, scales, keys.eval)
+
+  points = grid(config)
+  methods = list(dict.fromkeys(m for m, _ in points))
+  trained, losses = [], []
+  for method in methods:
+    mpoints = [p for p in points if p[0] == method]
+    g = len(mpoints)
+    t0 = time.perf_counter()
+    data_args = _method_args(config, mpoints, projector, scales)
+    if config.num_train:
+      data_args['train_x'] = _tile(held['train_x'], g)
+    state = jax.vmap(lambda p: train.init_state(p, optimizer))(
+        _tile(problem.student_params, g))
+    state, loss = common.train_or_keep_last_good(
+        _method_loss(config, method, problem), optimizer, state,
+        _tile(problem.teacher_params, g), data_args, _tile(keys.train, g), config, workdir,
+        method)
+    trained.append(state.params)
+    losses.append(loss[:, -1] if loss.size else np.full((g * s,), np.nan))
+    logging.info('trained %s: %d grid points x %d seeds in %.1fs', method, g, s,
+                 time.perf_counter() - t0)
+
+  # Evaluate every student at once: one compilation for the whole study.
+  t0 = time.perf_counter()
+  n_points = len(points)
+  params = jax.tree_util.tree_map(lambda *v: jnp.concatenate(v), *trained)
+  tparams = _tile(problem.teacher_params, n_points)
+  held_all = _tile(held, n_points)
+  rows = evaluator.evaluate(params, tparams, _tile(projector, n_points), held_all,
+                            full_rank=False)
+  ccat_idx = [i for i, (m, _) in enumerate(points) if m == 'ccat']
+  ccat = {}
+  if ccat_idx:
+    sel = np.concatenate([np.arange(i * s, (i + 1) * s) for i in ccat_idx])
+    pick = lambda tree: jax.tree_util.tree_map(lambda v: v[sel], tree)
+    ccat = _ccat_errors(config, problem, pick(params), pick(tparams), pick(held_all))
+  logging.info('evaluated %d students in %.1fs', len(rows), time.perf_counter() - t0)
+
+  loss_all = np.concatenate(losses)
+  records, ccat_row = [], 0
+  for p, (method, hp) in enumerate(points):
+    for seed in range(s):
+      i = p * s + seed
+      rec = {'method': method, **{h: hp.get(h) for h in HPARAM_COLUMNS}, 'seed': seed,
+             'train_loss': float(loss_all[i]), **rows[i]}
+      if method == 'ccat':
+        rec.update({k: float(v[ccat_row]) for k, v in ccat.items()})
+        ccat_row += 1
+      records.append(rec)
+
+  mid = common.eps_name(config.eps[len(config.eps) // 2])
+  corr = correlations(config, records)
+  common.write_results(workdir, config, records, columns(config))
+  io.write_json(os.path.join(workdir, 'correlation.json'), corr)
+  summary_cols = ['spec_in', 'spec_off', 'wcos_off', 'clean_agree', f'adv_oracle_in_{mid}',
+                  f'adv_oracle_off_{mid}', f'adv_oracle_full_{mid}']
+  if ccat_idx:
+    summary_cols.append(f'ccat_err_{mid}')
+  io.atomic_write_text(os.path.join(workdir, 'summary.md'), io.markdown_summary(
+      records, ['method', 'at_eps', 'at_where', 'ccat_eps', 'aug_scale'], summary_cols))
+  plotting.plot_spec_vs_robustness(os.path.join(workdir, 'results.csv'),
+                                   os.path.join(workdir, 'robustness.png'), eps=mid)
+  c_mid = corr[f'eps_{mid}']['spec_off']
+  logging.info('spec_off vs robust accuracy at eps %s: pearson %.3f [%.3f, %.3f]', mid,
+               c_mid['pearson'], *c_mid['pearson_ci'])
+  return records
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not _WORKDIR.value:
+    raise app.UsageError('--workdir is required')
+  config = _CONFIG.value
+  try:
+    validate_config(config)
+  except common.ConfigError as e:
+    raise app.UsageError(str(e)) from e
+  logging.info('devices: %s', jax.devices())
+  train_and_evaluate(config, _WORKDIR.value)
+  logging.info('wrote results.csv, results.json, correlation.json, summary.md, '
+               'robustness.png in %s', _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)
