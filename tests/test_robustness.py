@@ -1,0 +1,102 @@
+"""The specialization-robustness study binary on a tiny config."""
+
+import json
+import os
+
+import pytest
+
+from experiments import common
+from experiments import robustness
+from experiments.configs import robustness as robustness_config
+from tsrobust import io
+
+TINY = dict(num_seeds=2, d=6, rank=2, teacher_hidden=(3,), out_dim=3, width_mult=2,
+            num_steps=40, chunk_steps=40, batch_size=16, num_eval=64, eval_batch=32,
+            num_attack=16, attack_steps=2, at_steps=2, ccat_steps=2, at_eps=(0.5, 1.0),
+            at_where=('full', 'in'), aug_scales=(1.0,), bootstrap_resamples=50)
+
+
+def tiny_config(**overrides):
+  config = robustness_config.get_config()
+  config.update(TINY)
+  config.update(overrides)
+  return config
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('robustness'))
+  return workdir, robustness.train_and_evaluate(tiny_config(), workdir)
+
+
+def test_one_row_per_student_with_hyperparameters(tiny_run):
+  workdir, records = tiny_run
+  rows = io.read_csv(os.path.join(workdir, 'results.csv'))
+  # standard 1 + at 2 eps x 2 where + ccat 1 + orth 1 + iso 1 = 8 grid points, 2 seeds each.
+  assert len(rows) == len(records) == 16
+  methods = [r['method'] for r in rows]
+  assert methods == [m for m in ('standard', 'at', 'ccat', 'orth', 'iso')
+                     for _ in range({'at': 4}.get(m, 1) * 2)]
+  at_rows = [r for r in rows if r['method'] == 'at']
+  assert sorted({(r['at_eps'], r['at_where']) for r in at_rows}) == [
+      (0.5, 'full'), (0.5, 'in'), (1.0, 'full'), (1.0, 'in')]
+  assert all(r['at_label'] == 'oracle' for r in at_rows)
+  for r in rows:
+    assert r['seed'] in (0, 1)
+    for key in ('spec_in', 'spec_off', 'wcos_in', 'wcos_off', 'clean_agree',
+                'adv_oracle_off_1.0', 'adv_fixed_full_2.0'):
+      assert r[key] is not None, key
+    ccat_cols = [k for k in r if k.startswith('ccat_err_')]
+    assert len(ccat_cols) == 3
+    if r['method'] == 'ccat':
+      assert all(0.0 <= r[k] <= 1.0 for k in ccat_cols)
+    else:
+      assert all(r[k] is None for k in ccat_cols)
+      assert r['ccat_eps'] is None
+
+
+def test_correlation_file(tiny_run):
+  workdir, _ = tiny_run
+  with open(os.path.join(workdir, 'correlation.json')) as f:
+    corr = json.load(f)
+  assert corr['n_students'] == 16
+  for eps in ('0.5', '1.0', '2.0'):
+    for spec in ('spec_in', 'spec_off', 'spec_mean'):
+      rep = corr[f'eps_{eps}'][spec]
+      assert set(rep) >= {'pearson', 'pearson_ci', 'spearman', 'spearman_ci'}
+      for name in ('pearson', 'spearman'):
+        if rep[name] is not None:  # undefined when a column is constant
+          lo, hi = rep[f'{name}_ci']
+          assert -1.0 - 1e-6 <= lo <= hi <= 1.0 + 1e-6
+
+
+def test_summary_and_figure(tiny_run):
+  workdir, _ = tiny_run
+  with open(os.path.join(workdir, 'summary.md')) as f:
+    lines = f.read().strip().splitlines()
+  assert lines[0].startswith('| method | at_eps | at_where | ccat_eps | aug_scale | n |')
+  assert len(lines) == 2 + 8
+  with open(os.path.join(workdir, 'robustness.png'), 'rb') as f:
+    assert f.read(4) == b'\x89PNG'
+
+
+def test_grid_is_grouped_by_method():
+  points = robustness.grid(tiny_config(methods=('orth', 'standard'), aug_scales=(0.5, 2.0)))
+  assert points == [('orth', {'aug_scale': 0.5}), ('orth', {'aug_scale': 2.0}),
+                    ('standard', {})]
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('rank', 6, 'config.rank must satisfy 1 <= rank < d = 6'),
+    ('methods', ('standard', 'trades'), 'config.methods must be distinct names from'),
+    ('at_where', ('off',), 'config.at_where must be distinct names from'),
+    ('at_eps', (-0.5,), 'config.at_eps values must be >= 0'),
+    ('aug_fraction', 1.5, 'config.aug_fraction must be <= 1'),
+    ('at_label', 'soft', 'config.at_label must be one of'),
+    ('num_seeds', 0, 'config.num_seeds must be >= 1'),
+])
+def test_bad_config_fails_at_start(tmp_path, field, value, message):
+  with pytest.raises(common.ConfigError) as info:
+    robustness.train_and_evaluate(tiny_config(**{field: value}), str(tmp_path))
+  assert message in str(info.value)
+  assert not os.listdir(tmp_path)
