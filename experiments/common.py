@@ -1,8 +1,10 @@
 """Shared pieces of the experiment binaries: config checks, progress, result files."""
 
 import functools
+import json
 import numbers
 import os
+import sys
 from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Sequence
 
 from absl import logging
@@ -17,6 +19,7 @@ from tsrobust import io
 from tsrobust import metrics
 from tsrobust import models
 from tsrobust import specialization
+from tsrobust import sweep
 from tsrobust import train
 
 
@@ -104,11 +107,29 @@ def check_names(config, field: str, allowed: Sequence[str]) -> tuple:
   return v
 
 
-def progress_logger(stage: str):
-  """An ``on_chunk`` callback logging one line per chunk: steps/s and ETA."""
+def progress_logger(stage: str, max_lines: int = 10, stream=None):
+  """An ``on_chunk`` callback reporting steps/s and ETA.
+
+  On a terminal: one live line, rewritten in place (``\\r``), ended when the
+  stage ends. Elsewhere (CI, files): at most ``max_lines`` log lines per stage,
+  evenly spaced, the last one always included.
+  """
+  stream = sys.stderr if stream is None else stream
+  live = hasattr(stream, 'isatty') and stream.isatty()
+  logged = [0]
+
   def on_chunk(info: Mapping[str, float]) -> None:
-    logging.info('%s: step %d/%d  loss %.3e  %.0f steps/s  ETA %.0fs', stage, info['step'],
-                 info['num_steps'], info['loss'], info['steps_per_sec'], info['eta_sec'])
+    text = (f"{stage}: step {info['step']}/{info['num_steps']}  loss {info['loss']:.3e}  "
+            f"{info['steps_per_sec']:.0f} steps/s  ETA {info['eta_sec']:.0f}s")
+    last = info['step'] >= info['num_steps']
+    if live:
+      stream.write('\r' + text + ('\n' if last else ''))
+      stream.flush()
+      return
+    due = info['step'] * max_lines >= (logged[0] + 1) * info['num_steps']
+    if (due or last) and (logged[0] < max_lines or last):
+      logged[0] += 1
+      logging.info('%s', text)
   return on_chunk
 
 
@@ -117,10 +138,38 @@ def eps_name(eps: Any) -> str:
   return str(eps)
 
 
+def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Creates ``workdir`` and records the config in ``config.json``.
+
+  A workdir already holding a different config is refused: its checkpoints
+  and results belong to that config and would be silently mixed.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, 'config.json')
+  current = io.to_plain(config.to_dict())
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+    if previous != json.loads(json.dumps(current)):
+      changed = sorted(k for k in set(previous) | set(current)
+                       if previous.get(k) != json.loads(json.dumps(current)).get(k))
+      raise ConfigError(
+          f'{workdir} holds a run with a different config (fields {changed} differ); '
+          f'use a new --workdir, or delete that one to start over')
+    return
+  if jax.process_index() == 0:
+    io.write_json(path, current)
+
+
 def write_results(workdir: str, config: ml_collections.ConfigDict,
                   records: List[Dict[str, Any]], columns: Iterable[str],
                   extra: Mapping[str, Any] = None) -> None:
-  """``results.csv`` and ``results.json`` (config, versions, records), atomically."""
+  """``results.csv`` and ``results.json`` (config, versions, records), atomically.
+
+  Only process 0 writes (multi-host runs compute the same records everywhere).
+  """
+  if jax.process_index() != 0:
+    return
   columns = list(columns)
   io.write_csv(os.path.join(workdir, 'results.csv'), records, columns)
   payload = {'config': config.to_dict(), 'versions': io.library_versions(),
@@ -193,6 +242,26 @@ def metric_columns(config) -> List[str]:
   return cols
 
 
+@functools.lru_cache(maxsize=None)
+def mesh():
+  """The seeds mesh over every device (all hosts after ``jax.distributed.initialize``)."""
+  return sweep.seed_mesh()
+
+
+def shard(tree):
+  """Lays a pytree with a leading seeds axis over ``mesh()``."""
+  return sweep.shard_seeds(tree, mesh())
+
+
+def num_padded_seeds(config) -> int:
+  """Seeds to compute: ``num_seeds`` rounded up to a multiple of the device count.
+
+  The extra seeds are ordinary seeds ``num_seeds, num_seeds + 1, ...`` whose
+  results are dropped, so the kept results do not depend on the device count.
+  """
+  return sweep.padded_size(config.num_seeds, mesh())
+
+
 class SeedKeys(NamedTuple):
   """``[S]`` keys per use; a shared problem uses one teacher/basis key for every seed."""
   teacher: jax.Array
@@ -203,9 +272,10 @@ class SeedKeys(NamedTuple):
 
 
 def seed_keys(config) -> SeedKeys:
+  """Keys of ``num_padded_seeds(config)`` seeds; seed ``s`` uses ``fold_in(seed, s)``."""
   master = jax.random.PRNGKey(config.seed)
   per_seed = jax.vmap(lambda s: jax.random.split(jax.random.fold_in(master, s), 5))(
-      jnp.arange(config.num_seeds))
+      jnp.arange(num_padded_seeds(config)))
   keys = SeedKeys(*(per_seed[:, i] for i in range(5)))
   if not config.teacher_per_seed:
     shared = jax.random.split(jax.random.fold_in(master, 2 ** 31 - 1), 2)
@@ -265,17 +335,26 @@ def make_optimizer(config, num_steps: int = None):
 
 def train_or_keep_last_good(loss_fn, optimizer, state, teacher_params, data_args, keys, config,
                             workdir: str, stage: str, num_steps: int = None):
-  """``train.train_seeds`` with progress logging; on divergence, saves the last good
-  parameters in the workdir and stops with a message."""
+  """``train.train_seeds`` on sharded inputs, with progress and resumable checkpoints.
+
+  Checkpoints go to ``workdir/checkpoints/<stage>``; a rerun resumes there. On
+  divergence, saves the last good parameters in the workdir and stops with a
+  message. Returns the final state (sharded) and the loss history (numpy).
+  """
+  state, teacher_params, data_args, keys = shard((state, teacher_params, data_args, keys))
+  checkpointer = sweep.Checkpointer(os.path.join(workdir, 'checkpoints', stage))
   try:
     return train.train_seeds(loss_fn, optimizer, state, teacher_params, data_args, keys,
                              num_steps=num_steps or config.num_steps,
-                             chunk_steps=config.chunk_steps, on_chunk=progress_logger(stage))
+                             chunk_steps=config.chunk_steps, on_chunk=progress_logger(stage),
+                             checkpointer=checkpointer)
   except train.TrainingDivergedError as e:
     path = os.path.join(workdir, f'last_good_params_{stage}.msgpack')
-    io.save_pytree(path, e.last_good_state.params)
+    io.save_pytree(path, sweep.to_host(e.last_good_state.params))
     raise RuntimeError(f'{e} ({stage}); last good parameters saved to {path}; lower '
                        f'config.learning_rate') from e
+  finally:
+    checkpointer.close()
 
 
 class LowRankEvaluator:
@@ -308,32 +387,35 @@ class LowRankEvaluator:
           metrics.lowrank_specialization, t_apply, s_apply, probe_scale=c.probe_scale,
           tau=c.tau, batch_size=c.eval_batch))(tp, sp, x, projector, probe_key)
 
-    def attack(sp, tp, x, key, eps, projector, label):
+    def attack(sp, tp, x, pgd_key, budget_index, eps, projector, label):
       def one(sp1, tp1, x1, k1, p1):
+        k1 = jax.random.fold_in(k1, budget_index)
         return attacks.robust_error(
             lambda v: s_apply(sp1, v)[0], lambda v: t_apply(tp1, v)[0], x1, k1, eps=eps,
             alpha=c.attack_step_factor * eps / c.attack_steps, steps=c.attack_steps,
             label=label, norm=c.attack_norm, restarts=c.attack_restarts, projector=p1,
             oracle_loss=c.oracle_loss).mean()
-      return jax.vmap(one)(sp, tp, x, key, projector)
+      return jax.vmap(one)(sp, tp, x, pgd_key, projector)
 
     self.held_out = jax.jit(held_out)
     self._spec = jax.jit(spec)
     self._attack = jax.jit(attack, static_argnames='label')
 
-  def attack_keys(self, held, i: int) -> jax.Array:
-    """Per-seed PGD keys for the ``i``-th budget."""
-    return jax.vmap(lambda k: jax.random.fold_in(k, i))(held['pgd_key'])
-
   def evaluate(self, params, teacher_params, projector, held,
                full_rank: bool) -> List[Dict[str, Any]]:
-    """Metrics of a batch of students ``[S, ...]``; off-subspace ones are None at full rank."""
+    """Metrics of a batch of students ``[S, ...]``; off-subspace ones are None at full rank.
+
+    Inputs are laid over the seeds mesh (``shard``); S must be a multiple of
+    the device count.
+    """
     c = self.config
     num = projector.shape[0]
     d = projector.shape[-1]
-    spec = jax.device_get(self._spec(params, teacher_params, held['x_eval'], projector,
-                                     held['probe_key']))
-    eye = jnp.broadcast_to(jnp.eye(d), projector.shape)
+    rank = int(round(float(np.trace(np.asarray(sweep.to_host(projector)[0])))))
+    params, teacher_params, projector, held = shard((params, teacher_params, projector, held))
+    spec = sweep.to_host(self._spec(params, teacher_params, held['x_eval'], projector,
+                                    held['probe_key']))
+    eye = shard(jnp.broadcast_to(jnp.eye(d), projector.shape))
     projs = {'in': projector, 'off': eye - projector, 'full': eye}
     adv = {}
     for label in attacks.LABELS:
@@ -343,10 +425,9 @@ class LowRankEvaluator:
           if where == 'off' and full_rank:
             adv[name] = None  # no complement at full rank
             continue
-          adv[name] = np.asarray(self._attack(params, teacher_params, held['x_attack'],
-                                              self.attack_keys(held, i), jnp.float32(eps),
-                                              projs[where], label))
-    rank = int(round(float(np.trace(np.asarray(projector[0])))))
+          adv[name] = np.asarray(sweep.to_host(self._attack(
+              params, teacher_params, held['x_attack'], held['pgd_key'], i,
+              jnp.float32(eps), projs[where], label)))
     baseline = None if full_rank else specialization.random_cosine_baseline(d - rank)
     rows = []
     for i in range(num):

@@ -31,9 +31,6 @@ from tsrobust import plotting
 from tsrobust import train
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'lowrank.py')
-_CONFIG = config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG,
-                                          'Experiment config (ml_collections).')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for the result files.')
 
 def validate_config(config) -> None:
   """Checks every field at start; raises ``common.ConfigError`` naming the field."""
@@ -53,8 +50,9 @@ def columns(config) -> List[str]:
 def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   """Runs the experiment and writes the result files; returns the records."""
   validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  s, d = config.num_seeds, config.d
+  common.prepare_workdir(workdir, config)
+  d = config.d
+  s = common.num_padded_seeds(config)  # >= num_seeds; the padded seeds are dropped
   keys = common.seed_keys(config)
   problem = common.build_problem(config, keys)
   optimizer = common.make_optimizer(config)
@@ -78,6 +76,7 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
         workdir, f'rank{r}')
     rows = evaluator.evaluate(state.params, problem.teacher_params, projector, held,
                               full_rank=r == d)
+    rows = rows[:config.num_seeds]
     for i, row in enumerate(rows):
       records.append({'rank': r, 'seed': i, 'train_loss': float(losses[i, -1])
                       if losses.size else None, **row})
@@ -100,19 +99,22 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not _WORKDIR.value:
+  if not flags.FLAGS.workdir:
     raise app.UsageError('--workdir is required')
-  config = _CONFIG.value
+  config = flags.FLAGS.config
   try:
     validate_config(config)
   except common.ConfigError as e:
     raise app.UsageError(str(e)) from e
   logging.info('devices: %s', jax.devices())
-  train_and_evaluate(config, _WORKDIR.value)
-  logging.info('wrote %s', ', '.join(os.path.join(_WORKDIR.value, f) for f in
+  train_and_evaluate(config, flags.FLAGS.workdir)
+  logging.info('wrote %s', ', '.join(os.path.join(flags.FLAGS.workdir, f) for f in
                                      ('results.csv', 'results.json', 'summary.md',
                                                           'lowrank.png')))
 
 
 if __name__ == '__main__':
+  # Flags are defined here, not at import, so binaries can be imported side by side.
+  config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Experiment config (ml_collections).')
+  flags.DEFINE_string('workdir', None, 'Folder for the result files.')
   app.run(main)

@@ -35,12 +35,10 @@ from tsrobust import attacks
 from tsrobust import io
 from tsrobust import plotting
 from tsrobust import stats
+from tsrobust import sweep
 from tsrobust import train
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'robustness.py')
-_CONFIG = config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG,
-                                          'Study config (ml_collections).')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for the result files.')
 
 METHODS = ('standard', 'at', 'ccat', 'orth', 'iso')
 HPARAM_COLUMNS = ('at_eps', 'at_where', 'at_label', 'ccat_eps', 'aug_scale')
@@ -157,8 +155,9 @@ def _ccat_errors(config, problem, params, teacher_params, held) -> Dict[str, np.
   c = config
 
   @jax.jit
-  def errors(sp, tp, x_eval, x_att, key, eps):
+  def errors(sp, tp, x_eval, x_att, pgd_key, key_index, eps):
     def one(sp1, tp1, xe, xa, k):
+      k = jax.random.fold_in(k, key_index)
       s_fn = lambda v: s_apply(sp1, v)[0]
       conf = jax.nn.softmax(s_fn(xe)).max(-1)
       thr = attacks.confidence_threshold(conf, c.ccat_pass_rate)
@@ -166,14 +165,13 @@ def _ccat_errors(config, problem, params, teacher_params, held) -> Dict[str, np.
           s_fn, lambda v: t_apply(tp1, v)[0], xa, k, eps=eps,
           alpha=c.attack_step_factor * eps / c.attack_steps, steps=c.attack_steps,
           threshold=thr, norm=c.attack_norm, restarts=c.attack_restarts).mean()
-    return jax.vmap(one)(sp, tp, x_eval, x_att, key)
+    return jax.vmap(one)(sp, tp, x_eval, x_att, pgd_key)
 
   out = {}
   for i, eps in enumerate(config.eps):
-    keys = jax.vmap(lambda k, j=i: jax.random.fold_in(k, 1000 + j))(held['pgd_key'])
-    out[f'ccat_err_{common.eps_name(eps)}'] = np.asarray(
-        errors(params, teacher_params, held['x_eval'], held['x_attack'], keys,
-               jnp.float32(eps)))
+    out[f'ccat_err_{common.eps_name(eps)}'] = np.asarray(sweep.to_host(
+        errors(params, teacher_params, held['x_eval'], held['x_attack'], held['pgd_key'],
+               1000 + i, jnp.float32(eps))))
   return out
 
 
@@ -197,8 +195,9 @@ def correlations(config, records) -> Dict[str, Any]:
 def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   """Runs the study and writes the result files; returns the records."""
   validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  s, r = config.num_seeds, config.rank
+  common.prepare_workdir(workdir, config)
+  r = config.rank
+  s = common.num_padded_seeds(config)  # >= num_seeds; the padded seeds are dropped
   keys = common.seed_keys(config)
   problem = common.build_problem(config, keys)
   optimizer = common.make_optimizer(config)
@@ -223,7 +222,7 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
         _method_loss(config, method, problem), optimizer, state,
         _tile(problem.teacher_params, g), data_args, _tile(keys.train, g), config, workdir,
         method)
-    trained.append(state.params)
+    trained.append(sweep.to_host(state.params))
     losses.append(loss[:, -1] if loss.size else np.full((g * s,), np.nan))
     logging.info('trained %s: %d grid points x %d seeds in %.1fs', method, g, s,
                  time.perf_counter() - t0)
@@ -231,7 +230,7 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   # Evaluate every student at once: one compilation for the whole study.
   t0 = time.perf_counter()
   n_points = len(points)
-  params = jax.tree_util.tree_map(lambda *v: jnp.concatenate(v), *trained)
+  params = jax.tree_util.tree_map(lambda *v: np.concatenate(v), *trained)
   tparams = _tile(problem.teacher_params, n_points)
   held_all = _tile(held, n_points)
   rows = evaluator.evaluate(params, tparams, _tile(projector, n_points), held_all,
@@ -241,7 +240,8 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   if ccat_idx:
     sel = np.concatenate([np.arange(i * s, (i + 1) * s) for i in ccat_idx])
     pick = lambda tree: jax.tree_util.tree_map(lambda v: v[sel], tree)
-    ccat = _ccat_errors(config, problem, pick(params), pick(tparams), pick(held_all))
+    ccat = _ccat_errors(config, problem, *common.shard((pick(params), pick(tparams),
+                                                        pick(held_all))))
   logging.info('evaluated %d students in %.1fs', len(rows), time.perf_counter() - t0)
 
   loss_all = np.concatenate(losses)
@@ -249,6 +249,10 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   for p, (method, hp) in enumerate(points):
     for seed in range(s):
       i = p * s + seed
+      if seed >= config.num_seeds:  # a padded seed
+        if method == 'ccat':
+          ccat_row += 1
+        continue
       rec = {'method': method, **{h: hp.get(h) for h in HPARAM_COLUMNS}, 'seed': seed,
              'train_loss': float(loss_all[i]), **rows[i]}
       if method == 'ccat':
@@ -277,18 +281,21 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not _WORKDIR.value:
+  if not flags.FLAGS.workdir:
     raise app.UsageError('--workdir is required')
-  config = _CONFIG.value
+  config = flags.FLAGS.config
   try:
     validate_config(config)
   except common.ConfigError as e:
     raise app.UsageError(str(e)) from e
   logging.info('devices: %s', jax.devices())
-  train_and_evaluate(config, _WORKDIR.value)
+  train_and_evaluate(config, flags.FLAGS.workdir)
   logging.info('wrote results.csv, results.json, correlation.json, summary.md, '
-               'robustness.png in %s', _WORKDIR.value)
+               'robustness.png in %s', flags.FLAGS.workdir)
 
 
 if __name__ == '__main__':
+  # Flags are defined here, not at import, so binaries can be imported side by side.
+  config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Study config (ml_collections).')
+  flags.DEFINE_string('workdir', None, 'Folder for the result files.')
   app.run(main)

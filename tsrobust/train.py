@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from tsrobust import attacks
+from tsrobust import sweep
 
 LOSSES = ('mse', 'ce_argmax', 'ce_soft')
 OPTIMIZERS = ('sgd', 'momentum', 'adam')
@@ -322,12 +323,14 @@ def _tree_all_finite(tree) -> chex.Array:
 def train_seeds(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                 state: TrainState, teacher_params: chex.ArrayTree, data_args: Any,
                 keys: chex.PRNGKey, *, num_steps: int, chunk_steps: int,
-                on_chunk: Optional[Callable[[Dict[str, float]], None]] = None
+                on_chunk: Optional[Callable[[Dict[str, float]], None]] = None,
+                checkpointer: Optional[sweep.Checkpointer] = None
                 ) -> Tuple[TrainState, np.ndarray]:
   """Trains a batch of seeds for ``num_steps`` steps in jitted chunks.
 
-  Every argument but ``keys`` and the static ones has a leading seeds axis
-  ``[S, ...]`` (tile a shared teacher). ``keys`` is ``[S]`` keys.
+  Every argument but the static ones has a leading seeds axis ``[S, ...]``
+  (tile a shared teacher); arrays may be sharded over devices along it
+  (``sweep.shard_seeds``), and the outputs keep that sharding.
 
   Args:
     loss_fn, optimizer: as for ``train_step``.
@@ -340,6 +343,11 @@ def train_seeds(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     on_chunk: called after each chunk with ``step``, ``num_steps``,
       ``steps_per_sec``, ``eta_sec``, ``loss`` (mean over seeds of the
       chunk's last loss).
+    checkpointer: when given, the state and loss history are saved after
+      every chunk, and training resumes from its newest checkpoint (of this
+      same run: same ``state`` structure, ``num_steps`` and ``chunk_steps``).
+      Because step ``t`` uses ``fold_in(key, t)``, a resumed run ends in the
+      same state as an uninterrupted one.
 
   Returns:
     ``(state, losses)``: the final batched state and ``[S, num_chunks]`` mean
@@ -353,32 +361,47 @@ def train_seeds(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     raise ValueError(f'num_steps must be >= 0, got {num_steps}')
   if chunk_steps < 1:
     raise ValueError(f'chunk_steps must be >= 1, got {chunk_steps}')
-  compiled = {}
-  history = []
+  num_seeds = jax.tree_util.tree_leaves(keys)[0].shape[0]
+  num_chunks = -(-num_steps // chunk_steps)
+  history = np.full((num_seeds, num_chunks), np.nan, np.float32)
+  start = int(np.asarray(sweep.to_host(state.step)).reshape(-1)[0])
   done = 0
+  if checkpointer is not None:
+    restored = checkpointer.restore({'state': state, 'losses': history})
+    if restored is not None:
+      step, tree = restored
+      done = step - start
+      if not 0 <= done <= num_steps or (done % chunk_steps and done != num_steps):
+        raise ValueError(f'checkpoint at step {step} in {checkpointer.folder} does not belong '
+                         f'to a run of {num_steps} steps in chunks of {chunk_steps} from '
+                         f'step {start}')
+      state, history = tree['state'], np.array(sweep.to_host(tree['losses']))
+  compiled = {}
   t_start = time.perf_counter()
+  first = done
   while done < num_steps:
     length = min(chunk_steps, num_steps - done)
     if length not in compiled:
       compiled[length] = jax.jit(jax.vmap(make_chunk_fn(loss_fn, optimizer, length)))
     new_state, losses = compiled[length](state, teacher_params, data_args, keys)
-    ok = np.asarray(_tree_all_finite(new_state.params) & jnp.isfinite(losses).all(-1))
+    ok = np.asarray(sweep.to_host(_tree_all_finite(new_state.params)
+                                  & jnp.isfinite(losses).all(-1)))
     if not ok.all():
       bad = np.flatnonzero(~ok).tolist()
-      step = int(np.asarray(state.step).reshape(-1)[0])
       raise TrainingDivergedError(
           f'training diverged: non-finite loss or parameters for seeds {bad} in the '
-          f'chunk after step {step}; the last good state (step {step}) is kept',
-          state, step, bad)
+          f'chunk after step {start + done}; the last good state (step {start + done}) '
+          f'is kept', state, start + done, bad)
     state = new_state
+    chunk_losses = np.asarray(sweep.to_host(losses))
+    history[:, done // chunk_steps] = chunk_losses.mean(-1)
     done += length
-    history.append(np.asarray(losses.mean(-1)))
+    if checkpointer is not None:
+      checkpointer.save(start + done, {'state': state, 'losses': history})
     if on_chunk is not None:
       elapsed = time.perf_counter() - t_start
-      rate = done / max(elapsed, 1e-9)
+      rate = (done - first) / max(elapsed, 1e-9)
       on_chunk({'step': done, 'num_steps': num_steps, 'steps_per_sec': rate,
                 'eta_sec': (num_steps - done) / rate,
-                'loss': float(np.asarray(losses[:, -1]).mean())})
-  s = jax.tree_util.tree_leaves(keys)[0].shape[0]
-  losses = np.stack(history, axis=1) if history else np.zeros((s, 0), np.float32)
-  return state, losses
+                'loss': float(chunk_losses[:, -1].mean())})
+  return state, history

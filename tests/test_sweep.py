@@ -1,0 +1,170 @@
+"""Sharded seeds, resumable runs, progress reporting and config validation."""
+
+import io as _io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from experiments import common
+from experiments import lowrank
+from experiments import robustness
+from experiments.configs import lowrank as lowrank_config
+from experiments.configs import robustness as robustness_config
+from tsrobust import io
+from tsrobust import sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = dict(num_seeds=3, d=6, ranks=(2, 6), teacher_hidden=(3,), out_dim=3, width_mult=2,
+            num_steps=60, chunk_steps=20, batch_size=16, num_eval=64, eval_batch=32,
+            num_attack=16, attack_steps=3, eps=(0.5, 1.0, 2.0))
+
+
+def _flags(overrides):
+  out = []
+  for k, v in overrides.items():
+    out.append(f'--config.{k}={v}')
+  return out
+
+
+def _run_binary(workdir, overrides, env=None, wait=True):
+  args = [sys.executable, '-m', 'experiments.lowrank', f'--workdir={workdir}']
+  args += _flags(overrides)
+  full_env = dict(os.environ, **(env or {}))
+  if not wait:
+    return subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+  done = subprocess.run(args, cwd=ROOT, env=full_env, capture_output=True, text=True,
+                        timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return done
+
+
+def _assert_same_results(csv_a, csv_b, atol):
+  a, b = io.read_csv(csv_a), io.read_csv(csv_b)
+  assert len(a) == len(b) and a
+  for ra, rb in zip(a, b):
+    assert ra.keys() == rb.keys()
+    for k in ra:
+      if ra[k] is None or rb[k] is None:
+        assert ra[k] is None and rb[k] is None, k
+      else:
+        np.testing.assert_allclose(ra[k], rb[k], atol=atol, err_msg=k)
+
+
+def test_padded_size_and_sharding():
+  mesh = sweep.seed_mesh()
+  n = mesh.devices.size
+  assert sweep.padded_size(1, mesh) == n
+  assert sweep.padded_size(n + 1, mesh) == 2 * n
+  tree = {'a': jnp.arange(2 * n * 3).reshape(2 * n, 3)}
+  sharded = sweep.shard_seeds(tree, mesh)
+  np.testing.assert_array_equal(sweep.to_host(sharded)['a'], tree['a'])
+  assert sharded['a'].sharding.spec == jax.sharding.PartitionSpec('seeds')
+  with pytest.raises(ValueError, match='num_seeds must be >= 1'):
+    sweep.padded_size(0, mesh)
+
+
+def test_four_devices_give_the_same_results(tmp_path):
+  """3 seeds on 4 (virtual CPU) devices: padded to 4, sharded, same results as 1 device."""
+  _run_binary(tmp_path / 'one', TINY | {'ranks': '(2,6)'})
+  done = _run_binary(tmp_path / 'four', TINY | {'ranks': '(2,6)'},
+                     env={'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
+  assert 'CpuDevice(id=3)' in done.stderr  # really ran on four devices
+  rows = io.read_csv(str(tmp_path / 'four' / 'results.csv'))
+  assert [r['seed'] for r in rows] == [0, 1, 2, 0, 1, 2]  # the padded seed is dropped
+  _assert_same_results(str(tmp_path / 'one' / 'results.csv'),
+                       str(tmp_path / 'four' / 'results.csv'), atol=1e-4)
+
+
+def test_killed_run_resumes_to_the_same_results(tmp_path):
+  long = TINY | {'ranks': '(2,6)', 'num_steps': 20000, 'chunk_steps': 500}
+  workdir = tmp_path / 'killed'
+  proc = _run_binary(workdir, long, wait=False)
+  ckpt = workdir / 'checkpoints' / 'rank2'
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if ckpt.exists() and any(p.name.isdigit() for p in ckpt.iterdir()):
+      break
+    time.sleep(0.02)
+  assert proc.poll() is None, 'the run ended before it could be killed: ' + proc.stderr.read()
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  steps = [int(p.name) for p in ckpt.iterdir() if p.name.isdigit()]
+  assert steps and max(steps) < 20000  # killed mid-training, with a checkpoint to resume
+  assert not (workdir / 'results.csv').exists()
+  done = _run_binary(workdir, long)  # the same command again
+  assert 'rank2: step 20000/20000' in done.stderr
+  _run_binary(tmp_path / 'straight', long)
+  _assert_same_results(str(workdir / 'results.csv'), str(tmp_path / 'straight' / 'results.csv'),
+                       atol=1e-6)
+
+
+def test_changed_config_in_existing_workdir_is_refused(tmp_path):
+  config = lowrank_config.get_config()
+  config.update(TINY)
+  config.update(num_steps=20, ranks=(2,))
+  lowrank.train_and_evaluate(config, str(tmp_path))
+  config.learning_rate = 0.01
+  with pytest.raises(common.ConfigError, match=r"different config \(fields \['learning_rate'\]"):
+    lowrank.train_and_evaluate(config, str(tmp_path))
+
+
+def test_progress_on_a_terminal_is_one_live_line():
+  class Tty(_io.StringIO):
+    def isatty(self):
+      return True
+  stream = Tty()
+  report = common.progress_logger('stage', stream=stream)
+  for step in range(10, 101, 10):
+    report({'step': step, 'num_steps': 100, 'loss': 1.0, 'steps_per_sec': 5.0,
+            'eta_sec': (100 - step) / 5.0})
+  text = stream.getvalue()
+  assert text.count('\r') == 10 and text.count('\n') == 1 and text.endswith('ETA 0s\n')
+
+
+def test_progress_off_a_terminal_is_bounded(caplog):
+  report = common.progress_logger('stage', max_lines=5, stream=_io.StringIO())
+  with caplog.at_level('INFO'):
+    for step in range(1, 1001):
+      report({'step': step, 'num_steps': 1000, 'loss': 1.0, 'steps_per_sec': 5.0,
+              'eta_sec': 0.0})
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith('stage:')]
+  assert len(lines) == 5
+  assert lines[-1].startswith('stage: step 1000/1000')
+
+
+def _every_field_rejects_garbage(module, get_config):
+  """Every config field, set to a value of the wrong kind, fails naming that field."""
+  base = get_config().to_dict()
+  unchecked = []
+  for field in base:
+    bad = dict(base)
+    bad[field] = '???'
+    try:
+      module.validate_config(ml_collections.ConfigDict(bad))
+    except common.ConfigError as e:
+      assert f'config.{field}' in str(e), (field, str(e))
+    else:
+      unchecked.append(field)
+  assert not unchecked, f'fields not validated: {unchecked}'
+  missing = dict(base)
+  missing.pop('batch_size')
+  with pytest.raises(common.ConfigError, match='config.batch_size is missing'):
+    module.validate_config(ml_collections.ConfigDict(missing))
+
+
+def test_lowrank_validates_every_field():
+  _every_field_rejects_garbage(lowrank, lowrank_config.get_config)
+
+
+def test_robustness_validates_every_field():
+  _every_field_rejects_garbage(robustness, robustness_config.get_config)
