@@ -2,15 +2,19 @@
 
 import functools
 import json
+import logging as logging_lib
 import numbers
 import os
 import sys
-from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Sequence
 
+from absl import app
+from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
+from ml_collections import config_flags
 import numpy as np
 
 from tsrobust import attacks
@@ -136,6 +140,49 @@ def progress_logger(stage: str, max_lines: int = 10, stream=None):
 def eps_name(eps: Any) -> str:
   """A budget as written in the config (``1.0`` -> ``'1.0'``, ``1`` -> ``'1'``)."""
   return str(eps)
+
+
+class _DropLibraryInfo(logging_lib.Filter):
+  """Drops INFO records of checkpointing internals (orbax logs every file it writes)."""
+
+  def filter(self, record):
+    return record.levelno >= logging_lib.WARNING or '/orbax/' not in record.pathname
+
+
+def quiet_library_logs() -> None:
+  """Keeps a binary's log to its own progress lines (and every warning)."""
+  logging.get_absl_handler().addFilter(_DropLibraryInfo())
+
+
+def run_binary(validate: Callable, train_and_evaluate: Callable, default_config: str,
+               outputs: Sequence[str]) -> None:
+  """The absl entry point of an experiment binary (call under ``__main__``).
+
+  Defines ``--config`` (an ml_collections config file, every field
+  overridable) and ``--workdir`` here rather than at import, so binaries can
+  be imported side by side; validates the config before any work and turns
+  a ``ConfigError`` into a usage error naming the field.
+  """
+  config_flags.DEFINE_config_file('config', default_config, 'Experiment config file.')
+  flags.DEFINE_string('workdir', None, 'Folder for the result files.')
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    workdir = flags.FLAGS.workdir
+    if not workdir:
+      raise app.UsageError('--workdir is required')
+    config = flags.FLAGS.config
+    try:
+      validate(config)
+    except ConfigError as e:
+      raise app.UsageError(str(e)) from e
+    quiet_library_logs()
+    logging.info('devices: %s', jax.devices())
+    train_and_evaluate(config, workdir)
+    logging.info('wrote %s in %s', ', '.join(outputs), workdir)
+
+  app.run(main)
 
 
 def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:

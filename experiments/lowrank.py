@@ -17,12 +17,9 @@ import os
 import time
 from typing import Any, Dict, List
 
-from absl import app
-from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
-from ml_collections import config_flags
 import numpy as np
 
 from experiments import common
@@ -96,25 +93,6 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   return records
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS.workdir:
-    raise app.UsageError('--workdir is required')
-  config = flags.FLAGS.config
-  try:
-    validate_config(config)
-  except common.ConfigError as e:
-    raise app.UsageError(str(e)) from e
-  logging.info('devices: %s', jax.devices())
-  train_and_evaluate(config, flags.FLAGS.workdir)
-  logging.info('wrote %s', ', '.join(os.path.join(flags.FLAGS.workdir, f) for f in
-                                     ('results.csv', 'results.json', 'summary.md',
-                                                          'lowrank.png')))
-
-
 if __name__ == '__main__':
-  # Flags are defined here, not at import, so binaries can be imported side by side.
-  config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Experiment config (ml_collections).')
-  flags.DEFINE_string('workdir', None, 'Folder for the result files.')
-  app.run(main)
+  common.run_binary(validate_config, train_and_evaluate, _DEFAULT_CONFIG,
+                    ('results.csv', 'results.json', 'summary.md', 'lowrank.png'))
