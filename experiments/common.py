@@ -193,13 +193,13 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   """
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, 'config.json')
-  current = io.to_plain(config.to_dict())
+  current = json.loads(json.dumps(io.to_plain(config.to_dict())))  # as it reads back
   if os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)
-    if previous != json.loads(json.dumps(current)):
+    if previous != current:
       changed = sorted(k for k in set(previous) | set(current)
-                       if previous.get(k) != json.loads(json.dumps(current)).get(k))
+                       if previous.get(k) != current.get(k))
       raise ConfigError(
           f'{workdir} holds a run with a different config (fields {changed} differ); '
           f'use a new --workdir, or delete that one to start over')
@@ -209,8 +209,7 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def write_results(workdir: str, config: ml_collections.ConfigDict,
-                  records: List[Dict[str, Any]], columns: Iterable[str],
-                  extra: Mapping[str, Any] = None) -> None:
+                  records: List[Dict[str, Any]], columns: Iterable[str]) -> None:
   """``results.csv`` and ``results.json`` (config, versions, records), atomically.
 
   Only process 0 writes (multi-host runs compute the same records everywhere).
@@ -221,8 +220,6 @@ def write_results(workdir: str, config: ml_collections.ConfigDict,
   io.write_csv(os.path.join(workdir, 'results.csv'), records, columns)
   payload = {'config': config.to_dict(), 'versions': io.library_versions(),
              'columns': columns, 'records': records}
-  if extra:
-    payload.update(extra)
   io.write_json(os.path.join(workdir, 'results.json'), payload)
 
 
