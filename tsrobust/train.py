@@ -14,6 +14,7 @@ The pieces compose as in flax/examples:
   reporting progress through a callback (the library never prints).
 """
 
+import functools
 import time
 from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
@@ -313,6 +314,14 @@ def make_chunk_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation,
   return chunk
 
 
+@functools.lru_cache(maxsize=64)
+def _batched_chunk(loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                   length: int) -> Callable:
+  """``jit(vmap(chunk))``, one per (loss, optimizer, length): later calls of
+  ``train_seeds`` (other ranks, resumed runs) reuse the compiled executable."""
+  return jax.jit(jax.vmap(make_chunk_fn(loss_fn, optimizer, length)))
+
+
 def _tree_all_finite(tree) -> chex.Array:
   """``[S]`` bool: every leaf is finite, per seed (leading axis)."""
   leaves = [jnp.isfinite(l.reshape(l.shape[0], -1)).all(-1)
@@ -376,14 +385,12 @@ def train_seeds(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                          f'to a run of {num_steps} steps in chunks of {chunk_steps} from '
                          f'step {start}')
       state, history = tree['state'], np.array(sweep.to_host(tree['losses']))
-  compiled = {}
   t_start = time.perf_counter()
   first = done
   while done < num_steps:
     length = min(chunk_steps, num_steps - done)
-    if length not in compiled:
-      compiled[length] = jax.jit(jax.vmap(make_chunk_fn(loss_fn, optimizer, length)))
-    new_state, losses = compiled[length](state, teacher_params, data_args, keys)
+    new_state, losses = _batched_chunk(loss_fn, optimizer, length)(
+        state, teacher_params, data_args, keys)
     ok = np.asarray(sweep.to_host(_tree_all_finite(new_state.params)
                                   & jnp.isfinite(losses).all(-1)))
     if not ok.all():
