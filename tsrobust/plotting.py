@@ -99,3 +99,66 @@ def plot_lowrank(results_csv: str, out_png: str, eps: str) -> None:
   fig.suptitle('Low-rank teacher-student: mean +- std over seeds')
   fig.tight_layout()
   _save(fig, out_png)
+
+
+def _variant_groups(rows) -> Dict[str, list]:
+  """Rows grouped by their ``variant`` column (or ``method``), in first-seen order."""
+  groups: Dict[str, list] = {}
+  for row in rows:
+    groups.setdefault(str(row.get('variant') or row['method']), []).append(row)
+  return groups
+
+
+def plot_spec_per_layer(results_csv: str, out_png: str) -> None:
+  """Specialization (mean max correlation) per layer, one line per method variant.
+
+  Args:
+    results_csv: a ``results.csv`` with ``spec_l{l}`` columns and a
+      ``variant`` (or ``method``) column, e.g. from ``experiments/real.py``.
+    out_png: the figure's path (written atomically). Mean +- std over seeds.
+  """
+  plt = _pyplot()
+  rows = io.read_csv(results_csv)
+  layers = sorted((c for c in rows[0] if c.startswith('spec_l')), key=lambda c: int(c[6:]))
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for name, members in _variant_groups(rows).items():
+    vals = np.array([[np.nan if m.get(c) is None else m[c] for c in layers] for m in members],
+                    float)
+    ax.errorbar(np.arange(1, len(layers) + 1), np.nanmean(vals, 0), yerr=np.nanstd(vals, 0),
+                marker='o', capsize=3, label=name)
+  ax.set_xticks(np.arange(1, len(layers) + 1))
+  ax.set_xlabel('hidden layer (conv layers first)')
+  ax.set_ylabel('mean max correlation')
+  ax.set_title('Student specialization per layer (test set), mean +- std over seeds')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  _save(fig, out_png)
+
+
+def plot_spec_vs_accuracy(results_csv: str, out_png: str, accuracy_columns: List[str],
+                          spec_column: str = 'spec_mean') -> None:
+  """Scatter of ``spec_column`` vs each of ``accuracy_columns``, one point per student.
+
+  One panel per accuracy column, one color per method variant.
+  """
+  plt = _pyplot()
+  rows = io.read_csv(results_csv)
+  groups = _variant_groups(rows)
+  fig, axes = plt.subplots(1, len(accuracy_columns), figsize=(5 * len(accuracy_columns), 4),
+                           squeeze=False)
+  for ax, column in zip(axes[0], accuracy_columns):
+    for name, members in groups.items():
+      pts = [(m[spec_column], m[column]) for m in members
+             if m.get(spec_column) is not None and m.get(column) is not None]
+      if pts:
+        xs, ys = zip(*pts)
+        ax.scatter(xs, ys, label=name, alpha=0.75, s=20)
+    ax.set_xlabel(f'{spec_column} (mean max correlation)')
+    ax.set_ylabel(column)
+    ax.set_title(column)
+    ax.grid(alpha=0.3)
+  axes[0][-1].legend(fontsize=8)
+  fig.suptitle('Specialization vs robustness: one point per student')
+  fig.tight_layout()
+  _save(fig, out_png)

@@ -1,0 +1,93 @@
+"""Robust-feature datasets: starting points, representation matching, paired loss."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tsrobust import cnn
+from tsrobust import robust_dataset
+from tsrobust import train
+
+
+def _model():
+  model = cnn.make_cnn((4,), (8,), 3)
+  return model, cnn.init_params(jax.random.PRNGKey(0), model, (6, 6, 1))
+
+
+class RobustDatasetTest(chex.TestCase):
+
+  def test_penultimate(self):
+    model, params = _model()
+    x = jax.random.uniform(jax.random.PRNGKey(1), (5, 6, 6, 1))
+    rep = robust_dataset.penultimate(model.apply, params)(x)
+    np.testing.assert_allclose(rep, model.apply(params, x)[1][-1])
+    conv_only = cnn.make_cnn((4,), (), 3)
+    p2 = cnn.init_params(jax.random.PRNGKey(0), conv_only, (6, 6, 1))
+    chex.assert_shape(robust_dataset.penultimate(conv_only.apply, p2)(x), (5, 6 * 6 * 4))
+
+  def test_starting_points(self):
+    x = jnp.arange(7.0).reshape(7, 1, 1, 1)
+    x0 = robust_dataset.starting_points(jax.random.PRNGKey(0), x)
+    assert sorted(np.asarray(x0).ravel().tolist()) == list(range(7))  # a permutation
+    assert (np.asarray(x0) != np.asarray(x)).all()                     # no image starts at itself
+    noise = robust_dataset.starting_points(jax.random.PRNGKey(0), x, 'noise', (0.2, 0.4))
+    assert float(noise.min()) >= 0.2 and float(noise.max()) <= 0.4
+    with pytest.raises(ValueError, match='start must be one of'):
+      robust_dataset.starting_points(jax.random.PRNGKey(0), x, 'zeros')
+    with pytest.raises(ValueError, match='at least 2 examples'):
+      robust_dataset.starting_points(jax.random.PRNGKey(0), x[:1])
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_matching_lowers_the_representation_distance(self):
+    model, params = _model()
+    rep = robust_dataset.penultimate(model.apply, params)
+    x = jax.random.uniform(jax.random.PRNGKey(1), (16, 6, 6, 1))
+    x0 = robust_dataset.starting_points(jax.random.PRNGKey(2), x)
+    target = rep(x)
+    x_r = self.variant(lambda a: robust_dataset.match_representation(
+        rep, a, target, steps=40, step_size=0.05))(x0)
+    before = robust_dataset.representation_distance(rep, x0, target)
+    after = robust_dataset.representation_distance(rep, x_r, target)
+    assert float(after.mean()) < 0.5 * float(before.mean())
+    assert float(x_r.min()) >= 0.0 and float(x_r.max()) <= 1.0
+    # Each step moves every image by at most step_size in L2.
+    moved = jnp.sqrt(((x_r - x0) ** 2).reshape(16, -1).sum(-1))
+    assert float(moved.max()) <= 40 * 0.05 + 1e-4
+
+  def test_zero_steps_is_identity(self):
+    model, params = _model()
+    rep = robust_dataset.penultimate(model.apply, params)
+    x0 = jax.random.uniform(jax.random.PRNGKey(1), (3, 6, 6, 1))
+    out = robust_dataset.match_representation(rep, x0, rep(x0), steps=0, step_size=0.1)
+    np.testing.assert_array_equal(out, x0)
+
+  def test_batched_equals_one_batch(self):
+    model, params = _model()
+    rep = robust_dataset.penultimate(model.apply, params)
+    x = jax.random.uniform(jax.random.PRNGKey(1), (7, 6, 6, 1))
+    kw = dict(steps=5, step_size=0.1)
+    one, x0 = robust_dataset.robust_feature_dataset(rep, x, jax.random.PRNGKey(3), **kw)
+    batched, x0b = jax.jit(lambda v: robust_dataset.robust_feature_dataset(
+        rep, v, jax.random.PRNGKey(3), batch_size=3, **kw))(x)  # 3 batches, the last padded
+    chex.assert_shape([one, batched], [(7, 6, 6, 1)] * 2)
+    np.testing.assert_array_equal(x0, x0b)
+    np.testing.assert_allclose(one, batched, atol=1e-5)
+
+  def test_paired_regression_loss(self):
+    model, params = _model()
+    x = jax.random.uniform(jax.random.PRNGKey(1), (10, 6, 6, 1))
+    loss_fn = robust_dataset.paired_regression_loss(model.apply, model.apply, 'mse', 4)
+    key = jax.random.PRNGKey(5)
+    # Student = teacher and x_r = x: zero loss.
+    assert float(loss_fn(params, params, {'robust_x': x, 'train_x': x}, key)) == 0.0
+    # Otherwise: the student at x_r[i] against the teacher at x[i].
+    xr = x[::-1]
+    idx = jax.random.randint(key, (4,), 0, 10)
+    want = train.teacher_loss(model.apply(params, xr[idx])[0], model.apply(params, x[idx])[0],
+                              'mse')
+    np.testing.assert_allclose(loss_fn(params, params, {'robust_x': xr, 'train_x': x}, key),
+                               want, rtol=1e-6)
+    with pytest.raises(ValueError, match='loss must be one of'):
+      robust_dataset.paired_regression_loss(model.apply, model.apply, 'l1', 4)
