@@ -35,7 +35,6 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from absl import logging
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -256,107 +255,6 @@ def supervised_loss(apply_fn: Callable, num_train: int, batch_size: int, *, pgd_
   return loss_fn
 
 
-def _leading_mask(batch_size: int, fraction) -> chex.Array:
-  return jnp.arange(batch_size) < jnp.round(fraction * batch_size)
-
-
-def _where_rows(mask, a, b):
-  return jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
-
-
-def linf_pgd_augmentation(student_apply: Callable, teacher_apply: Callable, loss: str, *,
-                          steps: int, step_factor: float = 2.5, label: str = 'oracle',
-                          clip: Optional[Tuple[float, float]] = (0.0, 1.0)) -> Callable:
-  """``train.pgd_augmentation`` for images: L-inf PGD with ``x + delta`` clipped to ``clip``.
-
-  A transform ``(params, teacher_params, data_args, x, key) -> x'`` replacing
-  the first ``round(at_fraction * B)`` images of the batch by PGD points
-  maximizing the per-example training ``loss`` between the (frozen) student
-  and the teacher at the perturbed point (``label='oracle'``) or at the clean
-  point (``'fixed'``). Reads ``data_args['at_eps']``, ``['at_fraction']`` and,
-  when present, ``['at_projector']`` (``[D, D]`` over the flattened image;
-  absent: unconstrained, which skips a ``D x D`` product per step).
-  """
-  if label not in attacks.LABELS:
-    raise ValueError(f'label must be one of {attacks.LABELS}, got {label!r}')
-
-  def transform(params, teacher_params, data_args, x, key):
-    params = jax.lax.stop_gradient(params)
-    s_fn = lambda v: student_apply(params, v)[0]
-    t_fn = lambda v: teacher_apply(teacher_params, v)[0]
-    if label == 'oracle':
-      objective = lambda xa: train.per_example_teacher_loss(s_fn(xa), t_fn(xa), loss)
-    else:
-      t_clean = t_fn(x)
-      objective = lambda xa: train.per_example_teacher_loss(s_fn(xa), t_clean, loss)
-    eps = data_args['at_eps']
-    delta = attacks.pgd(objective, x, key, eps=eps, alpha=step_factor * eps / steps,
-                        steps=steps, norm='linf', projector=data_args.get('at_projector'),
-                        clip_range=clip)
-    return x + _where_rows(_leading_mask(x.shape[0], data_args['at_fraction']), delta, 0.0)
-  return transform
-
-
-def linf_ccat_loss(student_apply: Callable, teacher_apply: Callable, sample_inputs: Callable,
-                   batch_size: int, *, steps: int, step_factor: float = 2.5, rho: float = 10.0,
-                   clip: Optional[Tuple[float, float]] = (0.0, 1.0)) -> train.LossFn:
-  """``train.ccat_loss`` for images: L-inf attack, ``x + delta`` clipped to ``clip``.
-
-  Labels ``y`` are the teacher's argmax at the clean images; the first half
-  of the batch is clean with one-hot targets, the second half is attacked
-  (maximizing the largest non-label confidence) with targets
-  ``lam * onehot(y) + (1 - lam) / C``, ``lam = (1 - min(1, ||delta||_inf /
-  eps)) ** rho``. Reads ``data_args['ccat_eps']`` and, when present,
-  ``['ccat_projector']``.
-  """
-  if batch_size < 2:
-    raise ValueError(f'batch_size must be >= 2 for CCAT (half clean, half adversarial), '
-                     f'got {batch_size}')
-
-  def loss_fn(params, teacher_params, data_args, key):
-    k_data, k_attack = jax.random.split(key)
-    x = sample_inputs(k_data, data_args, batch_size)
-    t = teacher_apply(teacher_params, x)[0]
-    y = t.argmax(-1)
-    num_classes = t.shape[-1]
-    half = batch_size // 2
-    frozen = jax.lax.stop_gradient(params)
-    eps = data_args['ccat_eps']
-    delta = attacks.pgd(attacks.ccat_objective(lambda v: student_apply(frozen, v)[0], y[half:]),
-                        x[half:], k_attack, eps=eps, alpha=step_factor * eps / steps,
-                        steps=steps, norm='linf', projector=data_args.get('ccat_projector'),
-                        clip_range=clip)
-    delta = jax.lax.stop_gradient(delta)
-    lam = attacks.ccat_lambda(delta, eps, 'linf', rho)
-    targets = jnp.concatenate([jax.nn.one_hot(y[:half], num_classes),
-                               attacks.ccat_target(y[half:], lam, num_classes)])
-    inputs = jnp.concatenate([x[:half], x[half:] + delta])
-    logp = jax.nn.log_softmax(student_apply(params, inputs)[0])
-    return -jnp.mean((targets * logp).sum(-1))
-  return loss_fn
-
-
-def image_noise_augmentation(kind: str) -> Callable:
-  """``train.noise_augmentation`` for images: the projector acts on flattened images.
-
-  ``'orthogonal'``: ``x + P_perp xi``; ``'isotropic'``: ``x + xi``;
-  ``xi ~ N(0, aug_scale^2 I)`` on the first ``round(aug_fraction * B)``
-  images. Reads ``data_args['aug_scale']``, ``['aug_fraction']`` and
-  (orthogonal) ``['projector']`` (``[D, D]``, the PCA projector P).
-  """
-  if kind not in train.NOISE_KINDS:
-    raise ValueError(f'noise kind must be one of {train.NOISE_KINDS}, got {kind!r}')
-
-  def transform(params, teacher_params, data_args, x, key):
-    del params, teacher_params
-    xi = data_args['aug_scale'] * jax.random.normal(key, x.shape, x.dtype)
-    if kind == 'orthogonal':
-      flat = xi.reshape(x.shape[0], -1)
-      xi = (flat - flat @ data_args['projector']).reshape(x.shape)
-    return x + _where_rows(_leading_mask(x.shape[0], data_args['aug_fraction']), xi, 0.0)
-  return transform
-
-
 # ----------------------------------------------------------------------------
 # Teacher (and robust model) pretraining, checkpointed by config hash.
 # ----------------------------------------------------------------------------
@@ -496,21 +394,23 @@ def _method_loss(config, method: str, teacher: cnn.CNN, student: cnn.CNN, num_tr
     return train.teacher_regression_loss(s_apply, t_apply, config.loss, sample,
                                          config.batch_size)
   if method == 'at':
-    transform = linf_pgd_augmentation(s_apply, t_apply, config.loss, steps=config.at_steps,
-                                      step_factor=config.attack_step_factor,
-                                      label=config.at_label, clip=clip)
+    transform = train.pgd_augmentation(s_apply, t_apply, config.loss, norm='linf',
+                                       steps=config.at_steps,
+                                       step_factor=config.attack_step_factor,
+                                       label=config.at_label, clip_range=clip)
     return train.teacher_regression_loss(
         s_apply, t_apply, config.loss, sample, config.batch_size, transform=transform,
         label_at='transformed' if config.at_label == 'oracle' else 'clean')
   if method == 'ccat':
-    return linf_ccat_loss(s_apply, t_apply, sample, config.batch_size, steps=config.ccat_steps,
-                          step_factor=config.attack_step_factor, rho=config.ccat_rho, clip=clip)
+    return train.ccat_loss(s_apply, t_apply, sample, config.batch_size, norm='linf',
+                           steps=config.ccat_steps, step_factor=config.attack_step_factor,
+                           rho=config.ccat_rho, clip_range=clip)
   if method == 'robust_features':
     return robust_dataset.paired_regression_loss(s_apply, t_apply, config.loss,
                                                  config.batch_size)
   kind = {'orth': 'orthogonal', 'iso': 'isotropic'}[method]
   return train.teacher_regression_loss(s_apply, t_apply, config.loss, sample, config.batch_size,
-                                       transform=image_noise_augmentation(kind))
+                                       transform=train.noise_augmentation(kind))
 
 
 def _tile(tree, times: int):

@@ -101,7 +101,8 @@ class TestImageTransforms(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_linf_pgd_augmentation_is_feasible_and_clipped(self):
     teacher, student, tp, sp, x = self._nets()
-    transform = real.linf_pgd_augmentation(student.apply, teacher.apply, 'mse', steps=3)
+    transform = train.pgd_augmentation(student.apply, teacher.apply, 'mse', norm='linf',
+                                       steps=3, clip_range=(0.0, 1.0))
     args = {'at_eps': jnp.float32(0.2), 'at_fraction': jnp.float32(0.5)}
     xa = self.variant(transform)(sp, tp, args, x, jax.random.PRNGKey(3))
     chex.assert_shape(xa, x.shape)
@@ -124,12 +125,13 @@ class TestImageTransforms(chex.TestCase):
   def test_ccat_loss_and_noise(self):
     teacher, student, tp, sp, x = self._nets()
     sample = lambda k, a, n: a['train_x'][jax.random.randint(k, (n,), 0, 8)]
-    loss_fn = real.linf_ccat_loss(student.apply, teacher.apply, sample, 8, steps=2)
+    loss_fn = train.ccat_loss(student.apply, teacher.apply, sample, 8, norm='linf', steps=2,
+                              clip_range=(0.0, 1.0))
     value = loss_fn(sp, tp, {'train_x': x, 'ccat_eps': jnp.float32(0.3)}, jax.random.PRNGKey(0))
     assert np.isfinite(float(value)) and float(value) > 0
     u = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(4), (36, 5)))[0]
     p = u @ u.T
-    orth = real.image_noise_augmentation('orthogonal')
+    orth = train.noise_augmentation('orthogonal')
     xa = orth(None, None, {'aug_scale': 1.0, 'aug_fraction': 1.0, 'projector': p}, x,
               jax.random.PRNGKey(1))
     noise = (xa - x).reshape(8, -1)

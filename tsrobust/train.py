@@ -197,7 +197,8 @@ def noise_augmentation(kind: str) -> Callable:
   ``'orthogonal'``: ``x + P_perp xi`` (noise only in the complement of the
   data subspace); ``'isotropic'``: ``x + xi`` (the control). ``xi ~ N(0,
   aug_scale^2 I)``. Reads ``data_args['aug_scale']``,
-  ``data_args['aug_fraction']`` and (orthogonal) ``data_args['projector']``.
+  ``data_args['aug_fraction']`` and (orthogonal) ``data_args['projector']``
+  (``[D, D]`` over the flattened input, so images ``[B, H, W, C]`` work too).
   Use with ``teacher_regression_loss(..., label_at='transformed')``: the
   teacher labels the noisy points.
   """
@@ -208,15 +209,16 @@ def noise_augmentation(kind: str) -> Callable:
     del params, teacher_params
     xi = data_args['aug_scale'] * jax.random.normal(key, x.shape, x.dtype)
     if kind == 'orthogonal':
-      p = data_args['projector']
-      xi = xi - xi @ p
+      flat = xi.reshape(x.shape[0], -1)
+      xi = (flat - flat @ data_args['projector']).reshape(x.shape)
     return x + _where_rows(_leading_mask(x.shape[0], data_args['aug_fraction']), xi, 0.0)
   return transform
 
 
 def pgd_augmentation(student_apply: Callable, teacher_apply: Callable, loss: str, *,
                      norm: str, steps: int, step_factor: float = 2.5, label: str = 'oracle',
-                     restarts: int = 1) -> Callable:
+                     restarts: int = 1,
+                     clip_range: Optional[Tuple[float, float]] = None) -> Callable:
   """Transform replacing a fraction of the batch by PGD points (Madry et al. 2018).
 
   The attack maximizes the per-example training ``loss`` between the student
@@ -225,9 +227,11 @@ def pgd_augmentation(student_apply: Callable, teacher_apply: Callable, loss: str
   (``'fixed'``). Pair it with ``teacher_regression_loss(..., label_at=
   'transformed' if label == 'oracle' else 'clean')``.
 
-  Reads ``data_args['at_eps']`` (budget), ``data_args['at_fraction']`` and
-  ``data_args['at_projector']`` (``[d, d]``: the identity for an
-  unconstrained attack, ``P`` to keep it in the data subspace).
+  Reads ``data_args['at_eps']`` (budget), ``data_args['at_fraction']`` and,
+  when present, ``data_args['at_projector']`` (``[d, d]``, ``P`` to keep the
+  attack in the data subspace; absent: unconstrained, which skips a
+  ``d x d`` product per step). ``clip_range``: valid input range of
+  ``x + delta`` (images: ``(0, 1)``), as in ``attacks.pgd``.
   """
   if label not in attacks.LABELS:
     raise ValueError(f'label must be one of {attacks.LABELS}, got {label!r}')
@@ -244,14 +248,15 @@ def pgd_augmentation(student_apply: Callable, teacher_apply: Callable, loss: str
     eps = data_args['at_eps']
     delta = attacks.pgd(objective, x, key, eps=eps, alpha=step_factor * eps / steps,
                         steps=steps, norm=norm, restarts=restarts,
-                        projector=data_args['at_projector'])
+                        projector=data_args.get('at_projector'), clip_range=clip_range)
     return x + _where_rows(_leading_mask(x.shape[0], data_args['at_fraction']), delta, 0.0)
   return transform
 
 
 def ccat_loss(student_apply: Callable, teacher_apply: Callable, sample_inputs: Callable,
               batch_size: int, *, norm: str, steps: int, step_factor: float = 2.5,
-              rho: float = 10.0) -> LossFn:
+              rho: float = 10.0,
+              clip_range: Optional[Tuple[float, float]] = None) -> LossFn:
   """Confidence-calibrated adversarial training (Stutz, Hein, Schiele 2020).
 
   Labels ``y`` are the teacher's argmax at the clean points. The first half
@@ -261,8 +266,9 @@ def ccat_loss(student_apply: Callable, teacher_apply: Callable, sample_inputs: C
   ``lam = (1 - min(1, ||delta|| / eps)) ** rho``. The loss is the
   cross-entropy to these targets, averaged over the batch.
 
-  Reads ``data_args['ccat_eps']`` and ``data_args['ccat_projector']``
-  (identity for an unconstrained attack).
+  Reads ``data_args['ccat_eps']`` and, when present,
+  ``data_args['ccat_projector']`` (absent: unconstrained). ``clip_range``:
+  valid input range of ``x + delta``, as in ``attacks.pgd``.
   """
   if batch_size < 2:
     raise ValueError(f'batch_size must be >= 2 for CCAT (half clean, half adversarial), '
@@ -279,7 +285,8 @@ def ccat_loss(student_apply: Callable, teacher_apply: Callable, sample_inputs: C
     eps = data_args['ccat_eps']
     delta = attacks.pgd(attacks.ccat_objective(lambda v: student_apply(frozen, v)[0], y[half:]),
                         x[half:], k_attack, eps=eps, alpha=step_factor * eps / steps,
-                        steps=steps, norm=norm, projector=data_args['ccat_projector'])
+                        steps=steps, norm=norm, projector=data_args.get('ccat_projector'),
+                        clip_range=clip_range)
     delta = jax.lax.stop_gradient(delta)
     lam = attacks.ccat_lambda(delta, eps, norm, rho)
     targets = jnp.concatenate([jax.nn.one_hot(y[:half], num_classes),
