@@ -1,31 +1,49 @@
-"""Projected gradient descent attacks (Madry et al. 2018) with an oracle.
+"""Gradient attacks (PGD, APGD), projections and attack objectives.
 
-``pgd`` maximizes a per-example objective over perturbations ``delta`` in a
-norm ball (L-inf or L2), optionally restricted to a linear subspace given by
-its orthogonal projector (the data subspace S, or its complement S_perp):
+``pgd`` (Madry et al. 2018) and ``apgd`` (Croce & Hein, ICML 2020) maximize a
+per-example objective over perturbations ``delta`` in a norm ball (L-inf or
+L2), optionally restricted to a linear subspace given by its orthogonal
+projector (the data subspace S, or its complement S_perp), and optionally
+keeping ``x + delta`` in an input range:
 
-* random start inside the feasible set;
-* ``steps`` ascent steps of size ``alpha``: ``sign(g)`` for L-inf,
-  ``g / ||g||`` for L2, where ``g`` is the gradient (projected onto the
-  subspace first when one is given);
-* projection onto the feasible set after every step (see ``project``);
-* optional clipping of ``x + delta`` to an input range, applied last;
-* ``restarts`` independent runs, keeping per example the worst case: a
-  successful one (when ``success_fn`` is given) over an unsuccessful one,
-  then the larger objective.
+* random start inside the feasible set (``_random_start``: L-inf uniform in
+  the box; L2 a uniform direction in the feasible subspace, radius
+  ``eps * U``);
+* ascent steps along ``sign(g)`` (L-inf) or ``g / ||g||`` (L2), ``g`` the
+  gradient projected onto the subspace first when one is given; ``pgd`` uses
+  a fixed step ``alpha``, ``apgd`` a step that starts at ``2 eps``, momentum,
+  and halves the step at checkpoints when progress stalls, restarting from
+  its best point;
+* projection onto the feasible set after every step (``project``, then
+  ``_clip_inputs`` for the input range);
+* both return, per example, the best iterate seen over all iterates and
+  restarts: a success (when ``success_fn`` is given) over a non-success, then
+  the larger objective. ``apgd`` can also return when a success was first
+  found (error vs iterations).
 
-Objectives are built from ``student_fn`` / ``teacher_fn`` (maps
-``[N, ...] -> [N, C]`` logits): *fixed* (the teacher's label at the clean
-point) and *oracle* (the teacher evaluated at the perturbed point,
-differentiating through both networks).
+Objectives map ``x_adv [N, ...] -> [N]`` (to maximize) and are built from
+``student_fn`` / ``teacher_fn`` (maps ``[N, ...] -> [N, C]`` logits):
+
+* *fixed label* (the teacher's label at the clean point): cross-entropy
+  (``fixed_label_objective``), margin (``margin_objective``), DLR
+  (``dlr_objective``), and targeted margin / DLR toward classes picked by
+  ``top_other_classes``;
+* *oracle* (the teacher at the perturbed point): KL / MSE to the teacher
+  (``oracle_objective``, differentiating through both networks) and the
+  oracle margin (``oracle_margin_objective``, through the student only);
+* CCAT's largest non-label confidence (``ccat_objective``).
+
+``robust_error`` / ``ccat_robust_error`` run PGD and return per-example
+errors.
 """
 
 import math
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 NORMS = ('linf', 'l2')
 ORACLE_LOSSES = ('kl', 'mse')
@@ -70,7 +88,9 @@ def project(delta: chex.Array, eps: chex.Numeric, norm: str,
     the feasible set is a ball inside the subspace;
   * L-inf in a subspace: project onto the subspace, then scale down until it
     fits the box. The result is feasible but *not* the Euclidean projection
-    onto the (subspace x box) intersection.
+    onto the (subspace x box) intersection. (So pass ``projector=None``, not
+    the identity, for the unconstrained attack: the identity would scale
+    rather than clip.)
 
   Args:
     delta: ``[N, ...]`` perturbations.
@@ -92,20 +112,30 @@ def project(delta: chex.Array, eps: chex.Numeric, norm: str,
 
 def _random_start(key: chex.PRNGKey, x: chex.Array, eps: chex.Numeric, norm: str,
                   projector: Optional[chex.Array]) -> chex.Array:
-  """A random feasible perturbation.
+  """A random feasible perturbation ``[N, ...]`` (before any input-range clipping).
 
-  L-inf: uniform in the box, then ``project``. L2: a uniformly random point of
-  the ball of the feasible subspace (dimension ``trace(P)``, or D).
+  L-inf: uniform in the box ``[-eps, eps]^D``, then ``project`` (in a
+  subspace: projected, then scaled into the box).
+
+  L2: direction uniform on the unit sphere of the feasible subspace (a
+  standard normal vector, projected with ``P`` when given, normalized), radius
+  ``eps * U`` with ``U ~ Uniform[0, 1]``: the radius is uniform on
+  ``[0, eps]`` (mean ``eps / 2``) rather than that of a uniform point of the
+  ball (``eps * U^(1/dim)``, within a few percent of ``eps`` in high
+  dimension), so the restarts also explore the inside of the ball.
   """
-  k_dir, k_rad = jax.random.split(key)
+  # A single flat draw each (one threefry, no split): less for XLA to compile.
   if norm == 'linf':
-    return project(jax.random.uniform(k_dir, x.shape, x.dtype, -eps, eps), eps, norm,
-                   projector)
-  direction = project_onto_subspace(jax.random.normal(k_dir, x.shape, x.dtype), projector)
+    box = jax.random.uniform(key, (x.size,), x.dtype, -1.0, 1.0).reshape(x.shape)
+    return project(eps * box, eps, norm, projector)
+  # D + 1 standard normals per example: the first D give the direction, the
+  # last the radius, through the normal CDF (Phi(z) ~ Uniform[0, 1]).
+  n, d = x.shape[0], math.prod(x.shape[1:])
+  z = jax.random.normal(key, (n * (d + 1),), x.dtype).reshape(n, d + 1)
+  direction = project_onto_subspace(z[:, :d].reshape(x.shape), projector)
   direction = direction / _broadcast(jnp.maximum(_per_example_norm(direction, 'l2'), 1e-12),
                                      direction)
-  dim = _flat(x).shape[1] if projector is None else jnp.trace(projector)
-  radius = eps * jax.random.uniform(k_rad, (x.shape[0],), x.dtype) ** (1.0 / jnp.maximum(dim, 1))
+  radius = eps * jax.scipy.special.ndtr(z[:, d])
   return direction * _broadcast(radius, direction)
 
 
@@ -130,31 +160,134 @@ def _clip_inputs(x: chex.Array, delta: chex.Array,
   return delta * _broadcast(factor, delta)
 
 
+# ----------------------------------------------------------------------------
+# Shared pieces of the gradient attacks.
+# ----------------------------------------------------------------------------
+
+# Per example: (delta [N, ...], objective [N], success [N] bool or None).
+_Best = Tuple[chex.Array, chex.Array, Optional[chex.Array]]
+
+
+def _check_attack_inputs(objective_fn: Fn, x: chex.Array,
+                         projector: Optional[chex.Array]) -> jnp.dtype:
+  """Checks shapes; returns the dtype of the objective (traced once, not run)."""
+  if x.ndim < 1:
+    raise ValueError(f'x must be [N, ...], got shape {x.shape}')
+  if projector is not None:
+    d = math.prod(x.shape[1:])
+    if projector.shape != (d, d):
+      raise ValueError(f'projector must be [D, D] with D = {d} (the size of an example of '
+                       f'x {x.shape}), got shape {projector.shape}')
+  out = jax.eval_shape(objective_fn, x)
+  if out.shape != (x.shape[0],):
+    raise ValueError(f'objective_fn must map x [N, ...] to [N] (N = {x.shape[0]}), '
+                     f'got shape {out.shape}')
+  return out.dtype
+
+
+def _value_and_grad(objective_fn: Fn) -> Callable[[chex.Array], Tuple[chex.Array, chex.Array]]:
+  """``xa -> (objective [N], d sum(objective) / d xa [N, ...])`` in one pass."""
+  def summed(xa):
+    values = objective_fn(xa)
+    return values.sum(), values
+  value_and_grad = jax.value_and_grad(summed, has_aux=True)
+
+  def fn(xa):
+    (_, values), g = value_and_grad(xa)
+    return values, g
+  return fn
+
+
+def _ascent_direction(g: chex.Array, norm: str, projector: Optional[chex.Array]) -> chex.Array:
+  """``sign(P g)`` (L-inf) or ``P g / ||P g||`` (L2), per example; 0 where ``P g = 0``."""
+  g = project_onto_subspace(g, projector)
+  if norm == 'linf':
+    return jnp.sign(g)
+  return g / _broadcast(jnp.maximum(_per_example_norm(g, 'l2'), 1e-12), g)
+
+
+def _keep_best(best: _Best, candidate: _Best, force: chex.Array = False) -> _Best:
+  """Per example, ``candidate`` where it is better (or ``force``), else ``best``.
+
+  Better: a success over a non-success, then a strictly larger objective
+  (success is ignored when it is None).
+  """
+  b_delta, b_obj, b_succ = best
+  c_delta, c_obj, c_succ = candidate
+  if b_succ is None:
+    better = c_obj > b_obj
+  else:
+    better = (c_succ & ~b_succ) | ((c_succ == b_succ) & (c_obj > b_obj))
+  better = better | force
+  delta = jnp.where(_broadcast(better, c_delta), c_delta, b_delta)
+  succ = None if b_succ is None else jnp.where(better, c_succ, b_succ)
+  return delta, jnp.where(better, c_obj, b_obj), succ
+
+
+def _feasible_map(x: chex.Array, eps: chex.Numeric, norm: str,
+                  projector: Optional[chex.Array],
+                  clip_range: Optional[Tuple[float, float]]) -> Fn:
+  """``delta -> _clip_inputs(x, project(delta))``: the attacks' projection."""
+  return lambda delta: _clip_inputs(x, project(delta, eps, norm, projector), clip_range,
+                                    projector)
+
+
+def _over_restarts(one_restart: Callable, init, key: chex.PRNGKey, restarts: int):
+  """Folds ``one_restart(carry, (key_r, r == 0)) -> (carry, None)`` over the restarts.
+
+  Restart ``r`` uses ``split(key, restarts)[r]``; a single restart is not
+  wrapped in a scan (less to compile).
+  """
+  keys = jax.random.split(key, restarts)
+  if restarts == 1:
+    return one_restart(init, (keys[0], jnp.asarray(True)))[0]
+  return jax.lax.scan(one_restart, init, (keys, jnp.arange(restarts) == 0))[0]
+
+
 def pgd(objective_fn: Fn, x: chex.Array, key: chex.PRNGKey, *, eps: chex.Numeric,
         alpha: chex.Numeric, steps: int, norm: str = 'linf', restarts: int = 1,
         projector: Optional[chex.Array] = None,
         clip_range: Optional[Tuple[float, float]] = None,
         success_fn: Optional[Fn] = None, random_start: bool = True) -> chex.Array:
-  """PGD: the worst-case perturbation found per example.
+  """PGD (Madry et al. 2018): the best perturbation found per example.
+
+  Each restart starts at a random feasible point (``_random_start``, or 0),
+  then takes ``steps`` steps ``delta <- Proj(delta + alpha * dir(g))`` with
+  ``dir(g) = sign(P g)`` (L-inf) or ``P g / ||P g||`` (L2), ``g`` the gradient
+  of the objective at ``x + delta`` (``P`` the projector, or the identity),
+  and ``Proj`` = ``project`` followed by ``_clip_inputs``. The objective of
+  every iterate (the start point, every step, the final point) comes with its
+  gradient (``jax.value_and_grad``; the final point costs one more forward
+  pass), and ``success_fn`` is evaluated at every iterate only when given.
+
+  The unconstrained L-inf attack clips per coordinate (the Euclidean
+  projection onto the box): callers must pass ``projector=None`` for it, not
+  the identity matrix, with which ``project`` would *scale* the whole
+  perturbation into the box (the subspace rule) and the attack would be
+  weaker.
 
   Args:
     objective_fn: ``x_adv [N, ...] -> [N]`` objective to maximize. Each
       entry must depend only on its own example (gradients are taken of the sum).
     x: ``[N, ...]`` clean inputs.
-    key: PRNG key (random starts).
+    key: PRNG key (random starts; restart ``r`` uses ``split(key, restarts)[r]``).
     eps: budget (>= 0). May be a traced scalar: changing it does not recompile.
-    alpha: step size.
-    steps: number of ascent steps (static).
+    alpha: step size (may be traced).
+    steps: number of ascent steps (>= 0, static).
     norm: ``'linf'`` or ``'l2'`` (static).
     restarts: number of independent runs (>= 1, static).
-    projector: ``[D, D]`` projector restricting ``delta`` to a subspace, or None.
+    projector: ``[D, D]`` orthogonal projector restricting ``delta`` to a
+      subspace (``D = prod(x.shape[1:])``), or None (unconstrained).
     clip_range: ``(lo, hi)`` valid input range, or None. With a projector,
       ``delta`` is scaled down (not clipped) to fit, so it stays in the subspace.
-    success_fn: ``x_adv -> [N] bool``; when given, restarts prefer successes.
+    success_fn: ``x_adv [N, ...] -> [N] bool``; when given, a successful
+      iterate is preferred over any unsuccessful one.
     random_start: start from a random feasible point (else from 0).
 
   Returns:
-    ``delta`` with the shape of ``x``: feasible, and ``x + delta`` in
+    ``delta`` with the shape of ``x``: per example the best iterate over all
+    iterates of all restarts (a success over a non-success, then the larger
+    objective; the earliest among equals). Feasible, and ``x + delta`` in
     ``clip_range`` when one is given.
   """
   _check_norm(norm)
@@ -162,38 +295,208 @@ def pgd(objective_fn: Fn, x: chex.Array, key: chex.PRNGKey, *, eps: chex.Numeric
     raise ValueError(f'steps must be >= 0, got {steps}')
   if restarts < 1:
     raise ValueError(f'restarts must be >= 1, got {restarts}')
-  grad_fn = jax.grad(lambda xa: objective_fn(xa).sum())
+  obj_dtype = _check_attack_inputs(objective_fn, x, projector)
+  n = x.shape[0]
+  value_and_grad = _value_and_grad(objective_fn)
+  feasible = _feasible_map(x, eps, norm, projector, clip_range)
+  success = (lambda xa: None) if success_fn is None else success_fn
+  no_success = None if success_fn is None else jnp.zeros((n,), bool)
+  worst = lambda delta: (delta, jnp.full((n,), -jnp.inf, obj_dtype), no_success)
 
-  def ascend(delta, _):
-    g = project_onto_subspace(grad_fn(x + delta), projector)
-    if norm == 'linf':
-      step = jnp.sign(g)
-    else:
-      step = g / _broadcast(jnp.maximum(_per_example_norm(g, 'l2'), 1e-12), g)
-    delta = project(delta + alpha * step, eps, norm, projector)
-    return _clip_inputs(x, delta, clip_range, projector), None
+  def ascend(carry, _):
+    delta, best = carry
+    obj, g = value_and_grad(x + delta)
+    best = _keep_best(best, (delta, obj, success(x + delta)))
+    delta = feasible(delta + alpha * _ascent_direction(g, norm, projector))
+    return (delta, best), None
 
-  def one_run(run_key):
+  def one_restart(best, inputs):
+    run_key, is_first = inputs
     delta = (_random_start(run_key, x, eps, norm, projector) if random_start
              else jnp.zeros_like(x))
     delta = _clip_inputs(x, delta, clip_range, projector)
-    delta, _ = jax.lax.scan(ascend, delta, None, length=steps)
+    (delta, run_best), _ = jax.lax.scan(ascend, (delta, worst(delta)), None, length=steps)
     xa = x + delta
-    succ = (success_fn(xa) if success_fn is not None
-            else jnp.zeros((x.shape[0],), bool))
-    return delta, objective_fn(xa), succ
+    run_best = _keep_best(run_best, (delta, objective_fn(xa), success(xa)))
+    return _keep_best(best, run_best, force=is_first), None
 
-  def keep_worst(carry, run_key):
-    best_delta, best_obj, best_succ = carry
-    delta, obj, succ = one_run(run_key)
-    better = (succ & ~best_succ) | ((succ == best_succ) & (obj > best_obj))
-    pick = _broadcast(better, delta)
-    return (jnp.where(pick, delta, best_delta), jnp.where(better, obj, best_obj),
-            best_succ | succ), None
+  delta, _, _ = _over_restarts(one_restart, worst(jnp.zeros_like(x)), key, restarts)
+  return delta
 
-  keys = jax.random.split(key, restarts)
-  first = one_run(keys[0])
-  (delta, _, _), _ = jax.lax.scan(keep_worst, first, keys[1:])
+
+def apgd_checkpoints(steps: int) -> Tuple[int, ...]:
+  """APGD's checkpoints ``w_j = ceil(p_j * steps)`` with ``0 < w_j < steps``, ascending.
+
+  ``p_0 = 0``, ``p_1 = 0.22``, ``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03,
+  0.06)`` (Croce & Hein 2020), computed exactly in hundredths; repeated
+  values are dropped, and ``w = steps`` is left out (a halving there could
+  not change the result).
+  """
+  if steps < 1:
+    raise ValueError(f'steps must be >= 1, got {steps}')
+  out = []
+  prev, p = 0, 22
+  while p < 100:
+    w = -(-p * steps // 100)
+    if 0 < w < steps and (not out or w > out[-1]):
+      out.append(w)
+    prev, p = p, p + max(p - prev - 3, 6)
+  return tuple(out)
+
+
+def apgd(objective_fn: Fn, x: chex.Array, key: chex.PRNGKey, *, eps: chex.Numeric,
+         steps: int, norm: str = 'linf', restarts: int = 1,
+         projector: Optional[chex.Array] = None,
+         clip_range: Optional[Tuple[float, float]] = None,
+         success_fn: Optional[Fn] = None, rho: float = 0.75, momentum: float = 0.75,
+         return_trace: bool = False) -> Union[chex.Array, Tuple[chex.Array, chex.Array]]:
+  """APGD (Croce & Hein, ICML 2020): step-size-free PGD with momentum.
+
+  Per restart, from a random feasible start ``x_0`` (``_random_start``, as in
+  ``pgd``), with ``Proj`` = ``project`` then ``_clip_inputs`` and ``dir`` as
+  in ``pgd`` (``sign(P g)`` or ``P g / ||P g||``):
+
+  * ``z = Proj(x_k + eta * dir(g(x_k)))``;
+    ``x_{k+1} = Proj(x_k + a (z - x_k) + (1 - a)(x_k - x_{k-1}))`` with
+    ``a = momentum`` (``a = 1``, no momentum, for the first step);
+  * the step ``eta`` starts at ``2 eps`` (both norms) and is per example;
+  * at the checkpoints ``w_j`` (``apgd_checkpoints(steps)``) ``eta`` is halved
+    when (a) fewer than ``rho * (w_j - w_{j-1})`` of the steps since the last
+    checkpoint increased the objective, or (b) ``eta`` was not halved at the
+    last checkpoint and the best objective has not increased since then. When
+    halving, the run goes on from its best point so far (highest objective)
+    with its gradient, and the momentum term restarts at 0 (``x_{k-1} :=
+    x_k``).
+
+  Costs ``steps`` value-and-gradient evaluations and one forward pass per
+  restart (plus ``success_fn`` at every iterate when it is given).
+
+  Args:
+    objective_fn: ``x_adv [N, ...] -> [N]`` objective to maximize, each entry
+      depending only on its own example.
+    x: ``[N, ...]`` clean inputs.
+    key: PRNG key (restart ``r`` starts from ``split(key, restarts)[r]``).
+    eps: budget (>= 0); may be a traced scalar (one compile for all budgets).
+    steps: iterations per restart (>= 1, static).
+    norm: ``'linf'`` or ``'l2'`` (static).
+    restarts: independent runs from different random starts (>= 1, static).
+    projector: ``[D, D]`` orthogonal projector restricting ``delta`` to a
+      subspace, or None (unconstrained; pass None, not the identity, as in ``pgd``).
+    clip_range: ``(lo, hi)`` valid input range, or None (as in ``pgd``).
+    success_fn: ``x_adv [N, ...] -> [N] bool``; when given, a successful
+      iterate is preferred over any unsuccessful one.
+    rho: fraction of increasing steps below which the step is halved, in (0, 1].
+    momentum: ``a`` above, the weight of the new step, in [0, 1]; the previous
+      displacement gets ``1 - a`` (``momentum=1``: no momentum).
+    return_trace: also return ``first_success`` (needs ``success_fn``).
+
+  Returns:
+    ``delta`` with the shape of ``x``: per example the best iterate over all
+    iterations and restarts (a success over a non-success, then the larger
+    objective); feasible, ``x + delta`` in ``clip_range``. With
+    ``return_trace``, ``(delta, first_success)``, ``first_success`` ``[N]``
+    int32: the smallest ``k`` (0 = the start point, ``1..steps``) such that
+    some iterate among the first ``k`` steps of a restart succeeded,
+    minimized over restarts; ``steps + 1`` if none did. The error of the best
+    iterate after ``k`` iterations (of this run, with its step schedule) is
+    ``first_success <= k``.
+  """
+  _check_norm(norm)
+  if steps < 1:
+    raise ValueError(f'steps must be >= 1, got {steps}')
+  if restarts < 1:
+    raise ValueError(f'restarts must be >= 1, got {restarts}')
+  if not 0 < rho <= 1:
+    raise ValueError(f'rho must be in (0, 1], got {rho!r}')
+  if not 0 <= momentum <= 1:
+    raise ValueError(f'momentum must be in [0, 1], got {momentum!r}')
+  if return_trace and success_fn is None:
+    raise ValueError('return_trace=True needs success_fn (first_success records successes)')
+  obj_dtype = _check_attack_inputs(objective_fn, x, projector)
+  n = x.shape[0]
+  value_and_grad = _value_and_grad(objective_fn)
+  feasible = _feasible_map(x, eps, norm, projector, clip_range)
+  track = success_fn is not None
+  never = jnp.full((n,), steps + 1, jnp.int32)
+
+  # Static schedule, fed to the scan: is_checkpoint[k] and w_j - w_{j-1} at k = w_j.
+  is_checkpoint = np.zeros(steps, bool)
+  interval = np.zeros(steps, np.float32)
+  last = 0
+  for w in apgd_checkpoints(steps):
+    is_checkpoint[w], interval[w] = True, w - last
+    last = w
+  schedule = (jnp.arange(steps, dtype=jnp.int32), jnp.asarray(is_checkpoint),
+              jnp.asarray(interval))
+
+  def iterate(carry, inputs):
+    k, checkpoint, since = inputs
+    c = dict(carry)
+    delta = c['delta']
+    xa = x + delta
+    obj, g = value_and_grad(xa)
+    start = k == 0
+    c['increases'] = c['increases'] + ((~start) & (obj > c['obj'])).astype(jnp.int32)
+    improved = start | (obj > c['max_obj'])
+    c['max_delta'] = jnp.where(_broadcast(improved, delta), delta, c['max_delta'])
+    c['max_grad'] = jnp.where(_broadcast(improved, g), g, c['max_grad'])
+    c['max_obj'] = jnp.where(improved, obj, c['max_obj'])
+    if track:
+      succ = success_fn(xa)
+      c['best'] = _keep_best(c['best'], (delta, obj, succ))
+      c['first'] = jnp.minimum(c['first'], jnp.where(succ, k, steps + 1))
+    # Checkpoint: maybe halve the step and go on from the best point.
+    stalled = c['increases'] < rho * since
+    no_progress = ~c['halved_last'] & ~(c['max_obj'] > c['max_obj_last'])
+    halve = checkpoint & (~start) & (stalled | no_progress)
+    reset = checkpoint | start
+    c['increases'] = jnp.where(reset, 0, c['increases'])
+    c['max_obj_last'] = jnp.where(reset, c['max_obj'], c['max_obj_last'])
+    c['halved_last'] = jnp.where(reset, halve, c['halved_last'])
+    c['eta'] = jnp.where(halve, c['eta'] / 2, c['eta'])
+    back = _broadcast(halve, delta)
+    delta = jnp.where(back, c['max_delta'], delta)
+    g = jnp.where(back, c['max_grad'], g)
+    prev = jnp.where(back, c['max_delta'], c['prev'])
+    c['obj'] = jnp.where(halve, c['max_obj'], obj)
+    # Momentum step.
+    a = jnp.where(start, 1.0, momentum).astype(x.dtype)
+    z = feasible(delta + _broadcast(c['eta'], delta) * _ascent_direction(g, norm, projector))
+    c['delta'] = feasible(delta + a * (z - delta) + (1 - a) * (delta - prev))
+    c['prev'] = delta
+    return c, None
+
+  def one_restart(carry, inputs):
+    run_key, is_first = inputs
+    best, first = carry
+    delta = _clip_inputs(x, _random_start(run_key, x, eps, norm, projector), clip_range,
+                         projector)
+    zeros = jnp.zeros((n,), obj_dtype)
+    init = dict(delta=delta, prev=delta, eta=jnp.full((n,), 2.0, x.dtype) * eps, obj=zeros,
+                increases=jnp.zeros((n,), jnp.int32), max_delta=delta,
+                max_grad=jnp.zeros_like(x), max_obj=zeros, max_obj_last=zeros,
+                halved_last=jnp.zeros((n,), bool))
+    if track:
+      init['best'] = (delta, jnp.full((n,), -jnp.inf, obj_dtype), jnp.zeros((n,), bool))
+      init['first'] = never
+    c, _ = jax.lax.scan(iterate, init, schedule)
+    # The final iterate: evaluated (no gradient needed).
+    delta = c['delta']
+    xa = x + delta
+    obj = objective_fn(xa)
+    if track:
+      succ = success_fn(xa)
+      run_best = _keep_best(c['best'], (delta, obj, succ))
+      first = jnp.minimum(first, jnp.minimum(c['first'], jnp.where(succ, steps, steps + 1)))
+    else:
+      run_best = _keep_best((c['max_delta'], c['max_obj'], None), (delta, obj, None))
+    return (_keep_best(best, run_best, force=is_first), first), None
+
+  init_best = (jnp.zeros_like(x), jnp.full((n,), -jnp.inf, obj_dtype),
+               jnp.zeros((n,), bool) if track else None)
+  (delta, _, _), first = _over_restarts(one_restart, (init_best, never), key, restarts)
+  if return_trace:
+    return delta, first
   return delta
 
 
@@ -202,24 +505,123 @@ def pgd(objective_fn: Fn, x: chex.Array, key: chex.PRNGKey, *, eps: chex.Numeric
 # ----------------------------------------------------------------------------
 
 
+def _check_logits(logits: chex.Array, labels: chex.Array, min_classes: int, what: str) -> None:
+  """``logits [N, C]`` with ``C >= min_classes`` and ``labels [N]`` (checked at trace time)."""
+  chex.assert_rank(logits, 2)
+  chex.assert_shape(labels, (logits.shape[0],))
+  if logits.shape[-1] < min_classes:
+    raise ValueError(f'{what} needs logits with at least {min_classes} classes, '
+                     f'got shape {logits.shape}')
+
+
+def _other_max(logits: chex.Array, labels: chex.Array) -> chex.Array:
+  """``max_{k != y} z_k`` ``[N]``."""
+  is_label = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
+  return jnp.where(is_label, -jnp.inf, logits).max(-1)
+
+
+def _at(logits: chex.Array, labels: chex.Array) -> chex.Array:
+  """``z_y`` ``[N]``."""
+  return jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+
+
 def cross_entropy(logits: chex.Array, labels: chex.Array) -> chex.Array:
-  """``[N]`` cross-entropy of ``[N, C]`` logits against int labels ``[N]``."""
+  """``[N]`` cross-entropy ``-log softmax(z)_y`` of ``[N, C]`` logits against int labels ``[N]``."""
   logp = jax.nn.log_softmax(logits)
   return -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
 
 
+def margin(logits: chex.Array, labels: chex.Array) -> chex.Array:
+  """``max_{k != y} z_k - z_y`` ``[N]`` of ``[N, C]`` logits (``C >= 2``) and int labels ``[N]``.
+
+  Positive exactly when the argmax is not the label (ties aside).
+  """
+  _check_logits(logits, labels, 2, 'margin')
+  return _other_max(logits, labels) - _at(logits, labels)
+
+
+def top_other_classes(logits: chex.Array, labels: chex.Array, k: int) -> chex.Array:
+  """The ``k`` classes other than the label with the largest logits, descending.
+
+  Targets for the targeted attacks (AutoAttack picks them from the clean
+  logits). Ties go to the lower class index.
+
+  Args:
+    logits: ``[N, C]``.
+    labels: ``[N]`` int.
+    k: how many, ``1 <= k <= C - 1`` (static).
+
+  Returns:
+    ``[N, k]`` int32.
+  """
+  _check_logits(logits, labels, 2, 'top_other_classes')
+  if not 1 <= k <= logits.shape[-1] - 1:
+    raise ValueError(f'k must be in [1, C - 1] = [1, {logits.shape[-1] - 1}], got {k}')
+  is_label = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.int32)
+  # Primary key (last): not the label first; then the larger logit first.
+  order = jnp.lexsort((-logits, is_label), axis=-1)
+  return order[:, :k].astype(jnp.int32)
+
+
 def fixed_label_objective(student_fn: Fn, labels: chex.Array) -> Fn:
-  """Cross-entropy of the student against labels fixed at the clean points."""
+  """``cross_entropy(student(x_adv), y)`` ``[N]``, labels ``y`` fixed at the clean points."""
   return lambda xa: cross_entropy(student_fn(xa), labels)
 
 
 def fixed_label_success(student_fn: Fn, labels: chex.Array) -> Fn:
-  """The student's argmax differs from the fixed label."""
+  """``argmax student(x_adv) != y`` ``[N]`` bool."""
   return lambda xa: student_fn(xa).argmax(-1) != labels
 
 
+def margin_objective(student_fn: Fn, labels: chex.Array) -> Fn:
+  """``max_{k != y} s_k - s_y`` ``[N]`` with ``s = student(x_adv)`` (``margin``)."""
+  return lambda xa: margin(student_fn(xa), labels)
+
+
+def dlr_objective(student_fn: Fn, labels: chex.Array) -> Fn:
+  """The DLR loss of Croce & Hein (2020), ``[N]``, invariant to shifting and scaling the logits.
+
+  ``-(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12)`` with ``z =
+  student(x_adv)`` and ``z_pi1 >= z_pi2 >= ...`` the logits sorted
+  descending. Needs at least 3 classes (``ValueError`` when called otherwise).
+  """
+  def objective(xa):
+    z = student_fn(xa)
+    _check_logits(z, labels, 3, 'dlr_objective')
+    top = jax.lax.top_k(z, 3)[0]
+    return (_other_max(z, labels) - _at(z, labels)) / (top[:, 0] - top[:, 2] + 1e-12)
+  return objective
+
+
+def targeted_dlr_objective(student_fn: Fn, labels: chex.Array, targets: chex.Array) -> Fn:
+  """Targeted DLR loss (Croce & Hein 2020) toward ``targets`` ``[N]``, ``[N]``.
+
+  ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)`` with ``z =
+  student(x_adv)``, ``t`` the target and ``pi`` sorting descending. Needs at
+  least 4 classes (``ValueError`` when called otherwise).
+  """
+  def objective(xa):
+    z = student_fn(xa)
+    _check_logits(z, labels, 4, 'targeted_dlr_objective')
+    chex.assert_equal_shape([labels, targets])
+    top = jax.lax.top_k(z, 4)[0]
+    return ((_at(z, targets) - _at(z, labels))
+            / (top[:, 0] - (top[:, 2] + top[:, 3]) / 2 + 1e-12))
+  return objective
+
+
+def targeted_margin_objective(student_fn: Fn, labels: chex.Array, targets: chex.Array) -> Fn:
+  """``s_t - s_y`` ``[N]`` with ``s = student(x_adv)``, ``t = targets`` ``[N]``, ``y = labels``."""
+  def objective(xa):
+    s = student_fn(xa)
+    _check_logits(s, labels, 2, 'targeted_margin_objective')
+    chex.assert_equal_shape([labels, targets])
+    return _at(s, targets) - _at(s, labels)
+  return objective
+
+
 def oracle_objective(student_fn: Fn, teacher_fn: Fn, loss: str = 'kl') -> Fn:
-  """Disagreement between student and teacher, both at the perturbed point.
+  """Disagreement between student and teacher, both at the perturbed point, ``[N]``.
 
   ``'kl'``: ``KL(softmax(teacher) || softmax(student))``; ``'mse'``:
   ``sum_c (student_c - teacher_c)^2``. Gradients flow through both networks.
@@ -233,6 +635,36 @@ def oracle_objective(student_fn: Fn, teacher_fn: Fn, loss: str = 'kl') -> Fn:
       return ((s - t) ** 2).sum(-1)
     logp_t = jax.nn.log_softmax(t)
     return (jnp.exp(logp_t) * (logp_t - jax.nn.log_softmax(s))).sum(-1)
+  return objective
+
+
+def _teacher_label(teacher_fn: Fn, xa: chex.Array) -> chex.Array:
+  """``argmax teacher(x_adv)`` ``[N]``, carrying no gradient."""
+  return jax.lax.stop_gradient(teacher_fn(xa)).argmax(-1)
+
+
+def oracle_margin_objective(student_fn: Fn, teacher_fn: Fn) -> Fn:
+  """Oracle margin ``max_{k != t} s_k - s_t`` ``[N]``, ``t = argmax teacher(x_adv)``.
+
+  ``s = student(x_adv)``; the teacher's label is taken at the perturbed point
+  and carries no gradient, which flows through the student only. Positive
+  exactly when the student disagrees with the teacher there (ties aside).
+  """
+  return lambda xa: margin(student_fn(xa), _teacher_label(teacher_fn, xa))
+
+
+def oracle_targeted_margin_objective(student_fn: Fn, teacher_fn: Fn,
+                                     targets: chex.Array) -> Fn:
+  """``s_target - s_t`` ``[N]``, ``s = student(x_adv)``, ``t = argmax teacher(x_adv)``.
+
+  The teacher's label carries no gradient; it flows through the student only.
+  """
+  def objective(xa):
+    s = student_fn(xa)
+    t = _teacher_label(teacher_fn, xa)
+    _check_logits(s, t, 2, 'oracle_targeted_margin_objective')
+    chex.assert_equal_shape([t, targets])
+    return _at(s, targets) - _at(s, t)
   return objective
 
 
