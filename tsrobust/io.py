@@ -129,9 +129,10 @@ def columns_with_prefix(records: Iterable[Mapping[str, Any]], prefix: str) -> Li
 
 def markdown_summary(rows: Sequence[Mapping[str, Any]], group_by: Sequence[str],
                      columns: Sequence[str], digits: int = 3) -> str:
-  """A markdown table: ``mean +- std`` over the rows of each group, per column.
+  """A markdown table: mean +- sample std (ddof=1) over the rows of each group, per column.
 
-  Missing values (None / NaN) are ignored; a group with none shows ``-``.
+  Missing values (None / NaN) are ignored; a group with none shows ``-``, and
+  a group with one value shows ``value +- -`` (no spread from one value).
   Groups appear in first-seen order.
   """
   groups: Dict[tuple, List[Mapping[str, Any]]] = {}
@@ -144,7 +145,11 @@ def markdown_summary(rows: Sequence[Mapping[str, Any]], group_by: Sequence[str],
     for c in columns:
       vals = [float(m[c]) for m in members
               if m.get(c) is not None and math.isfinite(float(m[c]))]
-      cells.append(f'{np.mean(vals):.{digits}f} +- {np.std(vals):.{digits}f}' if vals else '-')
+      if not vals:
+        cells.append('-')
+      else:
+        spread = f'{np.std(vals, ddof=1):.{digits}f}' if len(vals) > 1 else '-'
+        cells.append(f'{np.mean(vals):.{digits}f} +- {spread}')
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 
