@@ -19,10 +19,12 @@ import numpy as np
 
 from tsrobust import attacks
 from tsrobust import data
+from tsrobust import evaluate
 from tsrobust import io
 from tsrobust import metrics
 from tsrobust import models
 from tsrobust import specialization
+from tsrobust import stats
 from tsrobust import sweep
 from tsrobust import train
 
@@ -159,16 +161,28 @@ def run_binary(validate: Callable, train_and_evaluate: Callable, default_config:
   """The absl entry point of an experiment binary (call under ``__main__``).
 
   Defines ``--config`` (an ml_collections config file, every field
-  overridable) and ``--workdir`` here rather than at import, so binaries can
-  be imported side by side; validates the config before any work and turns
-  a ``ConfigError`` into a usage error naming the field.
+  overridable), ``--workdir`` and ``--cpu_devices`` here rather than at
+  import, so binaries can be imported side by side; validates the config
+  before any work and turns a ``ConfigError`` into a usage error naming the
+  field.
+
+  ``--cpu_devices=N`` sets how many devices JAX makes of the CPU, before any
+  JAX work (``sweep.use_all_cpu_cores``); the seeds are sharded over them.
+  0 (the default): one per core; 1: a single device (JAX's default); N: N
+  devices. A count already set by the user (``--xla_force_host_platform_device_count``
+  in ``XLA_FLAGS``, or ``JAX_NUM_CPU_DEVICES``) is kept, and on a GPU / TPU the
+  flag changes nothing. The log says how many devices the run uses.
   """
   config_flags.DEFINE_config_file('config', default_config, 'Experiment config file.')
   flags.DEFINE_string('workdir', None, 'Folder for the result files.')
+  flags.DEFINE_integer('cpu_devices', 0, 'CPU devices to run on (seeds are sharded over '
+                       'them): 0 = one per core, 1 = a single device, N = N devices.',
+                       lower_bound=0)
 
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    sweep.use_all_cpu_cores(flags.FLAGS.cpu_devices or None)  # before any JAX work
     workdir = flags.FLAGS.workdir
     if not workdir:
       raise app.UsageError('--workdir is required')
@@ -178,7 +192,9 @@ def run_binary(validate: Callable, train_and_evaluate: Callable, default_config:
     except ConfigError as e:
       raise app.UsageError(str(e)) from e
     quiet_library_logs()
-    logging.info('devices: %s', jax.devices())
+    devices = jax.devices()
+    logging.info('running on %d %s device(s) (--cpu_devices=%d, %d cores): %s', len(devices),
+                 devices[0].platform, flags.FLAGS.cpu_devices, sweep.cpu_cores(), devices)
     train_and_evaluate(config, workdir)
     logging.info('wrote %s in %s', ', '.join(outputs), workdir)
 
@@ -224,11 +240,136 @@ def write_results(workdir: str, config: ml_collections.ConfigDict,
 
 
 # ----------------------------------------------------------------------------
+# The attack ensemble's fields, shared by every binary.
+# ----------------------------------------------------------------------------
+
+# config field -> AttackConfig field; -1 takes the preset's value.
+ATTACK_OVERRIDES = {'attack_steps': 'pgd_steps', 'attack_restarts': 'pgd_restarts',
+                    'apgd_steps': 'apgd_steps', 'apgd_restarts': 'apgd_restarts',
+                    'apgd_t_steps': 'apgd_t_steps', 'attack_targets': 'targets',
+                    'square_queries': 'square_queries'}
+
+
+def validate_attack_fields(config) -> None:
+  """``attack_strength`` (a preset) and its overrides; the resulting ensemble must be valid."""
+  check_choice(config, 'attack_strength', evaluate.STRENGTHS)
+  for field in ATTACK_OVERRIDES:
+    v = check_int(config, field, lo=-1)
+    if field.endswith('restarts') and v == 0:
+      raise ConfigError(f'config.{field} must be -1 (the preset\'s) or >= 1, got 0')
+  check_float(config, 'attack_step_factor', lo=0, lo_open=True)
+  check_choice(config, 'oracle_loss', attacks.ORACLE_LOSSES)
+  check_float(config, 'oracle_tolerance', lo=0)
+  try:
+    attack_config(config)
+  except ValueError as e:
+    raise ConfigError(f'config.attack_strength / its overrides: {e}') from e
+
+
+def attack_config(config) -> evaluate.AttackConfig:
+  """The ``evaluate.AttackConfig`` of ``config``: the preset, then every override != -1."""
+  overrides = {dst: int(config[src]) for src, dst in ATTACK_OVERRIDES.items()
+               if int(config[src]) != -1}
+  return evaluate.preset(config.attack_strength, pgd_step_factor=float(config.attack_step_factor),
+                         oracle_loss=config.oracle_loss,
+                         oracle_tolerance=float(config.oracle_tolerance), **overrides)
+
+
+def headline_eps(config) -> float:
+  """The budget summaries and figures show: the middle of ``config.eps`` as written."""
+  return config.eps[len(config.eps) // 2]
+
+
+def attack_checks_summary(config, checks: Mapping[str, Any]) -> Dict[str, Any]:
+  """``attack_checks.json``: the ensemble's settings and the per-group checks."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  return {'attack_strength': config.attack_strength,
+          'attack_config': dataclasses.asdict(attack_config(config)),
+          'headline_eps': headline_eps(config), 'groups': dict(checks)}
+
+
+def attack_checks_markdown(summary: Mapping[str, Any]) -> str:
+  """A markdown section of ``attack_checks_summary``: is the evaluation trustworthy?"""
+  groups = summary['groups']
+  if not groups:
+    return ''
+  first = next(iter(groups.values()))
+  attacks_run = list(first['per_attack'])
+  head = first['headline_eps']
+  labels = list(first['convergence'])
+  lines = [f'## Attack checks (`attack_strength = {summary["attack_strength"]}`)', '',
+           'Per-example violations of the invariants by each raw attack and by their union '
+           '(before the evaluation enforces them: `full` includes `in` / `off`, errors '
+           'non-decreasing in eps), summed over students; points only Square broke; '
+           f'untargeted APGD\'s error after k iterations (full space, eps {head:g}) beside the '
+           'ensemble\'s error.', '']
+  cols = ['group', 'students'] + [f'viol. {a}' for a in attacks_run] + ['viol. union',
+                                                                      'viol. final']
+  for label in labels:
+    cols += [f'only Square ({label}, full, {head:g})', f'APGD error vs iterations ({label})',
+             f'ensemble ({label})']
+  lines += ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
+  total = lambda d: d['non_monotone_in_eps'] + d['subspace_not_in_full']
+  for name, g in groups.items():
+    cells = [name, str(g['students'])]
+    cells += [str(total(g['per_attack'][a])) for a in attacks_run]
+    cells += [str(total(g['raw_ensemble'])), str(total(g['final']))]
+    for label in labels:
+      sq = g['only_square'].get(f'{label}_full_{head:g}')
+      cells.append('-' if sq is None else f'{sq:.4f}')
+      conv = g['convergence'][label]
+      cells.append(' / '.join(f'{k}: {v:.3f}' for k, v in
+                              conv['apgd_error_after_iterations'].items()))
+      cells.append(f"{conv['ensemble_error']:.3f}")
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def correlation(x, y, groups, seeds, key, num_resamples: int) -> Dict[str, Any]:
+  """Pooled correlation of ``x`` and ``y`` across students, with within-method ones.
+
+  Intervals are bootstrapped over seeds (``seeds``: the seed id of each
+  student; all methods of a seed share its teacher, initial student and data
+  stream, so students are resampled in seed clusters). Returns the pooled
+  ``stats.correlation_report`` keys at the top level, plus ``'pooled_within'``
+  (the correlation of the deviations from each method's mean) and
+  ``'by_method'`` (one report per method).
+  """
+  rep = stats.within_group_correlations(np.asarray(x, np.float64), np.asarray(y, np.float64),
+                                        np.asarray(groups), np.asarray(seeds), key,
+                                        num_resamples)
+  return {**rep['pooled'], 'pooled_within': rep['pooled_within'], 'by_method': rep['groups']}
+
+
+def correlation_markdown(reports: Mapping[str, Mapping[str, Any]], x_name: str,
+                         num_resamples: int) -> str:
+  """A markdown table of ``correlation`` reports, one row per robust-accuracy column."""
+  fmt = lambda v: '-' if v is None or not np.isfinite(v) else f'{v:.3f}'
+  ci = lambda r, k: (f'{fmt(r[k])} [{fmt((r.get(k + "_ci") or [None])[0])}, '
+                     f'{fmt((r.get(k + "_ci") or [None, None])[1])}]')
+  first = next(iter(reports.values()))
+  methods = list(first['by_method'])
+  lines = [f'Correlation across students of `{x_name}` with robust accuracy (95% intervals, '
+           f'{num_resamples} bootstrap resamples of seeds: all methods of a seed move together). '
+           '*Pooled*: all students; *within*: deviations from each method\'s mean, pooled; '
+           'then Pearson within each method (`-`: too few students or constant).', '',
+           '| robust accuracy | n | Pearson pooled | Spearman pooled | Pearson within | '
+           + ' | '.join(methods) + ' |', '|' + '---|' * (5 + len(methods))]
+  for name, r in reports.items():
+    cells = [f'`{name}`', str(r['n']), ci(r, 'pearson'), ci(r, 'spearman'),
+             ci(r['pooled_within'], 'pearson')]
+    cells += [fmt(r['by_method'][m]['pearson']) for m in methods]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+# ----------------------------------------------------------------------------
 # The low-rank synthetic setting, shared by experiments/lowrank.py and
 # experiments/robustness.py.
 # ----------------------------------------------------------------------------
 
 WHERES = ('in', 'off', 'full')
+LOWRANK_LABELS = ('oracle', 'fixed')  # evaluate.LABEL_KINDS of the synthetic setting
 
 
 def validate_lowrank_fields(config) -> None:
@@ -265,11 +406,8 @@ def validate_lowrank_fields(config) -> None:
   check_float(config, 'tau', lo=-1, hi=1)
   check_choice(config, 'attack_norm', attacks.NORMS)
   check_sequence(config, 'eps', float, lo=0, unique=True)
-  check_int(config, 'attack_steps', lo=1)
-  check_float(config, 'attack_step_factor', lo=0, lo_open=True)
-  check_int(config, 'attack_restarts', lo=1)
+  validate_attack_fields(config)
   check_int(config, 'num_attack', lo=1)
-  check_choice(config, 'oracle_loss', attacks.ORACLE_LOSSES)
 
 
 def metric_columns(config) -> List[str]:
@@ -281,9 +419,10 @@ def metric_columns(config) -> List[str]:
   cols += [f'frac_off_l{l + 1}' for l in range(n_layers)]
   cols += [f'dead_l{l + 1}' for l in range(n_layers)]
   cols += ['wcos_in', 'wcos_off', 'wcos_off_random', 'clean_agree']
-  cols += [f'adv_{label}_{where}_{eps_name(e)}'
-           for label in attacks.LABELS for where in WHERES for e in config.eps]
-  return cols
+  main, per_attack = evaluate.columns(LOWRANK_LABELS, WHERES,
+                                      [eps_name(e) for e in config.eps],
+                                      attack_config(config).attacks)
+  return cols + main + per_attack
 
 
 @functools.lru_cache(maxsize=None)
@@ -401,13 +540,20 @@ def train_or_keep_last_good(loss_fn, optimizer, state, teacher_params, data_args
     checkpointer.close()
 
 
+class Evaluation(NamedTuple):
+  """The raw outcome of an evaluation: ``evaluate.Result``, its ``combine``d successes."""
+  result: evaluate.Result
+  final: Dict[Any, np.ndarray]
+
+
 class LowRankEvaluator:
   """Compiles the evaluation of a batch of students once, for every rank and method.
 
   ``held_out`` draws per-seed evaluation data; ``evaluate`` returns one dict of
-  ``metric_columns`` (minus ``train_loss``) per student. Budgets and
-  projectors are array arguments, so nothing recompiles across ranks,
-  budgets or methods.
+  ``metric_columns`` (minus ``train_loss``) per student, and the raw
+  ``Evaluation`` (for ``evaluate.attack_checks`` and CCAT). Budgets and
+  projectors are array arguments, so nothing recompiles across budgets or
+  methods (Square recompiles per subspace dimension).
   """
 
   def __init__(self, config, teacher: models.MLP, student: models.MLP):
@@ -431,26 +577,46 @@ class LowRankEvaluator:
           metrics.lowrank_specialization, t_apply, s_apply, probe_scale=c.probe_scale,
           tau=c.tau, batch_size=c.eval_batch))(tp, sp, x, projector, probe_key)
 
-    def attack(sp, tp, x, pgd_key, budget_index, eps, projector, label):
-      def one(sp1, tp1, x1, k1, p1):
-        k1 = jax.random.fold_in(k1, budget_index)
-        return attacks.robust_error(
-            lambda v: s_apply(sp1, v)[0], lambda v: t_apply(tp1, v)[0], x1, k1, eps=eps,
-            alpha=c.attack_step_factor * eps / c.attack_steps, steps=c.attack_steps,
-            label=label, norm=c.attack_norm, restarts=c.attack_restarts, projector=p1,
-            oracle_loss=c.oracle_loss).mean()
-      return jax.vmap(one)(sp, tp, x, pgd_key, projector)
+    def confidence(sp, tp, x):  # CCAT thresholds: confidence and correctness on x_eval
+      s = s_apply(sp, x)[0]
+      return jax.nn.softmax(s).max(-1), s.argmax(-1) == t_apply(tp, x)[0].argmax(-1)
 
     self.held_out = jax.jit(held_out)
     self._spec = jax.jit(spec)
-    self._attack = jax.jit(attack, static_argnames='label')
+    self._confidence = jax.jit(jax.vmap(confidence))
+    self.attack_config = attack_config(config)
+    self.attacks = evaluate.Evaluator(s_apply, t_apply, norm=c.attack_norm,
+                                      config=self.attack_config)
 
-  def evaluate(self, params, teacher_params, projector, held,
-               full_rank: bool) -> List[Dict[str, Any]]:
+  def ccat_thresholds(self, params, teacher_params, held) -> np.ndarray:
+    """``[S]`` confidence thresholds passing ``ccat_pass_rate`` of the correctly classified points."""
+    conf, correct = sweep.to_host(self._confidence(params, teacher_params, held['x_eval']))
+    return np.array([evaluate.ccat_threshold(cf, ok, self.config.ccat_pass_rate)
+                     for cf, ok in zip(conf, correct)], np.float32)
+
+  def attack(self, params, teacher_params, projector, held, full_rank: bool,
+             labels_kinds=LOWRANK_LABELS, thresholds=None) -> Evaluation:
+    """The attack ensemble in S (``in``), S_perp (``off``) and unconstrained (``full``).
+
+    At full rank there is no complement and ``in`` is the whole space: only
+    ``full`` is attacked (``rows`` copies it to ``in``).
+    """
+    d = projector.shape[-1]
+    projs = {}
+    if not full_rank:
+      eye = jnp.eye(d, dtype=projector.dtype)
+      projs = {'in': projector, 'off': shard(eye[None] - projector)}
+    result = self.attacks.run(params, teacher_params, held['x_attack'], held['pgd_key'],
+                              eps=self.config.eps, labels_kinds=labels_kinds,
+                              projectors=projs, thresholds=thresholds,
+                              identity_full=self.config.attack_norm == 'l2')
+    return Evaluation(result, evaluate.combine(result))
+
+  def evaluate(self, params, teacher_params, projector, held, full_rank: bool):
     """Metrics of a batch of students ``[S, ...]``; off-subspace ones are None at full rank.
 
     Inputs are laid over the seeds mesh (``shard``); S must be a multiple of
-    the device count.
+    the device count. Returns ``(rows, Evaluation)``.
     """
     c = self.config
     num = projector.shape[0]
@@ -459,19 +625,8 @@ class LowRankEvaluator:
     params, teacher_params, projector, held = shard((params, teacher_params, projector, held))
     spec = sweep.to_host(self._spec(params, teacher_params, held['x_eval'], projector,
                                     held['probe_key']))
-    eye = shard(jnp.broadcast_to(jnp.eye(d), projector.shape))
-    projs = {'in': projector, 'off': eye - projector, 'full': eye}
-    adv = {}
-    for label in attacks.LABELS:
-      for where in WHERES:
-        for i, eps in enumerate(c.eps):
-          name = f'adv_{label}_{where}_{eps_name(eps)}'
-          if where == 'off' and full_rank:
-            adv[name] = None  # no complement at full rank
-            continue
-          adv[name] = np.asarray(sweep.to_host(self._attack(
-              params, teacher_params, held['x_attack'], held['pgd_key'], i,
-              jnp.float32(eps), projs[where], label)))
+    ev = self.attack(params, teacher_params, projector, held, full_rank)
+    adv = attack_rows(c, ev, full_rank)
     baseline = None if full_rank else specialization.random_cosine_baseline(d - rank)
     rows = []
     for i in range(num):
@@ -487,7 +642,21 @@ class LowRankEvaluator:
       row['wcos_off'] = None if full_rank else float(spec['wcos_off'][i])
       row['wcos_off_random'] = baseline
       row['clean_agree'] = float(spec['clean_agree'][i])
-      for name, values in adv.items():
-        row[name] = None if values is None else float(values[i])
+      row.update(adv[i])
       rows.append(row)
-    return rows
+    return rows, ev
+
+
+def attack_rows(config, ev: Evaluation, full_rank: bool) -> List[Dict[str, Any]]:
+  """Per-student ``adv_*`` columns of an evaluation; at full rank ``in`` = ``full``, ``off`` empty."""
+  names = {float(e): eps_name(e) for e in config.eps}
+  rows = evaluate.records(ev.result, ev.final, names)
+  adv_columns = [k for k in metric_columns(config) if k.startswith('adv_')]
+  for row in rows:
+    for key in list(row):
+      if full_rank and '_full_' in key:
+        row[key.replace('_full_', '_in_', 1)] = row[key]
+    for key in adv_columns:
+      if key not in row:
+        row[key] = None  # the complement at full rank
+  return rows

@@ -9,8 +9,9 @@ with perturbations restricted to the subspace, to its complement, or free.
     python -m experiments.lowrank --workdir=runs/lowrank \
         [--config=experiments/configs/lowrank.py] [--config.num_seeds=16 ...]
 
-Writes ``results.csv``, ``results.json``, ``summary.md`` (mean +- std per rank) and
-``lowrank.png`` into ``--workdir``.
+Writes ``results.csv``, ``results.json``, ``summary.md`` (mean +- std per rank, and the
+attack checks), ``attack_checks.json`` (the raw attacks' invariant violations, points only
+Square broke, APGD's error vs iterations) and ``lowrank.png`` into ``--workdir``.
 """
 
 import os
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import common
+from tsrobust import evaluate
 from tsrobust import io
 from tsrobust import plotting
 from tsrobust import train
@@ -58,7 +60,7 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
                                           config.batch_size)
   evaluator = common.LowRankEvaluator(config, problem.teacher, problem.student)
 
-  records = []
+  records, checks = [], {}
   for r in config.ranks:
     t0 = time.perf_counter()
     projector = common.rank_projector(problem.bases, r)
@@ -71,9 +73,14 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
     state, losses = common.train_or_keep_last_good(
         loss_fn, optimizer, state, problem.teacher_params, data_args, keys.train, config,
         workdir, f'rank{r}')
-    rows = evaluator.evaluate(state.params, problem.teacher_params, projector, held,
-                              full_rank=r == d)
+    rows, ev = evaluator.evaluate(state.params, problem.teacher_params, projector, held,
+                                  full_rank=r == d)
     rows = rows[:config.num_seeds]
+    kept = np.arange(len(ev.final[('oracle', 'full')])) < config.num_seeds
+    checks[f'rank_{r}'] = evaluate.attack_checks(
+        ev.result, ev.final, headline=common.headline_eps(config),
+        attacks_run=evaluator.attack_config.attacks,
+        convergence_points=evaluator.attack_config.convergence_points(), rows=kept)
     for i, row in enumerate(rows):
       records.append({'rank': r, 'seed': i, 'train_loss': float(losses[i, -1])
                       if losses.size else None, **row})
@@ -83,11 +90,15 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
                  np.mean([x['clean_agree'] for x in rows]))
 
   common.write_results(workdir, config, records, columns(config))
-  mid = common.eps_name(config.eps[len(config.eps) // 2])
-  io.atomic_write_text(os.path.join(workdir, 'summary.md'), io.markdown_summary(
-      records, ['rank'], ['spec_in', 'spec_off', 'wcos_in', 'wcos_off', 'wcos_off_random',
-                          'clean_agree', f'adv_oracle_in_{mid}', f'adv_oracle_off_{mid}',
-                          f'adv_oracle_full_{mid}', f'adv_fixed_full_{mid}']))
+  mid = common.eps_name(common.headline_eps(config))
+  checks = common.attack_checks_summary(config, checks)
+  if jax.process_index() == 0:
+    io.write_json(os.path.join(workdir, 'attack_checks.json'), checks)
+    io.atomic_write_text(os.path.join(workdir, 'summary.md'), io.markdown_summary(
+        records, ['rank'], ['spec_in', 'spec_off', 'wcos_in', 'wcos_off', 'wcos_off_random',
+                            'clean_agree', f'adv_oracle_in_{mid}', f'adv_oracle_off_{mid}',
+                            f'adv_oracle_full_{mid}', f'adv_fixed_full_{mid}'])
+        + '\n' + common.attack_checks_markdown(checks))
   plotting.plot_lowrank(os.path.join(workdir, 'results.csv'),
                         os.path.join(workdir, 'lowrank.png'), eps=mid)
   return records
@@ -95,4 +106,5 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
 
 if __name__ == '__main__':
   common.run_binary(validate_config, train_and_evaluate, _DEFAULT_CONFIG,
-                    ('results.csv', 'results.json', 'summary.md', 'lowrank.png'))
+                    ('results.csv', 'results.json', 'summary.md', 'attack_checks.json',
+                     'lowrank.png'))

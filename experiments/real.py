@@ -43,6 +43,7 @@ from experiments import common
 from tsrobust import attacks
 from tsrobust import cnn
 from tsrobust import datasets
+from tsrobust import evaluate
 from tsrobust import io
 from tsrobust import plotting
 from tsrobust import robust_dataset
@@ -158,11 +159,8 @@ def validate_config(config) -> None:
   common.check_float(config, 'aug_fraction', lo=0, hi=1)
   common.check_float(config, 'eps_denominator', lo=0, lo_open=True)
   common.check_sequence(config, 'eps', float, lo=0, unique=True)
-  common.check_int(config, 'attack_steps', lo=1)
-  common.check_float(config, 'attack_step_factor', lo=0, lo_open=True)
-  common.check_int(config, 'attack_restarts', lo=1)
+  common.validate_attack_fields(config)
   common.check_int(config, 'num_attack', lo=1)
-  common.check_choice(config, 'oracle_loss', attacks.ORACLE_LOSSES)
   common.check_float(config, 'tau', lo=-1, hi=1)
   common.check_int(config, 'eval_batch', lo=1)
   common.check_float(config, 'ccat_pass_rate', lo=0, hi=1, lo_open=True)
@@ -505,8 +503,10 @@ def build_robust_features(config, model: cnn.CNN, params, dataset: datasets.Data
 class Evaluator:
   """Compiled evaluation of students against one teacher (``lax.map`` over students).
 
-  Specialization on the whole test set; attacks on its first ``num_attack``
-  images. Budgets are array arguments: one compilation per attack kind.
+  Specialization on the whole test set; the attack ensemble
+  (``tsrobust.evaluate``, L-inf) on its first ``num_attack`` images, judged
+  by the oracle and by the true labels. Budgets are array arguments: one
+  compilation per attack and label kind.
   """
 
   def __init__(self, config, teacher: cnn.CNN, student: cnn.CNN, teacher_params,
@@ -514,8 +514,8 @@ class Evaluator:
     c = config
     t_apply, s_apply = teacher.apply, student.apply
     tp = teacher_params
-    clip = clip_range(config)
     self.config = config
+    self.teacher_params = tp
     self.x_test = jnp.asarray(dataset.test_x)
     self.y_test = jnp.asarray(dataset.test_y)
     self.x_att = self.x_test[:c.num_attack]
@@ -526,64 +526,64 @@ class Evaluator:
       layers = specialization.network_stats(t_apply, s_apply, tp, sp, x, c.eval_batch)
       sums = [specialization.summarize(s, c.tau) for s in layers]
       batches = x.reshape((-1, c.eval_batch) + x.shape[1:])
-      pred = jax.lax.map(lambda xb: s_apply(sp, xb)[0].argmax(-1), batches).reshape(-1)
+      logits = jax.lax.map(lambda xb: s_apply(sp, xb)[0], batches)
+      logits = logits.reshape((-1,) + logits.shape[2:])
+      pred = logits.argmax(-1)
       t_pred = jax.lax.map(lambda xb: t_fn(xb).argmax(-1), batches).reshape(-1)
       return {'spec': jnp.stack([s.mean_max_corr for s in sums]),
               'frac': jnp.stack([s.frac_specialized for s in sums]),
               'dead': jnp.stack([s.num_dead for s in sums]),
-              'clean_acc': (pred == y).mean(), 'clean_agree': (pred == t_pred).mean()}
-
-    def true_label_accuracy(s_fn, x, y, key, eps):
-      success = attacks.fixed_label_success(s_fn, y)
-      delta = attacks.pgd(attacks.fixed_label_objective(s_fn, y), x, key, eps=eps,
-                          alpha=c.attack_step_factor * eps / c.attack_steps,
-                          steps=c.attack_steps, norm='linf', restarts=c.attack_restarts,
-                          clip_range=clip, success_fn=success)
-      return (~success(x + delta)).mean()
-
-    def attack_one(sp, key, x, y, eps, label):
-      s_fn = lambda v: s_apply(sp, v)[0]
-      if label == 'true':
-        return true_label_accuracy(s_fn, x, y, key, eps)
-      wrong = attacks.robust_error(s_fn, t_fn, x, key, eps=eps,
-                                   alpha=c.attack_step_factor * eps / c.attack_steps,
-                                   steps=c.attack_steps, label='oracle', norm='linf',
-                                   restarts=c.attack_restarts, oracle_loss=c.oracle_loss,
-                                   clip_range=clip)
-      return (~wrong).mean()
-
-    def ccat_one(sp, key, x_test, x, eps):
-      s_fn = lambda v: s_apply(sp, v)[0]
-      conf = jax.nn.softmax(s_fn(x_test)).max(-1)
-      thr = attacks.confidence_threshold(conf, c.ccat_pass_rate)
-      return attacks.ccat_robust_error(
-          s_fn, t_fn, x, key, eps=eps, alpha=c.attack_step_factor * eps / c.attack_steps,
-          steps=c.attack_steps, threshold=thr, norm='linf', restarts=c.attack_restarts,
-          clip_range=clip).mean()
+              'clean_acc': (pred == y).mean(), 'clean_agree': (pred == t_pred).mean(),
+              'confidence': jax.nn.softmax(logits).max(-1), 'agree': pred == t_pred}
 
     self._spec = jax.jit(lambda params, x, y: jax.lax.map(
         lambda sp: spec_one(sp, x, y), params))
-    self._attack = jax.jit(
-        lambda params, keys, x, y, eps, label: jax.lax.map(
-            lambda a: attack_one(a[0], a[1], x, y, eps, label), (params, keys)),
-        static_argnames='label')
-    self._ccat = jax.jit(lambda params, keys, x_test, x, eps: jax.lax.map(
-        lambda a: ccat_one(a[0], a[1], x_test, x, eps), (params, keys)))
-    self._teacher_attack = jax.jit(
-        lambda key, x, y, eps: true_label_accuracy(t_fn, x, y, key, eps))
-    self._teacher_clean = jax.jit(lambda x, y: (t_fn(x).argmax(-1) == y).mean())
+    self.attack_config = common.attack_config(config)
+    kw = dict(norm='linf', config=self.attack_config, clip_range=clip_range(config),
+              shared_teacher=True, shared_data=True, batching='map')
+    self.attacks = evaluate.Evaluator(s_apply, t_apply, **kw)
+    self.teacher_attacks = evaluate.Evaluator(t_apply, t_apply, **kw)
+    self.budgets = [budget(c, e) for e in c.eps]
+    self.names = {budget(c, e): budget_name(c, e) for e in c.eps}
+
+  def _rows(self, ev: common.Evaluation, kinds) -> List[Dict[str, Any]]:
+    """``robust_acc_{label}_{eps}`` (ensemble) and ``..._{attack}`` (each attack alone)."""
+    acc = evaluate.error_rates(ev.final)
+    num = next(iter(acc.values())).shape[0]
+    rows = [{} for _ in range(num)]
+    for kind in kinds:
+      for j, b in enumerate(ev.result.eps):
+        for i in range(num):
+          rows[i][f'robust_acc_{kind}_{self.names[b]}'] = float(1 - acc[(kind, 'full')][i, j])
+        for attack in self.attack_config.attacks:
+          err = ev.result.success[(kind, 'full', attack)][:, j].mean(-1)
+          for i in range(num):
+            rows[i][f'robust_acc_{kind}_{self.names[b]}_{attack}'] = float(1 - err[i])
+    return rows
 
   def teacher(self, key) -> Dict[str, float]:
     """The teacher's clean test accuracy and true-label robust accuracy per budget."""
-    c = self.config
-    out = {'clean_acc': float(self._teacher_clean(self.x_test, self.y_test))}
-    for i, eps in enumerate(c.eps):
-      out[f'robust_acc_true_{budget_name(c, eps)}'] = float(self._teacher_attack(
-          jax.random.fold_in(key, i), self.x_att, self.y_att, jnp.float32(budget(c, eps))))
+    add_axis = lambda tree: jax.tree_util.tree_map(lambda v: jnp.asarray(v)[None], tree)
+    tp = add_axis(self.teacher_params)
+    result = self.teacher_attacks.run(tp, self.teacher_params, self.x_att, key[None],
+                                      eps=self.budgets, labels_kinds=('true',),
+                                      labels=self.y_att)
+    ev = common.Evaluation(result, evaluate.combine(result))
+    pred = jax.lax.map(lambda xb: self.teacher_attacks.student_apply(
+        self.teacher_params, xb)[0].argmax(-1),
+                       self.x_test.reshape((-1, self.config.eval_batch)
+                                           + self.x_test.shape[1:])).reshape(-1)
+    out = {'clean_acc': float((pred == self.y_test).mean())}
+    out.update({k: v for k, v in self._rows(ev, ('true',))[0].items()})
     return out
 
-  def students(self, params, keys, ccat_mask: np.ndarray) -> List[Dict[str, Any]]:
-    """Metrics of students ``params [P, ...]`` (``keys [P]`` attack keys)."""
+  def students(self, params, keys, ccat_mask: np.ndarray):
+    """Metrics of students ``params [P, ...]`` (``keys [P]`` attack keys).
+
+    Returns ``(rows, Evaluation)``; CCAT students (``ccat_mask``) are also
+    evaluated by CCAT's criterion (``ccat_err_*``, ``ccat_accepted_wrong_*``),
+    and their accepted-and-wrong points count as oracle errors.
+    """
     c = self.config
     spec = sweep.to_host(self._spec(params, self.x_test, self.y_test))
     num = spec['clean_acc'].shape[0]
@@ -597,26 +597,38 @@ class Evaluator:
         rows[i][f'dead_l{l + 1}'] = int(spec['dead'][i, l])
       rows[i]['clean_acc'] = float(spec['clean_acc'][i])
       rows[i]['clean_agree'] = float(spec['clean_agree'][i])
-    for label in ('oracle', 'true'):
-      for j, eps in enumerate(c.eps):
-        k = jax.vmap(lambda kk: jax.random.fold_in(kk, 10 * j + (label == 'true')))(keys)
-        acc = np.asarray(self._attack(params, k, self.x_att, self.y_att,
-                                      jnp.float32(budget(c, eps)), label))
-        for i in range(num):
-          rows[i][f'robust_acc_{label}_{budget_name(c, eps)}'] = float(acc[i])
+    result = self.attacks.run(params, self.teacher_params, self.x_att, keys, eps=self.budgets,
+                              labels_kinds=('oracle', 'true'), labels=self.y_att)
+    ev = common.Evaluation(result, evaluate.combine(result))
     sel = np.flatnonzero(ccat_mask)
-    for j, eps in enumerate(c.eps):
-      name = f'ccat_err_{budget_name(c, eps)}'
+    for j, b in enumerate(sorted(self.budgets)):
       for i in range(num):
-        rows[i][name] = None
-      if sel.size:
-        pick = jax.tree_util.tree_map(lambda v: v[sel], params)
-        k = jax.vmap(lambda kk: jax.random.fold_in(kk, 1000 + j))(keys[sel])
-        err = np.asarray(self._ccat(pick, k, self.x_test, self.x_att,
-                                    jnp.float32(budget(c, eps))))
-        for e, i in zip(err, sel):
-          rows[i][name] = float(e)
-    return rows
+        rows[i][f'ccat_err_{self.names[b]}'] = None
+        rows[i][f'ccat_accepted_wrong_{self.names[b]}'] = None
+    for i in range(num):
+      rows[i]['ccat_threshold'] = None
+    if sel.size:
+      pick = lambda tree: jax.tree_util.tree_map(lambda v: v[sel], tree)
+      thresholds = np.array([evaluate.ccat_threshold(spec['confidence'][i], spec['agree'][i],
+                                                     c.ccat_pass_rate) for i in sel],
+                            np.float32)
+      res_c = self.attacks.run(pick(params), self.teacher_params, self.x_att, keys[sel],
+                               eps=self.budgets, labels_kinds=('ccat',),
+                               thresholds=thresholds)
+      fin_c = evaluate.combine(res_c)
+      rerr = evaluate.ccat_error(res_c, fin_c)
+      wrong = fin_c[('ccat', 'full')].mean(-1)
+      final = {k: v.copy() for k, v in ev.final.items()}
+      final[('oracle', 'full')][sel] |= fin_c[('ccat', 'full')]
+      ev = common.Evaluation(result, final)
+      for n, i in enumerate(sel):
+        rows[i]['ccat_threshold'] = float(thresholds[n])
+        for j, b in enumerate(res_c.eps):
+          rows[i][f'ccat_err_{self.names[b]}'] = float(rerr[n, j])
+          rows[i][f'ccat_accepted_wrong_{self.names[b]}'] = float(wrong[n, j])
+    for row, adv in zip(rows, self._rows(ev, ('oracle', 'true'))):
+      row.update(adv)
+    return rows, ev
 
 
 def columns(config) -> List[str]:
@@ -628,23 +640,54 @@ def columns(config) -> List[str]:
   cols += ['clean_acc', 'clean_agree']
   cols += [f'robust_acc_{label}_{budget_name(config, e)}' for label in ('oracle', 'true')
            for e in config.eps]
-  cols += [f'ccat_err_{budget_name(config, e)}' for e in config.eps]
+  cols += [f'robust_acc_{label}_{budget_name(config, e)}_{a}' for label in ('oracle', 'true')
+           for e in config.eps for a in common.attack_config(config).attacks]
+  cols += ['ccat_threshold'] + [f'ccat_err_{budget_name(config, e)}' for e in config.eps]
+  cols += [f'ccat_accepted_wrong_{budget_name(config, e)}' for e in config.eps]
   return cols
 
 
 def correlations(config, records) -> Dict[str, Any]:
-  """Pearson / Spearman (bootstrap 95% CIs) of ``spec_mean`` vs robust accuracy, per budget."""
+  """Pearson / Spearman of ``spec_mean`` vs robust accuracy per budget: pooled, within methods.
+
+  Intervals bootstrap seeds (all methods of a seed share its initial student
+  and data order), see ``common.correlation``.
+  """
   key = jax.random.PRNGKey(config.seed)
   spec = np.array([r['spec_mean'] for r in records], np.float64)
-  out = {'x': 'spec_mean', 'n_students': len(records)}
+  methods = [r['method'] for r in records]
+  seeds = [r['seed'] for r in records]
+  out = {'x': 'spec_mean', 'n_students': len(records), 'bootstrap': 'clustered by seed'}
   for i, eps in enumerate(config.eps):
     name = budget_name(config, eps)
     for j, label in enumerate(('oracle', 'true')):
       column = f'robust_acc_{label}_{name}'
       acc = np.array([r[column] for r in records], np.float64)
-      out[column] = stats.correlation_report(spec, acc, jax.random.fold_in(key, 10 * i + j),
-                                             config.bootstrap_resamples)
+      out[column] = common.correlation(spec, acc, methods, seeds,
+                                       jax.random.fold_in(key, 10 * i + j),
+                                       config.bootstrap_resamples)
   return out
+
+
+def wilson_table(config, records) -> str:
+  """Robust accuracy per method variant pooled over seeds' attacked images, Wilson 95% intervals."""
+  names = [budget_name(config, e) for e in config.eps]
+  variants = list(dict.fromkeys(r['variant'] for r in records))
+  cols = [f'robust_acc_{label}_{n}' for label in ('oracle', 'true') for n in names]
+  lines = ['Robust accuracy per variant, pooled over its seeds\' attacked images (n = seeds x '
+           f'{config.num_attack}), with Wilson 95% intervals:', '',
+           '| variant | n | ' + ' | '.join(f'`{c}`' for c in cols) + ' |',
+           '|' + '---|' * (2 + len(cols))]
+  for v in variants:
+    rows = [r for r in records if r['variant'] == v]
+    n = len(rows) * config.num_attack
+    cells = [v, str(n)]
+    for c in cols:
+      k = int(round(sum(r[c] for r in rows) * config.num_attack))
+      lo, hi = stats.wilson_interval(k, n)
+      cells.append(f'{k / n:.3f} [{float(lo):.3f}, {float(hi):.3f}]')
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
 
 
 def _summary_markdown(config, records, teacher_eval, corr, sizes) -> str:
@@ -652,24 +695,20 @@ def _summary_markdown(config, records, teacher_eval, corr, sizes) -> str:
   n_layers = len(config.teacher_conv) + len(config.teacher_dense)
   cols = [f'spec_l{l + 1}' for l in range(n_layers)] + ['spec_mean', 'clean_acc', 'clean_agree']
   cols += [f'robust_acc_oracle_{n}' for n in names] + [f'robust_acc_true_{n}' for n in names]
+  if 'ccat' in common.as_tuple(config.methods):
+    cols += [f'ccat_accepted_wrong_{n}' for n in names] + [f'ccat_err_{n}' for n in names]
   lines = [f'# Real images: {sizes["dataset"]} ({sizes["num_train"]} train / '
            f'{sizes["num_test"]} test images, {sizes["num_attack"]} attacked)', '',
            f'Teacher: clean test accuracy {teacher_eval["clean_acc"]:.3f}; true-label robust '
            'accuracy ' + ', '.join(f'{teacher_eval[f"robust_acc_true_{n}"]:.3f} (eps {n})'
                                    for n in names) + '.', '',
-           'Students (mean +- std over seeds):', '',
+           'Students (mean +- sample std over seeds):', '',
            io.markdown_summary(records, ['method', *HPARAM_COLUMNS], cols),
-           'Correlation across students of `spec_mean` with robust accuracy '
-           f'({config.bootstrap_resamples} bootstrap resamples, 95% intervals):', '',
-           '| robust accuracy | n | Pearson [95% CI] | Spearman [95% CI] |', '|---|---|---|---|']
-  fmt = lambda v: 'nan' if v is None or not np.isfinite(v) else f'{v:.3f}'
-  for label in ('oracle', 'true'):
-    for n in names:
-      r = corr[f'robust_acc_{label}_{n}']
-      lines.append(f'| `robust_acc_{label}_{n}` | {r["n"]} | {fmt(r["pearson"])} '
-                   f'[{fmt(r["pearson_ci"][0])}, {fmt(r["pearson_ci"][1])}] | '
-                   f'{fmt(r["spearman"])} [{fmt(r["spearman_ci"][0])}, '
-                   f'{fmt(r["spearman_ci"][1])}] |')
+           wilson_table(config, records),
+           common.correlation_markdown(
+               {f'robust_acc_{label}_{n}': corr[f'robust_acc_{label}_{n}']
+                for label in ('oracle', 'true') for n in names},
+               'spec_mean', config.bootstrap_resamples)]
   return '\n'.join(lines) + '\n'
 
 
@@ -749,9 +788,18 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   n_points = len(points)
   params = jax.tree_util.tree_map(lambda *v: np.concatenate(v), *trained)
   ccat_mask = np.repeat([m == 'ccat' for m, _ in points], s)
-  rows = evaluator.students(params, _tile(k_eval, n_points), ccat_mask)
+  rows, ev = evaluator.students(params, _tile(k_eval, n_points), ccat_mask)
   timings['evaluate'] = time.perf_counter() - t0
   logging.info('evaluated %d students in %.1fs', len(rows), timings['evaluate'])
+  checks = {}
+  for method in methods:
+    mask = np.array([points[p][0] == method and seed < config.num_seeds
+                     for p in range(n_points) for seed in range(s)])
+    checks[method] = evaluate.attack_checks(
+        ev.result, ev.final, headline=budget(config, common.headline_eps(config)),
+        attacks_run=evaluator.attack_config.attacks,
+        convergence_points=evaluator.attack_config.convergence_points(), rows=mask)
+  checks = common.attack_checks_summary(config, checks)
 
   loss_all = np.concatenate(losses)
   records = []
@@ -777,12 +825,14 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
              'pca_explained_variance': None if pca is None else float(pca.explained),
              'robust_features': rf_info, 'correlation': corr,
              'budgets': {budget_name(config, e): budget(config, e) for e in config.eps},
+             'attack_checks': checks,
              'timings_sec': timings, 'versions': io.library_versions()}
   if jax.process_index() == 0:
     common.write_results(workdir, config, records, columns(config))
     io.write_json(os.path.join(workdir, 'summary.json'), summary)
     io.atomic_write_text(os.path.join(workdir, 'summary.md'),
-                         _summary_markdown(config, records, teacher_eval, corr, sizes))
+                         _summary_markdown(config, records, teacher_eval, corr, sizes)
+                         + '\n' + common.attack_checks_markdown(checks))
     mid = budget_name(config, config.eps[len(config.eps) // 2])
     plotting.plot_spec_per_layer(os.path.join(workdir, 'results.csv'),
                                  os.path.join(workdir, 'specialization_layers.png'))

@@ -29,6 +29,7 @@ import numpy as np
 
 from experiments import common
 from tsrobust import attacks
+from tsrobust import evaluate
 from tsrobust import io
 from tsrobust import plotting
 from tsrobust import stats
@@ -88,7 +89,8 @@ def grid(config) -> List[Tuple[str, Dict[str, Any]]]:
 def columns(config) -> List[str]:
   cols = ['method', *HPARAM_COLUMNS, 'seed'] + common.metric_columns(config)
   if 'ccat' in common.as_tuple(config.methods):
-    cols += [f'ccat_err_{common.eps_name(e)}' for e in config.eps]
+    cols += ['ccat_threshold'] + [f'ccat_err_{common.eps_name(e)}' for e in config.eps]
+    cols += [f'ccat_accepted_wrong_{common.eps_name(e)}' for e in config.eps]
   return cols
 
 
@@ -146,47 +148,48 @@ def _method_args(config, points, projector, scales) -> Dict[str, jax.Array]:
   return args
 
 
-def _ccat_errors(config, problem, params, teacher_params, held) -> Dict[str, np.ndarray]:
-  """CCAT evaluation (99%-clean-pass threshold, robust error on accepted points)."""
-  t_apply, s_apply = problem.teacher.apply, problem.student.apply
-  c = config
+def _merge_ccat(ev: common.Evaluation, ev_ccat: common.Evaluation,
+                sel: np.ndarray) -> common.Evaluation:
+  """Counts CCAT-attack successes (accepted and wrong) as oracle errors of those students.
 
-  @jax.jit
-  def errors(sp, tp, x_eval, x_att, pgd_key, key_index, eps):
-    def one(sp1, tp1, xe, xa, k):
-      k = jax.random.fold_in(k, key_index)
-      s_fn = lambda v: s_apply(sp1, v)[0]
-      conf = jax.nn.softmax(s_fn(xe)).max(-1)
-      thr = attacks.confidence_threshold(conf, c.ccat_pass_rate)
-      return attacks.ccat_robust_error(
-          s_fn, lambda v: t_apply(tp1, v)[0], xa, k, eps=eps,
-          alpha=c.attack_step_factor * eps / c.attack_steps, steps=c.attack_steps,
-          threshold=thr, norm=c.attack_norm, restarts=c.attack_restarts).mean()
-    return jax.vmap(one)(sp, tp, x_eval, x_att, pgd_key)
-
-  out = {}
-  for i, eps in enumerate(config.eps):
-    out[f'ccat_err_{common.eps_name(eps)}'] = np.asarray(sweep.to_host(
-        errors(params, teacher_params, held['x_eval'], held['x_attack'], held['pgd_key'],
-               1000 + i, jnp.float32(eps))))
-  return out
+  A point that is accepted and wrong w.r.t. the oracle is wrong w.r.t. the
+  oracle, so the plain error is at least the thresholded one by construction.
+  """
+  final = {k: v.copy() for k, v in ev.final.items()}
+  for (label, where), v in ev_ccat.final.items():
+    final[('oracle', where)][sel] |= v
+  return common.Evaluation(ev.result, final)
 
 
 def correlations(config, records) -> Dict[str, Any]:
-  """Pearson / Spearman (bootstrap CIs) of robust accuracy vs specialization."""
+  """Pearson / Spearman of robust accuracy vs specialization: pooled, within methods, by seed."""
   key = jax.random.PRNGKey(config.seed)
-  out = {'robust_accuracy': '1 - adv_oracle_full_{eps}', 'n_students': len(records)}
+  out = {'robust_accuracy': '1 - adv_oracle_full_{eps}', 'n_students': len(records),
+         'bootstrap': 'clustered by seed'}
   spec = {'spec_in': np.array([r['spec_in'] for r in records]),
           'spec_off': np.array([r['spec_off'] for r in records])}
   spec['spec_mean'] = (spec['spec_in'] + spec['spec_off']) / 2
+  methods = [r['method'] for r in records]
+  seeds = [r['seed'] for r in records]
   for i, eps in enumerate(config.eps):
     name = common.eps_name(eps)
     acc = 1.0 - np.array([r[f'adv_oracle_full_{name}'] for r in records])
     out[f'eps_{name}'] = {
-        s_name: stats.correlation_report(s_val, acc, jax.random.fold_in(key, 10 * i + j),
-                                         config.bootstrap_resamples)
+        s_name: common.correlation(s_val, acc, methods, seeds,
+                                   jax.random.fold_in(key, 10 * i + j),
+                                   config.bootstrap_resamples)
         for j, (s_name, s_val) in enumerate(spec.items())}
   return out
+
+
+def correlation_markdown(config, corr) -> str:
+  """Per specialization measure, the correlation table over budgets."""
+  parts = []
+  for s_name in ('spec_off', 'spec_in', 'spec_mean'):
+    reports = {f'1 - adv_oracle_full_{common.eps_name(e)}': corr[f'eps_{common.eps_name(e)}'][s_name]
+               for e in config.eps}
+    parts.append(common.correlation_markdown(reports, s_name, config.bootstrap_resamples))
+  return '\n'.join(parts)
 
 
 def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
@@ -230,16 +233,41 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   params = jax.tree_util.tree_map(lambda *v: np.concatenate(v), *trained)
   tparams = _tile(problem.teacher_params, n_points)
   held_all = _tile(held, n_points)
-  rows = evaluator.evaluate(params, tparams, _tile(projector, n_points), held_all,
-                            full_rank=False)
+  proj_all = _tile(projector, n_points)
+  rows, ev = evaluator.evaluate(params, tparams, proj_all, held_all, full_rank=False)
   ccat_idx = [i for i, (m, _) in enumerate(points) if m == 'ccat']
   ccat = {}
   if ccat_idx:
+    # CCAT's own evaluation: threshold passing ccat_pass_rate of the correctly classified
+    # held-out points, the ensemble plus CCAT's objective judged by acceptance and the oracle.
     sel = np.concatenate([np.arange(i * s, (i + 1) * s) for i in ccat_idx])
     pick = lambda tree: jax.tree_util.tree_map(lambda v: v[sel], tree)
-    ccat = _ccat_errors(config, problem, *common.shard((pick(params), pick(tparams),
-                                                        pick(held_all))))
+    c_params, c_tparams, c_held, c_proj = common.shard(
+        (pick(params), pick(tparams), pick(held_all), pick(proj_all)))
+    thresholds = evaluator.ccat_thresholds(c_params, c_tparams, c_held)
+    ev_c = evaluator.attack(c_params, c_tparams, c_proj, c_held, full_rank=False,
+                            labels_kinds=('ccat',), thresholds=thresholds)
+    rerr = evaluate.ccat_error(ev_c.result, ev_c.final)
+    wrong = ev_c.final[('ccat', 'full')].mean(-1)
+    for j, eps in enumerate(sorted(config.eps)):
+      name = common.eps_name(eps)
+      ccat[f'ccat_err_{name}'] = rerr[:, j]
+      ccat[f'ccat_accepted_wrong_{name}'] = wrong[:, j]
+    ccat['ccat_threshold'] = thresholds
+    ev = _merge_ccat(ev, ev_c, sel)
+    adv = common.attack_rows(config, ev, full_rank=False)
+    for row, a in zip(rows, adv):
+      row.update(a)
   logging.info('evaluated %d students in %.1fs', len(rows), time.perf_counter() - t0)
+  checks = {}
+  for method in methods:
+    mask = np.array([points[p][0] == method and seed < config.num_seeds
+                     for p in range(n_points) for seed in range(s)])
+    checks[method] = evaluate.attack_checks(
+        ev.result, ev.final, headline=common.headline_eps(config),
+        attacks_run=evaluator.attack_config.attacks,
+        convergence_points=evaluator.attack_config.convergence_points(), rows=mask)
+  checks = common.attack_checks_summary(config, checks)
 
   loss_all = np.concatenate(losses)
   records, ccat_row = [], 0
@@ -257,16 +285,20 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
         ccat_row += 1
       records.append(rec)
 
-  mid = common.eps_name(config.eps[len(config.eps) // 2])
+  mid = common.eps_name(common.headline_eps(config))
   corr = correlations(config, records)
   common.write_results(workdir, config, records, columns(config))
-  io.write_json(os.path.join(workdir, 'correlation.json'), corr)
   summary_cols = ['spec_in', 'spec_off', 'wcos_off', 'clean_agree', f'adv_oracle_in_{mid}',
                   f'adv_oracle_off_{mid}', f'adv_oracle_full_{mid}']
   if ccat_idx:
-    summary_cols.append(f'ccat_err_{mid}')
-  io.atomic_write_text(os.path.join(workdir, 'summary.md'), io.markdown_summary(
-      records, ['method', 'at_eps', 'at_where', 'ccat_eps', 'aug_scale'], summary_cols))
+    summary_cols += [f'ccat_accepted_wrong_{mid}', f'ccat_err_{mid}']
+  if jax.process_index() == 0:
+    io.write_json(os.path.join(workdir, 'correlation.json'), corr)
+    io.write_json(os.path.join(workdir, 'attack_checks.json'), checks)
+    io.atomic_write_text(os.path.join(workdir, 'summary.md'), io.markdown_summary(
+        records, ['method', 'at_eps', 'at_where', 'ccat_eps', 'aug_scale'], summary_cols)
+        + '\n' + correlation_markdown(config, corr) + '\n'
+        + common.attack_checks_markdown(checks))
   plotting.plot_spec_vs_robustness(os.path.join(workdir, 'results.csv'),
                                    os.path.join(workdir, 'robustness.png'), eps=mid)
   c_mid = corr[f'eps_{mid}']['spec_off']
@@ -278,4 +310,4 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
 if __name__ == '__main__':
   common.run_binary(validate_config, train_and_evaluate, _DEFAULT_CONFIG,
                     ('results.csv', 'results.json', 'correlation.json', 'summary.md',
-                     'robustness.png'))
+                     'attack_checks.json', 'robustness.png'))

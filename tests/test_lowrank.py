@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = dict(num_seeds=2, d=6, ranks=(2, 6), teacher_hidden=(3,), out_dim=3, width_mult=2,
             num_steps=60, chunk_steps=30, batch_size=16, num_eval=64, eval_batch=32,
-            num_attack=16, attack_steps=3, eps=(0.5, 1.0, 2.0))
+            num_attack=16, attack_strength='fast', eps=(0.5, 1.0, 2.0))
 
 
 def tiny_config(**overrides):
@@ -54,7 +54,41 @@ def test_writes_files_that_parse(tiny_run):
   with open(os.path.join(workdir, 'summary.md')) as f:
     table = f.read()
   assert table.startswith('| rank | n | spec_in')
-  assert len(table.strip().splitlines()) == 4  # header, rule, two ranks
+  assert len(table.split('\n\n')[0].strip().splitlines()) == 4  # header, rule, two ranks
+  assert '## Attack checks (`attack_strength = fast`)' in table
+  with open(os.path.join(workdir, 'attack_checks.json')) as f:
+    checks = json.load(f)
+  assert checks['attack_config']['pgd_steps'] == 5  # the fast preset
+  assert set(checks['groups']) == {'rank_2', 'rank_6'}
+  for group in checks['groups'].values():
+    assert group['final'] == {'non_monotone_in_eps': 0, 'subspace_not_in_full': 0,
+                              'row_violations': 0}
+    assert set(group['per_attack']) == {'pgd', 'apgd', 'apgd_t', 'square'}
+    assert set(group['convergence']) == {'oracle', 'fixed'}
+
+
+def test_errors_are_consistent_and_per_attack_columns(tiny_run):
+  """The ensemble's errors obey the nesting invariants; each attack's own column is <= them."""
+  _, records = tiny_run
+  attacks = ('pgd', 'apgd', 'apgd_t', 'square')
+  for r in records:
+    for lab in ('oracle', 'fixed'):
+      for where in ('in', 'off', 'full'):
+        seq = [r[f'adv_{lab}_{where}_{e}'] for e in ('0.5', '1.0', '2.0')]
+        if seq[0] is None:
+          assert r['rank'] == 6 and where == 'off'
+          continue
+        assert seq == sorted(seq)
+        for e, value in zip(('0.5', '1.0', '2.0'), seq):
+          for a in attacks:
+            assert r[f'adv_{lab}_{where}_{e}_{a}'] <= value + 1e-9
+      for e in ('0.5', '1.0', '2.0'):
+        full = r[f'adv_{lab}_full_{e}']
+        assert full >= r[f'adv_{lab}_in_{e}']
+        if r['rank'] == 6:  # full rank: in is the whole space
+          assert full == r[f'adv_{lab}_in_{e}']
+        else:
+          assert full >= r[f'adv_{lab}_off_{e}']
 
 
 def test_values_are_in_range(tiny_run):
@@ -90,6 +124,10 @@ def test_full_rank_off_subspace_columns_are_empty(tiny_run):
     ('eval_batch', 30, 'config.eval_batch must divide config.num_eval'),
     ('learning_rate', -0.1, 'config.learning_rate must be > 0'),
     ('attack_norm', 'l1', 'config.attack_norm must be one of'),
+    ('attack_strength', 'medium', 'config.attack_strength must be one of'),
+    ('apgd_steps', -2, 'config.apgd_steps must be >= -1'),
+    ('attack_restarts', 0, "config.attack_restarts must be -1 (the preset's) or >= 1"),
+    ('square_queries', -3, 'config.square_queries must be >= -1'),
 ])
 def test_bad_config_fails_at_start(tmp_path, field, value, message):
   with pytest.raises(common.ConfigError) as info:

@@ -12,7 +12,7 @@ from tsrobust import io
 
 TINY = dict(num_seeds=2, d=6, rank=2, teacher_hidden=(3,), out_dim=3, width_mult=2,
             num_steps=40, chunk_steps=40, batch_size=16, num_eval=64, eval_batch=32,
-            num_attack=16, attack_steps=2, at_steps=2, ccat_steps=2, at_eps=(0.5, 1.0),
+            num_attack=16, attack_strength='fast', at_steps=2, ccat_steps=2, at_eps=(0.5, 1.0),
             at_where=('full', 'in'), aug_scales=(1.0,), bootstrap_resamples=50)
 
 
@@ -50,6 +50,9 @@ def test_one_row_per_student_with_hyperparameters(tiny_run):
     assert len(ccat_cols) == 3
     if r['method'] == 'ccat':
       assert all(0.0 <= r[k] <= 1.0 for k in ccat_cols)
+      assert 0.0 < r['ccat_threshold'] <= 1.0
+      for e in ('0.5', '1.0', '2.0'):  # accepted and wrong is a subset of wrong
+        assert r[f'ccat_accepted_wrong_{e}'] <= r[f'adv_oracle_full_{e}'] + 1e-9
     else:
       assert all(r[k] is None for k in ccat_cols)
       assert r['ccat_eps'] is None
@@ -60,6 +63,12 @@ def test_correlation_file(tiny_run):
   with open(os.path.join(workdir, 'correlation.json')) as f:
     corr = json.load(f)
   assert corr['n_students'] == 16
+  assert corr['bootstrap'] == 'clustered by seed'
+  rep = corr['eps_1.0']['spec_off']
+  assert rep['n_clusters'] == 2
+  assert list(rep['by_method']) == ['standard', 'at', 'ccat', 'orth', 'iso']
+  assert rep['by_method']['at']['n'] == 8
+  assert {'pearson', 'pearson_ci'} <= set(rep['pooled_within'])
   for eps in ('0.5', '1.0', '2.0'):
     for spec in ('spec_in', 'spec_off', 'spec_mean'):
       rep = corr[f'eps_{eps}'][spec]
@@ -73,9 +82,19 @@ def test_correlation_file(tiny_run):
 def test_summary_and_figure(tiny_run):
   workdir, _ = tiny_run
   with open(os.path.join(workdir, 'summary.md')) as f:
-    lines = f.read().strip().splitlines()
+    text = f.read()
+  lines = text.split('\n\n')[0].strip().splitlines()
   assert lines[0].startswith('| method | at_eps | at_where | ccat_eps | aug_scale | n |')
   assert len(lines) == 2 + 8
+  # The correlation tables (pooled, within methods, per method) and the attack checks.
+  assert '| robust accuracy | n | Pearson pooled | Spearman pooled | Pearson within |' in text
+  assert '## Attack checks (`attack_strength = fast`)' in text
+  with open(os.path.join(workdir, 'attack_checks.json')) as f:
+    checks = json.load(f)
+  assert list(checks['groups']) == ['standard', 'at', 'ccat', 'orth', 'iso']
+  assert checks['groups']['at']['students'] == 8
+  for group in checks['groups'].values():
+    assert group['final']['row_violations'] == 0
   with open(os.path.join(workdir, 'robustness.png'), 'rb') as f:
     assert f.read(4) == b'\x89PNG'
 

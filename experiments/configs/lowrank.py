@@ -48,12 +48,21 @@ def get_config() -> ml_collections.ConfigDict:
   c.probe_scale = 1.0         # xi ~ N(0, probe_scale^2 I_d) in the probes x + P_perp xi
   c.tau = 0.9                 # specialization threshold
 
-  # Attacks: PGD judged by the oracle.
+  # Attacks: an ensemble (PGD, APGD, APGD-T, Square; tsrobust/evaluate.py), worst case per
+  # example, judged by the oracle and by the teacher's clean label.
   c.attack_norm = 'l2'        # l2 | linf
   c.eps = (0.5, 1.0, 2.0)     # budgets; columns are named with these as written
-  c.attack_steps = 20
-  c.attack_step_factor = 2.5  # alpha = factor * eps / steps (Madry et al.)
-  c.attack_restarts = 1
+  c.attack_strength = 'standard'  # fast | standard | strong (evaluate.PRESETS)
+  # Overrides of the preset (-1: the preset's value; 0 iterations: that attack is off).
+  c.attack_steps = -1         # PGD steps
+  c.attack_restarts = -1      # PGD restarts
+  c.apgd_steps = -1           # APGD iterations (untargeted)
+  c.apgd_restarts = -1
+  c.apgd_t_steps = -1         # APGD-T iterations per target class
+  c.attack_targets = -1       # APGD-T target classes
+  c.square_queries = -1       # Square attack queries
+  c.attack_step_factor = 2.5  # PGD's alpha = factor * eps / steps (Madry et al.)
   c.num_attack = 512          # held-out in-subspace points attacked
-  c.oracle_loss = 'kl'        # objective of the oracle attack: kl | mse
+  c.oracle_loss = 'kl'        # PGD's oracle objective: kl | mse
+  c.oracle_tolerance = 0.0    # oracle errors need the teacher's top-2 logit gap >= this (0: any)
   return c

@@ -1,0 +1,256 @@
+"""The attack ensemble: invariants by construction, CCAT's error, diagnostics, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tsrobust import evaluate
+from tsrobust import models
+
+S, D, N, R = 2, 6, 24, 2
+EPS = (0.25, 0.5, 1.0)
+
+
+def _problem(seed=0):
+  teacher = models.MLP((4,), 3)
+  student = models.student_of(teacher, 2)
+  keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+  tp = jax.vmap(lambda k: models.random_teacher_params(k, teacher, in_dim=D))(
+      jax.random.split(keys[0], S))
+  sp = jax.vmap(lambda k: student.init(k, jnp.zeros((1, D))))(jax.random.split(keys[1], S))
+  x = jax.random.normal(keys[2], (S, N, D))
+  q, _ = jnp.linalg.qr(jax.random.normal(keys[3], (D, D)))
+  p = q[:, :R] @ q[:, :R].T
+  proj = {'in': jnp.broadcast_to(p, (S, D, D)),
+          'off': jnp.broadcast_to(jnp.eye(D) - p, (S, D, D))}
+  return teacher, student, tp, sp, x, proj
+
+
+@pytest.fixture(scope='module')
+def run():
+  teacher, student, tp, sp, x, proj = _problem()
+  ev = evaluate.Evaluator(student.apply, teacher.apply, norm='l2',
+                          config=evaluate.preset('fast'))
+  keys = jax.random.split(jax.random.PRNGKey(7), S)
+  result = ev.run(sp, tp, x, keys, eps=EPS, labels_kinds=('oracle', 'fixed'), projectors=proj)
+  return ev, result, (teacher, student, tp, sp, x, proj, keys)
+
+
+def test_result_shapes_and_keys(run):
+  _, result, _ = run
+  assert result.eps == EPS
+  for label in ('oracle', 'fixed'):
+    for where in ('in', 'off', 'full'):
+      for attack in evaluate.ATTACKS:
+        assert result.success[(label, where, attack)].shape == (S, len(EPS), N)
+      assert result.first_success[(label, where)].shape == (S, len(EPS), N)
+  assert result.clean['oracle'].shape == (S, N)
+  assert not result.clean['fixed'].any()  # the fixed label is the teacher's at x
+
+
+def test_combine_is_consistent_by_construction(run):
+  _, result, _ = run
+  final = evaluate.combine(result)
+  raw = evaluate.raw_ensemble(result)
+  for (label, where), v in final.items():
+    assert (v[:, 1:] >= v[:, :-1]).all(), 'non-decreasing in eps'
+    assert (v >= raw[(label, where)]).all(), 'never below what an attack found'
+    for sub in ('in', 'off'):
+      if where == 'full':
+        assert (v >= final[(label, sub)]).all()
+  rates = evaluate.error_rates(final)
+  assert evaluate._row_violations(rates) == 0  # pylint: disable=protected-access
+  # The attacks do find errors off the subspace on these random students.
+  assert rates[('oracle', 'full')][:, -1].mean() > 0
+
+
+def test_combine_known_answer():
+  """Hand-made raw successes with both kinds of violation are made consistent."""
+  s = lambda *rows: np.array([rows], bool)  # [1, E, N]
+  result = evaluate.Result(
+      eps=(0.5, 1.0),
+      success={('oracle', 'in', 'pgd'): s([1, 0], [0, 0]),      # found at 0.5, lost at 1.0
+               ('oracle', 'off', 'pgd'): s([0, 0], [0, 1]),
+               ('oracle', 'full', 'pgd'): s([0, 0], [0, 0]),    # full missed both
+               ('oracle', 'in', 'square'): s([0, 0], [0, 0]),
+               ('oracle', 'off', 'square'): s([0, 0], [0, 0]),
+               ('oracle', 'full', 'square'): s([0, 0], [0, 0])},
+      accepted={}, first_success={}, clean={'oracle': np.array([[False, False]])})
+  final = evaluate.combine(result)
+  np.testing.assert_array_equal(final[('oracle', 'in')][0], [[1, 0], [1, 0]])
+  np.testing.assert_array_equal(final[('oracle', 'off')][0], [[0, 0], [0, 1]])
+  np.testing.assert_array_equal(final[('oracle', 'full')][0], [[1, 0], [1, 1]])
+  checks = evaluate.attack_checks(result, final, headline=1.0, attacks_run=('pgd', 'square'),
+                                  convergence_points=())
+  assert checks['per_attack']['pgd'] == {'non_monotone_in_eps': 1, 'subspace_not_in_full': 2,
+                                         'row_violations': 3}
+  assert checks['final']['non_monotone_in_eps'] == checks['final']['subspace_not_in_full'] == 0
+  assert checks['only_square']['oracle_full_1'] == 0.0
+
+
+def test_clean_errors_count_at_every_budget():
+  result = evaluate.Result(
+      eps=(0.5,), success={('oracle', 'full', 'pgd'): np.zeros((1, 1, 3), bool)},
+      accepted={}, first_success={}, clean={'oracle': np.array([[True, False, False]])})
+  np.testing.assert_array_equal(evaluate.combine(result)[('oracle', 'full')][0, 0],
+                                [True, False, False])
+
+
+def test_records_and_columns(run):
+  ev, result, _ = run
+  final = evaluate.combine(result)
+  names = {e: str(e) for e in EPS}
+  rows = evaluate.records(result, final, names)
+  main, per = evaluate.columns(('oracle', 'fixed'), ('in', 'off', 'full'), list(names.values()),
+                               ev.config.attacks)
+  assert len(rows) == S
+  assert set(rows[0]) == set(main) | set(per)
+  for row in rows:
+    for label in ('oracle', 'fixed'):
+      for e in names.values():
+        ens = row[f'adv_{label}_full_{e}']
+        assert ens >= max(row[f'adv_{label}_full_{e}_{a}'] for a in ev.config.attacks) - 1e-9
+
+
+def test_vmap_and_map_batching_agree(run):
+  ev, result, (teacher, student, tp, sp, x, proj, keys) = run
+  mapped = evaluate.Evaluator(student.apply, teacher.apply, norm='l2', config=ev.config,
+                              batching='map')
+  other = mapped.run(sp, tp, x, keys, eps=EPS, labels_kinds=('oracle', 'fixed'),
+                     projectors=proj)
+  for k, v in result.success.items():
+    np.testing.assert_array_equal(other.success[k], v, err_msg=str(k))
+
+
+def test_square_catches_a_masked_student():
+  """A student whose gradient is zero everywhere: only Square breaks it; checks report it."""
+  w = jnp.array([[1.0, -1.0]] + [[0.0, 0.0]] * (D - 1))
+
+  def masked_apply(params, v):
+    del params
+    logits = v @ w + jnp.array([2.0, 0.0])  # class 0 unless v_0 < -1
+    return jax.lax.stop_gradient(logits), []
+
+  def teacher_apply(params, v):  # the oracle: always class 0
+    del params
+    return jnp.broadcast_to(jnp.array([1.0, 0.0]), (v.shape[0], 2)), []
+
+  x = jnp.zeros((N, D)).at[:, 0].set(-0.7)  # flipping needs delta_0 < -0.3
+  ev = evaluate.Evaluator(masked_apply, teacher_apply, norm='linf',
+                          config=evaluate.preset('fast', square_queries=100),
+                          shared_teacher=True, shared_data=True)
+  result = ev.run(jnp.zeros((1,)), jnp.zeros(()), x, jax.random.PRNGKey(0)[None],
+                  eps=(0.5,), labels_kinds=('fixed',))
+  final = evaluate.combine(result)
+  assert result.success[('fixed', 'full', 'square')].mean() > 0.9
+  for attack in evaluate.GRADIENT_ATTACKS:
+    # Gradient attacks only move from their random start: most points survive.
+    assert result.success[('fixed', 'full', attack)].mean() < 0.6, attack
+  checks = evaluate.attack_checks(result, final, headline=0.5, attacks_run=ev.config.attacks,
+                                  convergence_points=ev.config.convergence_points())
+  assert checks['only_square']['fixed_full_0.5'] > 0.3
+
+
+def test_ccat_error_known_answer():
+  # 4 points: clean accepted [1, 1, 0, 0]; clean wrong&accepted [0, 1, 0, 0];
+  # attack successes (accepted & wrong) [1, 0, 0, 0]; some attacked point accepted [1, 0, 1, 0].
+  result = evaluate.Result(
+      eps=(1.0,),
+      success={('ccat', 'full', 'pgd'): np.array([[[1, 0, 0, 0]]], bool)},
+      accepted={('ccat', 'full', 'pgd'): np.array([[[1, 0, 1, 0]]], bool)},
+      first_success={}, clean={'ccat': np.array([[0, 1, 0, 0]], bool)},
+      clean_accepted=np.array([[1, 1, 0, 0]], bool))
+  final = evaluate.combine(result)
+  # numerator: points 0 (attacked) and 1 (clean); denominator: points 0, 1, 2.
+  np.testing.assert_allclose(evaluate.ccat_error(result, final), [[2 / 3]])
+
+
+def test_ccat_threshold_uses_correct_points():
+  conf = np.array([0.1, 0.5, 0.6, 0.7, 0.9, 0.95])
+  correct = np.array([False, True, True, True, True, True])
+  # 80% of the 5 correct points: the 4 largest pass -> threshold 0.6.
+  assert evaluate.ccat_threshold(conf, correct, 0.8) == pytest.approx(0.6)
+  assert evaluate.ccat_threshold(conf, np.zeros(6, bool), 1.0) == pytest.approx(0.1)
+
+
+def test_ccat_run_and_invariants():
+  teacher, student, tp, sp, x, proj = _problem(1)
+  ev = evaluate.Evaluator(student.apply, teacher.apply, norm='l2',
+                          config=evaluate.preset('fast', apgd_t_steps=0))
+  keys = jax.random.split(jax.random.PRNGKey(3), S)
+  thr = jnp.full((S,), 0.4)
+  result = ev.run(sp, tp, x, keys, eps=EPS, labels_kinds=('ccat',), thresholds=thr)
+  final = evaluate.combine(result)
+  err = evaluate.ccat_error(result, final)
+  assert err.shape == (S, len(EPS)) and ((err >= 0) & (err <= 1)).all()
+  assert set(result.accepted) == {('ccat', 'full', a) for a in ev.config.attacks}
+  # A success is accepted by definition.
+  for k, v in result.success.items():
+    assert (~v | result.accepted[k] | result.clean['ccat'][:, None, :]).all()
+
+
+def test_presets_and_bad_input():
+  assert evaluate.preset('strong').apgd_steps == 100
+  assert evaluate.preset('strong').targets == 9
+  assert evaluate.preset('strong').square_queries == 5000
+  assert evaluate.preset('standard', square_queries=0).attacks == ('pgd', 'apgd', 'apgd_t')
+  with pytest.raises(ValueError, match='attack strength'):
+    evaluate.preset('medium')
+  with pytest.raises(ValueError, match='unknown attack config fields'):
+    evaluate.preset('fast', steps=3)
+  with pytest.raises(ValueError, match='pgd_restarts'):
+    evaluate.preset('fast', pgd_restarts=0)
+  with pytest.raises(ValueError, match='apgd_steps'):
+    evaluate.preset('fast', apgd_steps=-2)
+  with pytest.raises(ValueError, match='at least one attack'):
+    evaluate.preset('fast', pgd_steps=0, apgd_steps=0, apgd_t_steps=0, square_queries=0)
+  teacher, student, tp, sp, x, proj = _problem()
+  ev = evaluate.Evaluator(student.apply, teacher.apply, norm='l2',
+                          config=evaluate.preset('fast'))
+  keys = jax.random.split(jax.random.PRNGKey(0), S)
+  with pytest.raises(ValueError, match='labels_kinds'):
+    ev.run(sp, tp, x, keys, eps=EPS, labels_kinds=('teacher',))
+  with pytest.raises(ValueError, match='needs labels'):
+    ev.run(sp, tp, x, keys, eps=EPS, labels_kinds=('true',))
+  with pytest.raises(ValueError, match='projectors keys'):
+    ev.run(sp, tp, x, keys, eps=EPS, projectors={'outside': proj['in']})
+  with pytest.raises(ValueError, match=r"projectors\['in'\]"):
+    ev.run(sp, tp, x, keys, eps=EPS, projectors={'in': jnp.zeros((S, D, D + 1))})
+  with pytest.raises(ValueError, match='eps'):
+    ev.run(sp, tp, x, keys, eps=(-1.0,))
+  with pytest.raises(ValueError, match='norm'):
+    evaluate.Evaluator(student.apply, teacher.apply, norm='l1', config=ev.config)
+  with pytest.raises(ValueError, match='identity_full'):
+    evaluate.Evaluator(student.apply, teacher.apply, norm='linf', config=ev.config).run(
+        sp, tp, x, keys, eps=EPS, identity_full=True)
+
+
+def _linear_pair(student_offset, student_sign=1.0):
+  """Teacher logits ``[x_0, 0]``; student ``[sign * x_0 + offset, 0]`` (both 2-class, linear)."""
+  def teacher_apply(params, v):
+    del params
+    return jnp.stack([v[:, 0], jnp.zeros_like(v[:, 0])], -1), []
+
+  def student_apply(params, v):
+    del params
+    return jnp.stack([student_sign * v[:, 0] + student_offset, jnp.zeros_like(v[:, 0])], -1), []
+  return student_apply, teacher_apply
+
+
+@pytest.mark.parametrize('tolerance, sign, expected', [
+    (0.0, 1.0, 1.0),   # a sliver: -0.05 < x_0 < 0 is reachable; the strict oracle counts it
+    (0.1, 1.0, 0.0),   # there the teacher's gap |x_0| < 0.1: ambiguous, not counted
+    (0.1, -1.0, 1.0),  # a student that really disagrees is still broken with a tolerance
+])
+def test_oracle_tolerance_known_answer(tolerance, sign, expected):
+  student_apply, teacher_apply = _linear_pair(0.05, sign)
+  # Both say class 0 at x_0 = 0.3 (the flipped student says class 1: wrong already at x).
+  x = jnp.zeros((N, D)).at[:, 0].set(0.3)
+  ev = evaluate.Evaluator(student_apply, teacher_apply, norm='l2',
+                          config=evaluate.preset('fast', oracle_tolerance=tolerance),
+                          shared_teacher=True, shared_data=True)
+  result = ev.run(jnp.zeros((1,)), jnp.zeros(()), x, jax.random.PRNGKey(0)[None],
+                  eps=(0.5,), labels_kinds=('oracle',))
+  final = evaluate.combine(result)
+  assert final[('oracle', 'full')].mean() == pytest.approx(expected)

@@ -1,0 +1,719 @@
+"""The robustness evaluation every binary calls: an oracle-aware attack ensemble.
+
+For a batch of students (a leading students axis, vmapped or ``lax.map``-ped),
+``Evaluator.run`` attacks every example with every attack of the ensemble, for
+every label kind, every subspace restriction and every budget, and returns
+per-example successes. ``combine`` then takes, per example, the worst case
+over the ensemble and makes the sets consistent *by construction*:
+
+* a perturbation found in the data subspace S (``in``) or in its complement
+  (``off``) is also a feasible unconstrained (``full``) one, so a success
+  ``in`` or ``off`` counts ``full``;
+* a perturbation found at budget ``eps`` is feasible at every larger budget,
+  so a success at ``eps`` counts at every larger one.
+
+Both hold because the attacked sets nest (L2 or L-inf balls, intersected
+with a subspace; with a ``clip_range``, subspace attacks scale the
+perturbation down instead of clipping it, so it stays feasible everywhere).
+
+The ensemble (``ATTACKS``), per label kind:
+
+| attack   | ``oracle`` (student vs the teacher at ``x + delta``) | ``fixed`` / ``true`` (a label fixed at ``x``) | ``ccat`` (accepted and wrong) |
+|----------|-----------------------------|-----------------------------|------------------------------|
+| ``pgd``    | PGD on KL(teacher || student) (or MSE) | PGD on cross-entropy | PGD on CCAT's objective |
+| ``apgd``   | APGD on the oracle margin ``max_{k!=t} s_k - s_t`` | APGD on cross-entropy | APGD on the oracle margin |
+| ``apgd_t`` | APGD on the oracle targeted margin ``s_k - s_t``, ``k`` over the top ``targets`` other classes | APGD on the targeted DLR loss (targeted margin with < 4 classes) | as ``oracle`` |
+| ``square`` | Square (gradient-free) on the oracle margin | Square on the margin | Square on CCAT's objective |
+
+``t`` is the teacher's argmax at the perturbed point. Target classes of
+``apgd_t`` are the student's largest clean logits other than the label at
+the clean point (as AutoAttack picks them). ``fixed`` labels are the
+teacher's argmax at the clean point; ``true`` labels are given (real data).
+``ccat`` success is CCAT's criterion (Stutz et al. 2020): the student's
+confidence at ``x + delta`` passes the threshold and its argmax differs from
+the teacher's there.
+
+Presets (``preset``): ``fast`` (tests), ``standard`` (the binaries'
+defaults), ``strong`` (close to AutoAttack's standard version: APGD 100
+iterations, 9 targets, Square 5000 queries). Everything is pure: keys in,
+numpy arrays out; one compilation per (attack, label, subspace kind) serves
+every budget, rank and method, since budgets and projectors are arrays.
+"""
+
+import dataclasses
+import functools
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tsrobust import attacks
+from tsrobust import square as square_lib
+
+ATTACKS = ('pgd', 'apgd', 'apgd_t', 'square')
+GRADIENT_ATTACKS = ('pgd', 'apgd', 'apgd_t')
+LABEL_KINDS = ('oracle', 'fixed', 'true', 'ccat')
+WHERES = ('in', 'off', 'full')
+STRENGTHS = ('fast', 'standard', 'strong')
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackConfig:
+  """Iterations of each attack of the ensemble (0 iterations / queries: attack not run).
+
+  Attributes:
+    pgd_steps, pgd_restarts: PGD with step ``pgd_step_factor * eps / pgd_steps``.
+    apgd_steps, apgd_restarts: APGD (untargeted).
+    apgd_t_steps, targets: APGD-T, run once per target class (``targets``
+      classes, at most ``C - 1``).
+    square_queries, square_p_init: Square attack.
+    oracle_loss: PGD's oracle objective, ``'kl'`` or ``'mse'``.
+    oracle_tolerance: an oracle disagreement counts only where the teacher's
+      own top-2 logit gap at that point is ``>= oracle_tolerance`` (0: any
+      disagreement). A student that approximates the teacher up to a logit
+      error ``e`` disagrees with it in slivers of width ~``e`` around every
+      teacher decision boundary, and a strong attack finds them within any
+      budget that reaches a boundary; the tolerance counts only
+      disagreements where the oracle is unambiguous. With a tolerance the
+      oracle-margin objectives become ``min(margin, teacher gap - tolerance)``.
+  """
+  pgd_steps: int = 20
+  pgd_restarts: int = 1
+  pgd_step_factor: float = 2.5
+  apgd_steps: int = 30
+  apgd_restarts: int = 1
+  apgd_t_steps: int = 15
+  targets: int = 3
+  square_queries: int = 100
+  square_p_init: float = 0.8
+  oracle_loss: str = 'kl'
+  oracle_tolerance: float = 0.0
+
+  def __post_init__(self):
+    for name in ('pgd_steps', 'apgd_steps', 'apgd_t_steps', 'targets', 'square_queries'):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+        raise ValueError(f'{name} must be an integer >= 0, got {v!r}')
+    for name in ('pgd_restarts', 'apgd_restarts'):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f'{name} must be an integer >= 1, got {v!r}')
+    if not self.pgd_step_factor > 0:
+      raise ValueError(f'pgd_step_factor must be > 0, got {self.pgd_step_factor!r}')
+    if not 0 < self.square_p_init <= 1:
+      raise ValueError(f'square_p_init must be in (0, 1], got {self.square_p_init!r}')
+    if not (isinstance(self.oracle_tolerance, (int, float)) and self.oracle_tolerance >= 0):
+      raise ValueError(f'oracle_tolerance must be >= 0, got {self.oracle_tolerance!r}')
+    if self.oracle_loss not in attacks.ORACLE_LOSSES:
+      raise ValueError(f'oracle_loss must be one of {attacks.ORACLE_LOSSES}, '
+                       f'got {self.oracle_loss!r}')
+    if not self.attacks:
+      raise ValueError('at least one attack must run (all iteration counts are 0)')
+
+  @property
+  def attacks(self) -> Tuple[str, ...]:
+    """The attacks that run, in ``ATTACKS`` order."""
+    on = {'pgd': self.pgd_steps > 0, 'apgd': self.apgd_steps > 0,
+          'apgd_t': self.apgd_t_steps > 0 and self.targets > 0,
+          'square': self.square_queries > 0}
+    return tuple(a for a in ATTACKS if on[a])
+
+  def convergence_points(self) -> Tuple[int, ...]:
+    """APGD iteration counts at which its error is reported (1/4, 1/2, all)."""
+    n = self.apgd_steps
+    return tuple(sorted({max(1, n // 4), max(1, n // 2), n})) if n else ()
+
+
+PRESETS = {
+    'fast': AttackConfig(pgd_steps=5, apgd_steps=10, apgd_t_steps=5, targets=1,
+                         square_queries=30),
+    'standard': AttackConfig(),
+    'strong': AttackConfig(pgd_steps=100, apgd_steps=100, apgd_t_steps=100, targets=9,
+                           square_queries=5000),
+}
+
+
+def preset(strength: str, **overrides) -> AttackConfig:
+  """The ``AttackConfig`` of a strength preset, with fields overridden.
+
+  Raises:
+    ValueError: unknown strength or field, or an invalid value.
+  """
+  if strength not in PRESETS:
+    raise ValueError(f'attack strength must be one of {STRENGTHS}, got {strength!r}')
+  fields = {f.name for f in dataclasses.fields(AttackConfig)}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(f'unknown attack config fields {unknown}; allowed: {sorted(fields)}')
+  return dataclasses.replace(PRESETS[strength], **overrides)
+
+
+# ----------------------------------------------------------------------------
+# One student, one attack, one label kind, one budget.
+# ----------------------------------------------------------------------------
+
+
+def teacher_gap(teacher_logits: chex.Array) -> chex.Array:
+  """``[N]`` the teacher's top-1 minus top-2 logit: how unambiguous the oracle is."""
+  top2 = jax.lax.top_k(teacher_logits, 2)[0]
+  return top2[:, 0] - top2[:, 1]
+
+
+def oracle_wrong(student_logits: chex.Array, teacher_logits: chex.Array,
+                 tolerance: float = 0.0) -> chex.Array:
+  """``[N]`` bool: the argmaxes differ where the teacher's gap is ``>= tolerance``."""
+  wrong = student_logits.argmax(-1) != teacher_logits.argmax(-1)
+  if tolerance > 0:
+    wrong = wrong & (teacher_gap(teacher_logits) >= tolerance)
+  return wrong
+
+
+def _ccat_criteria(s_fn, t_fn, threshold, tolerance):
+  """``(accepted, accepted_and_wrong)``: ``x_adv -> [N] bool`` each."""
+  def accepted(xa):
+    return jax.nn.softmax(s_fn(xa)).max(-1) >= threshold
+
+  def accepted_and_wrong(xa):
+    s = s_fn(xa)
+    return (jax.nn.softmax(s).max(-1) >= threshold) & oracle_wrong(s, t_fn(xa), tolerance)
+  return accepted, accepted_and_wrong
+
+
+def _subspace_boundary(delta: chex.Array, *, x: chex.Array, eps: chex.Numeric, norm: str,
+                       projector: chex.Array,
+                       clip_range: Optional[Tuple[float, float]]) -> chex.Array:
+  """``P delta`` rescaled onto the boundary of the budget (its norm = ``eps``), then kept in range."""
+  d = attacks.project_onto_subspace(delta, projector)
+  flat = d.reshape(d.shape[0], -1)
+  size = (jnp.abs(flat).max(-1) if norm == 'linf' else jnp.sqrt((flat * flat).sum(-1)))
+  d = d * (eps / jnp.maximum(size, 1e-12)).reshape((-1,) + (1,) * (d.ndim - 1))
+  return attacks._clip_inputs(x, d, clip_range, projector)  # pylint: disable=protected-access
+
+
+def attack_one(student_fn: Callable, teacher_fn: Callable, x: chex.Array,
+               labels: Optional[chex.Array], key: chex.PRNGKey, *, attack: str, label: str,
+               eps: chex.Numeric, norm: str, config: AttackConfig,
+               projector: Optional[chex.Array] = None,
+               clip_range: Optional[Tuple[float, float]] = None,
+               threshold: Optional[chex.Numeric] = None) -> Dict[str, chex.Array]:
+  """One attack of the ensemble on one student.
+
+  Args:
+    student_fn, teacher_fn: ``[N, ...] -> [N, C]`` logits.
+    x: ``[N, ...]`` clean inputs.
+    labels: ``[N]`` int labels for ``label='true'``; ignored otherwise (``fixed``
+      and ``ccat`` use the teacher's argmax at ``x``).
+    key: PRNG key.
+    attack: one of ``ATTACKS``.
+    label: one of ``LABEL_KINDS``.
+    eps: budget (a traced scalar is fine).
+    norm: ``'linf'`` or ``'l2'``.
+    config: iterations of the attacks.
+    projector: ``[D, D]`` orthogonal projector restricting ``delta``, or None
+      (unconstrained; never pass the identity: L-inf would scale instead of clip).
+    clip_range: valid input range, or None.
+    threshold: CCAT confidence threshold (``label='ccat'``).
+
+  Returns:
+    ``{'success': [N] bool}``; ``'accepted'`` ``[N]`` for ``ccat``;
+    ``'first_success'`` ``[N]`` int32 for ``apgd``.
+  """
+  if attack not in ATTACKS:
+    raise ValueError(f'attack must be one of {ATTACKS}, got {attack!r}')
+  if label not in LABEL_KINDS:
+    raise ValueError(f'label must be one of {LABEL_KINDS}, got {label!r}')
+  c = config
+  s_fn, t_fn = student_fn, teacher_fn
+  clean_s = s_fn(x)
+  num_classes = clean_s.shape[-1]
+  if label == 'true':
+    if labels is None:
+      raise ValueError("label='true' needs labels")
+    y = labels
+  else:
+    y = t_fn(x).argmax(-1)
+  out = {}
+  tol = float(c.oracle_tolerance)
+  if label == 'oracle':
+    success = lambda xa: oracle_wrong(s_fn(xa), t_fn(xa), tol)
+  elif label == 'ccat':
+    if threshold is None:
+      raise ValueError("label='ccat' needs a threshold")
+    accepted, success = _ccat_criteria(s_fn, t_fn, threshold, tol)
+  else:
+    success = attacks.fixed_label_success(s_fn, y)
+  oracle_like = label in ('oracle', 'ccat')
+
+  def with_tolerance(objective):  # also push the teacher's gap above the tolerance
+    if tol <= 0:
+      return objective
+    return lambda xa: jnp.minimum(objective(xa), teacher_gap(t_fn(xa)) - tol)
+
+  if attack == 'pgd':
+    if label == 'oracle':
+      objective = attacks.oracle_objective(s_fn, t_fn, c.oracle_loss)
+    elif label == 'ccat':
+      objective = attacks.ccat_objective(s_fn, y)
+    else:
+      objective = attacks.fixed_label_objective(s_fn, y)
+    delta = attacks.pgd(objective, x, key, eps=eps,
+                        alpha=c.pgd_step_factor * eps / c.pgd_steps, steps=c.pgd_steps,
+                        norm=norm, restarts=c.pgd_restarts, projector=projector,
+                        clip_range=clip_range, success_fn=success)
+  elif attack == 'apgd':
+    objective = (with_tolerance(attacks.oracle_margin_objective(s_fn, t_fn)) if oracle_like
+                 else attacks.fixed_label_objective(s_fn, y))
+    delta, first = attacks.apgd(objective, x, key, eps=eps, steps=c.apgd_steps, norm=norm,
+                                restarts=c.apgd_restarts, projector=projector,
+                                clip_range=clip_range, success_fn=success, return_trace=True)
+    out['first_success'] = first
+  elif attack == 'apgd_t':
+    k = min(c.targets, num_classes - 1)
+    targets = attacks.top_other_classes(clean_s, y, k)
+
+    def one_target(args):
+      target, tkey = args
+      tgt = jnp.broadcast_to(target, y.shape)
+      if oracle_like:
+        objective = with_tolerance(attacks.oracle_targeted_margin_objective(s_fn, t_fn, tgt))
+      elif num_classes >= 4:
+        objective = attacks.targeted_dlr_objective(s_fn, y, tgt)
+      else:
+        objective = attacks.targeted_margin_objective(s_fn, y, tgt)
+      d = attacks.apgd(objective, x, tkey, eps=eps, steps=c.apgd_t_steps, norm=norm,
+                       projector=projector, clip_range=clip_range, success_fn=success)
+      return d, success(x + d)
+    deltas, succ = jax.lax.map(one_target, (targets.T, jax.random.split(key, k)))
+    # Per example, the first target that succeeded (else the first target).
+    pick = jnp.argmax(succ, axis=0)
+    delta = jnp.take_along_axis(deltas, pick.reshape((1, -1) + (1,) * (x.ndim - 1)),
+                                axis=0)[0]
+  else:  # square
+    if label == 'ccat':
+      objective = attacks.ccat_objective(s_fn, y)
+    elif label == 'oracle':
+      objective = with_tolerance(attacks.oracle_margin_objective(s_fn, t_fn))
+    else:
+      objective = attacks.margin_objective(s_fn, y)
+    if projector is None:
+      delta = square_lib.square(objective, x, key, eps=eps, queries=c.square_queries,
+                                norm=norm, clip_range=clip_range, success_fn=success,
+                                p_init=c.square_p_init)
+    else:
+      # In a subspace: the search runs in the ambient space and every candidate is mapped
+      # into the feasible set (projected onto the subspace, rescaled to the budget's
+      # boundary, kept in clip_range), so one compilation serves every subspace.
+      feasible = functools.partial(_subspace_boundary, x=x, eps=eps, norm=norm,
+                                   projector=projector, clip_range=clip_range)
+      ambient = square_lib.square(lambda xa: objective(x + feasible(xa - x)), x, key, eps=eps,
+                                  queries=c.square_queries, norm=norm,
+                                  success_fn=lambda xa: success(x + feasible(xa - x)),
+                                  p_init=c.square_p_init)
+      delta = feasible(ambient)
+  xa = x + delta
+  out['success'] = success(xa)
+  if label == 'ccat':
+    out['accepted'] = accepted(xa)
+  return out
+
+
+# ----------------------------------------------------------------------------
+# A batch of students.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Result:
+  """Raw per-example outcomes of ``Evaluator.run`` (numpy).
+
+  Attributes:
+    eps: the budgets, ascending.
+    success: ``{(label, where, attack): [S, E, N] bool}``.
+    accepted: ``{('ccat', where, attack): [S, E, N] bool}`` (CCAT runs only).
+    first_success: ``{(label, where): [S, E, N] int}`` of ``apgd``.
+    clean: ``{label: [S, N] bool}`` the student already wrong at ``x``
+      (``ccat``: accepted and wrong).
+    clean_accepted: ``[S, N] bool`` (CCAT runs only).
+  """
+  eps: Tuple[float, ...]
+  success: Dict[Tuple[str, str, str], np.ndarray]
+  accepted: Dict[Tuple[str, str, str], np.ndarray]
+  first_success: Dict[Tuple[str, str], np.ndarray]
+  clean: Dict[str, np.ndarray]
+  clean_accepted: Optional[np.ndarray] = None
+
+  @property
+  def keys(self):
+    return sorted({(l, w) for l, w, _ in self.success})
+
+
+def _over_students(fn: Callable, batched: Sequence[bool], batching: str) -> Callable:
+  """Maps ``fn`` over the leading axis of the arguments flagged in ``batched``."""
+  if batching == 'vmap':
+    return jax.vmap(fn, in_axes=tuple(0 if b else None for b in batched))
+
+  def mapped(*args):
+    shared = [None if b else a for a, b in zip(args, batched)]
+    per = tuple(a for a, b in zip(args, batched) if b)
+
+    def body(per_student):
+      it = iter(per_student)
+      return fn(*[next(it) if b else s for s, b in zip(shared, batched)])
+    return jax.lax.map(body, per)
+  return mapped
+
+
+class Evaluator:
+  """Compiled ensemble evaluation of students against their teachers.
+
+  Args:
+    student_apply, teacher_apply: ``(params, x) -> (logits, activations)``.
+    norm: ``'linf'`` or ``'l2'``.
+    config: an ``AttackConfig`` (see ``preset``).
+    clip_range: valid input range of ``x + delta``, or None.
+    shared_teacher: one teacher for every student (its params have no
+      students axis), else ``[S, ...]``.
+    shared_data: one ``x`` (and ``labels``) for every student, else ``[S, N, ...]``.
+    batching: ``'vmap'`` (MLPs) or ``'map'`` (``lax.map``, one student at a
+      time; CNNs on a CPU).
+  """
+
+  def __init__(self, student_apply: Callable, teacher_apply: Callable, *, norm: str,
+               config: AttackConfig, clip_range: Optional[Tuple[float, float]] = None,
+               shared_teacher: bool = False, shared_data: bool = False,
+               batching: str = 'vmap'):
+    if norm not in attacks.NORMS:
+      raise ValueError(f'norm must be one of {attacks.NORMS}, got {norm!r}')
+    if batching not in ('vmap', 'map'):
+      raise ValueError(f"batching must be 'vmap' or 'map', got {batching!r}")
+    self.student_apply, self.teacher_apply = student_apply, teacher_apply
+    self.norm, self.config, self.clip_range = norm, config, clip_range
+    self.shared_teacher, self.shared_data, self.batching = shared_teacher, shared_data, batching
+    self._fns = {}
+    self._clean = self._compile_clean()
+
+  def _compile_clean(self):
+    def one(sp, tp, x, labels, threshold):
+      s = self.student_apply(sp, x)[0]
+      t = self.teacher_apply(tp, x)[0]
+      conf = jax.nn.softmax(s).max(-1)
+      return {'oracle': oracle_wrong(s, t, float(self.config.oracle_tolerance)),
+              'true': s.argmax(-1) != labels,
+              'accepted': conf >= threshold}
+    batched = (True, not self.shared_teacher, not self.shared_data, not self.shared_data,
+               True)
+    return jax.jit(_over_students(one, batched, self.batching))
+
+  def _fn(self, attack: str, label: str, subspace: bool, shared_projector: bool):
+    key = (attack, label, subspace, shared_projector)
+    if key not in self._fns:
+      def one(sp, tp, x, labels, k, eps, projector, threshold):
+        return attack_one(
+            lambda v: self.student_apply(sp, v)[0], lambda v: self.teacher_apply(tp, v)[0],
+            x, labels, k, attack=attack, label=label, eps=eps, norm=self.norm,
+            config=self.config, projector=projector if subspace else None,
+            clip_range=self.clip_range, threshold=threshold)
+      batched = (True, not self.shared_teacher, not self.shared_data, not self.shared_data,
+                 True, False, subspace and not shared_projector, True)
+      self._fns[key] = jax.jit(_over_students(one, batched, self.batching))
+    return self._fns[key]
+
+  def run(self, student_params, teacher_params, x: chex.Array, keys: chex.Array, *,
+          eps: Sequence[float], labels_kinds: Sequence[str] = ('oracle', 'fixed'),
+          projectors: Optional[Mapping[str, Tuple[chex.Array, int]]] = None,
+          labels: Optional[chex.Array] = None,
+          thresholds: Optional[chex.Array] = None,
+          identity_full: Optional[bool] = None) -> Result:
+    """Every attack x label kind x subspace x budget, per example.
+
+    Args:
+      student_params: ``[S, ...]`` student parameters.
+      teacher_params: ``[S, ...]`` (or shared) teacher parameters.
+      x: ``[S, N, ...]`` (or shared ``[N, ...]``) clean inputs.
+      keys: ``[S]`` PRNG keys, one per student.
+      eps: budgets (sorted ascending here).
+      labels_kinds: which of ``LABEL_KINDS`` to evaluate.
+      projectors: ``{'in' / 'off': projector}``: ``[S, D, D]`` (or a shared
+        ``[D, D]``) orthogonal projectors of the restricted attacks (each of rank
+        >= 1); ``'full'`` (unconstrained) is always evaluated. With L2 and
+        restricted attacks, ``full`` runs through the same compiled function
+        with the identity (exactly the unconstrained L2 attack); with L-inf it
+        runs without a projector (per-coordinate clipping).
+      labels: ``[S, N]`` (or shared ``[N]``) int labels for ``'true'``.
+      thresholds: ``[S]`` CCAT confidence thresholds for ``'ccat'``.
+      identity_full: run ``full`` with an identity projector ``[S, D, D]``
+        (L2 only; the same attack, one compilation shared with ``in``/``off``).
+        Default: when there are restricted attacks and the norm is L2.
+
+    Returns:
+      A ``Result`` (numpy).
+    """
+    for kind in labels_kinds:
+      if kind not in LABEL_KINDS:
+        raise ValueError(f'labels_kinds must hold names from {LABEL_KINDS}, got {kind!r}')
+    if 'true' in labels_kinds and labels is None:
+      raise ValueError("labels_kinds 'true' needs labels")
+    if 'ccat' in labels_kinds and thresholds is None:
+      raise ValueError("labels_kinds 'ccat' needs thresholds")
+    projectors = dict(projectors or {})
+    for where in projectors:
+      if where not in ('in', 'off'):
+        raise ValueError(f"projectors keys must be 'in' or 'off', got {where!r}")
+    eps = tuple(sorted(float(e) for e in eps))
+    if not eps or eps[0] < 0:
+      raise ValueError(f'eps must be a non-empty sequence of budgets >= 0, got {eps!r}')
+    num = keys.shape[0]
+    n = x.shape[0] if self.shared_data else x.shape[1]
+    dummy_labels = (jnp.zeros((n,), jnp.int32) if self.shared_data
+                    else jnp.zeros((num, n), jnp.int32))
+    lab = dummy_labels if labels is None else jnp.asarray(labels)
+    thr = jnp.zeros((num,)) if thresholds is None else jnp.asarray(thresholds, jnp.float32)
+    wheres = [w for w in WHERES if w in projectors] + ['full']
+    for where, p in projectors.items():
+      p = jnp.asarray(p)
+      if p.ndim not in (2, 3) or p.shape[-1] != p.shape[-2]:
+        raise ValueError(f'projectors[{where!r}] must be [D, D] or [S, D, D], got {p.shape}')
+      projectors[where] = p
+    if identity_full is None:
+      identity_full = bool(projectors) and self.norm == 'l2'
+    if identity_full:
+      if self.norm != 'l2':
+        raise ValueError('identity_full is for L2 only: unconstrained L-inf clips per coordinate')
+      d = int(np.prod(x.shape[2:] if not self.shared_data else x.shape[1:]))
+      projectors['full'] = jnp.broadcast_to(jnp.eye(d, dtype=x.dtype), (num, d, d))
+    clean_out = jax.device_get(self._clean(student_params, teacher_params, x, lab, thr))
+    clean = {}
+    for kind in labels_kinds:
+      if kind == 'oracle':
+        clean[kind] = clean_out['oracle']
+      elif kind == 'true':
+        clean[kind] = clean_out['true']
+      elif kind == 'fixed':
+        clean[kind] = np.zeros_like(clean_out['oracle'])  # the label is the teacher's at x
+      else:
+        clean[kind] = clean_out['accepted'] & clean_out['oracle']
+    success, accepted, first = {}, {}, {}
+    for li, kind in enumerate(labels_kinds):
+      for wi, where in enumerate(wheres):
+        proj = projectors.get(where)
+        shared_p = proj is not None and proj.ndim == 2
+        for ai, attack in enumerate(self.config.attacks):
+          fn = self._fn(attack, kind, proj is not None, shared_p)
+          outs = []
+          for ei, e in enumerate(eps):
+            code = ((LABEL_KINDS.index(kind) * 8 + WHERES.index(where)) * 8
+                    + ATTACKS.index(attack)) * 64 + ei
+            k = jax.vmap(lambda kk: jax.random.fold_in(kk, code))(keys)
+            outs.append(fn(student_params, teacher_params, x, lab, k, jnp.float32(e),
+                           proj, thr))
+          outs = jax.device_get(outs)
+          # delta = 0 is feasible: a point already wrong at x is a success of every attack.
+          success[(kind, where, attack)] = (np.stack([o['success'] for o in outs], 1)
+                                            | clean[kind][:, None, :])
+          if kind == 'ccat':
+            accepted[(kind, where, attack)] = np.stack([o['accepted'] for o in outs], 1)
+          if attack == 'apgd':
+            first[(kind, where)] = np.stack([o['first_success'] for o in outs], 1)
+    return Result(eps=eps, success=success, accepted=accepted, first_success=first,
+                  clean=clean, clean_accepted=clean_out['accepted'] if 'ccat' in labels_kinds
+                  else None)
+
+
+def ccat_threshold(confidence: np.ndarray, correct: np.ndarray, pass_rate: float = 0.99) -> float:
+  """CCAT's confidence threshold (Stutz et al.): passes ``pass_rate`` of the correct points.
+
+  Args:
+    confidence: ``[N]`` the student's max softmax on clean held-out points.
+    correct: ``[N]`` bool, the student is right there (w.r.t. the oracle).
+    pass_rate: fraction of the correctly classified points to accept.
+
+  Returns:
+    The largest threshold that at least ``pass_rate`` of the correct points
+    meet (``attacks.confidence_threshold`` on them); over all points if none
+    is correct.
+  """
+  confidence = np.asarray(confidence, np.float32)
+  correct = np.asarray(correct, bool)
+  chex.assert_equal_shape([confidence, correct])
+  pool = confidence[correct] if correct.any() else confidence
+  return float(attacks.confidence_threshold(jnp.asarray(pool), pass_rate))
+
+
+# ----------------------------------------------------------------------------
+# Worst case over the ensemble, invariants, diagnostics (numpy, host side).
+# ----------------------------------------------------------------------------
+
+
+def _cumulative_over_eps(s: np.ndarray) -> np.ndarray:
+  """``[S, E, N]`` bool: a success at budget ``i`` counts at every ``j >= i``."""
+  return np.logical_or.accumulate(s, axis=1)
+
+
+def raw_ensemble(result: Result) -> Dict[Tuple[str, str], np.ndarray]:
+  """``{(label, where): [S, E, N]}``: any attack succeeded (no invariants enforced)."""
+  out = {}
+  for (label, where, _), s in result.success.items():
+    out[(label, where)] = out.get((label, where), False) | s
+  return out
+
+
+def combine(result: Result) -> Dict[Tuple[str, str], np.ndarray]:
+  """The evaluation's successes, ``{(label, where): [S, E, N] bool}``, consistent by construction.
+
+  Per example: the union over attacks (worst case), then ``full`` includes
+  ``in`` and ``off``, then a success at a budget counts at every larger one.
+  A point the student already gets wrong at ``x`` counts as a success at
+  every budget (``delta = 0`` is feasible).
+  """
+  raw = raw_ensemble(result)
+  out = {}
+  for (label, where), s in raw.items():
+    out[(label, where)] = s | result.clean[label][:, None, :]
+  for label in {l for l, _ in raw}:
+    if (label, 'full') in out:
+      for sub in ('in', 'off'):
+        if (label, sub) in out:
+          out[(label, 'full')] = out[(label, 'full')] | out[(label, sub)]
+  return {k: _cumulative_over_eps(v) for k, v in out.items()}
+
+
+def error_rates(final: Mapping[Tuple[str, str], np.ndarray]) -> Dict[Tuple[str, str], np.ndarray]:
+  """``{(label, where): [S, E]}`` mean error over examples."""
+  return {k: v.mean(-1) for k, v in final.items()}
+
+
+def ccat_error(result: Result, final: Mapping[Tuple[str, str], np.ndarray],
+               where: str = 'full') -> np.ndarray:
+  """Stutz et al.'s confidence-thresholded robust error, ``[S, E]``.
+
+  With ``c`` the student's confidence, ``tau`` the threshold, ``x~`` the
+  worst-case perturbed point of example ``n`` (a success of any attack, else
+  any accepted attacked point)::
+
+    RErr = sum_n max(1[wrong(x_n), c(x_n) >= tau], 1[wrong(x~_n), c(x~_n) >= tau])
+           / sum_n max(1[c(x_n) >= tau], 1[c(x~_n) >= tau])
+
+  ``wrong`` is w.r.t. the oracle (the teacher at that point). 0 when no
+  point is accepted.
+  """
+  succ = final[('ccat', where)]
+  acc = np.zeros_like(succ)
+  for (label, w, _), a in result.accepted.items():
+    if label == 'ccat' and w == where:
+      acc = acc | a
+  acc = np.logical_or.accumulate(acc, axis=1)
+  num = (succ | result.clean['ccat'][:, None, :]).sum(-1)
+  den = (result.clean_accepted[:, None, :] | succ | acc).sum(-1)
+  return np.where(den > 0, num / np.maximum(den, 1), 0.0)
+
+
+def _violations(s: Mapping[Tuple[str, str], np.ndarray]) -> Dict[str, int]:
+  """Per-example violations of the nesting invariants in ``{(label, where): [S, E, N]}``."""
+  mono = sub = 0
+  for (label, where), v in s.items():
+    mono += int((v[:, :-1] & ~v[:, 1:]).sum())
+    if where == 'full':
+      for w in ('in', 'off'):
+        if (label, w) in s:
+          sub += int((s[(label, w)] & ~v).sum())
+  return {'non_monotone_in_eps': mono, 'subspace_not_in_full': sub}
+
+
+def _row_violations(rates: Mapping[Tuple[str, str], np.ndarray]) -> int:
+  """Violations counted as ``check_invariants.py`` does, on mean error per student."""
+  bad = 0
+  for (label, where), r in rates.items():
+    bad += int((r[:, 1:] < r[:, :-1] - 1e-9).sum())
+    if where == 'full':
+      for w in ('in', 'off'):
+        if (label, w) in rates:
+          bad += int((r < rates[(label, w)] - 1e-9).sum())
+  return bad
+
+
+def attack_checks(result: Result, final: Mapping[Tuple[str, str], np.ndarray],
+                  headline: float, attacks_run: Sequence[str],
+                  convergence_points: Sequence[int],
+                  rows: Optional[np.ndarray] = None) -> Dict[str, Any]:
+  """Diagnostics of the raw attacks, before the invariants were enforced.
+
+  Args:
+    result, final: ``Evaluator.run`` output and ``combine(result)``.
+    headline: the budget whose convergence is reported.
+    attacks_run: the attacks of the ensemble.
+    convergence_points: APGD iteration counts of the convergence curve.
+    rows: ``[S]`` bool, the students to count (e.g. one method's); default all.
+
+  Returns:
+    A JSON-able dict: per attack and for the raw ensemble, the per-example
+    violations of the invariants (``non_monotone_in_eps``,
+    ``subspace_not_in_full``) and the row violations counted as
+    ``check_invariants.py`` does; per (label, where, eps) the fraction of
+    points broken only by Square and by each attack; the convergence of APGD
+    (error after k iterations, untargeted APGD alone, full space, at the
+    headline budget) beside the ensemble's error.
+  """
+  sel = np.ones(next(iter(final.values())).shape[0], bool) if rows is None else rows
+  pick = lambda d: {k: v[sel] for k, v in d.items()}
+  eps = result.eps
+  hi = eps.index(float(headline)) if float(headline) in eps else len(eps) // 2
+  out = {'students': int(sel.sum()), 'eps': list(eps), 'headline_eps': eps[hi],
+         'per_attack': {}, 'only_square': {}, 'convergence': {}}
+  for attack in attacks_run:
+    per = {(l, w): v for (l, w, a), v in pick(result.success).items() if a == attack}
+    out['per_attack'][attack] = {**_violations(per),
+                                 'row_violations': _row_violations(error_rates(per))}
+  raw = pick(raw_ensemble(result))
+  out['raw_ensemble'] = {**_violations(raw), 'row_violations': _row_violations(error_rates(raw))}
+  fin = pick(final)
+  out['final'] = {**_violations(fin), 'row_violations': _row_violations(error_rates(fin))}
+  if 'square' in attacks_run:
+    for (label, where), _ in raw.items():
+      grad = np.zeros_like(raw[(label, where)])
+      for a in attacks_run:
+        if a != 'square':
+          grad = grad | result.success[(label, where, a)][sel]
+      only = result.success[(label, where, 'square')][sel] & ~grad
+      for ei, e in enumerate(eps):
+        out['only_square'][f'{label}_{where}_{e:g}'] = float(only[:, ei].mean())
+  for (label, where), fs in pick(result.first_success).items():
+    if where != 'full':
+      continue
+    clean = result.clean[label][sel]
+    curve = {str(k): float(((fs[:, hi] <= k) | clean).mean()) for k in convergence_points}
+    out['convergence'][label] = {'apgd_error_after_iterations': curve,
+                                 'ensemble_error': float(fin[(label, 'full')][:, hi].mean())}
+  return out
+
+
+def columns(labels_kinds: Sequence[str], wheres: Sequence[str], eps_names: Sequence[str],
+            attacks_run: Sequence[str], prefix: str = 'adv') -> Tuple[list, list]:
+  """``(ensemble columns, per-attack columns)`` of the result records.
+
+  ``{prefix}_{label}_{where}_{eps}`` (the evaluation) and
+  ``{prefix}_{label}_{where}_{eps}_{attack}`` (each attack alone, raw).
+  """
+  main = [f'{prefix}_{l}_{w}_{e}' for l in labels_kinds for w in wheres for e in eps_names]
+  per = [f'{prefix}_{l}_{w}_{e}_{a}' for l in labels_kinds for w in wheres for e in eps_names
+         for a in attacks_run]
+  return main, per
+
+
+def records(result: Result, final: Mapping[Tuple[str, str], np.ndarray],
+            eps_names: Mapping[float, str], prefix: str = 'adv') -> list:
+  """One dict per student: ensemble error and each attack's raw error per column."""
+  rates = error_rates(final)
+  num = next(iter(final.values())).shape[0]
+  rows = [{} for _ in range(num)]
+  for (label, where), r in rates.items():
+    for ei, e in enumerate(result.eps):
+      for i in range(num):
+        rows[i][f'{prefix}_{label}_{where}_{eps_names[e]}'] = float(r[i, ei])
+  for (label, where, attack), s in result.success.items():
+    m = s.mean(-1)
+    for ei, e in enumerate(result.eps):
+      for i in range(num):
+        rows[i][f'{prefix}_{label}_{where}_{eps_names[e]}_{attack}'] = float(m[i, ei])
+  return rows
