@@ -13,10 +13,17 @@ Checkpoints: ``Checkpointer`` saves a pytree (train state and loss history)
 with orbax after every chunk; a rerun restores the newest complete one.
 Orbax writes to a temporary folder and renames it, so a run killed mid-save
 leaves the previous checkpoint intact.
+
+CPU devices: XLA:CPU runs one device's batched small matrix products on about
+one core, so on a CPU the seeds axis only uses the machine when JAX has one
+CPU device per core. ``use_all_cpu_cores()``, called before any JAX
+computation, sets that up (the experiment binaries call it; ``--cpu_devices``).
 """
 
 import os
+import re
 from typing import Any, Optional, Tuple
+import warnings
 
 import jax
 from jax.sharding import Mesh
@@ -25,6 +32,122 @@ from jax.sharding import PartitionSpec
 import numpy as np
 
 SEEDS_AXIS = 'seeds'
+
+_FORCE_COUNT_FLAG = '--xla_force_host_platform_device_count'
+
+
+def cpu_cores() -> int:
+  """The cores this process may run on (its CPU affinity where known, else ``os.cpu_count()``)."""
+  if hasattr(os, 'sched_getaffinity'):
+    return max(1, len(os.sched_getaffinity(0)))
+  return max(1, os.cpu_count() or 1)
+
+
+def _default_platform_is_cpu() -> Optional[bool]:
+  """True / False when ``jax_platforms`` (or ``JAX_PLATFORMS``) names the default; None if unset.
+
+  Reads the setting only: initializing a backend to find out would fix the
+  CPU device count before it can be chosen.
+  """
+  platforms = jax.config.jax_platforms or os.environ.get('JAX_PLATFORMS', '')
+  first = platforms.split(',')[0].strip().lower()
+  return (first == 'cpu') if first else None
+
+
+def _user_cpu_device_count() -> Optional[Tuple[int, str]]:
+  """``(count, where it was set)`` if the user chose the CPU device count, else None.
+
+  ``jax_num_cpu_devices`` (``jax.config.update`` or ``JAX_NUM_CPU_DEVICES``)
+  takes precedence over ``--xla_force_host_platform_device_count`` in
+  ``XLA_FLAGS``, as in JAX's CPU client.
+  """
+  configured = jax.config.jax_num_cpu_devices
+  if configured >= 0:  # the default is -1
+    return configured, 'jax_num_cpu_devices'
+  counts = re.findall(_FORCE_COUNT_FLAG + r'=(\d+)', os.environ.get('XLA_FLAGS', ''))
+  if counts:
+    return int(counts[-1]), f'XLA_FLAGS {_FORCE_COUNT_FLAG}'
+  return None
+
+
+def _backends_are_initialized() -> bool:
+  """Whether JAX has built its backends (then the CPU device count is fixed)."""
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  initialized = getattr(xla_bridge, 'backends_are_initialized', None)  # private API
+  if initialized is not None:
+    return bool(initialized())
+  return bool(getattr(xla_bridge, '_backends', None))
+
+
+def _initialized_cpu_device_count() -> int:
+  try:
+    return jax.local_device_count('cpu')
+  except RuntimeError:  # no CPU backend (jax_platforms excludes it)
+    return 0
+
+
+def use_all_cpu_cores(num_devices: Optional[int] = None) -> int:
+  """Gives JAX one CPU device per core, so sharded seeds run on every core.
+
+  Call it before any JAX computation (right after the imports of a script);
+  then ``seed_mesh()`` spans all the CPU devices and ``shard_seeds`` lays the
+  seeds over them. Each seed's results then equal the one-device run's within
+  float error (tests/test_sweep.py: 1e-4), as long as each seed's computation
+  does not depend on the other seeds in its batch.
+
+  It changes nothing when:
+
+  * ``jax_platforms`` / ``JAX_PLATFORMS`` names another platform first (JAX
+    runs elsewhere): returns 0. When it is unset JAX may still pick a GPU or
+    TPU; the setting is then harmless, as ``jax_num_cpu_devices`` is read only
+    when JAX builds its CPU client.
+  * The user already chose a count, with ``jax_num_cpu_devices`` (also
+    ``JAX_NUM_CPU_DEVICES``) or ``--xla_force_host_platform_device_count`` in
+    ``XLA_FLAGS``: returns that count (warns if ``num_devices`` asks for another).
+  * JAX's backends are already initialized, so the count is fixed: returns the
+    current number of CPU devices, with a warning if that is not the count wanted.
+
+  Args:
+    num_devices: how many CPU devices to create; None: one per core
+      (``cpu_cores()``). 1 is JAX's default.
+
+  Returns:
+    The number of CPU devices JAX's CPU client has or will have (0 if the
+    default platform is set to something else).
+
+  Raises:
+    ValueError: if ``num_devices`` is not None or a positive integer.
+  """
+  if num_devices is not None and (isinstance(num_devices, bool) or
+                                  not isinstance(num_devices, int) or num_devices < 1):
+    raise ValueError(f'num_devices must be None (one per core) or an integer >= 1, '
+                     f'got {num_devices!r}')
+  if _default_platform_is_cpu() is False:
+    return 0
+  wanted = cpu_cores() if num_devices is None else num_devices
+  user = _user_cpu_device_count()
+  if user is not None:
+    count, where = user
+    if num_devices is not None and num_devices != count:
+      warnings.warn(f'use_all_cpu_cores: {num_devices} CPU devices asked for, but {where} '
+                    f'already sets {count}; keeping {count}', stacklevel=2)
+    wanted = count
+  if _backends_are_initialized():
+    current = _initialized_cpu_device_count()
+    if current != wanted:
+      warnings.warn(f'use_all_cpu_cores: JAX is already initialized with {current} CPU '
+                    f'device(s), so it cannot switch to {wanted}; call it before any JAX '
+                    f'computation', stacklevel=2)
+    return current
+  if user is None:
+    try:
+      jax.config.update('jax_num_cpu_devices', wanted)
+    except RuntimeError:  # initialized in between (another thread)
+      current = _initialized_cpu_device_count()
+      warnings.warn(f'use_all_cpu_cores: JAX was initialized with {current} CPU device(s) '
+                    f'before {wanted} could be set', stacklevel=2)
+      return current
+  return wanted
 
 
 def seed_mesh(devices=None) -> Mesh:
