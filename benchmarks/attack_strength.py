@@ -1,0 +1,598 @@
+r"""Attack strength and speed: tsrobust's attack ensemble vs torchattacks (independent code).
+
+Two networks hold the same weights in JAX and in PyTorch (the JAX parameters
+are copied; logits are asserted equal within ``--logit_tol`` on the clean
+points and on every adversarial point torchattacks returns):
+
+* ``mlp``: the default low-rank student ``40 -> 50 -> 10`` of seed 0
+  (``benchmarks/setting.py``), trained on its teacher ``40 -> 10 -> 10`` for
+  ``--mlp_train_steps`` steps of the default trainer; points ``s P g`` from
+  the rank-10 data subspace; L2 attacks on the student with *fixed* labels
+  (the teacher's argmax at the clean point), no input range;
+* ``cnn``: the real-image teacher's architecture
+  (``experiments/configs/real.py``: conv (8, 16), dense (32,), 3 x 3 kernels,
+  2 x 2 max pooling), trained by cross-entropy with Adam on the bundled MNIST
+  training set (``--cnn_train_steps`` steps, the config's batch and learning
+  rate); the first ``--cnn_points`` test images; L-inf attacks with the true
+  labels, inputs clipped to [0, 1].
+
+Success rate = fraction of the attacked points misclassified at the returned
+point (points already misclassified clean count as successes), judged by the
+JAX network; torchattacks' points are checked to be feasible (norm <= eps,
+in range) first. Rows:
+
+* ours: ``evaluate.Evaluator`` at ``--strengths`` presets (``standard``,
+  ``strong``): the ensemble's worst case per example (``evaluate.combine``)
+  and each of its attacks alone;
+* torchattacks: ``APGD`` (CE, ``--ta_steps`` iterations, 1 restart),
+  ``APGDT`` (targeted DLR, ``--ta_steps`` iterations, all 9 target classes),
+  ``Square`` (``--ta_queries`` queries), ``AutoAttack(version='standard')``
+  as torchattacks builds it (APGD-CE, APGD-T, FAB-T, Square 5000; its APGD
+  and APGD-T use torchattacks' default of 10 iterations), and the union of
+  these per example.
+
+torchattacks wants ``[N, C, H, W]`` inputs in [0, 1]. The CNN's images are
+that already (NCHW). The MLP's inputs are presented to it through an exact
+affine change of variables ``x = lo + scale * u`` (``u`` in [0, 1] for every
+point of every ball; the L2 budget becomes ``eps / scale``; the [0, 1] clamp
+never binds, so the attack is the unclipped one): as ``[N, 1, 1, 40]`` for
+APGD / APGDT, and as a padded ``[N, 1, 7, 7]`` (9 extra coordinates the
+network ignores) for Square and AutoAttack, since torchattacks' Square needs
+square windows of side 7 inside the image. Perturbing the padding wastes
+some of the budget (gradient attacks only through their random start), which
+can only weaken those two attacks.
+
+Throughput (MLP, L2, fixed labels, eps ``--throughput_eps``): examples x
+iterations per second of one jitted ``attacks.apgd`` call (CE, ``--steps``
+iterations, 1 restart, with the success tracking the ensemble uses; also
+without it), compiled and warmed up before timing, vs torchattacks' ``APGD``
+(CE, 1 restart, same iterations) on the same points, at each of
+``--torch_threads`` (torch's default, one per core, and 1: on a machine
+shared with other processes, two OpenMP threads can be several times slower
+than one and vary wildly), side by side in each of ``--repeats`` repeats,
+medians. torchattacks' success-rate runs use ``--strength_torch_threads``.
+
+    python -m benchmarks.attack_strength --num_points=500 --batch_sizes=512,4096 --steps=100
+"""
+
+import math
+import statistics
+import time
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import hardware
+from benchmarks import setting
+from experiments import real
+from experiments.configs import real as real_config
+from tsrobust import attacks
+from tsrobust import cnn
+from tsrobust import data
+from tsrobust import datasets
+from tsrobust import evaluate
+from tsrobust import train
+
+_NETWORKS = flags.DEFINE_list('networks', ['mlp', 'cnn'], 'which networks: mlp, cnn')
+_NUM_POINTS = flags.DEFINE_integer('num_points', 500, 'attacked points (MLP)')
+_CNN_POINTS = flags.DEFINE_integer('cnn_points', 100,
+                                   'attacked test images of the CNN (0: --num_points)')
+_MLP_EPS = flags.DEFINE_list('mlp_eps', ['0.5', '1', '2'], 'L2 budgets of the MLP')
+_CNN_EPS = flags.DEFINE_list('cnn_eps', ['0.05', '0.1', '0.2'], 'L-inf budgets of the CNN')
+_STRENGTHS = flags.DEFINE_list('strengths', ['standard', 'strong'],
+                               'presets of our ensemble (evaluate.PRESETS)')
+_MLP_TRAIN_STEPS = flags.DEFINE_integer('mlp_train_steps', 4000,
+                                        'training steps of the MLP student on its teacher')
+_CNN_TRAIN_STEPS = flags.DEFINE_integer('cnn_train_steps', 1000,
+                                        'Adam steps of the CNN on MNIST (cross-entropy)')
+_TA_STEPS = flags.DEFINE_integer('ta_steps', 100, "torchattacks APGD / APGDT iterations")
+_TA_QUERIES = flags.DEFINE_integer('ta_queries', 5000, "torchattacks Square queries")
+_AUTOATTACK = flags.DEFINE_boolean('autoattack', True, "run torchattacks' AutoAttack")
+_SEED = flags.DEFINE_integer('seed', 0, 'seed of the points and of every attack')
+_LOGIT_TOL = flags.DEFINE_float('logit_tol', 1e-4, 'max |JAX - PyTorch| logit difference')
+_THROUGHPUT = flags.DEFINE_boolean('throughput', True, 'time APGD (MLP)')
+_BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['512', '4096'], 'throughput batch sizes')
+_STEPS = flags.DEFINE_integer('steps', 100, 'APGD iterations of the throughput runs')
+_THROUGHPUT_EPS = flags.DEFINE_float('throughput_eps', 1.0, 'L2 budget of the throughput runs')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'timed repeats (median)')
+_TORCH_THREADS = flags.DEFINE_list('torch_threads', ['0', '1'],
+                                   'torch.set_num_threads of the throughput runs, each timed '
+                                   "(0: torch's default, one per core)")
+_WAIT_QUIET = flags.DEFINE_float('wait_quiet', 0,
+                                 'before each throughput batch size, wait up to this many '
+                                 'seconds until other processes use < 0.1 core')
+_STRENGTH_TORCH_THREADS = flags.DEFINE_integer(
+    'strength_torch_threads', 1, 'torch.set_num_threads of the success-rate runs (0: default; '
+    'the rates do not depend on it; 1 is the fastest on a shared 2-core machine)')
+
+
+# ----------------------------------------------------------------------------
+# The two networks, in JAX and in PyTorch.
+# ----------------------------------------------------------------------------
+
+
+class Network(NamedTuple):
+  """One attacked network, both frameworks.
+
+  ``x`` is in JAX layout (``[N, d]`` or ``[N, H, W, C]``); ``to_torch(x)``
+  gives torchattacks' view of it (``[N, C, H, W]`` in [0, 1]), ``from_torch``
+  maps back; ``eps_torch(eps)`` is the budget in torchattacks' coordinates.
+  """
+  name: str
+  apply: Callable            # (params, x) -> (logits, activations)
+  params: Any
+  x: np.ndarray
+  labels: np.ndarray         # [N] int: fixed (teacher's argmax at x) or true labels
+  label_kind: str            # 'fixed' or 'true'
+  norm: str                  # 'l2' or 'linf'
+  eps: Tuple[float, ...]
+  clip_range: Optional[Tuple[float, float]]
+  torch_model: Any           # takes torchattacks' view
+  to_torch: Callable
+  from_torch: Callable
+  eps_torch: Callable
+  torch_padded: Any = None   # MLP: the zero-padded square view (Square, AutoAttack)
+  to_torch_padded: Optional[Callable] = None
+  from_torch_padded: Optional[Callable] = None
+  info: str = ''
+
+
+def _logits(net: Network, x) -> np.ndarray:
+  return np.asarray(jax.jit(net.apply)(net.params, jnp.asarray(x))[0])
+
+
+def torch_cnn(model: cnn.CNN, params: Any):
+  """A PyTorch module (NCHW input) computing ``model.apply(params, .)[0]`` (NHWC input)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch import nn  # pylint: disable=g-import-not-at-top
+  if model.kernel_size % 2 != 1:
+    raise ValueError('the PyTorch copy assumes an odd kernel size (symmetric SAME padding)')
+  p = params['params']
+
+  def dense(name):
+    kernel = np.asarray(p[name]['kernel'])
+    lin = nn.Linear(kernel.shape[0], kernel.shape[1], bias=model.use_bias)
+    with torch.no_grad():
+      lin.weight.copy_(torch.from_numpy(kernel.T.copy()))
+      if model.use_bias:
+        lin.bias.copy_(torch.from_numpy(np.array(p[name]['bias'])))
+    return lin
+
+  class Net(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      convs = []
+      for i in range(len(model.conv_widths)):
+        kernel = np.asarray(p[f'conv_{i}']['kernel'])  # [k, k, C_in, C_out]
+        conv = nn.Conv2d(kernel.shape[2], kernel.shape[3], model.kernel_size,
+                         padding=model.kernel_size // 2, bias=model.use_bias)
+        with torch.no_grad():
+          conv.weight.copy_(torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy()))
+          if model.use_bias:
+            conv.bias.copy_(torch.from_numpy(np.array(p[f'conv_{i}']['bias'])))
+        convs.append(conv)
+      self.convs = nn.ModuleList(convs)
+      self.dense = nn.ModuleList([dense(f'dense_{i}') for i in range(len(model.dense_widths))])
+      self.output = dense('output')
+
+    def forward(self, x):
+      for conv in self.convs:
+        x = torch.relu(conv(x))
+        if model.pool == 'max':
+          x = nn.functional.max_pool2d(x, 2)
+        elif model.pool == 'avg':
+          x = nn.functional.avg_pool2d(x, 2)
+      x = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)  # flax flattens NHWC
+      for lin in self.dense:
+        x = torch.relu(lin(x))
+      return self.output(x)
+
+  return Net().eval().requires_grad_(False)
+
+
+def _unit_view(mlp, d: int, side: Optional[int], lo: float, scale: float):
+  """``u [N, 1, 1, d]`` (or ``[N, 1, side, side]``, first ``d`` used) ``-> mlp(lo + scale * u)``."""
+  from torch import nn  # pylint: disable=g-import-not-at-top
+
+  class View(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.mlp = mlp
+
+    def forward(self, u):
+      return self.mlp(lo + scale * u.reshape(u.shape[0], -1)[:, :d])
+  return View().eval().requires_grad_(False)
+
+
+def _square_side(d: int) -> int:
+  """Smallest square image side that holds ``d`` values and torchattacks' L2 Square windows."""
+  side = max(math.isqrt(d - 1) + 1, 1)
+  while True:
+    s = max(int(round(math.sqrt(0.8 * side * side))), 3)
+    s += 1 - s % 2
+    if s <= side:
+      return side
+    side += 1
+
+
+def mlp_network(num_points: int, train_steps: int, eps: Sequence[float], seed: int) -> Network:
+  import torch  # pylint: disable=g-import-not-at-top
+  t0 = time.perf_counter()
+  p = setting.jax_problem(1)
+  state, losses = train.train_seeds(p.loss_fn, p.optimizer, p.state, p.teacher_params,
+                                    p.data_args, p.keys, num_steps=train_steps,
+                                    chunk_steps=min(1000, max(train_steps, 1)))
+  sp = setting.seed_slice(state.params, 0)
+  tp = setting.seed_slice(p.teacher_params, 0)
+  x = np.asarray(data.sample_lowrank(jax.random.fold_in(jax.random.PRNGKey(seed), 1),
+                                     p.projector[0], num_points,
+                                     float(p.data_args['scale'][0])))
+  labels = np.asarray(p.teacher.apply(tp, x)[0].argmax(-1)).astype(np.int32)
+  d = x.shape[1]
+  margin = max(eps) + 1.0
+  lo = float(x.min()) - margin
+  scale = float(x.max()) + margin - lo
+  side = _square_side(d)
+  student = setting.torch_mlp(sp, 'cpu').requires_grad_(False).eval()
+
+  def to_torch(v):
+    return torch.from_numpy(((np.asarray(v) - lo) / scale).astype(np.float32)).reshape(
+        -1, 1, 1, d)
+
+  def from_torch(u):
+    return (lo + scale * u.detach().cpu().numpy().reshape(u.shape[0], -1)[:, :d]).astype(
+        np.float32)
+
+  def to_padded(v):
+    u = np.full((len(v), side * side), 0.5, np.float32)
+    u[:, :d] = (np.asarray(v) - lo) / scale
+    return torch.from_numpy(u).reshape(-1, 1, side, side)
+
+  widths = ' -> '.join(str(w) for w in (d,) + tuple(p.student.hidden_widths)
+                       + (p.student.out_dim,))
+  info = (f'MLP student {widths} trained '
+          f'{train_steps} steps on its teacher (final chunk loss {float(losses[0, -1]):.2e}, '
+          f'{time.perf_counter() - t0:.0f} s); torchattacks view x = {lo:.3f} + {scale:.3f} u; '
+          f'Square / AutoAttack on [N, 1, {side}, {side}] ({side * side - d} padding entries)')
+  return Network('mlp', p.student.apply, sp, x, labels, 'fixed', 'l2', tuple(eps), None,
+                 _unit_view(student, d, None, lo, scale), to_torch, from_torch,
+                 lambda e: e / scale, _unit_view(student, d, side, lo, scale), to_padded,
+                 from_torch, info)
+
+
+def cnn_network(num_points: int, train_steps: int, eps: Sequence[float], seed: int) -> Network:
+  import torch  # pylint: disable=g-import-not-at-top
+  t0 = time.perf_counter()
+  c = real_config.get_config('mnist')
+  ds = datasets.load('mnist', None)
+  if num_points > ds.test_x.shape[0]:
+    raise ValueError(f'--cnn_points must be <= {ds.test_x.shape[0]} (the test set), '
+                     f'got {num_points}')
+  model = real.teacher_model(c, ds.num_classes)
+  n = ds.train_x.shape[0]
+  loss_fn = real.supervised_loss(model.apply, n, c.teacher_batch, pgd_steps=0)
+  optimizer = train.make_optimizer('adam', c.teacher_lr)
+  k_init, k_train = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), 2))
+  params = cnn.init_params(k_init, model, ds.image_shape)
+  add_axis = lambda tree: jax.tree_util.tree_map(lambda v: jnp.asarray(v)[None], tree)
+  state = add_axis(train.init_state(params, optimizer))
+  data_args = add_axis({'train_x': ds.train_x, 'train_y': ds.train_y,
+                        'at_eps': jnp.float32(0.0)})
+  state, losses = train.train_seeds(loss_fn, optimizer, state, jnp.zeros((1,)), data_args,
+                                    k_train[None], num_steps=train_steps,
+                                    chunk_steps=min(250, max(train_steps, 1)))
+  params = jax.tree_util.tree_map(lambda v: np.asarray(v[0]), state.params)
+  x = np.asarray(ds.test_x[:num_points])
+  labels = np.asarray(ds.test_y[:num_points]).astype(np.int32)
+  test_acc = float((np.asarray(jax.jit(model.apply)(params, ds.test_x)[0]).argmax(-1)
+                    == ds.test_y).mean())
+  to_torch = lambda v: torch.from_numpy(np.ascontiguousarray(np.asarray(v).transpose(0, 3, 1, 2)))
+  from_torch = lambda u: u.detach().cpu().numpy().transpose(0, 2, 3, 1).astype(np.float32)
+  info = (f'CNN conv {tuple(c.teacher_conv)} dense {tuple(c.teacher_dense)} on {ds.name} '
+          f'({n} train images), Adam lr {c.teacher_lr} batch {c.teacher_batch}, '
+          f'{train_steps} steps (final chunk loss {float(losses[0, -1]):.3f}, '
+          f'{time.perf_counter() - t0:.0f} s); test accuracy {test_acc:.3f} '
+          f'({ds.test_x.shape[0]} images)')
+  return Network('cnn', model.apply, params, x, labels, 'true', 'linf', tuple(eps), (0.0, 1.0),
+                 torch_cnn(model, params), to_torch, from_torch, lambda e: e, info=info)
+
+
+def check_same_logits(net: Network, x: np.ndarray, tol: float, padded: bool = False) -> float:
+  """Max |JAX - PyTorch| logit difference at ``x`` (JAX layout); raises above ``tol``."""
+  import torch  # pylint: disable=g-import-not-at-top
+  model = net.torch_padded if padded else net.torch_model
+  to = net.to_torch_padded if padded else net.to_torch
+  with torch.no_grad():
+    t = model(to(x)).numpy()
+  diff = float(np.abs(t - _logits(net, x)).max())
+  if not diff <= tol:
+    raise AssertionError(f'{net.name}: JAX and PyTorch logits differ by {diff:.2e} > {tol:g}')
+  return diff
+
+
+# ----------------------------------------------------------------------------
+# Success rates.
+# ----------------------------------------------------------------------------
+
+
+def misclassified(net: Network, x_adv: np.ndarray) -> np.ndarray:
+  return _logits(net, x_adv).argmax(-1) != net.labels
+
+
+def ours(net: Network, strength: str, seed: int) -> Tuple[Dict[str, np.ndarray], float]:
+  """``{row: [E, N] bool}`` of our ensemble at ``strength`` and of each attack; wall seconds."""
+  ev = evaluate.Evaluator(net.apply, net.apply, norm=net.norm, config=evaluate.preset(strength),
+                          clip_range=net.clip_range, shared_teacher=True, shared_data=True,
+                          batching='vmap' if net.name == 'mlp' else 'map')
+  sp = jax.tree_util.tree_map(lambda v: jnp.asarray(v)[None], net.params)
+  keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), 3), 1)
+  t0 = time.perf_counter()
+  result = ev.run(sp, net.params, jnp.asarray(net.x), keys, eps=net.eps,
+                  labels_kinds=(net.label_kind,), labels=jnp.asarray(net.labels))
+  wall = time.perf_counter() - t0
+  rows = {f'ours {strength}: ensemble': evaluate.combine(result)[(net.label_kind, 'full')][0]}
+  for attack in ev.config.attacks:
+    rows[f'ours {strength}: {attack}'] = result.success[(net.label_kind, 'full', attack)][0]
+  return rows, wall
+
+
+def _feasible(net: Network, x_adv: np.ndarray, eps: float) -> Tuple[bool, float]:
+  delta = (x_adv - net.x).reshape(len(net.x), -1)
+  size = (np.sqrt((delta.astype(np.float64) ** 2).sum(-1)) if net.norm == 'l2'
+          else np.abs(delta).max(-1))
+  ok = bool((size <= eps * (1 + 1e-4) + 1e-5).all())
+  if net.clip_range is not None:
+    lo, hi = net.clip_range
+    ok &= bool((x_adv >= lo - 1e-6).all() and (x_adv <= hi + 1e-6).all())
+  return ok, float(size.max())
+
+
+def torchattacks_rows(net: Network, seed: int, steps: int, queries: int, autoattack: bool,
+                      tol: float) -> Tuple[Dict[str, np.ndarray], Dict[str, float], List[str]]:
+  """``{row: [E, N] bool}`` of torchattacks' attacks, wall seconds per row, notes."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torchattacks  # pylint: disable=g-import-not-at-top
+  norm = {'l2': 'L2', 'linf': 'Linf'}[net.norm]
+  num_classes = int(_logits(net, net.x[:1]).shape[-1])
+  y = torch.from_numpy(net.labels.astype(np.int64))
+  padded = net.torch_padded is not None
+  specs = [
+      ('torchattacks: APGD-CE', False,
+       lambda m, e: torchattacks.APGD(m, norm=norm, eps=e, steps=steps, n_restarts=1,
+                                      loss='ce', seed=seed)),
+      ('torchattacks: APGD-T', False,
+       lambda m, e: torchattacks.APGDT(m, norm=norm, eps=e, steps=steps, n_restarts=1,
+                                       n_classes=num_classes, seed=seed)),
+      ('torchattacks: Square', padded,
+       lambda m, e: torchattacks.Square(m, norm=norm, eps=e, n_queries=queries, n_restarts=1,
+                                        seed=seed)),
+  ]
+  if autoattack:
+    specs.append(('torchattacks: AutoAttack', padded,
+                  lambda m, e: torchattacks.AutoAttack(m, norm=norm, eps=e, version='standard',
+                                                       n_classes=num_classes, seed=seed)))
+  rows, walls, notes = {}, {}, []
+  for name, use_padded, make in specs:
+    model = net.torch_padded if use_padded else net.torch_model
+    to = net.to_torch_padded if use_padded else net.to_torch
+    back = net.from_torch_padded if use_padded else net.from_torch
+    out, wall, max_diff = [], 0.0, 0.0
+    for e in net.eps:
+      torch.manual_seed(seed)
+      t0 = time.perf_counter()
+      u_adv = make(model, net.eps_torch(e))(to(net.x), y)
+      wall += time.perf_counter() - t0
+      x_adv = back(u_adv)
+      ok, size = _feasible(net, x_adv, e)
+      if not ok:
+        notes.append(f'{name} at eps {e:g}: infeasible points (max norm {size:.6g})')
+      max_diff = max(max_diff, check_same_logits(net, x_adv, tol, use_padded))
+      out.append(misclassified(net, x_adv))
+    rows[name] = np.stack(out)
+    walls[name] = wall
+    notes.append(f'{name}: {wall:.1f} s, max |JAX - PyTorch| logit diff at its points '
+                 f'{max_diff:.1e}')
+    print(f'  {name}: {rows[name].mean(-1)} ({wall:.1f} s)', flush=True)
+  rows['torchattacks: union of the above'] = np.any(np.stack(list(rows.values())), 0)
+  return rows, walls, notes
+
+
+def strength_table(net: Network, strengths: Sequence[str], seed: int) -> Tuple[str, List[str]]:
+  clean = misclassified(net, net.x)
+  rows: Dict[str, np.ndarray] = {}
+  walls: Dict[str, float] = {}
+  notes = [net.info, f'clean logit diff JAX vs PyTorch: '
+           f'{check_same_logits(net, net.x, _LOGIT_TOL.value):.1e}'
+           + (f' (padded view {check_same_logits(net, net.x, _LOGIT_TOL.value, True):.1e})'
+              if net.torch_padded is not None else '')]
+  for strength in strengths:
+    r, wall = ours(net, strength, seed)
+    rows.update(r)
+    walls[f'ours {strength}: ensemble'] = wall
+    print(f'  ours {strength}: {r[f"ours {strength}: ensemble"].mean(-1)} ({wall:.1f} s incl. '
+          'compile)', flush=True)
+  r, w, n = torchattacks_rows(net, seed, _TA_STEPS.value, _TA_QUERIES.value, _AUTOATTACK.value,
+                              _LOGIT_TOL.value)
+  rows.update(r)
+  walls.update(w)
+  notes += n
+  eps_cols = ' | '.join(f'eps {e:g}' for e in net.eps)
+  lines = [f'| attack | {eps_cols} | wall s (all budgets) |',
+           '|---|' + '---|' * len(net.eps) + '---|',
+           '| clean error | ' + ' | '.join(f'{clean.mean():.3f}' for _ in net.eps) + ' | |']
+  for name, s in rows.items():
+    missed = int((clean[None] & ~s).sum())  # every clean error must count as a success
+    if missed:
+      notes.append(f'{name}: {missed} clean errors (point x budget) not counted as successes')
+    wall = f'{walls[name]:.1f}' if name in walls else ''
+    lines.append(f'| {name} | ' + ' | '.join(f'{v:.3f}' for v in s.mean(-1)) + f' | {wall} |')
+  targets = []
+  if 'torchattacks: AutoAttack' in rows:
+    aa = rows['torchattacks: AutoAttack'].mean(-1)
+    for strength in strengths:
+      ens = rows[f'ours {strength}: ensemble'].mean(-1)
+      gap = ens - aa
+      targets.append(f'ours {strength} - AutoAttack per budget: '
+                     + ', '.join(f'{g:+.3f}' for g in gap)
+                     + f' -> target (>= -0.01 at every budget) '
+                     f'{"HOLDS" if (gap >= -0.01 - 1e-12).all() else "MISSED"}')
+    union = rows['torchattacks: union of the above']
+    for strength in strengths:
+      ens = rows[f'ours {strength}: ensemble']
+      only_ta = (union & ~ens).mean(-1)
+      only_us = (ens & ~union).mean(-1)
+      targets.append(f'ours {strength} vs the torchattacks union, per example: broken only by '
+                     f'torchattacks {", ".join(f"{v:.3f}" for v in only_ta)}; only by ours '
+                     f'{", ".join(f"{v:.3f}" for v in only_us)}')
+  return '\n'.join(lines), notes + targets
+
+
+# ----------------------------------------------------------------------------
+# Throughput.
+# ----------------------------------------------------------------------------
+
+
+def throughput(net: Network, batch_sizes: Sequence[int], steps: int, eps: float, repeats: int,
+               seed: int, torch_threads: Sequence[int], wait_quiet: float) -> str:
+  """Markdown rows: one per (batch, torch thread count); all timed side by side per repeat."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torchattacks  # pylint: disable=g-import-not-at-top
+  p = setting.jax_problem(1)
+  tp = setting.seed_slice(p.teacher_params, 0)
+  s_fn = lambda v: net.apply(net.params, v)[0]
+
+  def make(track: bool):
+    @jax.jit
+    def run(x, y, key):
+      return attacks.apgd(attacks.fixed_label_objective(s_fn, y), x, key, eps=eps, steps=steps,
+                          norm='l2',
+                          success_fn=attacks.fixed_label_success(s_fn, y) if track else None)
+    return run
+  our_apgd, our_plain = make(True), make(False)
+
+  lines = ['| batch | torch threads | ours (ex*it/s) | torchattacks (ex*it/s) '
+           '| speed-up T_ta / T_ours (min-max) | ours s/attack | torchattacks s/attack '
+           '| ours without success tracking (ex*it/s) | ours compile (s) '
+           '| success ours / ta | load 1m (before -> after) | other procs (cores) |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|']
+  for n in batch_sizes:
+    waited = hardware.wait_until_quiet(wait_quiet)
+    load0, meter = hardware.load(), hardware.OtherLoad()
+    x = data.sample_lowrank(jax.random.fold_in(jax.random.PRNGKey(seed), 4 + n), p.projector[0],
+                            n, float(p.data_args['scale'][0]))
+    y = p.teacher.apply(tp, x)[0].argmax(-1)
+    key = jax.random.PRNGKey(seed)
+    t0 = time.perf_counter()
+    delta = jax.block_until_ready(our_apgd(x, y, key))
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    jax.block_until_ready(our_apgd(x, y, key))  # warm-up
+    compile_s -= time.perf_counter() - t0
+    jax.block_until_ready(our_plain(x, y, key))
+    jax.block_until_ready(our_plain(x, y, key))
+    atk = torchattacks.APGD(net.torch_model, norm='L2', eps=net.eps_torch(eps), steps=steps,
+                            n_restarts=1, loss='ce', seed=seed)
+    u, yt = net.to_torch(np.asarray(x)), torch.from_numpy(np.asarray(y).astype(np.int64))
+    for threads in torch_threads:
+      torch.set_num_threads(threads)
+      u_adv = atk(u, yt)  # warm-up
+    t_j, t_p, t_t = [], [], {k: [] for k in torch_threads}
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      delta = jax.block_until_ready(our_apgd(x, y, key))
+      t_j.append(time.perf_counter() - t0)
+      t0 = time.perf_counter()
+      jax.block_until_ready(our_plain(x, y, key))
+      t_p.append(time.perf_counter() - t0)
+      for threads in torch_threads:
+        torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        u_adv = atk(u, yt)
+        t_t[threads].append(time.perf_counter() - t0)
+    succ_j = float((s_fn(x + delta).argmax(-1) != y).mean())
+    succ_t = float((s_fn(jnp.asarray(net.from_torch(u_adv))).argmax(-1) != y).mean())
+    tj, tpl = statistics.median(t_j), statistics.median(t_p)
+    load1, others = hardware.load(), meter.cores()
+    print(f'  batch {n}: ours {t_j} | ours without tracking {t_p} | torchattacks '
+          f'{t_t} s (by torch threads) | waited {waited:.0f} s '
+          'for quiet', flush=True)
+    for threads in torch_threads:
+      tt = statistics.median(t_t[threads])
+      ratios = [t / j for t, j in zip(t_t[threads], t_j)]
+      lines.append(f'| {n} | {threads} | {n * steps / tj:,.0f} | {n * steps / tt:,.0f} | '
+                   f'{tt / tj:.1f}x ({min(ratios):.1f}-{max(ratios):.1f}) | {tj:.3f} | '
+                   f'{tt:.3f} | {n * steps / tpl:,.0f} | {compile_s:.1f} | '
+                   f'{succ_j:.3f} / {succ_t:.3f} | {load0.split(",")[0]} -> '
+                   f'{load1.split(",")[0]} | {others:.2f} |')
+  return '\n'.join(lines)
+
+
+def versions() -> str:
+  import torch  # pylint: disable=g-import-not-at-top
+  import torchattacks  # pylint: disable=g-import-not-at-top
+  return (f'jax {jax.__version__}, torch {torch.__version__} '
+          f'(threads {torch.get_num_threads()}), torchattacks {torchattacks.__version__}; '
+          f'jax devices {jax.devices()}')
+
+
+def main(argv):
+  del argv
+  import torch  # pylint: disable=g-import-not-at-top
+  default_threads = torch.get_num_threads()
+  for name in _NETWORKS.value:
+    if name not in ('mlp', 'cnn'):
+      raise ValueError(f"--networks must hold 'mlp' and / or 'cnn', got {name!r}")
+  for s in _STRENGTHS.value:
+    evaluate.preset(s)
+  t_start = time.perf_counter()
+  print(hardware.environment())
+  print(versions())
+  print(f'load at start: {hardware.load()}\n', flush=True)
+  seed = _SEED.value
+  torch.set_num_threads(_STRENGTH_TORCH_THREADS.value or default_threads)
+  out = []
+  mlp = None
+  meter = hardware.OtherLoad()
+  if 'mlp' in _NETWORKS.value or _THROUGHPUT.value:
+    mlp = mlp_network(_NUM_POINTS.value, _MLP_TRAIN_STEPS.value,
+                      [float(e) for e in _MLP_EPS.value], seed)
+  if 'mlp' in _NETWORKS.value:
+    print(f'MLP, L2, fixed labels, N = {_NUM_POINTS.value}', flush=True)
+    table, notes = strength_table(mlp, _STRENGTHS.value, seed)
+    out.append((f'MLP (L2, fixed labels, no clipping), N = {_NUM_POINTS.value}', table, notes))
+  if 'cnn' in _NETWORKS.value:
+    n = _CNN_POINTS.value or _NUM_POINTS.value
+    net = cnn_network(n, _CNN_TRAIN_STEPS.value, [float(e) for e in _CNN_EPS.value], seed)
+    print(f'CNN, L-inf, true labels, N = {n}', flush=True)
+    table, notes = strength_table(net, _STRENGTHS.value, seed)
+    out.append((f'MNIST CNN (L-inf, true labels, clip [0, 1]), N = {n}', table, notes))
+  strength_others = meter.cores()
+  thr = None
+  if _THROUGHPUT.value:
+    threads = list(dict.fromkeys(int(t) or default_threads for t in _TORCH_THREADS.value))
+    print(f'throughput (torch threads {threads})', flush=True)
+    thr = throughput(mlp, [int(b) for b in _BATCH_SIZES.value], _STEPS.value,
+                     _THROUGHPUT_EPS.value, _REPEATS.value, seed, threads, _WAIT_QUIET.value)
+  print('\n' + '=' * 78)
+  print(f'torchattacks APGD / APGD-T: {_TA_STEPS.value} iterations; Square: '
+        f'{_TA_QUERIES.value} queries; success = misclassified at the returned point '
+        '(clean errors included)')
+  for title, table, notes in out:
+    print(f'\n### {title}\n\n{table}\n')
+    for line in notes:
+      print(f'- {line}')
+  print(f'\nother processes kept {strength_others:.2f} cores busy during the success-rate runs')
+  if thr:
+    print(f'\n### APGD throughput (MLP, L2, CE, {_STEPS.value} iterations, 1 restart, '
+          f'eps {_THROUGHPUT_EPS.value:g}), median of {_REPEATS.value}\n\n{thr}')
+  print(f'\ntotal {time.perf_counter() - t_start:.0f} s; load at end: {hardware.load()}')
+
+
+if __name__ == '__main__':
+  app.run(main)
