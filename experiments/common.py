@@ -589,7 +589,7 @@ class LowRankEvaluator:
                                       config=self.attack_config)
 
   def ccat_thresholds(self, params, teacher_params, held) -> np.ndarray:
-    """``[S]`` confidence thresholds passing ``ccat_pass_rate`` of the correctly classified points."""
+    """``[S]`` thresholds passing ``ccat_pass_rate`` of the correctly classified points."""
     conf, correct = sweep.to_host(self._confidence(params, teacher_params, held['x_eval']))
     return np.array([evaluate.ccat_threshold(cf, ok, self.config.ccat_pass_rate)
                      for cf, ok in zip(conf, correct)], np.float32)
@@ -648,7 +648,7 @@ class LowRankEvaluator:
 
 
 def attack_rows(config, ev: Evaluation, full_rank: bool) -> List[Dict[str, Any]]:
-  """Per-student ``adv_*`` columns of an evaluation; at full rank ``in`` = ``full``, ``off`` empty."""
+  """Per-student ``adv_*`` columns; at full rank ``in`` = ``full`` and ``off`` is empty."""
   names = {float(e): eps_name(e) for e in config.eps}
   rows = evaluate.records(ev.result, ev.final, names)
   adv_columns = [k for k in metric_columns(config) if k.startswith('adv_')]

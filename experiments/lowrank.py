@@ -31,6 +31,7 @@ from tsrobust import train
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'lowrank.py')
 
+
 def validate_config(config) -> None:
   """Checks every field at start; raises ``common.ConfigError`` naming the field."""
   common.validate_lowrank_fields(config)

@@ -32,7 +32,6 @@ from tsrobust import attacks
 from tsrobust import evaluate
 from tsrobust import io
 from tsrobust import plotting
-from tsrobust import stats
 from tsrobust import sweep
 from tsrobust import train
 
@@ -186,8 +185,8 @@ def correlation_markdown(config, corr) -> str:
   """Per specialization measure, the correlation table over budgets."""
   parts = []
   for s_name in ('spec_off', 'spec_in', 'spec_mean'):
-    reports = {f'1 - adv_oracle_full_{common.eps_name(e)}': corr[f'eps_{common.eps_name(e)}'][s_name]
-               for e in config.eps}
+    names = [common.eps_name(e) for e in config.eps]
+    reports = {f'1 - adv_oracle_full_{n}': corr[f'eps_{n}'][s_name] for n in names}
     parts.append(common.correlation_markdown(reports, s_name, config.bootstrap_resamples))
   return '\n'.join(parts)
 

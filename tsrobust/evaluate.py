@@ -16,14 +16,19 @@ Both hold because the attacked sets nest (L2 or L-inf balls, intersected
 with a subspace; with a ``clip_range``, subspace attacks scale the
 perturbation down instead of clipping it, so it stays feasible everywhere).
 
-The ensemble (``ATTACKS``), per label kind:
+The ensemble (``ATTACKS``), per label kind ``oracle`` (student vs the teacher
+at ``x + delta``) / ``fixed`` or ``true`` (a label fixed at ``x``) / ``ccat``
+(accepted and wrong):
 
-| attack   | ``oracle`` (student vs the teacher at ``x + delta``) | ``fixed`` / ``true`` (a label fixed at ``x``) | ``ccat`` (accepted and wrong) |
-|----------|-----------------------------|-----------------------------|------------------------------|
-| ``pgd``    | PGD on KL(teacher || student) (or MSE) | PGD on cross-entropy | PGD on CCAT's objective |
-| ``apgd``   | APGD on the oracle margin ``max_{k!=t} s_k - s_t`` | APGD on cross-entropy | APGD on the oracle margin |
-| ``apgd_t`` | APGD on the oracle targeted margin ``s_k - s_t``, ``k`` over the top ``targets`` other classes | APGD on the targeted DLR loss (targeted margin with < 4 classes) | as ``oracle`` |
-| ``square`` | Square (gradient-free) on the oracle margin | Square on the margin | Square on CCAT's objective |
+* ``pgd``: PGD on KL(teacher || student) (or MSE) / on cross-entropy / on
+  CCAT's objective;
+* ``apgd``: APGD on the oracle margin ``max_{k!=t} s_k - s_t`` / on
+  cross-entropy / on the oracle margin;
+* ``apgd_t``: APGD on the oracle targeted margin ``s_k - s_t``, ``k`` over the
+  top ``targets`` other classes / on the targeted DLR loss (the targeted
+  margin with < 4 classes) / as ``oracle``;
+* ``square``: Square (gradient-free) on the oracle margin / on the margin /
+  on CCAT's objective.
 
 ``t`` is the teacher's argmax at the perturbed point. Target classes of
 ``apgd_t`` are the student's largest clean logits other than the label at
@@ -184,7 +189,7 @@ def _ccat_criteria(s_fn, t_fn, threshold, tolerance):
 def _subspace_boundary(delta: chex.Array, *, x: chex.Array, eps: chex.Numeric, norm: str,
                        projector: chex.Array,
                        clip_range: Optional[Tuple[float, float]]) -> chex.Array:
-  """``P delta`` rescaled onto the boundary of the budget (its norm = ``eps``), then kept in range."""
+  """``P delta`` rescaled onto the budget's boundary (its norm = ``eps``), then kept in range."""
   d = attacks.project_onto_subspace(delta, projector)
   flat = d.reshape(d.shape[0], -1)
   size = (jnp.abs(flat).max(-1) if norm == 'linf' else jnp.sqrt((flat * flat).sum(-1)))

@@ -6,6 +6,8 @@ Every field can be overridden on the command line, e.g.
 
 import ml_collections
 
+from experiments.configs import attacks
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -52,17 +54,6 @@ def get_config() -> ml_collections.ConfigDict:
   # example, judged by the oracle and by the teacher's clean label.
   c.attack_norm = 'l2'        # l2 | linf
   c.eps = (0.5, 1.0, 2.0)     # budgets; columns are named with these as written
-  c.attack_strength = 'standard'  # fast | standard | strong (evaluate.PRESETS)
-  # Overrides of the preset (-1: the preset's value; 0 iterations: that attack is off).
-  c.attack_steps = -1         # PGD steps
-  c.attack_restarts = -1      # PGD restarts
-  c.apgd_steps = -1           # APGD iterations (untargeted)
-  c.apgd_restarts = -1
-  c.apgd_t_steps = -1         # APGD-T iterations per target class
-  c.attack_targets = -1       # APGD-T target classes
-  c.square_queries = -1       # Square attack queries
-  c.attack_step_factor = 2.5  # PGD's alpha = factor * eps / steps (Madry et al.)
+  attacks.add_attack_fields(c, oracle_tolerance=0.05)
   c.num_attack = 512          # held-out in-subspace points attacked
-  c.oracle_loss = 'kl'        # PGD's oracle objective: kl | mse
-  c.oracle_tolerance = 0.0    # oracle errors need the teacher's top-2 logit gap >= this (0: any)
   return c

@@ -14,6 +14,8 @@ pixel range: MNIST writes 0.1 (denominator 1), CIFAR-10 writes 8 for 8/255
 
 import ml_collections
 
+from experiments.configs import attacks
+
 
 def get_config(preset: str = 'mnist') -> ml_collections.ConfigDict:
   if preset not in ('mnist', 'cifar10'):
@@ -83,19 +85,8 @@ def get_config(preset: str = 'mnist') -> ml_collections.ConfigDict:
   # num_attack test images.
   c.eps_denominator = 1.0
   c.eps = (0.1, 0.2, 0.3)
-  c.attack_strength = 'standard'  # fast | standard | strong (tsrobust/evaluate.py PRESETS)
-  # Overrides of the preset (-1: the preset's value; 0 iterations: that attack is off).
-  c.attack_steps = -1         # PGD steps
-  c.attack_restarts = -1      # PGD restarts
-  c.apgd_steps = -1           # APGD iterations (untargeted)
-  c.apgd_restarts = -1
-  c.apgd_t_steps = -1         # APGD-T iterations per target class
-  c.attack_targets = -1       # APGD-T target classes
-  c.square_queries = -1       # Square attack queries
-  c.attack_step_factor = 2.5  # PGD's alpha = factor * eps / steps
+  attacks.add_attack_fields(c, oracle_tolerance=0.0)
   c.num_attack = 200
-  c.oracle_loss = 'kl'        # PGD's oracle objective: kl | mse
-  c.oracle_tolerance = 0.0    # oracle errors need the teacher's top-2 logit gap >= this (0: any)
   c.tau = 0.9
   c.eval_batch = 250          # streaming batch of the specialization statistics (divides the test size)
   c.ccat_pass_rate = 0.99
