@@ -349,9 +349,6 @@ class Result:
   clean: Dict[str, np.ndarray]
   clean_accepted: Optional[np.ndarray] = None
 
-  @property
-  def keys(self):
-    return sorted({(l, w) for l, w, _ in self.success})
 
 
 def _over_students(fn: Callable, batched: Sequence[bool], batching: str) -> Callable:
@@ -500,11 +497,11 @@ class Evaluator:
       else:
         clean[kind] = clean_out['accepted'] & clean_out['oracle']
     success, accepted, first = {}, {}, {}
-    for li, kind in enumerate(labels_kinds):
-      for wi, where in enumerate(wheres):
+    for kind in labels_kinds:
+      for where in wheres:
         proj = projectors.get(where)
         shared_p = proj is not None and proj.ndim == 2
-        for ai, attack in enumerate(self.config.attacks):
+        for attack in self.config.attacks:
           fn = self._fn(attack, kind, proj is not None, shared_p)
           outs = []
           for ei, e in enumerate(eps):
