@@ -3,10 +3,10 @@
 import functools
 import json
 import logging as logging_lib
-import numbers
 import os
+import re
 import sys
-from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence
 
 from absl import app
 from absl import flags
@@ -17,6 +17,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from experiments import validation
 from tsrobust import attacks
 from tsrobust import data
 from tsrobust import evaluate
@@ -29,88 +30,16 @@ from tsrobust import sweep
 from tsrobust import train
 
 
-class ConfigError(ValueError):
-  """An invalid config value; the message names the field and what is allowed."""
+ConfigError = validation.ConfigError
 
 
-def _get(config: ml_collections.ConfigDict, field: str) -> Any:
-  if field not in config:
-    raise ConfigError(f'config.{field} is missing')
-  return config[field]
-
-
-def check_int(config, field: str, lo: int = None, hi: int = None) -> int:
-  v = _get(config, field)
-  if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-    raise ConfigError(f'config.{field} must be an integer, got {v!r}')
-  if lo is not None and v < lo:
-    raise ConfigError(f'config.{field} must be >= {lo}, got {v}')
-  if hi is not None and v > hi:
-    raise ConfigError(f'config.{field} must be <= {hi}, got {v}')
-  return int(v)
-
-
-def check_float(config, field: str, lo: float = None, hi: float = None,
-                lo_open: bool = False) -> float:
-  v = _get(config, field)
-  if isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(v):
-    raise ConfigError(f'config.{field} must be a finite number, got {v!r}')
-  if lo is not None and (v <= lo if lo_open else v < lo):
-    raise ConfigError(f'config.{field} must be {">" if lo_open else ">="} {lo}, got {v}')
-  if hi is not None and v > hi:
-    raise ConfigError(f'config.{field} must be <= {hi}, got {v}')
-  return float(v)
-
-
-def check_bool(config, field: str) -> bool:
-  v = _get(config, field)
-  if not isinstance(v, bool):
-    raise ConfigError(f'config.{field} must be True or False, got {v!r}')
-  return v
-
-
-def check_choice(config, field: str, allowed: Sequence[str]) -> str:
-  v = _get(config, field)
-  if v not in allowed:
-    raise ConfigError(f'config.{field} must be one of {tuple(allowed)}, got {v!r}')
-  return v
-
-
-def check_sequence(config, field: str, kind: type, lo: float = None, hi: float = None,
-                   min_len: int = 1, unique: bool = False) -> tuple:
-  """A non-empty tuple/list of ints (``kind=int``) or numbers in ``[lo, hi]``."""
-  v = _get(config, field)
-  if isinstance(v, (int, float)) and not isinstance(v, bool):
-    v = (v,)
-  if not isinstance(v, (list, tuple)) or len(v) < min_len:
-    raise ConfigError(f'config.{field} must be a sequence of at least {min_len} values, '
-                      f'got {v!r}')
-  want = numbers.Integral if kind is int else numbers.Real
-  for item in v:
-    if isinstance(item, bool) or not isinstance(item, want) or not np.isfinite(item):
-      raise ConfigError(f'config.{field} must hold {"integers" if kind is int else "numbers"},'
-                        f' got {item!r} in {v!r}')
-    if lo is not None and item < lo:
-      raise ConfigError(f'config.{field} values must be >= {lo}, got {item} in {v!r}')
-    if hi is not None and item > hi:
-      raise ConfigError(f'config.{field} values must be <= {hi}, got {item} in {v!r}')
-  if unique and len(set(v)) != len(v):
-    raise ConfigError(f'config.{field} values must be distinct, got {v!r}')
-  return tuple(v)
+class RunError(RuntimeError):
+  """A run stopped for a reason the user can act on (``run_binary`` prints it in one line)."""
 
 
 def as_tuple(v) -> tuple:
   """A config value that may be a single item or a sequence, as a tuple."""
   return (v,) if isinstance(v, (str, int, float)) else tuple(v)
-
-
-def check_names(config, field: str, allowed: Sequence[str]) -> tuple:
-  """A non-empty sequence of distinct names, each from ``allowed``."""
-  v = as_tuple(_get(config, field))
-  if not v or any(x not in allowed for x in v) or len(set(v)) != len(v):
-    raise ConfigError(f'config.{field} must be distinct names from {tuple(allowed)}, '
-                      f'got {v!r}')
-  return v
 
 
 def progress_logger(stage: str, max_lines: int = 10, stream=None):
@@ -151,20 +80,197 @@ class _DropLibraryInfo(logging_lib.Filter):
     return record.levelno >= logging_lib.WARNING or '/orbax/' not in record.pathname
 
 
+# Loggers whose INFO records are noise to a user (e.g. jax's "Unable to initialize backend
+# 'tpu'" on every machine without one): shown from WARNING up unless --verbosity >= 1.
+QUIET_LOGGERS = ('jax._src.xla_bridge',)
+
+
 def quiet_library_logs() -> None:
-  """Keeps a binary's log to its own progress lines (and every warning)."""
-  logging.get_absl_handler().addFilter(_DropLibraryInfo())
+  """Keeps a binary's log to its own progress lines (and every warning).
+
+  Call before JAX starts its backends (the TPU INFO line is logged then).
+  With ``--verbosity=1`` (DEBUG) or more, the libraries' INFO lines stay.
+  """
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
+    handler.addFilter(_DropLibraryInfo())
+  level = logging_lib.INFO if logging.get_verbosity() >= logging.DEBUG else logging_lib.WARNING
+  for name in QUIET_LOGGERS:
+    logging_lib.getLogger(name).setLevel(level)
+
+
+# ----------------------------------------------------------------------------
+# The binaries' entry point: flags, and user mistakes as one line on stderr.
+# ----------------------------------------------------------------------------
+
+USAGE_EXIT_CODE = 2  # a mistake in the command line or the config (as argparse)
+RUN_EXIT_CODE = 1    # a run stopped (RunError), e.g. diverged training
+
+
+def exit_with_error(message: Any, code: int = USAGE_EXIT_CODE, stream=None) -> None:
+  """Writes ``error: <message>`` as one line on stderr and exits with ``code``."""
+  stream = sys.stderr if stream is None else stream
+  stream.write(f'error: {one_line(str(message))}\n')
+  stream.flush()
+  raise SystemExit(code)
+
+
+def one_line(text: str) -> str:
+  """``text`` on one line: a multi-line message (one wrapping a traceback, as a config
+  file's failure to load does) is its first line and its last (the error itself)."""
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  if len(lines) <= 2:
+    return ' '.join(lines)
+  return f'{lines[0]} ... {lines[-1]}'
+
+
+def _config_overrides(argv: Sequence[str]) -> List[str]:
+  """The field paths of the ``--config.FIELD=VALUE`` arguments in ``argv``."""
+  found = []
+  for arg in argv:
+    m = re.match(r'-{1,2}(?:no)?config\.([^=]+)', arg)
+    if m:
+      found.append(m.group(1))
+  return found
+
+
+def _flag_error_message(error: Exception, argv: Sequence[str]) -> str:
+  """A one-line message for a failure of absl / ml_collections to read the flags."""
+  nested = [f for f in _config_overrides(argv) if '.' in f]
+  if nested:  # the configs are flat: --config.d.x or a misspelled --config.foo.bar
+    return (f'--config.{nested[0]}: config fields are not nested; write --config.FIELD=VALUE '
+            f'with a field of the config')
+  if isinstance(error, KeyError) and error.args:  # KeyError quotes its message
+    return one_line(str(error.args[0]))
+  return one_line(str(error))
+
+
+def define_flags(default_config: str, flag_values: flags.FlagValues = flags.FLAGS,
+                 argv: Optional[Sequence[str]] = None) -> None:
+  """Defines ``--config``, ``--workdir`` and ``--cpu_devices`` on ``flag_values``.
+
+  ``--config.FIELD=VALUE`` of a field the config lacks is accepted here (the
+  config is not locked) and refused by the binary's table check
+  (``validation.check_config``), which names the closest fields. ``argv``:
+  the command line the config overrides are read from (default ``sys.argv``).
+
+  Raises:
+    ConfigError: the default config file fails to load with the overrides.
+  """
+  try:
+    config_flags.DEFINE_config_file(
+        'config', default_config, 'Experiment config file; every field can be overridden '
+        'as --config.FIELD=VALUE.', flag_values=flag_values, lock_config=False,
+        accept_new_attributes=True, sys_argv=None if argv is None else list(argv))
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    raise ConfigError(_flag_error_message(e, sys.argv if argv is None else argv)) from e
+  flags.DEFINE_string('workdir', None, 'Folder for the result files.', flag_values=flag_values)
+  flags.DEFINE_integer('cpu_devices', 0, 'CPU devices to run on (seeds are sharded over '
+                       'them): 0 = one per core, 1 = a single device, N = N devices.',
+                       lower_bound=0, flag_values=flag_values)
+
+
+def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> List[str]:
+  """absl's flag parsing; a mistake ends in one line on stderr (exit 2), not usage text."""
+  try:
+    return flag_values(list(argv))
+  except flags.Error as e:
+    exit_with_error(_flag_error_message(e, argv))
+
+
+def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Refuses a ``workdir`` whose ``config.json`` holds a different config.
+
+  Its checkpoints and results belong to that config and would be silently
+  mixed; the message names the differing fields and what to do.
+  """
+  path = os.path.join(workdir, 'config.json')
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f'--workdir {workdir} is a file, not a folder; use another --workdir')
+  if not os.path.exists(path):
+    return
+  current = json.loads(json.dumps(io.to_plain(config.to_dict())))  # as it reads back
+  with open(path) as f:
+    previous = json.load(f)
+  if previous != current:
+    changed = sorted(k for k in set(previous) | set(current)
+                     if previous.get(k) != current.get(k))
+    values = '; '.join(f'{k}: {previous.get(k, "(none)")!r} there, '
+                       f'{current.get(k, "(none)")!r} now' for k in changed[:3])
+    raise ConfigError(
+        f'{workdir} holds a run with a different config (fields {changed} differ; {values}); '
+        f'use a new --workdir, or delete that one to start over')
+
+
+def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Creates ``workdir`` and records the config in ``config.json``.
+
+  A workdir already holding a different config is refused (``check_workdir``).
+  """
+  check_workdir(workdir, config)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f'--workdir {workdir} cannot be created ({e.strerror}); use another '
+                      f'--workdir') from e
+  path = os.path.join(workdir, 'config.json')
+  if os.path.exists(path):
+    return
+  if jax.process_index() == 0:
+    io.write_json(path, json.loads(json.dumps(io.to_plain(config.to_dict()))))
+
+
+def _main(argv: Sequence[str], validate: Callable, train_and_evaluate: Callable,
+          outputs: Sequence[str], flag_values: flags.FlagValues) -> None:
+  """The body of a binary; a user mistake ends in one line on stderr (``exit_with_error``)."""
+  try:
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments {list(argv[1:])}; flags are written '
+                           f'--name=value')
+    quiet_library_logs()  # before JAX starts its backends
+    workdir = flag_values.workdir
+    if not workdir:
+      raise app.UsageError('--workdir is required (the folder for the result files)')
+    config = flag_values.config
+    if not isinstance(config, ml_collections.ConfigDict):
+      try:  # a --config file that failed to load: its error is raised on any access
+        config.to_dict()
+      except OSError as e:
+        cause = str(e).strip().splitlines()[-1].strip()
+        raise app.UsageError(f'--config: the config file could not be loaded ({cause})') from e
+      raise app.UsageError(f'--config must give an ml_collections.ConfigDict, got '
+                           f'{type(config).__name__}')
+    validate(config)
+    check_workdir(workdir, config)  # mistakes are reported before any output or JAX work
+    sweep.use_all_cpu_cores(flag_values.cpu_devices or None)  # before any JAX work
+    devices = jax.devices()
+    logging.info('running on %d %s device(s) (--cpu_devices=%d, %d cores): %s', len(devices),
+                 devices[0].platform, flag_values.cpu_devices, sweep.cpu_cores(), devices)
+    train_and_evaluate(config, workdir)
+  except (ConfigError, app.UsageError) as e:
+    exit_with_error(e)
+  except RunError as e:
+    exit_with_error(e, code=RUN_EXIT_CODE)
+  logging.info('wrote %s in %s', ', '.join(outputs), workdir)
 
 
 def run_binary(validate: Callable, train_and_evaluate: Callable, default_config: str,
-               outputs: Sequence[str]) -> None:
+               outputs: Sequence[str], argv: Optional[Sequence[str]] = None,
+               flag_values: Optional[flags.FlagValues] = None) -> None:
   """The absl entry point of an experiment binary (call under ``__main__``).
 
   Defines ``--config`` (an ml_collections config file, every field
   overridable), ``--workdir`` and ``--cpu_devices`` here rather than at
   import, so binaries can be imported side by side; validates the config
-  before any work and turns a ``ConfigError`` into a usage error naming the
-  field.
+  (``validate``: the binary's table and cross-field checks) and the workdir
+  before any work.
+
+  Every user mistake - a flag absl cannot parse, an unknown or misspelled
+  config field, a bad value, a workdir holding another config, a check that
+  needs the loaded data (a ``ConfigError`` raised in ``train_and_evaluate``) -
+  ends with one line ``error: <message>`` on stderr, naming the field and what
+  is allowed, and exit code 2 (no traceback, no usage text); a ``RunError``
+  (e.g. diverged training) likewise, with exit code 1.
 
   ``--cpu_devices=N`` sets how many devices JAX makes of the CPU, before any
   JAX work (``sweep.use_all_cpu_cores``); the seeds are sharded over them.
@@ -172,56 +278,30 @@ def run_binary(validate: Callable, train_and_evaluate: Callable, default_config:
   devices. A count already set by the user (``--xla_force_host_platform_device_count``
   in ``XLA_FLAGS``, or ``JAX_NUM_CPU_DEVICES``) is kept, and on a GPU / TPU the
   flag changes nothing. The log says how many devices the run uses.
+
+  Args:
+    validate: ``config -> None``, raising ``ConfigError``.
+    train_and_evaluate: ``(config, workdir) -> Any``.
+    default_config: the config file ``--config`` defaults to.
+    outputs: the files the binary writes (for the last log line).
+    argv: the command line (default ``sys.argv``).
+    flag_values: tests: a private ``flags.FlagValues`` to define the flags on;
+      the binary then runs in-process without ``absl.app`` (no absl flags such
+      as ``--verbosity``, no logging setup) and ends as it would (``SystemExit``).
   """
-  config_flags.DEFINE_config_file('config', default_config, 'Experiment config file.')
-  flags.DEFINE_string('workdir', None, 'Folder for the result files.')
-  flags.DEFINE_integer('cpu_devices', 0, 'CPU devices to run on (seeds are sharded over '
-                       'them): 0 = one per core, 1 = a single device, N = N devices.',
-                       lower_bound=0)
-
-  def main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    sweep.use_all_cpu_cores(flags.FLAGS.cpu_devices or None)  # before any JAX work
-    workdir = flags.FLAGS.workdir
-    if not workdir:
-      raise app.UsageError('--workdir is required')
-    config = flags.FLAGS.config
-    try:
-      validate(config)
-    except ConfigError as e:
-      raise app.UsageError(str(e)) from e
-    quiet_library_logs()
-    devices = jax.devices()
-    logging.info('running on %d %s device(s) (--cpu_devices=%d, %d cores): %s', len(devices),
-                 devices[0].platform, flags.FLAGS.cpu_devices, sweep.cpu_cores(), devices)
-    train_and_evaluate(config, workdir)
-    logging.info('wrote %s in %s', ', '.join(outputs), workdir)
-
-  app.run(main)
-
-
-def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Creates ``workdir`` and records the config in ``config.json``.
-
-  A workdir already holding a different config is refused: its checkpoints
-  and results belong to that config and would be silently mixed.
-  """
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, 'config.json')
-  current = json.loads(json.dumps(io.to_plain(config.to_dict())))  # as it reads back
-  if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
-    if previous != current:
-      changed = sorted(k for k in set(previous) | set(current)
-                       if previous.get(k) != current.get(k))
-      raise ConfigError(
-          f'{workdir} holds a run with a different config (fields {changed} differ); '
-          f'use a new --workdir, or delete that one to start over')
-    return
-  if jax.process_index() == 0:
-    io.write_json(path, current)
+  in_app = flag_values is None
+  flag_values = flags.FLAGS if in_app else flag_values
+  args = list(sys.argv if argv is None else argv)
+  try:
+    define_flags(default_config, flag_values, args)
+  except ConfigError as e:
+    exit_with_error(e)
+  main = functools.partial(_main, validate=validate, train_and_evaluate=train_and_evaluate,
+                           outputs=outputs, flag_values=flag_values)
+  if in_app:
+    app.run(main, argv=args, flags_parser=functools.partial(parse_flags, flag_values=flag_values))
+  else:
+    main(parse_flags(args, flag_values))
 
 
 def write_results(workdir: str, config: ml_collections.ConfigDict,
@@ -250,16 +330,26 @@ ATTACK_OVERRIDES = {'attack_steps': 'pgd_steps', 'attack_restarts': 'pgd_restart
                     'square_queries': 'square_queries'}
 
 
-def validate_attack_fields(config) -> None:
-  """``attack_strength`` (a preset) and its overrides; the resulting ensemble must be valid."""
-  check_choice(config, 'attack_strength', evaluate.STRENGTHS)
-  for field in ATTACK_OVERRIDES:
-    v = check_int(config, field, lo=-1)
-    if field.endswith('restarts') and v == 0:
-      raise ConfigError(f'config.{field} must be -1 (the preset\'s) or >= 1, got 0')
-  check_float(config, 'attack_step_factor', lo=0, lo_open=True)
-  check_choice(config, 'oracle_loss', attacks.ORACLE_LOSSES)
-  check_float(config, 'oracle_tolerance', lo=0)
+_PRESETS = {-1: "the preset's"}
+
+# The fields experiments/configs/attacks.py adds to every config (``add_attack_fields``).
+ATTACK_FIELDS = {
+    'attack_strength': validation.Choice(evaluate.STRENGTHS),
+    'attack_steps': validation.Int(lo=-1),
+    'attack_restarts': validation.Int(lo=1, special=_PRESETS),
+    'apgd_steps': validation.Int(lo=-1),
+    'apgd_restarts': validation.Int(lo=1, special=_PRESETS),
+    'apgd_t_steps': validation.Int(lo=-1),
+    'attack_targets': validation.Int(lo=-1),
+    'square_queries': validation.Int(lo=-1),
+    'attack_step_factor': validation.Float(lo=0, lo_open=True),
+    'oracle_loss': validation.Choice(attacks.ORACLE_LOSSES),
+    'oracle_tolerance': validation.Float(lo=0),
+}
+
+
+def check_attack_rules(config) -> None:
+  """Cross-field rule: the preset with its overrides must make a valid attack ensemble."""
   try:
     attack_config(config)
   except ValueError as e:
@@ -372,42 +462,107 @@ WHERES = ('in', 'off', 'full')
 LOWRANK_LABELS = ('oracle', 'fixed')  # evaluate.LABEL_KINDS of the synthetic setting
 
 
-def validate_lowrank_fields(config) -> None:
-  """Checks the fields every low-rank binary shares (task, networks, training, eval)."""
-  check_int(config, 'seed', lo=0)
-  check_int(config, 'num_seeds', lo=1)
-  check_int(config, 'd', lo=1)
-  check_float(config, 'data_scale', lo=0, lo_open=True)
-  check_bool(config, 'energy_matched')
-  check_int(config, 'num_train', lo=0)
-  check_sequence(config, 'teacher_hidden', int, lo=1)
-  check_int(config, 'out_dim', lo=2)
-  check_bool(config, 'use_bias')
-  check_float(config, 'teacher_bias_scale', lo=0)
-  check_float(config, 'strength_decay', lo=0)
-  check_bool(config, 'teacher_per_seed')
-  check_int(config, 'width_mult', lo=1)
-  check_float(config, 'student_init_scale', lo=0, lo_open=True)
-  check_choice(config, 'loss', train.LOSSES)
-  check_choice(config, 'optimizer', train.OPTIMIZERS)
-  check_float(config, 'learning_rate', lo=0, lo_open=True)
-  check_float(config, 'momentum', lo=0, hi=0.999)
-  check_float(config, 'weight_decay', lo=0)
-  check_choice(config, 'schedule', train.SCHEDULES)
-  check_int(config, 'batch_size', lo=1)
-  check_int(config, 'num_steps', lo=0)
-  check_int(config, 'chunk_steps', lo=1)
-  n_eval = check_int(config, 'num_eval', lo=2)
-  eval_batch = check_int(config, 'eval_batch', lo=1)
-  if n_eval % eval_batch:
-    raise ConfigError(
-        f'config.eval_batch must divide config.num_eval = {n_eval}, got {eval_batch}')
-  check_float(config, 'probe_scale', lo=0, lo_open=True)
-  check_float(config, 'tau', lo=-1, hi=1)
-  check_choice(config, 'attack_norm', attacks.NORMS)
-  check_sequence(config, 'eps', float, lo=0, unique=True)
-  validate_attack_fields(config)
-  check_int(config, 'num_attack', lo=1)
+# Student training, shared by every binary.
+TRAINING_FIELDS = {
+    'seed': validation.Int(lo=0),
+    'num_seeds': validation.Int(lo=1),
+    'width_mult': validation.Int(lo=1),
+    'student_init_scale': validation.Float(lo=0, lo_open=True),
+    'loss': validation.Choice(train.LOSSES),
+    'optimizer': validation.Choice(train.OPTIMIZERS),
+    'learning_rate': validation.Float(lo=0, lo_open=True),
+    'momentum': validation.Float(lo=0, hi=0.999),
+    'weight_decay': validation.Float(lo=0),
+    'schedule': validation.Choice(train.SCHEDULES),
+    'batch_size': validation.Int(lo=1),
+    'num_steps': validation.Int(lo=0),
+    'chunk_steps': validation.Int(lo=1),
+}
+
+# The training methods' grids and the correlation's bootstrap (robustness.py, real.py).
+METHOD_GRID_FIELDS = {
+    'at_eps': validation.Floats(lo=0, unique=True),
+    'at_steps': validation.Int(lo=1),
+    'at_label': validation.Choice(attacks.LABELS),
+    'at_fraction': validation.Float(lo=0, hi=1),
+    'ccat_eps': validation.Floats(lo=0, unique=True),
+    'ccat_steps': validation.Int(lo=1),
+    'ccat_rho': validation.Float(lo=0, lo_open=True),
+    'ccat_pass_rate': validation.Float(lo=0, hi=1, lo_open=True),
+    'aug_scales': validation.Floats(lo=0, unique=True),
+    'aug_fraction': validation.Float(lo=0, hi=1),
+    'bootstrap_resamples': validation.Int(lo=10),
+}
+
+# The low-rank synthetic setting (lowrank.py, robustness.py): task, teacher, training, eval.
+LOWRANK_FIELDS = {
+    **TRAINING_FIELDS,
+    'd': validation.Int(lo=1),
+    'data_scale': validation.Float(lo=0, lo_open=True),
+    'energy_matched': validation.Bool(),
+    'num_train': validation.Int(lo=0),
+    'teacher_hidden': validation.Ints(lo=1),
+    'out_dim': validation.Int(lo=2),
+    'use_bias': validation.Bool(),
+    'teacher_bias_scale': validation.Float(lo=0),
+    'strength_decay': validation.Float(lo=0),
+    'teacher_per_seed': validation.Bool(),
+    'num_eval': validation.Int(lo=2),
+    'eval_batch': validation.Int(lo=1),
+    'probe_scale': validation.Float(lo=0, lo_open=True),
+    'tau': validation.Float(lo=-1, hi=1),
+    'attack_norm': validation.Choice(attacks.NORMS),
+    'eps': validation.Floats(lo=0, unique=True),
+    **ATTACK_FIELDS,
+    'num_attack': validation.Int(lo=1),
+}
+
+
+def check_lowrank_rules(config) -> None:
+  """Cross-field rules of the low-rank setting (after the table check).
+
+  ``eval_batch`` divides ``num_eval``; the attack ensemble is valid.
+  """
+  if config.num_eval % config.eval_batch:
+    raise ConfigError(f'config.eval_batch must divide config.num_eval = {config.num_eval}, '
+                      f'got {config.eval_batch}')
+  check_attack_rules(config)
+
+
+def check_ccat_batch(config) -> None:
+  """Cross-field rule: CCAT needs ``batch_size >= 2``."""
+  if 'ccat' in as_tuple(config.methods) and config.batch_size < 2:
+    raise ConfigError(f'config.batch_size must be >= 2 when config.methods has ccat, '
+                      f'got {config.batch_size}')
+
+
+def spec_columns(config) -> List[str]:
+  """``spec_in``, ``spec_off``, and their per-layer columns when the teacher has several
+  hidden layers (the deeper layers specialize less: the summaries show each)."""
+  n_layers = len(config.teacher_hidden)
+  if n_layers < 2:
+    return ['spec_in', 'spec_off']
+  return (['spec_in'] + [f'spec_in_l{k + 1}' for k in range(n_layers)]
+          + ['spec_off'] + [f'spec_off_l{k + 1}' for k in range(n_layers)])
+
+
+def spec_log_text(rows: Sequence[Mapping[str, Any]], n_layers: int) -> str:
+  """``spec_in 0.962 (layers 0.991 / 0.934) spec_off ...``: means over ``rows``.
+
+  Per-layer means appear with several hidden layers; ``n/a`` where a column is
+  empty (off-subspace columns at full rank).
+  """
+  def mean(key):
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return f'{np.mean(vals):.3f}' if vals else 'n/a'
+  parts = []
+  for where in ('in', 'off'):
+    text = f'spec_{where} {mean(f"spec_{where}")}'
+    if n_layers > 1 and mean(f'spec_{where}') != 'n/a':
+      text += ' (layers ' + ' / '.join(mean(f'spec_{where}_l{k + 1}')
+                                       for k in range(n_layers)) + ')'
+    parts.append(text)
+  return ' '.join(parts)
 
 
 def metric_columns(config) -> List[str]:
@@ -534,8 +689,8 @@ def train_or_keep_last_good(loss_fn, optimizer, state, teacher_params, data_args
   except train.TrainingDivergedError as e:
     path = os.path.join(workdir, f'last_good_params_{stage}.msgpack')
     io.save_pytree(path, sweep.to_host(e.last_good_state.params))
-    raise RuntimeError(f'{e} ({stage}); last good parameters saved to {path}; lower '
-                       f'config.learning_rate') from e
+    raise RunError(f'{e} ({stage}); last good parameters saved to {path}; lower '
+                   f'config.learning_rate') from e
   finally:
     checkpointer.close()
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import common
+from experiments import validation
 from tsrobust import evaluate
 from tsrobust import io
 from tsrobust import plotting
@@ -32,14 +33,23 @@ from tsrobust import train
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'lowrank.py')
 
 
+# Every config field: type, range, choices (validation.check_config).
+CONFIG_FIELDS = {**common.LOWRANK_FIELDS, 'ranks': validation.Ints(lo=1, unique=True)}
+
+
 def validate_config(config) -> None:
-  """Checks every field at start; raises ``common.ConfigError`` naming the field."""
-  common.validate_lowrank_fields(config)
-  d = common.check_int(config, 'd', lo=1)
-  common.check_sequence(config, 'ranks', int, lo=1, unique=True)
+  """Checks every field at start; raises ``common.ConfigError`` naming the field.
+
+  The table ``CONFIG_FIELDS``, then the cross-field rules: every rank <= ``d``,
+  and ``common.check_lowrank_rules`` (``eval_batch`` divides ``num_eval``; a
+  valid attack ensemble).
+  """
+  validation.check_config(config, CONFIG_FIELDS)
   for r in config.ranks:
-    if r > d:
-      raise common.ConfigError(f'config.ranks must satisfy 1 <= r <= d = {d}, got r = {r}')
+    if r > config.d:
+      raise common.ConfigError(f'config.ranks must satisfy 1 <= r <= d = {config.d}, '
+                               f'got r = {r}')
+  common.check_lowrank_rules(config)
 
 
 def columns(config) -> List[str]:
@@ -85,9 +95,8 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
     for i, row in enumerate(rows):
       records.append({'rank': r, 'seed': i, 'train_loss': float(losses[i, -1])
                       if losses.size else None, **row})
-    logging.info('rank %d done in %.1fs: spec_in %.3f spec_off %s clean_agree %.3f', r,
-                 time.perf_counter() - t0, np.mean([x['spec_in'] for x in rows]),
-                 'n/a' if r == d else f'{np.mean([x["spec_off"] for x in rows]):.3f}',
+    logging.info('rank %d done in %.1fs: %s clean_agree %.3f', r, time.perf_counter() - t0,
+                 common.spec_log_text(rows, len(config.teacher_hidden)),
                  np.mean([x['clean_agree'] for x in rows]))
 
   common.write_results(workdir, config, records, columns(config))
@@ -96,9 +105,9 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   if jax.process_index() == 0:
     io.write_json(os.path.join(workdir, 'attack_checks.json'), checks)
     io.atomic_write_text(os.path.join(workdir, 'summary.md'), io.markdown_summary(
-        records, ['rank'], ['spec_in', 'spec_off', 'wcos_in', 'wcos_off', 'wcos_off_random',
-                            'clean_agree', f'adv_oracle_in_{mid}', f'adv_oracle_off_{mid}',
-                            f'adv_oracle_full_{mid}', f'adv_fixed_full_{mid}'])
+        records, ['rank'], common.spec_columns(config) + [
+            'wcos_in', 'wcos_off', 'wcos_off_random', 'clean_agree', f'adv_oracle_in_{mid}',
+            f'adv_oracle_off_{mid}', f'adv_oracle_full_{mid}', f'adv_fixed_full_{mid}'])
         + '\n' + common.attack_checks_markdown(checks))
   plotting.plot_lowrank(os.path.join(workdir, 'results.csv'),
                         os.path.join(workdir, 'lowrank.png'), eps=mid)

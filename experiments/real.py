@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import common
+from experiments import validation
 from tsrobust import attacks
 from tsrobust import cnn
 from tsrobust import datasets
@@ -101,70 +102,66 @@ def _check_data_dir(config) -> None:
                              f'{missing}' + (' (raw or .gz)' if config.dataset == 'mnist' else ''))
 
 
+# Every config field: type, range, choices (validation.check_config).
+CONFIG_FIELDS = {
+    **common.TRAINING_FIELDS,
+    **common.METHOD_GRID_FIELDS,
+    **common.ATTACK_FIELDS,
+    'dataset': validation.Choice(datasets.DATASETS),
+    'data_dir': validation.Str('a path (a string)'),
+    'num_train': validation.Int(lo=0),
+    'num_test': validation.Int(lo=0),
+    'lowrank_rank': validation.Int(lo=0),
+    'teacher_conv': validation.Ints(lo=1),
+    'teacher_dense': validation.Ints(lo=1, min_len=0),
+    'teacher_dir': validation.Str("a path (a string; '' for <workdir>/teachers)"),
+    'kernel_size': validation.Int(lo=1),
+    'pool': validation.Choice(cnn.POOLS),
+    'use_bias': validation.Bool(),
+    'teacher_training': validation.Choice(TEACHER_TRAININGS),
+    'teacher_eps': validation.Float(lo=0),
+    'teacher_steps': validation.Int(lo=0),
+    'teacher_batch': validation.Int(lo=1),
+    'teacher_lr': validation.Float(lo=0, lo_open=True),
+    'teacher_pgd_steps': validation.Int(lo=1),
+    'methods': validation.Names(METHODS),
+    'rf_model_eps': validation.Float(lo=0, lo_open=True),
+    'rf_model_steps': validation.Int(lo=0),
+    'rf_steps': validation.Int(lo=0),
+    'rf_step_size': validation.Float(lo=0, lo_open=True),
+    'rf_start': validation.Choice(robust_dataset.STARTS),
+    'rf_batch': validation.Int(lo=1),
+    'eps_denominator': validation.Float(lo=0, lo_open=True),
+    'eps': validation.Floats(lo=0, unique=True),
+    'num_attack': validation.Int(lo=1),
+    'tau': validation.Float(lo=-1, hi=1),
+    'eval_batch': validation.Int(lo=1),
+}
+
+
 def validate_config(config) -> None:
-  """Checks every field at start; raises ``common.ConfigError`` naming the field."""
-  common.check_int(config, 'seed', lo=0)
-  common.check_int(config, 'num_seeds', lo=1)
-  common.check_choice(config, 'dataset', datasets.DATASETS)
+  """Checks every field at start; raises ``common.ConfigError`` naming the field.
+
+  The table ``CONFIG_FIELDS``, then the cross-field rules: ``data_dir`` holds
+  the dataset's files (CIFAR-10 needs one); ``teacher_eps > 0`` for a PGD
+  teacher; ``robust_features`` needs a hidden layer; ``orth`` / ``iso`` need
+  ``lowrank_rank > 0``; ``batch_size >= 2`` with CCAT; a valid attack
+  ensemble. Checks that need the loaded data: ``_validate_sizes``.
+  """
+  validation.check_config(config, CONFIG_FIELDS)
   _check_data_dir(config)
-  common.check_int(config, 'num_train', lo=0)
-  common.check_int(config, 'num_test', lo=0)
-  rank = common.check_int(config, 'lowrank_rank', lo=0)
-  common.check_sequence(config, 'teacher_conv', int, lo=1)
-  common.check_sequence(config, 'teacher_dense', int, lo=1, min_len=0)
-  if not isinstance(config.teacher_dir, str):
-    raise common.ConfigError(f'config.teacher_dir must be a path (a string; \'\' for '
-                             f'<workdir>/teachers), got {config.teacher_dir!r}')
-  common.check_int(config, 'kernel_size', lo=1)
-  common.check_choice(config, 'pool', cnn.POOLS)
-  common.check_bool(config, 'use_bias')
-  training = common.check_choice(config, 'teacher_training', TEACHER_TRAININGS)
-  common.check_float(config, 'teacher_eps', lo=0, lo_open=training == 'pgd')
-  common.check_int(config, 'teacher_steps', lo=0)
-  common.check_int(config, 'teacher_batch', lo=1)
-  common.check_float(config, 'teacher_lr', lo=0, lo_open=True)
-  common.check_int(config, 'teacher_pgd_steps', lo=1)
-  methods = common.check_names(config, 'methods', METHODS)
-  common.check_float(config, 'rf_model_eps', lo=0, lo_open=True)
-  common.check_int(config, 'rf_model_steps', lo=0)
-  common.check_int(config, 'rf_steps', lo=0)
-  common.check_float(config, 'rf_step_size', lo=0, lo_open=True)
-  common.check_choice(config, 'rf_start', robust_dataset.STARTS)
-  common.check_int(config, 'rf_batch', lo=1)
+  if config.teacher_training == 'pgd' and config.teacher_eps <= 0:
+    raise common.ConfigError(f'config.teacher_eps must be > 0 for a PGD-trained teacher '
+                             f'(config.teacher_training = pgd), got {config.teacher_eps}')
+  methods = common.as_tuple(config.methods)
   if 'robust_features' in methods and not (config.teacher_dense or len(config.teacher_conv)):
     raise common.ConfigError('config.methods: robust_features needs a hidden layer')
-  common.check_int(config, 'width_mult', lo=1)
-  common.check_float(config, 'student_init_scale', lo=0, lo_open=True)
-  common.check_choice(config, 'loss', train.LOSSES)
-  common.check_choice(config, 'optimizer', train.OPTIMIZERS)
-  common.check_float(config, 'learning_rate', lo=0, lo_open=True)
-  common.check_float(config, 'momentum', lo=0, hi=0.999)
-  common.check_float(config, 'weight_decay', lo=0)
-  common.check_choice(config, 'schedule', train.SCHEDULES)
-  common.check_int(config, 'batch_size', lo=2 if 'ccat' in methods else 1)
-  common.check_int(config, 'num_steps', lo=0)
-  common.check_int(config, 'chunk_steps', lo=1)
   for m in LOWRANK_METHODS:
-    if m in methods and rank == 0:
+    if m in methods and config.lowrank_rank == 0:
       raise common.ConfigError(f'config.methods: {m} (noise augmentation out of the PCA '
                                f'subspace) needs config.lowrank_rank > 0')
-  common.check_sequence(config, 'at_eps', float, lo=0, unique=True)
-  common.check_int(config, 'at_steps', lo=1)
-  common.check_choice(config, 'at_label', attacks.LABELS)
-  common.check_float(config, 'at_fraction', lo=0, hi=1)
-  common.check_sequence(config, 'ccat_eps', float, lo=0, unique=True)
-  common.check_int(config, 'ccat_steps', lo=1)
-  common.check_float(config, 'ccat_rho', lo=0, lo_open=True)
-  common.check_sequence(config, 'aug_scales', float, lo=0, unique=True)
-  common.check_float(config, 'aug_fraction', lo=0, hi=1)
-  common.check_float(config, 'eps_denominator', lo=0, lo_open=True)
-  common.check_sequence(config, 'eps', float, lo=0, unique=True)
-  common.validate_attack_fields(config)
-  common.check_int(config, 'num_attack', lo=1)
-  common.check_float(config, 'tau', lo=-1, hi=1)
-  common.check_int(config, 'eval_batch', lo=1)
-  common.check_float(config, 'ccat_pass_rate', lo=0, hi=1, lo_open=True)
-  common.check_int(config, 'bootstrap_resamples', lo=10)
+  common.check_ccat_batch(config)
+  common.check_attack_rules(config)
 
 
 def _validate_sizes(config, dataset: datasets.Dataset) -> None:

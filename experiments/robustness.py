@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import common
+from experiments import validation
 from tsrobust import attacks
 from tsrobust import evaluate
 from tsrobust import io
@@ -41,32 +42,32 @@ METHODS = ('standard', 'at', 'ccat', 'orth', 'iso')
 HPARAM_COLUMNS = ('at_eps', 'at_where', 'at_label', 'ccat_eps', 'aug_scale')
 
 
+# Every config field: type, range, choices (validation.check_config).
+CONFIG_FIELDS = {
+    **common.LOWRANK_FIELDS,
+    **common.METHOD_GRID_FIELDS,
+    'rank': validation.Int(lo=1),
+    'methods': validation.Names(METHODS),
+    'at_where': validation.Names(('full', 'in')),
+    'at_norm': validation.Choice(attacks.NORMS),
+    'ccat_norm': validation.Choice(attacks.NORMS),
+}
+
+
 def validate_config(config) -> None:
-  """Checks every field at start; raises ``common.ConfigError`` naming the field."""
-  common.validate_lowrank_fields(config)
-  d = config.d
-  common.check_int(config, 'rank', lo=1)
-  if config.rank >= d:
+  """Checks every field at start; raises ``common.ConfigError`` naming the field.
+
+  The table ``CONFIG_FIELDS``, then the cross-field rules: ``rank < d``,
+  ``batch_size >= 2`` with CCAT, and ``common.check_lowrank_rules``
+  (``eval_batch`` divides ``num_eval``; a valid attack ensemble).
+  """
+  validation.check_config(config, CONFIG_FIELDS)
+  if config.rank >= config.d:
     raise common.ConfigError(
-        f'config.rank must satisfy 1 <= rank < d = {d} (the study needs an '
+        f'config.rank must satisfy 1 <= rank < d = {config.d} (the study needs an '
         f'off-subspace), got {config.rank}')
-  methods = common.check_names(config, 'methods', METHODS)
-  common.check_sequence(config, 'at_eps', float, lo=0, unique=True)
-  common.check_names(config, 'at_where', ('full', 'in'))
-  common.check_choice(config, 'at_label', attacks.LABELS)
-  common.check_choice(config, 'at_norm', attacks.NORMS)
-  common.check_int(config, 'at_steps', lo=1)
-  common.check_float(config, 'at_fraction', lo=0, hi=1)
-  common.check_sequence(config, 'ccat_eps', float, lo=0, unique=True)
-  common.check_choice(config, 'ccat_norm', attacks.NORMS)
-  common.check_int(config, 'ccat_steps', lo=1)
-  common.check_float(config, 'ccat_rho', lo=0, lo_open=True)
-  common.check_float(config, 'ccat_pass_rate', lo=0, hi=1, lo_open=True)
-  if 'ccat' in methods:
-    common.check_int(config, 'batch_size', lo=2)
-  common.check_sequence(config, 'aug_scales', float, lo=0, unique=True)
-  common.check_float(config, 'aug_fraction', lo=0, hi=1)
-  common.check_int(config, 'bootstrap_resamples', lo=10)
+  common.check_ccat_batch(config)
+  common.check_lowrank_rules(config)
 
 
 def grid(config) -> List[Tuple[str, Dict[str, Any]]]:
@@ -287,8 +288,9 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   mid = common.eps_name(common.headline_eps(config))
   corr = correlations(config, records)
   common.write_results(workdir, config, records, columns(config))
-  summary_cols = ['spec_in', 'spec_off', 'wcos_off', 'clean_agree', f'adv_oracle_in_{mid}',
-                  f'adv_oracle_off_{mid}', f'adv_oracle_full_{mid}']
+  summary_cols = common.spec_columns(config) + [
+      'wcos_off', 'clean_agree', f'adv_oracle_in_{mid}', f'adv_oracle_off_{mid}',
+      f'adv_oracle_full_{mid}']
   if ccat_idx:
     summary_cols += [f'ccat_accepted_wrong_{mid}', f'ccat_err_{mid}']
   if jax.process_index() == 0:

@@ -2,9 +2,8 @@
 
 import json
 import os
-import subprocess
-import sys
 
+from absl import flags
 import numpy as np
 import pytest
 
@@ -136,15 +135,24 @@ def test_bad_config_fails_at_start(tmp_path, field, value, message):
   assert not os.listdir(tmp_path)  # nothing was started
 
 
-def test_command_line_names_a_bad_value(tmp_path):
-  """The absl binary validates flags before any work (the success path through the
-  command line is exercised by tests/test_sweep.py)."""
-  bad = [sys.executable, '-m', 'experiments.lowrank', f'--workdir={tmp_path / "bad"}',
-         '--config.d=6', '--config.ranks=(2,9)']
-  done = subprocess.run(bad, cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert done.returncode != 0
-  assert 'config.ranks must satisfy 1 <= r <= d = 6, got r = 9' in done.stderr
+def _run_binary(args, capfd):
+  """The binary's entry point, in-process on private flags: (exit code, stderr)."""
+  capfd.readouterr()
+  with pytest.raises(SystemExit) as info:
+    common.run_binary(lowrank.validate_config, lowrank.train_and_evaluate,
+                      lowrank._DEFAULT_CONFIG, ('results.csv',), argv=['lowrank', *args],
+                      flag_values=flags.FlagValues())
+  return info.value.code, capfd.readouterr().err
+
+
+def test_command_line_names_a_bad_value(tmp_path, capfd):
+  """The binary validates flags before any work, in one line on stderr (the success path
+  through the command line is exercised by tests/test_sweep.py; the absl entry point and
+  every kind of mistake by tests/test_validation.py)."""
+  code, err = _run_binary([f'--workdir={tmp_path / "bad"}', '--config.d=6',
+                           '--config.ranks=(2,9)'], capfd)
+  assert code == 2
+  assert err == 'error: config.ranks must satisfy 1 <= r <= d = 6, got r = 9\n'
   assert not (tmp_path / 'bad').exists()
-  missing = subprocess.run([sys.executable, '-m', 'experiments.lowrank'], cwd=ROOT,
-                           capture_output=True, text=True, timeout=300)
-  assert missing.returncode != 0 and '--workdir is required' in missing.stderr
+  code, err = _run_binary([], capfd)
+  assert code == 2 and err == 'error: --workdir is required (the folder for the result files)\n'
