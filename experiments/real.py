@@ -319,7 +319,7 @@ def pretrain_teacher(spec: Dict[str, Any], model: cnn.CNN, dataset: datasets.Dat
     if stored != plain:
       raise ValueError(f'{spec_path} holds a different teacher config than its hash says; '
                        f'delete {folder} to retrain')
-  else:
+  elif jax.process_index() == 0:
     io.write_json(spec_path, plain)
   pgd = spec['teacher_training'] == 'pgd'
   eps = spec['teacher_eps'] / spec['eps_denominator'] if pgd else 0.0

@@ -56,6 +56,7 @@ import numpy as np
 
 from tsrobust import attacks
 from tsrobust import square as square_lib
+from tsrobust import sweep
 
 ATTACKS = ('pgd', 'apgd', 'apgd_t', 'square')
 GRADIENT_ATTACKS = ('pgd', 'apgd', 'apgd_t')
@@ -485,7 +486,7 @@ class Evaluator:
         raise ValueError('identity_full is for L2 only: unconstrained L-inf clips per coordinate')
       d = int(np.prod(x.shape[2:] if not self.shared_data else x.shape[1:]))
       projectors['full'] = jnp.broadcast_to(jnp.eye(d, dtype=x.dtype), (num, d, d))
-    clean_out = jax.device_get(self._clean(student_params, teacher_params, x, lab, thr))
+    clean_out = sweep.to_host(self._clean(student_params, teacher_params, x, lab, thr))
     clean = {}
     for kind in labels_kinds:
       if kind == 'oracle':
@@ -510,7 +511,7 @@ class Evaluator:
             k = jax.vmap(lambda kk: jax.random.fold_in(kk, code))(keys)
             outs.append(fn(student_params, teacher_params, x, lab, k, jnp.float32(e),
                            proj, thr))
-          outs = jax.device_get(outs)
+          outs = sweep.to_host(outs)  # every process, gathered over processes
           # delta = 0 is feasible: a point already wrong at x is a success of every attack.
           success[(kind, where, attack)] = (np.stack([o['success'] for o in outs], 1)
                                             | clean[kind][:, None, :])

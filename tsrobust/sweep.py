@@ -3,11 +3,13 @@
 Sharding: every array with a leading seeds axis is laid out over a 1-D
 ``Mesh`` of all devices (``NamedSharding(mesh, P('seeds'))``). Jitted,
 vmapped functions then run each device's seeds where they live; the same code
-runs on one CPU, one GPU or many, and multi-host after
+runs on one CPU, one GPU or many, and multi-process after
 ``jax.distributed.initialize()`` (every process builds the same full arrays
-from the same keys and keeps its devices' slices). The seeds axis must be a
-multiple of the device count: ``padded_size`` says how many seeds to build;
-the padded seeds are real extra seeds whose results the caller drops.
+from the same keys and keeps its devices' slices; ``to_host`` gathers results
+back to every process; tests/test_multiprocess.py runs two CPU processes). The
+seeds axis must be a multiple of the device count: ``padded_size`` says how
+many seeds to build; the padded seeds are real extra seeds whose results the
+caller drops.
 
 Checkpoints: ``Checkpointer`` saves a pytree (train state and loss history)
 with orbax after every chunk; a rerun restores the newest complete one.
@@ -181,18 +183,33 @@ def shard_seeds(tree: Any, mesh: Mesh) -> Any:
                        f'{n} devices; build padded_size(num_seeds, mesh) seeds')
     if jax.process_count() == 1:
       return jax.device_put(leaf, sharding)
+    if not leaf.is_fully_addressable:  # already global (an earlier result): keep or re-lay
+      if leaf.sharding.is_equivalent_to(sharding, leaf.ndim):
+        return leaf
+      return jax.jit(lambda v: v, out_shardings=sharding)(leaf)
+    # A process-local array, the same full value on every process: each process lays its
+    # devices' slices (device_put would need a committed global value).
     host = np.asarray(leaf)
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
   return jax.tree_util.tree_map(put, tree)
 
 
 def to_host(tree: Any) -> Any:
-  """Numpy copies of (possibly sharded, possibly multi-host) arrays, on every process."""
+  """Numpy copies of (possibly sharded, possibly multi-host) arrays, on every process.
+
+  With several processes this is a collective: every process must call it, in
+  the same order. An array spread over processes is gathered whole (its global
+  shape); a process-local array (one every process computed alike) is copied as is.
+  """
   if jax.process_count() == 1:
     return jax.device_get(tree)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return jax.tree_util.tree_map(
-      lambda v: np.asarray(multihost_utils.process_allgather(v, tiled=True)), tree)
+
+  def get(v):
+    if not isinstance(v, jax.Array) or v.is_fully_addressable:
+      return np.asarray(jax.device_get(v))
+    return np.asarray(multihost_utils.process_allgather(v, tiled=True))
+  return jax.tree_util.tree_map(get, tree)
 
 
 class Checkpointer:
