@@ -168,6 +168,7 @@ def define_flags(default_config: str, flag_values: flags.FlagValues = flags.FLAG
   flags.DEFINE_integer('cpu_devices', 0, 'CPU devices to run on (seeds are sharded over '
                        'them): 0 = one per core, 1 = a single device, N = N devices.',
                        lower_bound=0, flag_values=flag_values)
+  define_distributed_flags(flag_values)
 
 
 def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> List[str]:
@@ -242,7 +243,9 @@ def _main(argv: Sequence[str], validate: Callable, train_and_evaluate: Callable,
                            f'{type(config).__name__}')
     validate(config)
     check_workdir(workdir, config)  # mistakes are reported before any output or JAX work
-    sweep.use_all_cpu_cores(flag_values.cpu_devices or None)  # before any JAX work
+    sweep.use_all_cpu_cores(flag_values.cpu_devices  # before any JAX work
+                            or cpu_devices_per_process(flag_values))
+    init_distributed(flag_values)  # after the checks (a mistake stops every process alike)
     devices = jax.devices()
     logging.info('running on %d %s device(s) (--cpu_devices=%d, %d cores): %s', len(devices),
                  devices[0].platform, flag_values.cpu_devices, sweep.cpu_cores(), devices)
@@ -251,7 +254,86 @@ def _main(argv: Sequence[str], validate: Callable, train_and_evaluate: Callable,
     exit_with_error(e)
   except RunError as e:
     exit_with_error(e, code=RUN_EXIT_CODE)
-  logging.info('wrote %s in %s', ', '.join(outputs), workdir)
+  if jax.process_index() == 0:
+    logging.info('wrote %s in %s', ', '.join(outputs), workdir)
+  else:
+    logging.info('process %d of %d done (process 0 writes the files)', jax.process_index(),
+                 jax.process_count())
+
+
+# ----------------------------------------------------------------------------
+# Multi-process runs (jax.distributed): flags, CPU devices per process, start.
+# ----------------------------------------------------------------------------
+
+def define_distributed_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """``--coordinator_address``, ``--num_processes``, ``--process_id`` (``init_distributed``)."""
+  flags.DEFINE_string('coordinator_address', '', 'host:port of process 0 in a multi-process '
+                      'run (jax.distributed); empty: a single process.', flag_values=flag_values)
+  flags.DEFINE_integer('num_processes', 1, 'Processes in the run (with --coordinator_address).',
+                       lower_bound=1, flag_values=flag_values)
+  flags.DEFINE_integer('process_id', 0, 'This process\'s index in [0, --num_processes); '
+                       'process 0 writes every file.', lower_bound=0, flag_values=flag_values)
+
+
+def _is_loopback(address: str) -> bool:
+  """Whether ``host:port`` names this machine by a loopback name (every process runs here)."""
+  import ipaddress  # pylint: disable=g-import-not-at-top
+  host = address.rsplit(':', 1)[0].strip('[]').lower()
+  if host == 'localhost':
+    return True
+  try:
+    return ipaddress.ip_address(host).is_loopback
+  except ValueError:
+    return False
+
+
+def cpu_devices_per_process(flag_values: flags.FlagValues = flags.FLAGS) -> Optional[int]:
+  """This process's CPU device count under ``--cpu_devices=0``; None: one per core.
+
+  In a multi-process run whose coordinator is a loopback address (``localhost:PORT``: every
+  process on this machine) the processes share the cores: ``cores // num_processes`` each
+  (at least 1). Otherwise (one process per machine) every process takes its machine's cores;
+  processes sharing a machine under a routable coordinator address should get
+  ``--cpu_devices`` (or be pinned with ``taskset``: the count follows the CPU affinity).
+  """
+  f = flag_values
+  if f.num_processes > 1 and f.coordinator_address and _is_loopback(f.coordinator_address):
+    return max(1, sweep.cpu_cores() // f.num_processes)
+  return None
+
+
+def init_distributed(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Joins a multi-process run (``jax.distributed.initialize``) if ``--coordinator_address``.
+
+  Call before any JAX computation. Every process runs the same binary with the same config
+  and ``--workdir`` (a folder all of them see: orbax writes each process's checkpoint shards
+  there); the seeds are sharded over the devices of all processes (``mesh``), results are
+  gathered back to every process (``sweep.to_host``) and only process 0 writes result
+  files. On CPU, cross-process collectives use gloo.
+
+  Raises:
+    app.UsageError: ``--num_processes`` / ``--process_id`` without a coordinator, an
+      address without a port, or a ``--process_id`` out of range.
+  """
+  f = flag_values
+  if not f.coordinator_address:
+    if f.num_processes != 1 or f.process_id != 0:
+      raise app.UsageError('--num_processes and --process_id need --coordinator_address '
+                           '(host:port of process 0)')
+    return
+  if ':' not in f.coordinator_address:
+    raise app.UsageError(f'--coordinator_address must be host:port, got '
+                         f'{f.coordinator_address!r}')
+  if f.process_id >= f.num_processes:
+    raise app.UsageError(f'--process_id must be in [0, {f.num_processes}) '
+                         f'(--num_processes), got {f.process_id}')
+  # Cross-process collectives on CPU: gloo (the default of recent jaxlibs; 'none' fails them).
+  if jax.config.values.get('jax_cpu_collectives_implementation', 'gloo') in (None, '', 'none'):
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=f.coordinator_address,
+                             num_processes=f.num_processes, process_id=f.process_id)
+  logging.info('process %d of %d (coordinator %s)', jax.process_index(), jax.process_count(),
+               f.coordinator_address)
 
 
 def run_binary(validate: Callable, train_and_evaluate: Callable, default_config: str,
@@ -278,6 +360,11 @@ def run_binary(validate: Callable, train_and_evaluate: Callable, default_config:
   devices. A count already set by the user (``--xla_force_host_platform_device_count``
   in ``XLA_FLAGS``, or ``JAX_NUM_CPU_DEVICES``) is kept, and on a GPU / TPU the
   flag changes nothing. The log says how many devices the run uses.
+
+  ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``: this
+  process is process I of a multi-process run (``init_distributed``); the
+  seeds are sharded over the devices of all processes and only process 0
+  writes files.
 
   Args:
     validate: ``config -> None``, raising ``ConfigError``.
@@ -688,7 +775,9 @@ def train_or_keep_last_good(loss_fn, optimizer, state, teacher_params, data_args
                              checkpointer=checkpointer)
   except train.TrainingDivergedError as e:
     path = os.path.join(workdir, f'last_good_params_{stage}.msgpack')
-    io.save_pytree(path, sweep.to_host(e.last_good_state.params))
+    params = sweep.to_host(e.last_good_state.params)  # a collective: every process
+    if jax.process_index() == 0:
+      io.save_pytree(path, params)
     raise RunError(f'{e} ({stage}); last good parameters saved to {path}; lower '
                    f'config.learning_rate') from e
   finally:
