@@ -42,7 +42,6 @@ def _small_mlp(seed, d=D, width=6, out=3):
   return lambda x: jax.nn.relu(x @ w1 + b1) @ w2
 
 
-
 def _iterates(c, alpha, steps, norm):
   """PGD iterates from 0 on ``-||delta - c||^2`` in an unbounded ball: ``[n, steps + 1, d]``."""
   p = np.zeros_like(c, dtype=np.float64)
@@ -318,7 +317,16 @@ class OracleTest(chex.TestCase):
     np.testing.assert_allclose(same, 0.0, atol=1e-6)
     diff = self.variant(attacks.oracle_objective(student, teacher, loss))(x)
     self.assertEqual(diff.shape, (8,))
-    self.assertTrue(np.all(diff > 0))
+    # The definitions, in float64 numpy: sum_c (s_c - t_c)^2, KL(softmax(t) || softmax(s)).
+    s, t = np.asarray(student(x), np.float64), np.asarray(teacher(x), np.float64)
+    if loss == 'mse':
+      want = ((s - t) ** 2).sum(-1)
+    else:
+      log_softmax = lambda z: z - z.max(-1, keepdims=True) - np.log(
+          np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
+      want = (np.exp(log_softmax(t)) * (log_softmax(t) - log_softmax(s))).sum(-1)
+    self.assertTrue(np.all(want > 1e-3))  # the two networks really differ on every point
+    np.testing.assert_allclose(diff, want, rtol=1e-4, atol=1e-6)
 
   def test_oracle_objective_known_values(self):
     s = jnp.array([[0.0, 0.0]])

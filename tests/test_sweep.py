@@ -3,10 +3,8 @@
 import io as _io
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 import warnings
 
 import jax
@@ -122,6 +120,7 @@ def _devices_used(log):
 SHARDED = TINY | {'ranks': '(2,6)', 'square_queries': 0}
 
 
+@pytest.mark.slow
 def test_default_runs_on_every_core_with_the_same_results(tmp_path):
   """The binaries' default: one CPU device per core, 3 seeds padded to a multiple of it,
   sharded; the same results as ``--cpu_devices=1`` (a single device)."""
@@ -160,6 +159,7 @@ def _python(code, **env):
   return done.stdout.split()
 
 
+@pytest.mark.slow  # a fresh Python process each (JAX's backends must not have started)
 @pytest.mark.parametrize('num_devices', [None, 3])
 def test_use_all_cpu_cores_makes_the_devices_it_returns(num_devices):
   """One CPU device per core (``os.cpu_count()`` or the CPU affinity), or the count asked for."""
@@ -188,6 +188,7 @@ print(len(jax.devices()))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('env', [{'XLA_FLAGS': '--xla_force_host_platform_device_count=3'},
                                  {'JAX_NUM_CPU_DEVICES': '3'}], ids=['XLA_FLAGS', 'config'])
 def test_use_all_cpu_cores_keeps_the_users_count(env):
@@ -209,37 +210,21 @@ def test_use_all_cpu_cores_once_jax_runs_warns_and_changes_nothing():
       sweep.use_all_cpu_cores(bad)
 
 
-def test_killed_run_resumes_to_the_same_results(tmp_path):
-  long = TINY | {'ranks': '(2,)', 'num_steps': 20000, 'chunk_steps': 500}
-  workdir = tmp_path / 'killed'
-  one = ('--cpu_devices=1',)  # as the in-process run it is compared with to 1e-6
-  proc = _run_binary(workdir, long, wait=False, flags=one)
-  ckpt = workdir / 'checkpoints' / 'rank2'
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    if ckpt.exists() and any(p.name.isdigit() for p in ckpt.iterdir()):
-      break
-    time.sleep(0.02)
-  assert proc.poll() is None, 'the run ended before it could be killed: ' + proc.stderr.read()
-  os.kill(proc.pid, signal.SIGKILL)
-  proc.wait()
-  steps = [int(p.name) for p in ckpt.iterdir() if p.name.isdigit()]
-  assert steps and max(steps) < 20000  # killed mid-training, with a checkpoint to resume
-  assert not (workdir / 'results.csv').exists()
-  done = _run_binary(workdir, long, flags=one)  # the same command again
-  assert 'rank2: step 20000/20000' in done.stderr
-  lowrank.train_and_evaluate(_tiny_config(ranks=(2,), num_steps=20000, chunk_steps=500),
-                             str(tmp_path / 'straight'))
-  _assert_same_results(str(workdir / 'results.csv'), str(tmp_path / 'straight' / 'results.csv'),
-                       atol=1e-6)
+# Resuming after an interruption: tests/test_train.py (the library) and tests/test_lowrank.py
+# (the binary, in-process).
 
 
 def test_changed_config_in_existing_workdir_is_refused(tmp_path):
+  """A workdir records its config at the start of a run (``prepare_workdir``); a run of
+  another config there stops before any work."""
   config = _tiny_config(num_steps=20, ranks=(2,))
-  lowrank.train_and_evaluate(config, str(tmp_path))
+  common.prepare_workdir(str(tmp_path), config)
+  common.prepare_workdir(str(tmp_path), config)  # the same config: accepted
+  assert os.listdir(tmp_path) == ['config.json']
   config.learning_rate = 0.01
   with pytest.raises(common.ConfigError, match=r"different config \(fields \['learning_rate'\]"):
     lowrank.train_and_evaluate(config, str(tmp_path))
+  assert os.listdir(tmp_path) == ['config.json']
 
 
 def test_progress_on_a_terminal_is_one_live_line():

@@ -1,6 +1,7 @@
 """Training: losses, optimizers, chunked scans, vmapped seeds, divergence."""
 
 import functools
+import tempfile
 
 from absl.testing import parameterized
 import chex
@@ -11,6 +12,7 @@ import pytest
 
 from tsrobust import data
 from tsrobust import models
+from tsrobust import sweep
 from tsrobust import train
 
 D, R = 8, 3
@@ -22,13 +24,17 @@ def _problem(num_seeds, optimizer_name='momentum', lr=0.05, weight_decay=0.0, hi
   teacher = models.MLP(hidden, 3)
   student = models.student_of(teacher, 2)
   keys = jax.random.split(jax.random.PRNGKey(0), 4 * num_seeds).reshape(num_seeds, 4, 2)
-  tparams = jax.vmap(functools.partial(models.random_teacher_params, model=teacher,
-                                       in_dim=D))(keys[:, 0])
-  bases = jax.vmap(lambda k: data.random_orthonormal(k, D, R))(keys[:, 1])
-  projector = bases @ jnp.swapaxes(bases, 1, 2)
-  sparams = jax.vmap(lambda k: student.init(k, jnp.zeros((1, D))))(keys[:, 2])
   opt = train.make_optimizer(optimizer_name, lr, weight_decay=weight_decay)
-  state = jax.vmap(lambda p: train.init_state(p, opt))(sparams)
+
+  @jax.jit  # one program, not one eager compile per operation (set-up is most of the time)
+  def arrays(keys):
+    tparams = jax.vmap(functools.partial(models.random_teacher_params, model=teacher,
+                                         in_dim=D))(keys[:, 0])
+    bases = jax.vmap(lambda k: data.random_orthonormal(k, D, R))(keys[:, 1])
+    sparams = jax.vmap(lambda k: student.init(k, jnp.zeros((1, D))))(keys[:, 2])
+    state = jax.vmap(lambda p: train.init_state(p, opt))(sparams)
+    return tparams, bases @ jnp.swapaxes(bases, 1, 2), state
+  tparams, projector, state = arrays(keys)
   loss_fn = train.teacher_regression_loss(
       student.apply, teacher.apply, 'mse',
       lambda k, a, n: data.sample_lowrank(k, a['projector'], n, a['scale']), batch)
@@ -114,6 +120,44 @@ class TrainSeedsTest(chex.TestCase):
     self.assertEqual([s['step'] for s in seen], [4, 8, 10])
     self.assertTrue(all(s['steps_per_sec'] > 0 and np.isfinite(s['loss']) for s in seen))
     self.assertEqual(seen[-1]['eta_sec'], 0.0)
+
+  def test_interrupted_run_resumes_to_the_same_state(self):
+    """Stopped after chunk 2 (the checkpoint is saved before ``on_chunk``), the same call
+    again runs only the remaining chunks and ends where an uninterrupted run ends."""
+    loss_fn, opt, state, tparams, data_args, keys = _problem(2)
+    run = functools.partial(train.train_seeds, loss_fn, opt, state, tparams, data_args, keys,
+                            num_steps=50, chunk_steps=10)
+    straight, straight_losses = run()
+    folder = self.enterContext(tempfile.TemporaryDirectory())
+
+    class Interrupted(Exception):
+      pass
+
+    def stop_after_chunk_2(info):
+      if info['step'] == 20:
+        raise Interrupted
+
+    checkpointer = sweep.Checkpointer(folder)
+    with pytest.raises(Interrupted):
+      run(checkpointer=checkpointer, on_chunk=stop_after_chunk_2)
+    checkpointer.close()
+    checkpointer = sweep.Checkpointer(folder)
+    self.assertEqual(checkpointer.latest_step(), 20)
+    seen = []
+    resumed, resumed_losses = run(checkpointer=checkpointer, on_chunk=seen.append)
+    checkpointer.close()
+    self.assertEqual([s['step'] for s in seen], [30, 40, 50])  # chunks 1-2 not rerun
+    np.testing.assert_array_equal(resumed.step, [50, 50])
+    chex.assert_trees_all_close(resumed.params, straight.params, atol=1e-6, rtol=1e-6)
+    chex.assert_trees_all_close(resumed.opt_state, straight.opt_state, atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(resumed_losses, straight_losses, rtol=1e-6)
+    # A checkpoint of another run (step 50 is no chunk boundary of 60 steps in chunks of 7)
+    # is refused, not silently reused.
+    checkpointer = sweep.Checkpointer(folder)
+    with pytest.raises(ValueError, match='does not belong to a run'):
+      train.train_seeds(loss_fn, opt, state, tparams, data_args, keys, num_steps=60,
+                        chunk_steps=7, checkpointer=checkpointer)
+    checkpointer.close()
 
   def test_divergence_stops_with_last_good_state(self):
     loss_fn, opt, state, tparams, data_args, keys = _problem(2, optimizer_name='sgd', lr=1e6)
