@@ -212,12 +212,34 @@ def to_host(tree: Any) -> Any:
   return jax.tree_util.tree_map(get, tree)
 
 
+def _process_local(v: Any) -> bool:
+  """A jax.Array on this process's devices only, in a run of several processes."""
+  return jax.process_count() > 1 and isinstance(v, jax.Array) and v.is_fully_addressable
+
+
+def _replicated_sharding() -> NamedSharding:
+  return NamedSharding(seed_mesh(), PartitionSpec())
+
+
+def _replicated_global(v: jax.Array) -> jax.Array:
+  """A process-local array (the same on every process) as a global array replicated on all
+  devices, without communication (orbax refuses process-local arrays in multi-process runs)."""
+  host = np.asarray(v)
+  return jax.make_array_from_callback(host.shape, _replicated_sharding(), lambda idx: host[idx])
+
+
 class Checkpointer:
   """Orbax checkpoints of one training stage in ``folder``, keyed by step.
 
   ``save(step, tree)`` after each chunk; ``restore(template)`` returns
   ``(step, tree)`` of the newest complete checkpoint (restored with the
   shardings of ``template``), or None.
+
+  With several processes, every process calls ``save`` / ``restore`` alike on
+  the same folder (a file system they all see); orbax writes each process's
+  shards. A process-local array (one every process holds alike, such as a
+  single teacher being trained) is saved as a global replicated array, which
+  orbax writes once, and restored back to the template's device.
   """
 
   def __init__(self, folder: str, max_to_keep: int = 1):
@@ -229,6 +251,8 @@ class Checkpointer:
             max_to_keep=max_to_keep, enable_async_checkpointing=False))
 
   def save(self, step: int, tree: Any) -> None:
+    tree = jax.tree_util.tree_map(
+        lambda v: _replicated_global(v) if _process_local(v) else v, tree)
     self._manager.save(step, args=self._ocp.args.StandardSave(tree), force=True)
     self._manager.wait_until_finished()
 
@@ -239,10 +263,15 @@ class Checkpointer:
     step = self._manager.latest_step()
     if step is None:
       return None
-    abstract = jax.tree_util.tree_map(
-        lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=getattr(v, 'sharding', None)),
-        template)
-    return step, self._manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
+
+    def abstract(v):
+      sharding = _replicated_sharding() if _process_local(v) else getattr(v, 'sharding', None)
+      return jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
+    tree = self._manager.restore(step, args=self._ocp.args.StandardRestore(
+        jax.tree_util.tree_map(abstract, template)))
+    return step, jax.tree_util.tree_map(
+        lambda t, v: jax.device_put(v.addressable_data(0), t.sharding) if _process_local(t) else v,
+        template, tree)
 
   def close(self) -> None:
     self._manager.close()
