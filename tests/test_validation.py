@@ -9,6 +9,7 @@ import sys
 from absl import flags
 from absl import logging as absl_logging
 import ml_collections
+import numpy as np
 import pytest
 
 from experiments import common
@@ -338,6 +339,32 @@ def test_spec_log_text_per_layer():
   assert common.spec_log_text(rows, 1) == 'spec_in 0.800 spec_off 0.400'
   full_rank = [dict(r, spec_off=None, spec_off_l1=None, spec_off_l2=None) for r in rows]
   assert common.spec_log_text(full_rank, 2) == 'spec_in 0.800 (layers 0.950 / 0.650) spec_off n/a'
+
+
+@pytest.mark.slow
+def test_deeper_teacher_summary_and_log_show_each_layer(tmp_path, caplog):
+  config = lowrank_config.get_config()
+  config.update(num_seeds=2, d=6, ranks=(2,), teacher_hidden=(3, 3), out_dim=3, width_mult=2,
+                num_steps=30, chunk_steps=30, batch_size=16, num_eval=64, eval_batch=32,
+                num_attack=8, attack_strength='fast', eps=(0.5, 1.0, 2.0))
+  with caplog.at_level('INFO'):
+    records = lowrank.train_and_evaluate(config, str(tmp_path))
+
+  def mean(key):
+    return f'{np.mean([r[key] for r in records]):.3f}'
+  logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith('rank 2 done')]
+  assert len(logged) == 1
+  assert (f'spec_in {mean("spec_in")} (layers {mean("spec_in_l1")} / {mean("spec_in_l2")}) '
+          f'spec_off {mean("spec_off")} (layers {mean("spec_off_l1")} / '
+          f'{mean("spec_off_l2")})') in logged[0]
+  with open(tmp_path / 'summary.md') as f:
+    header, _, row = f.read().splitlines()[:3]
+  assert header.startswith('| rank | n | spec_in | spec_in_l1 | spec_in_l2 | spec_off | '
+                           'spec_off_l1 | spec_off_l2 | wcos_in |')
+  cells = [c.strip() for c in row.strip('|').split('|')]
+  assert [c.split(' +- ')[0] for c in cells[2:8]] == [
+      mean(k) for k in ('spec_in', 'spec_in_l1', 'spec_in_l2', 'spec_off', 'spec_off_l1',
+                        'spec_off_l2')]
 
 
 # ----------------------------------------------------------------------------
