@@ -155,3 +155,35 @@ def torch_seed(problem: Problem, i: int, device) -> TorchSeed:
   student = torch_mlp(seed_slice(problem.state.params, i), device)
   projector = torch.from_numpy(np.array(problem.projector[i])).to(device)
   return TorchSeed(teacher, student, projector, float(problem.data_args['scale'][i]))
+
+
+class TorchStacked(NamedTuple):
+  """Seeds ``0 .. S-1`` as stacked PyTorch tensors, for a hand-batched ensemble.
+
+  ``teacher`` and ``student`` list the Dense layers in order (output last),
+  each ``(kernel [S, in, out], bias [S, 1, out] or None)``, in the Flax
+  layout (``x @ kernel + bias``), so ``bias.baddbmm(x, kernel)`` is the layer
+  on ``x [S, B, in]``; ReLU between layers.
+  """
+  teacher: Any      # list of (kernel, bias); requires_grad False
+  student: Any      # list of (kernel, bias): the initial students (copies)
+  projector: Any    # [S, d, d]
+  scale: Any        # [S, 1, 1]
+
+
+def torch_stacked(problem: Problem, num_seeds: int, device) -> TorchStacked:
+  """Seeds ``0 .. num_seeds - 1`` of ``problem`` as ``TorchStacked`` on ``device``."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  def tensor(v):
+    return torch.from_numpy(np.array(v[:num_seeds], np.float32)).to(device).contiguous()
+
+  def layers(params, model):
+    p = params['params']
+    return [(tensor(p[name]['kernel']),
+             tensor(p[name]['bias'])[:, None, :] if 'bias' in p[name] else None)
+            for name in models.layer_names(model)]
+  scale = tensor(problem.data_args['scale'])[:, None, None]
+  return TorchStacked(layers(problem.teacher_params, problem.teacher),
+                      layers(problem.state.params, problem.student),
+                      tensor(problem.projector), scale)
