@@ -194,6 +194,31 @@ def shard_seeds(tree: Any, mesh: Mesh) -> Any:
   return jax.tree_util.tree_map(put, tree)
 
 
+_SYNC_TIMEOUT_S = 3600
+_sync_count = [0]
+
+
+def sync_processes() -> None:
+  """Waits until every process of a multi-process run gets here (no-op with one process).
+
+  A barrier of the coordination service (``jax.distributed``), not a device
+  collective: gloo, JAX's CPU collectives between processes, gives up after
+  30 s when it first connects them, so a process that compiled or loaded data
+  for longer than the others would fail the first collective. Every
+  cross-process collective of this module (``to_host``, ``Checkpointer``) is
+  preceded by this barrier (timeout: an hour). Every process must call it
+  equally often, in the same order.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  client = distributed.global_state.client  # private API; None without jax.distributed
+  if client is None:
+    return
+  _sync_count[0] += 1
+  client.wait_at_barrier(f'tsrobust_sync_{_sync_count[0]}', _SYNC_TIMEOUT_S * 1000)
+
+
 def to_host(tree: Any) -> Any:
   """Numpy copies of (possibly sharded, possibly multi-host) arrays, on every process.
 
@@ -204,6 +229,7 @@ def to_host(tree: Any) -> Any:
   if jax.process_count() == 1:
     return jax.device_get(tree)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  sync_processes()
 
   def get(v):
     if not isinstance(v, jax.Array) or v.is_fully_addressable:
@@ -246,6 +272,7 @@ class Checkpointer:
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     self._ocp = ocp
     self.folder = os.path.abspath(folder)
+    sync_processes()
     self._manager = ocp.CheckpointManager(
         self.folder, options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, enable_async_checkpointing=False))
@@ -253,6 +280,7 @@ class Checkpointer:
   def save(self, step: int, tree: Any) -> None:
     tree = jax.tree_util.tree_map(
         lambda v: _replicated_global(v) if _process_local(v) else v, tree)
+    sync_processes()
     self._manager.save(step, args=self._ocp.args.StandardSave(tree), force=True)
     self._manager.wait_until_finished()
 
@@ -267,6 +295,7 @@ class Checkpointer:
     def abstract(v):
       sharding = _replicated_sharding() if _process_local(v) else getattr(v, 'sharding', None)
       return jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
+    sync_processes()
     tree = self._manager.restore(step, args=self._ocp.args.StandardRestore(
         jax.tree_util.tree_map(abstract, template)))
     return step, jax.tree_util.tree_map(
@@ -274,4 +303,5 @@ class Checkpointer:
         template, tree)
 
   def close(self) -> None:
+    sync_processes()
     self._manager.close()
