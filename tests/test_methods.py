@@ -193,6 +193,7 @@ def _off_subspace_cosine(method):
   return float(np.mean(cos)), moved
 
 
+@pytest.mark.slow  # 3 methods x 3 seeds x 1500 steps, then attacks
 class MethodsReduceOffSubspaceErrorTest(chex.TestCase):
   """Claims 3-5 on a tiny problem: same seeds, same steps, different methods."""
 

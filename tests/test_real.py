@@ -117,17 +117,26 @@ class TestImageTransforms(chex.TestCase):
     transform = train.pgd_augmentation(student.apply, teacher.apply, 'mse', norm='linf', steps=2)
     args = {'at_eps': jnp.float32(0.1), 'at_fraction': jnp.float32(1.0),
             'at_projector': jnp.eye(36)}
-    xa = transform(sp, tp, args, x, jax.random.PRNGKey(0))
+    xa = jax.jit(transform)(sp, tp, args, x, jax.random.PRNGKey(0))
     chex.assert_shape(xa, x.shape)
     assert float(jnp.abs(xa - x).max()) <= 0.1 + 1e-6
 
   def test_ccat_loss_and_noise(self):
     teacher, student, tp, sp, x = self._nets()
     sample = lambda k, a, n: a['train_x'][jax.random.randint(k, (n,), 0, 8)]
-    loss_fn = train.ccat_loss(student.apply, teacher.apply, sample, 8, norm='linf', steps=2,
-                              clip_range=(0.0, 1.0))
-    value = loss_fn(sp, tp, {'train_x': x, 'ccat_eps': jnp.float32(0.3)}, jax.random.PRNGKey(0))
-    assert np.isfinite(float(value)) and float(value) > 0
+    loss_fn = jax.jit(train.ccat_loss(student.apply, teacher.apply, sample, 8, norm='linf',
+                                      steps=2, clip_range=(0.0, 1.0)))
+    key = jax.random.PRNGKey(0)
+    # Zero budget: nothing to attack, every target one-hot: the cross-entropy to the
+    # teacher's labels on the batch the loss draws (with the first half of its key).
+    clean = loss_fn(sp, tp, {'train_x': x, 'ccat_eps': jnp.float32(0.0)}, key)
+    batch = sample(jax.random.split(key)[0], {'train_x': x}, 8)
+    want = train.teacher_loss(student.apply(sp, batch)[0], teacher.apply(tp, batch)[0],
+                              'ce_argmax')
+    np.testing.assert_allclose(clean, want, rtol=1e-5)
+    # A budget: the attacked half gets other points and softened targets.
+    value = loss_fn(sp, tp, {'train_x': x, 'ccat_eps': jnp.float32(0.3)}, key)
+    assert np.isfinite(float(value)) and abs(float(value) - float(want)) > 1e-4
     u = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(4), (36, 5)))[0]
     p = u @ u.T
     orth = train.noise_augmentation('orthogonal')
@@ -187,6 +196,7 @@ def tiny_run(tmp_path_factory):
   return workdir, real.train_and_evaluate(tiny_config(), workdir)
 
 
+@pytest.mark.slow
 def test_binary_writes_files_that_parse(tiny_run):
   workdir, records = tiny_run
   for name in ('results.csv', 'results.json', 'summary.json', 'summary.md', 'config.json',
@@ -199,10 +209,17 @@ def test_binary_writes_files_that_parse(tiny_run):
                                          for _ in range(2)]
   assert [r['seed'] for r in rows] == [0, 1] * 4
   for r in rows:
-    for col in ('spec_l1', 'spec_l2', 'spec_mean', 'clean_acc', 'clean_agree',
-                'robust_acc_oracle_0.1', 'robust_acc_oracle_0.3', 'robust_acc_true_0.1',
-                'robust_acc_true_0.3'):
-      assert r[col] is not None and -1.0 <= r[col] <= 1.0, col
+    assert r['spec_mean'] == pytest.approx((r['spec_l1'] + r['spec_l2']) / 2, abs=1e-6)
+    # Fractions of the 40 test images and of the 8 attacked ones.
+    for col in ('clean_acc', 'clean_agree'):
+      assert r[col] * 40 == pytest.approx(round(r[col] * 40), abs=1e-6), col
+    for kind in ('oracle', 'true'):
+      small, large = r[f'robust_acc_{kind}_0.1'], r[f'robust_acc_{kind}_0.3']
+      assert large <= small  # nested budgets
+      for e, ensemble in (('0.1', small), ('0.3', large)):
+        assert ensemble * 8 == pytest.approx(round(ensemble * 8), abs=1e-6)
+        for attack in ('pgd', 'apgd', 'apgd_t', 'square'):  # the worst case over each attack
+          assert ensemble <= r[f'robust_acc_{kind}_{e}_{attack}'] + 1e-9, (kind, e, attack)
     assert (r['ccat_err_0.1'] is not None) == (r['method'] == 'ccat')
     assert (r['at_eps'] is not None) == (r['method'] == 'at')
   with open(os.path.join(workdir, 'summary.json')) as f:
@@ -219,6 +236,7 @@ def test_binary_writes_files_that_parse(tiny_run):
   assert '| robust_features |' in text and 'Pearson' in text
 
 
+@pytest.mark.slow
 def test_changed_config_is_refused_and_teachers_can_be_shared(tiny_run, tmp_path):
   workdir, _ = tiny_run
   with pytest.raises(common.ConfigError, match=r"different config \(fields \['num_steps'\]"):

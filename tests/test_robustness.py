@@ -3,7 +3,9 @@
 import json
 import os
 
+import numpy as np
 import pytest
+import scipy.stats
 
 from experiments import common
 from experiments import robustness
@@ -29,6 +31,7 @@ def tiny_run(tmp_path_factory):
   return workdir, robustness.train_and_evaluate(tiny_config(), workdir)
 
 
+@pytest.mark.slow
 def test_one_row_per_student_with_hyperparameters(tiny_run):
   workdir, records = tiny_run
   rows = io.read_csv(os.path.join(workdir, 'results.csv'))
@@ -58,8 +61,9 @@ def test_one_row_per_student_with_hyperparameters(tiny_run):
       assert r['ccat_eps'] is None
 
 
+@pytest.mark.slow
 def test_correlation_file(tiny_run):
-  workdir, _ = tiny_run
+  workdir, records = tiny_run
   with open(os.path.join(workdir, 'correlation.json')) as f:
     corr = json.load(f)
   assert corr['n_students'] == 16
@@ -69,16 +73,26 @@ def test_correlation_file(tiny_run):
   assert list(rep['by_method']) == ['standard', 'at', 'ccat', 'orth', 'iso']
   assert rep['by_method']['at']['n'] == 8
   assert {'pearson', 'pearson_ci'} <= set(rep['pooled_within'])
+  defined = 0
   for eps in ('0.5', '1.0', '2.0'):
+    acc = [1.0 - r[f'adv_oracle_full_{eps}'] for r in records]
     for spec in ('spec_in', 'spec_off', 'spec_mean'):
       rep = corr[f'eps_{eps}'][spec]
       assert set(rep) >= {'pearson', 'pearson_ci', 'spearman', 'spearman_ci'}
-      for name in ('pearson', 'spearman'):
-        if rep[name] is not None:  # undefined when a column is constant
+      x = [r[spec] if spec != 'spec_mean' else (r['spec_in'] + r['spec_off']) / 2
+           for r in records]
+      for name, fn in (('pearson', scipy.stats.pearsonr), ('spearman', scipy.stats.spearmanr)):
+        if rep[name] is None:  # undefined when a column is constant
+          assert np.ptp(acc) == 0 or np.ptp(x) == 0, (eps, spec, name)
+        else:  # the pooled estimate is the plain one over the 16 students
+          defined += 1
+          np.testing.assert_allclose(rep[name], fn(x, acc)[0], atol=1e-6, err_msg=(eps, spec))
           lo, hi = rep[f'{name}_ci']
-          assert -1.0 - 1e-6 <= lo <= hi <= 1.0 + 1e-6
+          assert lo <= hi
+  assert defined
 
 
+@pytest.mark.slow
 def test_summary_and_figure(tiny_run):
   workdir, _ = tiny_run
   with open(os.path.join(workdir, 'summary.md')) as f:
