@@ -133,7 +133,8 @@ class ConvSpecializationTest(chex.TestCase):
     tp = jax.tree_util.tree_map(lambda v: v + 0.1, tp)  # nonzero biases: fewer dead nodes
     sp = _embed(tp, cnn.init_params(jax.random.PRNGKey(1), student, (8, 8, 1)), teacher, (8, 8))
     x = jax.random.uniform(jax.random.PRNGKey(2), (64, 8, 8, 1))
-    np.testing.assert_allclose(student.apply(sp, x)[0], teacher.apply(tp, x)[0], atol=1e-4)
+    np.testing.assert_allclose(jax.jit(student.apply)(sp, x)[0], jax.jit(teacher.apply)(tp, x)[0],
+                               atol=1e-4)
     layer_stats = jax.jit(lambda tp, sp, x: specialization.network_stats(
         teacher.apply, student.apply, tp, sp, x, 16))(tp, sp, x)
     for s in layer_stats:

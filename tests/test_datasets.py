@@ -216,6 +216,7 @@ class TestCifar10:
 
 class TestBundled:
 
+  @pytest.mark.slow  # decodes the 5000 bundled images
   def test_shapes_dtype_range_split(self):
     ds = datasets.load_mnist_bundled()
     assert ds.train_x.shape == (4000, 28, 28, 1) and ds.test_x.shape == (1000, 28, 28, 1)

@@ -113,6 +113,7 @@ def test_records_and_columns(run):
         assert ens >= max(row[f'adv_{label}_full_{e}_{a}'] for a in ev.config.attacks) - 1e-9
 
 
+@pytest.mark.slow  # the ensemble compiled twice more
 def test_vmap_and_map_batching_agree(run):
   ev, result, (teacher, student, tp, sp, x, proj, keys) = run
   mapped = evaluate.Evaluator(student.apply, teacher.apply, norm='l2', config=ev.config,

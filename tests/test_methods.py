@@ -112,7 +112,7 @@ class TransformTest(chex.TestCase):
     x = data.sample_lowrank(jax.random.PRNGKey(0), p, 16, 2.0)
     args = {'at_eps': 0.7, 'at_fraction': 1.0, 'at_projector': p}
     tr = train.pgd_augmentation(student.apply, teacher.apply, 'mse', norm='l2', steps=5)
-    out = tr(sparams, tparams, args, x, jax.random.PRNGKey(1))
+    out = jax.jit(tr)(sparams, tparams, args, x, jax.random.PRNGKey(1))
     delta = np.asarray(out - x)
     self.assertTrue(np.all(np.linalg.norm(delta, axis=1) <= 0.7 + 1e-5))
     np.testing.assert_allclose(delta @ (np.eye(D) - np.asarray(p)), 0.0, atol=1e-5)
@@ -124,7 +124,7 @@ class TransformTest(chex.TestCase):
     teacher, student, tparams, p, sparams = _tiny()
     args = {'projector': p, 'scale': 2.0, 'ccat_eps': 0.0, 'ccat_projector': jnp.eye(D)}
     key = jax.random.PRNGKey(3)
-    ccat = train.ccat_loss(student.apply, teacher.apply, _sample, 8, norm='l2', steps=2)
+    ccat = jax.jit(train.ccat_loss(student.apply, teacher.apply, _sample, 8, norm='l2', steps=2))
     x = _sample(jax.random.split(key)[0], args, 8)
     expected = train.teacher_loss(student.apply(sparams, x)[0], teacher.apply(tparams, x)[0],
                                   'ce_argmax')

@@ -18,9 +18,14 @@ from tsrobust import train
 D, R = 8, 3
 
 
+@functools.lru_cache(maxsize=None)
 def _problem(num_seeds, optimizer_name='momentum', lr=0.05, weight_decay=0.0, hidden=(4,),
              batch=16):
-  """A tiny low-rank problem with ``num_seeds`` seeds stacked on a leading axis."""
+  """A tiny low-rank problem with ``num_seeds`` seeds stacked on a leading axis.
+
+  Cached: tests asking for the same problem share its arrays (immutable) and its
+  ``loss_fn``, hence ``train_seeds``' compiled chunks.
+  """
   teacher = models.MLP(hidden, 3)
   student = models.student_of(teacher, 2)
   keys = jax.random.split(jax.random.PRNGKey(0), 4 * num_seeds).reshape(num_seeds, 4, 2)
@@ -126,7 +131,7 @@ class TrainSeedsTest(chex.TestCase):
     again runs only the remaining chunks and ends where an uninterrupted run ends."""
     loss_fn, opt, state, tparams, data_args, keys = _problem(2)
     run = functools.partial(train.train_seeds, loss_fn, opt, state, tparams, data_args, keys,
-                            num_steps=50, chunk_steps=10)
+                            num_steps=35, chunk_steps=7)
     straight, straight_losses = run()
     folder = self.enterContext(tempfile.TemporaryDirectory())
 
@@ -134,7 +139,7 @@ class TrainSeedsTest(chex.TestCase):
       pass
 
     def stop_after_chunk_2(info):
-      if info['step'] == 20:
+      if info['step'] == 14:
         raise Interrupted
 
     checkpointer = sweep.Checkpointer(folder)
@@ -142,20 +147,20 @@ class TrainSeedsTest(chex.TestCase):
       run(checkpointer=checkpointer, on_chunk=stop_after_chunk_2)
     checkpointer.close()
     checkpointer = sweep.Checkpointer(folder)
-    self.assertEqual(checkpointer.latest_step(), 20)
+    self.assertEqual(checkpointer.latest_step(), 14)
     seen = []
     resumed, resumed_losses = run(checkpointer=checkpointer, on_chunk=seen.append)
     checkpointer.close()
-    self.assertEqual([s['step'] for s in seen], [30, 40, 50])  # chunks 1-2 not rerun
-    np.testing.assert_array_equal(resumed.step, [50, 50])
+    self.assertEqual([s['step'] for s in seen], [21, 28, 35])  # chunks 1-2 not rerun
+    np.testing.assert_array_equal(resumed.step, [35, 35])
     chex.assert_trees_all_close(resumed.params, straight.params, atol=1e-6, rtol=1e-6)
     chex.assert_trees_all_close(resumed.opt_state, straight.opt_state, atol=1e-6, rtol=1e-6)
     np.testing.assert_allclose(resumed_losses, straight_losses, rtol=1e-6)
-    # A checkpoint of another run (step 50 is no chunk boundary of 60 steps in chunks of 7)
-    # is refused, not silently reused.
+    # A checkpoint of another run (step 35 is past a run of 30 steps) is refused, not
+    # silently reused.
     checkpointer = sweep.Checkpointer(folder)
     with pytest.raises(ValueError, match='does not belong to a run'):
-      train.train_seeds(loss_fn, opt, state, tparams, data_args, keys, num_steps=60,
+      train.train_seeds(loss_fn, opt, state, tparams, data_args, keys, num_steps=30,
                         chunk_steps=7, checkpointer=checkpointer)
     checkpointer.close()
 
