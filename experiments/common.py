@@ -759,20 +759,25 @@ def make_optimizer(config, num_steps: int = None):
 
 
 def train_or_keep_last_good(loss_fn, optimizer, state, teacher_params, data_args, keys, config,
-                            workdir: str, stage: str, num_steps: int = None):
+                            workdir: str, stage: str, num_steps: int = None,
+                            shared_args=None):
   """``train.train_seeds`` on sharded inputs, with progress and resumable checkpoints.
 
-  Checkpoints go to ``workdir/checkpoints/<stage>``; a rerun resumes there. On
-  divergence, saves the last good parameters in the workdir and stops with a
-  message. Returns the final state (sharded) and the loss history (numpy).
+  ``shared_args``: data every student reads (no seeds axis), replicated once
+  per device instead of copied per student. Checkpoints go to
+  ``workdir/checkpoints/<stage>``; a rerun resumes there. On divergence, saves
+  the last good parameters in the workdir and stops with a message. Returns
+  the final state (sharded) and the loss history (numpy).
   """
   state, teacher_params, data_args, keys = shard((state, teacher_params, data_args, keys))
+  if shared_args is not None:
+    shared_args = sweep.replicate(shared_args, mesh())
   checkpointer = sweep.Checkpointer(os.path.join(workdir, 'checkpoints', stage))
   try:
     return train.train_seeds(loss_fn, optimizer, state, teacher_params, data_args, keys,
                              num_steps=num_steps or config.num_steps,
                              chunk_steps=config.chunk_steps, on_chunk=progress_logger(stage),
-                             checkpointer=checkpointer)
+                             checkpointer=checkpointer, shared_args=shared_args)
   except train.TrainingDivergedError as e:
     path = os.path.join(workdir, f'last_good_params_{stage}.msgpack')
     params = sweep.to_host(e.last_good_state.params)  # a collective: every process

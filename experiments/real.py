@@ -418,12 +418,17 @@ def _broadcast(value, num: int):
   return jnp.broadcast_to(value, (num,) + value.shape)
 
 
-def _method_args(config, points, num_seeds: int, train_x, robust_x, projector) -> Dict:
-  """Per-student ``data_args`` for one method's grid points x seeds."""
+def _method_args(config, points, num_seeds: int, train_x, robust_x,
+                 projector) -> Tuple[Dict, Dict]:
+  """``(per-student data_args, shared data)`` for one method's grid points x seeds.
+
+  The images (and robust features, projector) are shared: one copy per device,
+  not one per student (``train.train_seeds(shared_args=...)``).
+  """
   g = len(points)
   num = g * num_seeds
   method = points[0][0]
-  args = {'train_x': _broadcast(train_x, num)}
+  args, shared = {}, {'train_x': jnp.asarray(train_x)}
 
   def per_point(name, scale=1.0):
     return jnp.repeat(jnp.array([hp[name] * scale for _, hp in points], jnp.float32),
@@ -434,13 +439,13 @@ def _method_args(config, points, num_seeds: int, train_x, robust_x, projector) -
   elif method == 'ccat':
     args['ccat_eps'] = per_point('ccat_eps', 1.0 / config.eps_denominator)
   elif method == 'robust_features':
-    args['robust_x'] = _broadcast(robust_x, num)
+    shared['robust_x'] = jnp.asarray(robust_x)
   elif method in LOWRANK_METHODS:
     args['aug_scale'] = per_point('aug_scale')
     args['aug_fraction'] = jnp.full((num,), config.aug_fraction, jnp.float32)
     if method == 'orth':
-      args['projector'] = _broadcast(projector, num)
-  return args
+      shared['projector'] = jnp.asarray(projector)
+  return args, shared
 
 
 def build_robust_features(config, model: cnn.CNN, params, dataset: datasets.Dataset,
@@ -769,12 +774,12 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
     mpoints = [p for p in points if p[0] == method]
     g = len(mpoints)
     t0 = time.perf_counter()
-    data_args = _method_args(config, mpoints, s, dataset.train_x, robust_x, projector)
+    data_args, shared = _method_args(config, mpoints, s, dataset.train_x, robust_x, projector)
     state = jax.vmap(lambda p: train.init_state(p, optimizer))(_tile(init_params, g))
     tparams = jax.tree_util.tree_map(lambda v: _broadcast(v, g * s), teacher_params)
     state, loss = common.train_or_keep_last_good(
         _method_loss(config, method, teacher, student, n_train), optimizer, state, tparams,
-        data_args, _tile(k_train, g), config, workdir, method)
+        data_args, _tile(k_train, g), config, workdir, method, shared_args=shared)
     trained.append(sweep.to_host(state.params))
     losses.append(loss[:, -1] if loss.size else np.full((g * s,), np.nan))
     timings[f'train_{method}'] = time.perf_counter() - t0
@@ -785,7 +790,9 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   n_points = len(points)
   params = jax.tree_util.tree_map(lambda *v: np.concatenate(v), *trained)
   ccat_mask = np.repeat([m == 'ccat' for m, _ in points], s)
-  rows, ev = evaluator.students(params, _tile(k_eval, n_points), ccat_mask)
+  # Students laid over the devices: each device maps the attacks over its own students.
+  rows, ev = evaluator.students(common.shard(params), common.shard(_tile(k_eval, n_points)),
+                                ccat_mask)
   timings['evaluate'] = time.perf_counter() - t0
   logging.info('evaluated %d students in %.1fs', len(rows), timings['evaluate'])
   checks = {}

@@ -114,14 +114,23 @@ def test_records_and_columns(run):
 
 
 @pytest.mark.slow  # the ensemble compiled twice more
-def test_vmap_and_map_batching_agree(run):
+@pytest.mark.parametrize('groups', [1, 2])
+def test_vmap_and_map_batching_agree(run, groups):
+  """``lax.map`` over students, one group or split in groups (one per device), = ``vmap``."""
   ev, result, (teacher, student, tp, sp, x, proj, keys) = run
   mapped = evaluate.Evaluator(student.apply, teacher.apply, norm='l2', config=ev.config,
-                              batching='map')
+                              batching='map', map_groups=groups)
   other = mapped.run(sp, tp, x, keys, eps=EPS, labels_kinds=('oracle', 'fixed'),
                      projectors=proj)
   for k, v in result.success.items():
     np.testing.assert_array_equal(other.success[k], v, err_msg=str(k))
+
+
+def test_map_groups_must_be_positive():
+  teacher = models.MLP((4,), 3)
+  with pytest.raises(ValueError, match='map_groups'):
+    evaluate.Evaluator(teacher.apply, teacher.apply, norm='l2', config=evaluate.preset('fast'),
+                       batching='map', map_groups=0)
 
 
 def test_square_catches_a_masked_student():

@@ -351,20 +351,31 @@ class Result:
   clean_accepted: Optional[np.ndarray] = None
 
 
+def _over_students(fn: Callable, batched: Sequence[bool], batching: str,
+                   groups: int = 1) -> Callable:
+  """Maps ``fn`` over the leading axis of the arguments flagged in ``batched``.
 
-def _over_students(fn: Callable, batched: Sequence[bool], batching: str) -> Callable:
-  """Maps ``fn`` over the leading axis of the arguments flagged in ``batched``."""
+  ``batching='map'`` runs the students ``groups`` at a time: the students
+  axis is split into ``[groups, S / groups]``, ``vmap``-ped over the groups and
+  ``lax.map``-ped within a group. With ``groups`` = the device count and the
+  students axis sharded over the devices, each device maps over its own
+  students (one core each on a CPU) instead of one device doing all of them.
+  """
   if batching == 'vmap':
     return jax.vmap(fn, in_axes=tuple(0 if b else None for b in batched))
 
   def mapped(*args):
     shared = [None if b else a for a, b in zip(args, batched)]
     per = tuple(a for a, b in zip(args, batched) if b)
+    num = jax.tree_util.tree_leaves(per)[0].shape[0]
+    g = groups if groups > 1 and num % groups == 0 else 1
 
     def body(per_student):
       it = iter(per_student)
       return fn(*[next(it) if b else s for s, b in zip(shared, batched)])
-    return jax.lax.map(body, per)
+    split = jax.tree_util.tree_map(lambda v: v.reshape((g, num // g) + v.shape[1:]), per)
+    out = jax.vmap(lambda p: jax.lax.map(body, p))(split)
+    return jax.tree_util.tree_map(lambda v: v.reshape((num,) + v.shape[2:]), out)
   return mapped
 
 
@@ -380,13 +391,16 @@ class Evaluator:
       students axis), else ``[S, ...]``.
     shared_data: one ``x`` (and ``labels``) for every student, else ``[S, N, ...]``.
     batching: ``'vmap'`` (MLPs) or ``'map'`` (``lax.map``, one student at a
-      time; CNNs on a CPU).
+      time per device; CNNs on a CPU).
+    map_groups: with ``'map'``, students run this many at a time (default:
+      the device count; shard the students axis over the devices, e.g.
+      ``sweep.shard_seeds``, so each device maps over its own students).
   """
 
   def __init__(self, student_apply: Callable, teacher_apply: Callable, *, norm: str,
                config: AttackConfig, clip_range: Optional[Tuple[float, float]] = None,
                shared_teacher: bool = False, shared_data: bool = False,
-               batching: str = 'vmap'):
+               batching: str = 'vmap', map_groups: Optional[int] = None):
     if norm not in attacks.NORMS:
       raise ValueError(f'norm must be one of {attacks.NORMS}, got {norm!r}')
     if batching not in ('vmap', 'map'):
@@ -394,6 +408,9 @@ class Evaluator:
     self.student_apply, self.teacher_apply = student_apply, teacher_apply
     self.norm, self.config, self.clip_range = norm, config, clip_range
     self.shared_teacher, self.shared_data, self.batching = shared_teacher, shared_data, batching
+    self.map_groups = jax.device_count() if map_groups is None else int(map_groups)
+    if self.map_groups < 1:
+      raise ValueError(f'map_groups must be >= 1, got {map_groups!r}')
     self._fns = {}
     self._clean = self._compile_clean()
 
@@ -407,7 +424,7 @@ class Evaluator:
               'accepted': conf >= threshold}
     batched = (True, not self.shared_teacher, not self.shared_data, not self.shared_data,
                True)
-    return jax.jit(_over_students(one, batched, self.batching))
+    return jax.jit(_over_students(one, batched, self.batching, self.map_groups))
 
   def _fn(self, attack: str, label: str, subspace: bool, shared_projector: bool):
     key = (attack, label, subspace, shared_projector)
@@ -420,7 +437,7 @@ class Evaluator:
             clip_range=self.clip_range, threshold=threshold)
       batched = (True, not self.shared_teacher, not self.shared_data, not self.shared_data,
                  True, False, subspace and not shared_projector, True)
-      self._fns[key] = jax.jit(_over_students(one, batched, self.batching))
+      self._fns[key] = jax.jit(_over_students(one, batched, self.batching, self.map_groups))
     return self._fns[key]
 
   def run(self, student_params, teacher_params, x: chex.Array, keys: chex.Array, *,

@@ -194,6 +194,23 @@ def shard_seeds(tree: Any, mesh: Mesh) -> Any:
   return jax.tree_util.tree_map(put, tree)
 
 
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Places a copy of every leaf on every device of the mesh (data all seeds share).
+
+  Every process must pass the same full arrays, as for ``shard_seeds``.
+  """
+  sharding = NamedSharding(mesh, PartitionSpec())
+
+  def put(leaf):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      return jax.jit(lambda v: v, out_shardings=sharding)(leaf)
+    host = np.asarray(leaf)
+    if jax.process_count() == 1:
+      return jax.device_put(host, sharding)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+  return jax.tree_util.tree_map(put, tree)
+
+
 _SYNC_TIMEOUT_S = 3600
 _sync_count = [0]
 

@@ -323,10 +323,21 @@ def make_chunk_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation,
 
 @functools.lru_cache(maxsize=64)
 def _batched_chunk(loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                   length: int) -> Callable:
-  """``jit(vmap(chunk))``, one per (loss, optimizer, length): later calls of
-  ``train_seeds`` (other ranks, resumed runs) reuse the compiled executable."""
-  return jax.jit(jax.vmap(make_chunk_fn(loss_fn, optimizer, length)))
+                   length: int, shared: bool = False) -> Callable:
+  """``jit(vmap(chunk))``, one per (loss, optimizer, length, shared): later calls of
+  ``train_seeds`` (other ranks, resumed runs) reuse the compiled executable.
+
+  ``shared``: the chunk takes a fifth argument, a dict of arrays without a
+  seeds axis (``in_axes=None``: one copy for every seed), merged into each
+  seed's ``data_args`` dict.
+  """
+  chunk = make_chunk_fn(loss_fn, optimizer, length)
+  if not shared:
+    return jax.jit(jax.vmap(chunk))
+
+  def merged(state, teacher_params, data_args, key, shared_args):
+    return chunk(state, teacher_params, {**shared_args, **data_args}, key)
+  return jax.jit(jax.vmap(merged, in_axes=(0, 0, 0, 0, None)))
 
 
 def _tree_all_finite(tree) -> chex.Array:
@@ -340,18 +351,20 @@ def train_seeds(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                 state: TrainState, teacher_params: chex.ArrayTree, data_args: Any,
                 keys: chex.PRNGKey, *, num_steps: int, chunk_steps: int,
                 on_chunk: Optional[Callable[[Dict[str, float]], None]] = None,
-                checkpointer: Optional[sweep.Checkpointer] = None
+                checkpointer: Optional[sweep.Checkpointer] = None,
+                shared_args: Optional[Dict[str, Any]] = None
                 ) -> Tuple[TrainState, np.ndarray]:
   """Trains a batch of seeds for ``num_steps`` steps in jitted chunks.
 
-  Every argument but the static ones has a leading seeds axis ``[S, ...]``
-  (tile a shared teacher); arrays may be sharded over devices along it
-  (``sweep.shard_seeds``), and the outputs keep that sharding.
+  Every argument but the static ones and ``shared_args`` has a leading seeds
+  axis ``[S, ...]`` (tile a shared teacher); arrays may be sharded over
+  devices along it (``sweep.shard_seeds``), and the outputs keep that sharding.
 
   Args:
     loss_fn, optimizer: as for ``train_step``.
     state: batched ``TrainState`` (``state.step`` equal across seeds).
-    teacher_params, data_args: batched pytrees.
+    teacher_params, data_args: batched pytrees (``data_args`` a dict when
+      ``shared_args`` is given).
     keys: ``[S]`` training keys (one per seed).
     num_steps: steps to take (>= 0); the run ends at ``state.step + num_steps``.
     chunk_steps: steps per jitted chunk (>= 1). A shorter last chunk compiles
@@ -364,6 +377,11 @@ def train_seeds(loss_fn: LossFn, optimizer: optax.GradientTransformation,
       same run: same ``state`` structure, ``num_steps`` and ``chunk_steps``).
       Because step ``t`` uses ``fold_in(key, t)``, a resumed run ends in the
       same state as an uninterrupted one.
+    shared_args: a dict of arrays every seed reads, WITHOUT a seeds axis
+      (e.g. a training set): passed unbatched (``vmap`` ``in_axes=None``) and
+      merged into each seed's ``data_args`` dict (a key in both is an error),
+      so memory is O(data + S * params) instead of O(S * data). On several
+      devices it is replicated, once per device.
 
   Returns:
     ``(state, losses)``: the final batched state and ``[S, num_chunks]`` mean
@@ -378,6 +396,13 @@ def train_seeds(loss_fn: LossFn, optimizer: optax.GradientTransformation,
   if chunk_steps < 1:
     raise ValueError(f'chunk_steps must be >= 1, got {chunk_steps}')
   num_seeds = jax.tree_util.tree_leaves(keys)[0].shape[0]
+  if shared_args is not None:
+    if not isinstance(shared_args, dict) or not isinstance(data_args, dict):
+      raise ValueError('shared_args and data_args must be dicts (merged per seed), got '
+                       f'{type(shared_args).__name__} and {type(data_args).__name__}')
+    both = sorted(set(shared_args) & set(data_args))
+    if both:
+      raise ValueError(f'shared_args and data_args both hold {both}: give each key once')
   num_chunks = -(-num_steps // chunk_steps)
   history = np.full((num_seeds, num_chunks), np.nan, np.float32)
   start = int(np.asarray(sweep.to_host(state.step)).reshape(-1)[0])
@@ -396,8 +421,12 @@ def train_seeds(loss_fn: LossFn, optimizer: optax.GradientTransformation,
   first = done
   while done < num_steps:
     length = min(chunk_steps, num_steps - done)
-    new_state, losses = _batched_chunk(loss_fn, optimizer, length)(
-        state, teacher_params, data_args, keys)
+    if shared_args is None:
+      new_state, losses = _batched_chunk(loss_fn, optimizer, length)(
+          state, teacher_params, data_args, keys)
+    else:
+      new_state, losses = _batched_chunk(loss_fn, optimizer, length, True)(
+          state, teacher_params, data_args, keys, shared_args)
     ok = np.asarray(sweep.to_host(_tree_all_finite(new_state.params)
                                   & jnp.isfinite(losses).all(-1)))
     if not ok.all():
