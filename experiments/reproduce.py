@@ -1,0 +1,711 @@
+r"""Runs every study of the README and writes one report of their tables and figures.
+
+    python -m experiments.reproduce --workdir=DIR [--preset=quick|full] [--cifar10_dir=PATH]
+    python -m experiments.reproduce --workdir=DIR --update_readme
+
+Each study of ``STUDIES`` runs as its own process, ``python -m experiments.<binary>
+--workdir=DIR/<study> [--config=...] [--config.FIELD=VALUE ...]``, its output in
+``DIR/<study>.log`` and its command, exit code and wall time in ``DIR/<study>.run.json``.
+A study whose workdir already holds finished results of the same config (its result files
+and a ``config.json`` equal to the config this run would use) is reused, not rerun; a
+workdir holding another config is refused (one line, exit 2), as the binaries refuse it.
+
+``--preset=full`` (the default) runs the binaries' default configs: the README's numbers.
+``--preset=quick`` runs tiny configs (a few steps, tiny networks, the ``fast`` attack
+ensemble with PGD and APGD, two seeds, a few attacked points) to show the whole pipeline in
+minutes. ``--jobs`` studies run at once (default: one per core with ``quick``, whose runs
+are compile-bound; one with ``full``, so each wall time is the study's alone).
+
+``DIR/REPORT.md`` (written atomically) holds the date, git commit, library versions and
+machine, then per study the exact command, its wall time and status, its ``summary.md``
+(every table wrapped in ``<!-- BEGIN GENERATED: <name> -->`` / ``<!-- END GENERATED:
+<name> -->``) and links to its figures.
+
+``--update_readme`` copies every generated block of a ``full`` report into README.md between
+the same markers, and the figures README.md links (``docs/*.png``) from the studies'
+workdirs into ``docs/``.
+
+The studies share a persistent JAX compilation cache in ``DIR/jax_cache`` (unless
+``JAX_COMPILATION_CACHE_DIR`` is set): a program one study compiled is loaded by the next
+one and by a rerun.
+"""
+
+import concurrent.futures
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+from absl import app
+from absl import flags
+
+from experiments import common
+from tsrobust import io
+from tsrobust import sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRESETS = ('quick', 'full')
+REPORT = 'REPORT.md'
+
+
+class Study(NamedTuple):
+  """One row of the study table.
+
+  name: the study's folder in ``--workdir`` and its prefix in the generated blocks' names.
+  binary: the module ``experiments.<binary>``.
+  config: the ``--config`` argument (None: the binary's default config file).
+  quick: ``FIELD=VALUE`` overrides of ``--preset=quick``.
+  done: the files of a finished run (the binary writes them last, after training and
+    evaluation).
+  needs_cifar10: the study runs only when ``--cifar10_dir`` is given.
+  """
+  name: str
+  binary: str
+  config: Optional[str]
+  quick: Tuple[str, ...]
+  done: Tuple[str, ...]
+  needs_cifar10: bool = False
+
+
+# The quick runs are compile-bound: the fast attack ensemble without its two costliest
+# attacks to compile, APGD-T and Square (each binary then compiles PGD and APGD only).
+_QUICK_ATTACKS = ('attack_strength=fast', 'apgd_t_steps=0', 'square_queries=0')
+# Tiny synthetic configs (the binaries' tests use the same sizes): 2 seeds (one per core),
+# d = 6, a few dozen steps, 16 attacked points.
+_QUICK_LOWRANK = ('num_seeds=2', 'd=6', 'teacher_hidden=(3,)', 'out_dim=3', 'width_mult=2',
+                  'batch_size=16', 'num_eval=64', 'eval_batch=32',
+                  'num_attack=16') + _QUICK_ATTACKS
+# Tiny image configs: 64 training / 40 test images, a one-block CNN, a PGD-trained teacher
+# (it is then the robust-feature model: no fine-tuning), 4 student steps, 8 attacked images.
+_QUICK_REAL = ('num_seeds=2', 'num_train=64', 'num_test=40', 'teacher_conv=(2,)',
+               'teacher_dense=(4,)', 'teacher_training=pgd', 'teacher_steps=10',
+               'teacher_batch=16', 'teacher_pgd_steps=1', 'rf_steps=2', 'rf_batch=32',
+               'at_eps=(0.1,)', 'at_steps=1', 'ccat_steps=1', 'num_steps=4', 'chunk_steps=4',
+               'batch_size=8', 'eps=(0.1,0.3)', 'num_attack=8', 'eval_batch=20',
+               'bootstrap_resamples=20') + _QUICK_ATTACKS
+# The low-rank MNIST preset keeps its own L2 budgets.
+_QUICK_REAL_LOWRANK = tuple(o for o in _QUICK_REAL if not o.startswith(('eps=', 'at_eps=')))
+_LOWRANK_DONE = ('results.csv', 'results.json', 'summary.md')
+_REAL_DONE = ('results.csv', 'results.json', 'summary.json', 'summary.md')
+
+STUDIES = (
+    Study('lowrank', 'lowrank', None,
+          _QUICK_LOWRANK + ('ranks=(2,6)', 'num_steps=60', 'chunk_steps=30'), _LOWRANK_DONE),
+    Study('robustness', 'robustness', None,
+          _QUICK_LOWRANK + ('rank=2', 'num_steps=40', 'chunk_steps=40', 'at_steps=2',
+                            'ccat_steps=2', 'at_eps=(0.5,1.0)', 'aug_scales=(1.0,)',
+                            'bootstrap_resamples=50'), _LOWRANK_DONE),
+    Study('real', 'real', None, _QUICK_REAL, _REAL_DONE),
+    Study('real_lowrank', 'real', 'experiments/configs/real.py:mnist_lowrank',
+          _QUICK_REAL_LOWRANK, _REAL_DONE),
+    Study('cifar10', 'real', 'experiments/configs/real.py:cifar10',
+          _QUICK_REAL + ('teacher_conv=(2,2,2)',), _REAL_DONE, needs_cifar10=True),
+)
+
+
+# ----------------------------------------------------------------------------
+# Commands and configs.
+# ----------------------------------------------------------------------------
+
+def display_path(path: str, root: str = ROOT) -> str:
+  """``path`` as the studies' processes (run in ``root``) see it: relative when inside."""
+  path = os.path.abspath(path)
+  rel = os.path.relpath(path, root)
+  return path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
+
+
+def study_args(study: Study, preset: str, workdir: str,
+               cifar10_dir: Optional[str] = None) -> List[str]:
+  """The binary's arguments (after ``python -m experiments.<binary>``) for ``preset``."""
+  if preset not in PRESETS:
+    raise ValueError(f'preset must be one of {PRESETS}, got {preset!r}')
+  args = [f'--workdir={workdir}']
+  if study.config:
+    args.append(f'--config={study.config}')
+  if study.needs_cifar10:
+    if not cifar10_dir:
+      raise ValueError(f'study {study.name} needs cifar10_dir')
+    args.append(f'--config.data_dir={cifar10_dir}')
+  if preset == 'quick':
+    args += [f'--config.{o}' for o in study.quick]
+  return args
+
+
+def command_line(study: Study, args: Sequence[str]) -> str:
+  """The shell command of a study, as a user would type it in the repository root."""
+  return ' '.join(shlex.quote(a) for a in ['python', '-m', f'experiments.{study.binary}',
+                                           *args])
+
+
+def preset_error(config_arg: Optional[str], root: str = ROOT) -> Optional[str]:
+  """Why the config file of ``--config=FILE:PRESET`` does not accept its preset (None: it does).
+
+  A config file may not know a preset yet (one being written): the study is skipped with
+  this reason instead of failing.
+  """
+  if not config_arg or ':' not in config_arg:
+    return None
+  path, preset = config_arg.split(':', 1)
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('_reproduce_config', os.path.join(root, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  try:
+    module.get_config(preset)
+  except (TypeError, ValueError, KeyError) as e:
+    return common.one_line(str(e))
+  return None
+
+
+def load_config(study: Study, args: Sequence[str], root: str = ROOT):
+  """The config ``experiments.<binary>`` would run with ``args``, parsed as the binary does.
+
+  Raises:
+    common.ConfigError: the config file or an override fails to load.
+  """
+  config_arg = study.config or f'experiments/configs/{study.binary}.py'
+  path = os.path.join(root, config_arg)
+  argv = [study.binary] + [a if not a.startswith('--config=') else f'--config={path}'
+                           for a in args]
+  flag_values = flags.FlagValues()
+  common.define_flags(os.path.join(root, f'experiments/configs/{study.binary}.py'),
+                      flag_values, argv)
+  try:
+    flag_values(argv)
+  except flags.Error as e:
+    raise common.ConfigError(common.one_line(str(e))) from e
+  return flag_values.config
+
+
+def is_finished(study_dir: str, config, done: Sequence[str]) -> bool:
+  """Whether ``study_dir`` holds a finished run of ``config``.
+
+  Finished: every file of ``done`` and a ``config.json`` exist. A ``config.json`` of
+  another config is refused (``common.check_workdir``), as the binary would refuse it.
+
+  Raises:
+    common.ConfigError: ``study_dir`` holds a run of a different config, or is a file.
+  """
+  common.check_workdir(study_dir, config)
+  names = ('config.json',) + tuple(done)
+  return all(os.path.isfile(os.path.join(study_dir, n)) for n in names)
+
+
+# ----------------------------------------------------------------------------
+# Reports: pure functions over text.
+# ----------------------------------------------------------------------------
+
+BEGIN = '<!-- BEGIN GENERATED: {} -->'
+END = '<!-- END GENERATED: {} -->'
+_MARKER = re.compile(r'^\s*<!-- (BEGIN|END) GENERATED: (\S+) -->\s*$')
+_NAME = re.compile(r'^[A-Za-z0-9_.-]+$')
+_PRESET_LINE = re.compile(r'^<!-- reproduce: preset=(\w+) -->$', re.M)
+
+
+def format_duration(seconds: float) -> str:
+  """``42 s``, ``2 min 16 s``, ``1 h 05 min``."""
+  s = int(round(seconds))
+  if s < 60:
+    return f'{s} s'
+  if s < 3600:
+    return f'{s // 60} min {s % 60} s'
+  return f'{s // 3600} h {(s % 3600) // 60:02d} min'
+
+
+def _table_kind(header: str, context: str) -> str:
+  first = header.strip().strip('|').split('|')[0].strip()
+  if first == 'group':
+    return 'attack-checks'
+  if first == 'variant':
+    return 'wilson'
+  if first == 'robust accuracy':
+    m = re.search(r'Correlation across students of `([^`]+)`', context)
+    return f'correlation-{m.group(1)}' if m else 'correlation'
+  return 'summary'
+
+
+def mark_tables(study: str, markdown: str, heading_shift: int = 2) -> Tuple[str, List[str]]:
+  """Wraps every table of a ``summary.md`` in named generated-block markers.
+
+  A table is a run of lines starting with ``|``. Its name is ``<study>-<kind>``: ``summary``
+  (the per-group means), ``attack-checks`` (first header cell ``group``), ``wilson``
+  (``variant``), ``correlation-<x>`` (``robust accuracy``; ``x`` from the paragraph before
+  it), with ``-2``, ``-3``... on repeats. Headings go ``heading_shift`` levels down, to sit
+  under the report's study heading. Returns the text and the names, in order.
+  """
+  out, names, context = [], [], ''
+  lines = markdown.splitlines()
+  i = 0
+  while i < len(lines):
+    line = lines[i]
+    if line.startswith('|'):
+      j = i
+      while j < len(lines) and lines[j].startswith('|'):
+        j += 1
+      name = f'{study}-{_table_kind(line, context)}'
+      if name in names:
+        name += f'-{sum(n == name or n.startswith(name + "-") for n in names) + 1}'
+      names.append(name)
+      out += [BEGIN.format(name), *lines[i:j], END.format(name)]
+      i = j
+      continue
+    if line.startswith('#'):
+      line = '#' * heading_shift + line
+    if line.strip():
+      context = line
+    out.append(line)
+    i += 1
+  return '\n'.join(out) + '\n', names
+
+
+def generated_blocks(text: str) -> Dict[str, str]:
+  """The named generated blocks of ``text``: name -> the lines between its markers.
+
+  Raises:
+    ValueError: a marker left open, an END without its BEGIN, nested or repeated blocks,
+      or a name other than letters, digits, ``_ . -``.
+  """
+  blocks, current, body = {}, None, []
+  for number, line in enumerate(text.splitlines(keepends=True), 1):
+    m = _MARKER.match(line)
+    if not m:
+      if current is not None:
+        body.append(line)
+      continue
+    kind, name = m.groups()
+    if not _NAME.match(name):
+      raise ValueError(f'line {number}: generated block name {name!r} must be letters, '
+                       f'digits, _ . -')
+    if kind == 'BEGIN':
+      if current is not None:
+        raise ValueError(f'line {number}: BEGIN GENERATED: {name} inside block {current} '
+                         f'(blocks do not nest; close it with END GENERATED: {current})')
+      if name in blocks:
+        raise ValueError(f'line {number}: generated block {name} appears twice')
+      current, body = name, []
+    else:
+      if current != name:
+        raise ValueError(f'line {number}: END GENERATED: {name} without its BEGIN'
+                         + (f' (block {current} is open)' if current else ''))
+      blocks[name] = ''.join(body)
+      current = None
+  if current is not None:
+    raise ValueError(f'generated block {current} is not closed (no END GENERATED: {current})')
+  return blocks
+
+
+def replace_generated_blocks(text: str, blocks: Mapping[str, str]) -> str:
+  """``text`` with the body of every generated block replaced by ``blocks[name]``.
+
+  The markers and every line outside them are kept as they are.
+
+  Raises:
+    ValueError: ``text``'s markers are unbalanced (``generated_blocks``), or a block of
+      ``text`` has no entry in ``blocks``.
+  """
+  names = list(generated_blocks(text))  # validates the markers
+  missing = [n for n in names if n not in blocks]
+  if missing:
+    raise ValueError(f'no generated block for the marker(s) {missing} (the report has '
+                     f'{sorted(blocks)})')
+  out, inside = [], False
+  for line in text.splitlines(keepends=True):
+    m = _MARKER.match(line)
+    if m and m.group(1) == 'BEGIN':
+      out.append(line)
+      body = blocks[m.group(2)]
+      out.append(body if not body or body.endswith('\n') else body + '\n')
+      inside = True
+    elif m:
+      out.append(line)
+      inside = False
+    elif not inside:
+      out.append(line)
+  return ''.join(out)
+
+
+def report_preset(report: str) -> Optional[str]:
+  """The preset a ``REPORT.md`` was made with (its ``<!-- reproduce: preset=... -->`` line)."""
+  m = _PRESET_LINE.search(report)
+  return m.group(1) if m else None
+
+
+def linked_figures(markdown: str) -> List[str]:
+  """The ``docs/*.png`` paths ``markdown`` links, in order, once each."""
+  found = re.findall(r'\]\((docs/[^)\s]+\.png)\)', markdown)
+  return list(dict.fromkeys(found))
+
+
+def docs_name(study: str, figure: str) -> str:
+  """The name of a study's figure in ``docs/``: as is when it starts with the study's name
+  (``lowrank.png``), else prefixed by it (``real_spec_vs_robust.png``)."""
+  return figure if figure.startswith(study) else f'{study}_{figure}'
+
+
+class Outcome(NamedTuple):
+  """What happened to one study in a reproduce run (``render_report``'s input)."""
+  name: str
+  command: str
+  status: str                 # ran | reused | skipped | failed
+  detail: str                 # why skipped / failed, or when the reused run ran
+  wall_s: Optional[float]     # the run's wall time (a reused one: its original run's)
+  commit: Optional[str]       # the commit the results were made with, when known
+  summary: Optional[str]      # the study's summary.md
+  figures: Tuple[str, ...]    # .png files in the study's workdir
+
+
+def _study_section(o: Outcome, workdir_display: str) -> List[str]:
+  lines = [f'## {o.name}', '', '```bash', o.command, '```', '']
+  wall = '-' if o.wall_s is None else format_duration(o.wall_s)
+  status = {'ran': f'ran in {wall}', 'reused': f'reused (finished results of the same '
+            f'config; that run took {wall})', 'skipped': 'skipped', 'failed': 'failed'}[o.status]
+  if o.detail:
+    status += f': {o.detail}'
+  lines += [f'Status: {status}. Log: [{o.name}.log]({o.name}.log).', '']
+  if o.summary is not None:
+    source = (f'<sub>Generated by `python -m experiments.reproduce` into '
+              f'`{workdir_display}/{REPORT}`, study `{o.name}`'
+              + (f', commit {o.commit[:12]}' if o.commit else '') + '.</sub>')
+    marked, _ = mark_tables(o.name, o.summary)
+    # Each block ends with where it came from (a blank line first: it is not a table row).
+    marked = re.sub(r'\n(<!-- END GENERATED: \S+ -->)', lambda m: f'\n\n{source}\n{m.group(1)}',
+                    marked)
+    lines += [f'### Tables (`{o.name}/summary.md`)', '', marked.rstrip('\n'), '']
+  if o.figures:
+    lines += ['### Figures', '']
+    for fig in o.figures:
+      lines += [f'`{o.name}/{fig}` (README: `docs/{docs_name(o.name, fig)}`)', '',
+                f'![{o.name} {fig}]({o.name}/{fig})', '']
+  return lines
+
+
+def render_report(preset: str, header: Mapping[str, str], outcomes: Sequence[Outcome],
+                  workdir_display: str) -> str:
+  """The text of ``REPORT.md``: header rows, a table of the studies, a section per study."""
+  lines = ['# Reproduction report', '', f'<!-- reproduce: preset={preset} -->', '',
+           f'Written by `python -m experiments.reproduce --workdir={workdir_display} '
+           f'--preset={preset}`. ' + ('`quick`: tiny configs that show the whole pipeline; '
+                                      'the numbers are not the README\'s.' if preset == 'quick'
+                                      else '`full`: the binaries\' default configs, the '
+                                      'README\'s numbers.'), '',
+           '| | |', '|---|---|']
+  lines += [f'| {k} | {v} |' for k, v in header.items()]
+  lines += ['', '| study | status | wall time |', '|---|---|---|']
+  for o in outcomes:
+    wall = '-' if o.wall_s is None or o.status == 'skipped' else format_duration(o.wall_s)
+    lines.append(f'| [{o.name}](#{o.name}) | {o.status} | {wall} |')
+  lines.append('')
+  for o in outcomes:
+    lines += _study_section(o, workdir_display)
+  return '\n'.join(lines).rstrip('\n') + '\n'
+
+
+# ----------------------------------------------------------------------------
+# The machine, the checkout.
+# ----------------------------------------------------------------------------
+
+def git_commit(root: str = ROOT) -> Tuple[Optional[str], Optional[bool]]:
+  """``(commit, dirty)`` of the checkout at ``root`` (dirty: tracked files changed);
+  ``(None, None)`` outside a git checkout."""
+  try:
+    commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True,
+                            text=True, check=True).stdout.strip()
+    status = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'],
+                            cwd=root, capture_output=True, text=True, check=True).stdout
+  except (OSError, subprocess.CalledProcessError):
+    return None, None
+  return commit, bool(status.strip())
+
+
+def cpu_model() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def header_rows(root: str = ROOT) -> Dict[str, str]:
+  """Date, commit, versions and machine of a report."""
+  import jax  # pylint: disable=g-import-not-at-top
+  sweep.use_all_cpu_cores()  # the devices the binaries use (--cpu_devices=0)
+  commit, dirty = git_commit(root)
+  v = io.library_versions()
+  devices = jax.devices()
+  load = os.getloadavg() if hasattr(os, 'getloadavg') else None
+  return {
+      'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
+      'git commit': ('unknown (not a git checkout)' if commit is None else
+                     f'{commit}' + (' (dirty: tracked files changed)' if dirty else ' (clean)')),
+      'versions': ', '.join(f'{k} {v[k]}' for k in
+                            ('python', 'jax', 'jaxlib', 'flax', 'optax', 'numpy')),
+      'machine': f'{sweep.cpu_cores()} cores, {cpu_model()}, {platform.system()} '
+                 f'{platform.release()}',
+      'JAX devices': f'{len(devices)} x {devices[0].platform} ({devices[0].device_kind})',
+      'load average (1, 5, 15 min) at the end': ('-' if load is None else
+                                                 ', '.join(f'{x:.1f}' for x in load)),
+  }
+
+
+# ----------------------------------------------------------------------------
+# Running the studies.
+# ----------------------------------------------------------------------------
+
+def _last_line(path: str) -> str:
+  try:
+    with open(path, errors='replace') as f:
+      lines = [line.strip() for line in f if line.strip()]
+  except OSError:
+    return ''
+  return lines[-1] if lines else ''
+
+
+def _read(path: str) -> Optional[str]:
+  try:
+    with open(path) as f:
+      return f.read()
+  except OSError:
+    return None
+
+
+def run_study(study: Study, args: Sequence[str], workdir: str, commit: Optional[str],
+              root: str = ROOT) -> Tuple[str, str, float]:
+  """Runs one study as a subprocess; ``(status, detail, wall seconds)``."""
+  log_path = os.path.join(workdir, f'{study.name}.log')
+  cmd = [sys.executable, '-m', f'experiments.{study.binary}', *args]
+  started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+  t0 = time.perf_counter()
+  env = dict(os.environ)
+  # Programs compiled by one study are reused by the next (real_lowrank compiles the
+  # evaluation of real again) and by a rerun; a cache set by the user is kept.
+  env.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(os.path.abspath(workdir),
+                                                           'jax_cache'))
+  with open(log_path, 'w') as log:
+    code = subprocess.run(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT,
+                          stdin=subprocess.DEVNULL, env=env, check=False).returncode
+  wall = time.perf_counter() - t0
+  io.write_json(os.path.join(workdir, f'{study.name}.run.json'),
+                {'command': command_line(study, args), 'exit_code': code, 'wall_s': wall,
+                 'started': started, 'commit': commit})
+  if code != 0:
+    return 'failed', f'exit code {code}: {_last_line(log_path)}', wall
+  return 'ran', '', wall
+
+
+def reproduce(workdir: str, preset: str, cifar10_dir: Optional[str] = None,
+              root: str = ROOT, studies: Sequence[Study] = STUDIES,
+              log=print, jobs: int = 1) -> List[Outcome]:
+  """Runs (or reuses) every study and writes ``workdir/REPORT.md``; returns the outcomes.
+
+  ``jobs``: studies run at once (each is one process; a study's compilation uses about
+  one core).
+
+  Every study's config is loaded and its workdir checked before any study runs, so a
+  workdir holding another config stops the run at once.
+
+  Raises:
+    common.ConfigError: a study's config fails to load or its workdir holds another config.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  shown = display_path(workdir, root)
+  commit, dirty = git_commit(root)
+  run_commit = None if commit is None else commit + ('+dirty' if dirty else '')
+  plan = []
+  for study in studies:
+    if study.needs_cifar10 and not cifar10_dir:
+      continue
+    args = study_args(study, preset, os.path.join(shown, study.name),
+                      None if not cifar10_dir else display_path(cifar10_dir, root))
+    command = command_line(study, args)
+    why = preset_error(study.config, root)
+    if why:
+      plan.append((study, args, command, None, f'preset not available ({why})'))
+      continue
+    try:
+      config = load_config(study, args, root)
+      finished = is_finished(os.path.join(workdir, study.name), config, study.done)
+    except common.ConfigError as e:
+      raise common.ConfigError(f'study {study.name}: {e}') from e
+    plan.append((study, args, command, finished, ''))
+
+  def one(item) -> Outcome:
+    study, args, command, finished, why = item
+    study_dir = os.path.join(workdir, study.name)
+    previous = {}
+    if finished is None:
+      status, detail, wall = 'skipped', why, None
+    elif finished:
+      previous = json.loads(_read(os.path.join(workdir, f'{study.name}.run.json')) or '{}')
+      if previous.get('command') != command:
+        previous = {}
+      status, wall = 'reused', previous.get('wall_s')
+      detail = f'run of {previous["started"]}' if previous.get('started') else ''
+    else:
+      log(f'{study.name}: {command}')
+      status, detail, wall = run_study(study, args, workdir, run_commit, root)
+    log(f'{study.name}: {status}' + (f' in {format_duration(wall)}' if wall else '')
+        + (f' ({detail})' if detail else ''))
+    has_results = status in ('ran', 'reused')
+    figures = tuple(sorted(f for f in os.listdir(study_dir) if f.endswith('.png'))
+                    ) if has_results else ()
+    return Outcome(study.name, command, status, detail, wall,
+                   run_commit if status == 'ran' else previous.get('commit'),
+                   _read(os.path.join(study_dir, 'summary.md')) if has_results else None,
+                   figures)
+
+  t0 = time.perf_counter()
+  if jobs > 1:
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+      outcomes = list(pool.map(one, plan))
+  else:
+    outcomes = [one(item) for item in plan]
+  elapsed = time.perf_counter() - t0
+  header = header_rows(root)
+  header['studies run at once'] = str(jobs) + (
+      ' (wall times of studies run side by side include their contention)' if jobs > 1 else '')
+  header['wall time of this run'] = format_duration(elapsed)
+  io.atomic_write_text(os.path.join(workdir, REPORT),
+                       render_report(preset, header, outcomes, shown))
+  return outcomes
+
+
+# ----------------------------------------------------------------------------
+# README.md from a full report.
+# ----------------------------------------------------------------------------
+
+def figure_sources(workdir: str, studies: Sequence[Study] = STUDIES) -> Dict[str, str]:
+  """``docs/<name>`` -> the figure file in a study's workdir it is copied from."""
+  out = {}
+  for study in studies:
+    folder = os.path.join(workdir, study.name)
+    if os.path.isdir(folder):
+      for f in sorted(os.listdir(folder)):
+        if f.endswith('.png'):
+          out[f'docs/{docs_name(study.name, f)}'] = os.path.join(folder, f)
+  return out
+
+
+def update_readme(workdir: str, readme_path: str, studies: Sequence[Study] = STUDIES) -> \
+    List[str]:
+  """Copies the generated blocks of ``workdir/REPORT.md`` (a full one) into ``readme_path``
+  and the figures it links into ``docs/`` next to it; returns what was updated.
+
+  Raises:
+    common.ConfigError: no report, a quick report, unbalanced markers, a README marker
+      without a block in the report, or a linked figure no study wrote.
+  """
+  report = _read(os.path.join(workdir, REPORT))
+  if report is None:
+    raise common.ConfigError(f'--update_readme: {os.path.join(workdir, REPORT)} does not exist; '
+                             f'run python -m experiments.reproduce --workdir={workdir} '
+                             f'--preset=full first')
+  preset = report_preset(report)
+  if preset != 'full':
+    raise common.ConfigError(f'--update_readme needs a report of --preset=full; '
+                             f'{os.path.join(workdir, REPORT)} is from --preset={preset}')
+  readme = _read(readme_path)
+  try:
+    blocks = generated_blocks(report)
+    updated = replace_generated_blocks(readme, blocks)
+  except ValueError as e:
+    raise common.ConfigError(f'--update_readme: {e}') from e
+  sources = figure_sources(workdir, studies)
+  figures = linked_figures(readme)
+  missing = [f for f in figures if f not in sources]
+  if missing:
+    raise common.ConfigError(f'--update_readme: README.md links {missing}, which no study '
+                             f'of {workdir} wrote (it has {sorted(sources)})')
+  root = os.path.dirname(os.path.abspath(readme_path))
+  for fig in figures:
+    with open(sources[fig], 'rb') as f:
+      io.atomic_write_bytes(os.path.join(root, fig), f.read())
+  io.atomic_write_text(readme_path, updated)
+  return list(generated_blocks(readme)) + figures
+
+
+# ----------------------------------------------------------------------------
+# The binary.
+# ----------------------------------------------------------------------------
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  flags.DEFINE_string('workdir', None, 'Folder of the report; study S runs in DIR/S.',
+                      flag_values=flag_values)
+  flags.DEFINE_enum('preset', 'full', PRESETS, 'full: the binaries\' default configs (the '
+                    'README\'s numbers); quick: tiny configs (minutes).',
+                    flag_values=flag_values)
+  flags.DEFINE_string('cifar10_dir', None, 'Folder of the CIFAR-10 binary batches; adds the '
+                      'cifar10 study.', flag_values=flag_values)
+  flags.DEFINE_integer('jobs', 0, 'Studies run at once; 0: one per core with --preset=quick '
+                       '(compile-bound: each compiles on about one core), 1 with --preset=full '
+                       '(each study\'s wall time measured alone).', lower_bound=0,
+                       flag_values=flag_values)
+  flags.DEFINE_bool('update_readme', False, 'Copy the generated blocks and figures of the '
+                    'full report in --workdir into README.md and docs/ (runs no study).',
+                    flag_values=flag_values)
+
+
+def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS,
+         root: str = ROOT, studies: Sequence[Study] = STUDIES) -> None:
+  """Runs the studies (or updates the README); a user mistake ends in one line, exit 2."""
+  f = flag_values
+  try:
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments {list(argv[1:])}; flags are written '
+                           f'--name=value')
+    if not f.workdir:
+      raise app.UsageError('--workdir is required (the folder of the report and the studies)')
+    if f.update_readme:
+      if f.cifar10_dir:
+        raise app.UsageError('--cifar10_dir is not used with --update_readme (it copies an '
+                             'existing report)')
+      done = update_readme(f.workdir, os.path.join(root, 'README.md'), studies)
+      print(f'updated README.md from {os.path.join(f.workdir, REPORT)}: {", ".join(done)}')
+      return
+    if f.cifar10_dir is not None and not os.path.isdir(f.cifar10_dir):
+      raise app.UsageError(f'--cifar10_dir must be a folder holding the CIFAR-10 binary '
+                           f'batches, got {f.cifar10_dir!r}')
+    if os.path.exists(f.workdir) and not os.path.isdir(f.workdir):
+      raise app.UsageError(f'--workdir {f.workdir} is a file, not a folder; use another '
+                           f'--workdir')
+    common.quiet_library_logs()
+    jobs = f.jobs or (1 if f.preset == 'full' else sweep.cpu_cores())
+    outcomes = reproduce(f.workdir, f.preset, f.cifar10_dir, root, studies, jobs=jobs)
+  except (common.ConfigError, app.UsageError) as e:
+    common.exit_with_error(e)
+  except KeyboardInterrupt:
+    common.exit_with_error('interrupted; the same command resumes (finished studies are '
+                           'reused, an interrupted one resumes from its checkpoints)',
+                           code=130)
+  print(f'wrote {os.path.join(f.workdir, REPORT)}')
+  failed = [o.name for o in outcomes if o.status == 'failed']
+  if failed:
+    common.exit_with_error(f'studies failed: {", ".join(failed)} (logs: '
+                           + ', '.join(os.path.join(f.workdir, f'{n}.log') for n in failed)
+                           + ')', code=common.RUN_EXIT_CODE)
+
+
+def run(argv: Optional[Sequence[str]] = None,
+        flag_values: Optional[flags.FlagValues] = None, root: str = ROOT,
+        studies: Sequence[Study] = STUDIES) -> None:
+  """The entry point; ``flag_values`` (tests): private flags, run in-process without absl.app."""
+  args = list(sys.argv if argv is None else argv)
+  if flag_values is None:
+    define_flags(flags.FLAGS)
+    app.run(lambda a: main(a, flags.FLAGS, root, studies), argv=args,
+            flags_parser=lambda a: common.parse_flags(a, flags.FLAGS))
+  else:
+    define_flags(flag_values)
+    main(common.parse_flags(args, flag_values), flag_values, root, studies)
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,403 @@
+"""experiments/reproduce.py: the study table, the skip logic, the report, README surgery."""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+from absl import flags
+import pytest
+
+from experiments import common
+from experiments import lowrank
+from experiments import real
+from experiments import reproduce
+from experiments import robustness
+from tsrobust import io
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+R = reproduce
+
+
+# ----------------------------------------------------------------------------
+# The study table and its configs.
+# ----------------------------------------------------------------------------
+
+def test_studies_in_order_and_commands():
+  assert [s.name for s in R.STUDIES] == ['lowrank', 'robustness', 'real', 'real_lowrank',
+                                         'cifar10']
+  lowrank_study, _, _, real_lowrank, cifar10 = R.STUDIES
+  assert R.study_args(lowrank_study, 'full', 'runs/x/lowrank') == ['--workdir=runs/x/lowrank']
+  assert R.command_line(lowrank_study, ['--workdir=runs/x/lowrank']) == (
+      'python -m experiments.lowrank --workdir=runs/x/lowrank')
+  assert R.study_args(real_lowrank, 'full', 'w') == [
+      '--workdir=w', '--config=experiments/configs/real.py:mnist_lowrank']
+  assert R.study_args(cifar10, 'full', 'w', '/data/c10') == [
+      '--workdir=w', '--config=experiments/configs/real.py:cifar10',
+      '--config.data_dir=/data/c10']
+  quick = R.study_args(lowrank_study, 'quick', 'w')
+  assert '--config.attack_strength=fast' in quick and '--config.ranks=(2,6)' in quick
+  assert R.command_line(lowrank_study, quick).count("'--config.ranks=(2,6)'") == 1  # quoted
+  with pytest.raises(ValueError, match="preset must be one of"):
+    R.study_args(lowrank_study, 'medium', 'w')
+  with pytest.raises(ValueError, match='needs cifar10_dir'):
+    R.study_args(cifar10, 'full', 'w')
+
+
+_VALIDATE = {'lowrank': lowrank.validate_config, 'robustness': robustness.validate_config,
+             'real': real.validate_config}
+
+
+@pytest.mark.parametrize('preset', R.PRESETS)
+def test_every_study_config_loads_and_is_valid(preset, tmp_path):
+  """Each study's config, parsed as its binary parses it, passes the binary's checks."""
+  for study in R.STUDIES:
+    if R.preset_error(study.config):
+      continue  # a preset not written yet: the study is skipped (test below)
+    args = R.study_args(study, preset, str(tmp_path / study.name),
+                        str(tmp_path) if study.needs_cifar10 else None)
+    config = R.load_config(study, args)
+    module = importlib.import_module(f'experiments.configs.{study.binary}')
+    default = (module.get_config(study.config.split(':')[1]) if study.config
+               else module.get_config())
+    if study.needs_cifar10:
+      assert config.dataset == 'cifar10' and config.data_dir == str(tmp_path)
+      default.data_dir = str(tmp_path)
+    else:  # real.validate_config looks for the CIFAR-10 files
+      _VALIDATE[study.binary](config)
+    if preset == 'quick':
+      assert config.attack_strength == 'fast' and config.num_seeds == 2
+      assert config.num_steps < default.num_steps
+    else:  # the binary's defaults, the README's numbers
+      assert config.to_dict() == default.to_dict()
+
+
+def test_preset_error():
+  assert R.preset_error(None) is None
+  assert R.preset_error('experiments/configs/real.py:cifar10') is None
+  why = R.preset_error('experiments/configs/real.py:nosuchpreset')
+  assert why and 'nosuchpreset' in why
+
+
+# ----------------------------------------------------------------------------
+# Skip logic.
+# ----------------------------------------------------------------------------
+
+def _finish(folder, config, done):
+  os.makedirs(folder, exist_ok=True)
+  io.write_json(os.path.join(folder, 'config.json'),
+                json.loads(json.dumps(io.to_plain(config.to_dict()))))
+  for name in done:
+    with open(os.path.join(folder, name), 'w') as f:
+      f.write('| rank | n |\n|---|---|\n| 2 | 2 |\n' if name == 'summary.md' else 'x\n')
+
+
+def test_is_finished(tmp_path):
+  study = R.STUDIES[0]
+  folder = str(tmp_path / 'lowrank')
+  config = R.load_config(study, R.study_args(study, 'quick', folder))
+  assert not R.is_finished(folder, config, study.done)  # nothing there
+  _finish(folder, config, study.done[:-1])
+  assert not R.is_finished(folder, config, study.done)  # interrupted: rerun (it resumes)
+  _finish(folder, config, study.done)
+  assert R.is_finished(folder, config, study.done)
+  full = R.load_config(study, R.study_args(study, 'full', folder))
+  with pytest.raises(common.ConfigError, match=r'holds a run with a different config '
+                     r'\(fields \[.*\'num_steps\''):
+    R.is_finished(folder, full, study.done)
+
+
+def _tiny_studies():
+  return tuple(s for s in R.STUDIES[:2])
+
+
+def test_reproduce_reuses_finished_studies_and_runs_the_others(tmp_path, monkeypatch):
+  workdir = str(tmp_path / 'report')
+  studies = _tiny_studies()
+  first = studies[0]
+  config = R.load_config(first, R.study_args(first, 'quick', f'{workdir}/lowrank'))
+  _finish(os.path.join(workdir, 'lowrank'), config, first.done)
+  ran = []
+
+  def fake_run(study, args, wd, commit, root=R.ROOT):
+    ran.append(study.name)
+    _finish(os.path.join(wd, study.name), R.load_config(study, args, root), study.done)
+    return 'ran', '', 3.0
+  monkeypatch.setattr(R, 'run_study', fake_run)
+  outcomes = R.reproduce(workdir, 'quick', studies=studies, log=lambda _: None, jobs=2)
+  assert ran == ['robustness']
+  assert [(o.name, o.status) for o in outcomes] == [('lowrank', 'reused'),
+                                                    ('robustness', 'ran')]
+  report = open(os.path.join(workdir, 'REPORT.md')).read()
+  assert R.report_preset(report) == 'quick'
+  assert set(R.generated_blocks(report)) == {'lowrank-summary', 'robustness-summary'}
+  # A second run reuses both; a full run into the same folder is refused before any work.
+  ran.clear()
+  assert [o.status for o in R.reproduce(workdir, 'quick', studies=studies,
+                                        log=lambda _: None)] == ['reused', 'reused']
+  assert not ran
+  with pytest.raises(common.ConfigError, match='^study lowrank: .* holds a run with a '
+                     'different config'):
+    R.reproduce(workdir, 'full', studies=studies, log=lambda _: None)
+  assert not ran
+
+
+def test_a_preset_not_available_is_skipped(tmp_path, monkeypatch):
+  study = R.Study('later', 'real', 'experiments/configs/real.py:not_yet', (), R._REAL_DONE)
+  monkeypatch.setattr(R, 'run_study', lambda *a, **k: pytest.fail('ran a skipped study'))
+  (outcome,) = R.reproduce(str(tmp_path), 'full', studies=(study,), log=lambda _: None)
+  assert outcome.status == 'skipped' and outcome.detail.startswith('preset not available (')
+  report = open(tmp_path / 'REPORT.md').read()
+  assert '## later' in report and 'Status: skipped: preset not available' in report
+  assert R.generated_blocks(report) == {}
+
+
+# ----------------------------------------------------------------------------
+# The report: known answers.
+# ----------------------------------------------------------------------------
+
+SUMMARY = """\
+# Real images: mnist
+
+| method | n | spec |
+|---|---|---|
+| standard | 2 | 0.5 +- 0.1 |
+
+Correlation across students of `spec_mean` with robust accuracy (95% intervals).
+
+| robust accuracy | n |
+|---|---|
+| `x` | 2 |
+
+| variant | n |
+|---|---|
+| standard | 16 |
+
+## Attack checks (`attack_strength = fast`)
+
+| group | students |
+|---|---|
+| standard | 2 |
+"""
+
+
+def test_mark_tables():
+  text, names = R.mark_tables('real', SUMMARY)
+  assert names == ['real-summary', 'real-correlation-spec_mean', 'real-wilson',
+                   'real-attack-checks']
+  assert text.startswith('### Real images: mnist\n')
+  assert '\n#### Attack checks' in text
+  assert ('<!-- BEGIN GENERATED: real-wilson -->\n| variant | n |\n|---|---|\n| standard | 16 |\n'
+          '<!-- END GENERATED: real-wilson -->\n') in text
+  assert R.generated_blocks(text)['real-summary'] == (
+      '| method | n | spec |\n|---|---|---|\n| standard | 2 | 0.5 +- 0.1 |\n')
+  twice, names = R.mark_tables('s', '| a |\n|---|\n\n| b |\n|---|\n\n| c |\n|---|\n')
+  assert names == ['s-summary', 's-summary-2', 's-summary-3']
+
+
+def test_format_duration():
+  assert [R.format_duration(s) for s in (0.4, 42, 136.2, 3599, 3600 + 5 * 60 + 1)] == [
+      '0 s', '42 s', '2 min 16 s', '59 min 59 s', '1 h 05 min']
+
+
+def test_render_report():
+  outcomes = [R.Outcome('lowrank', 'python -m experiments.lowrank --workdir=d/lowrank', 'ran',
+                        '', 136.0, 'abc123def4567890', '| rank | n |\n|---|---|\n| 2 | 2 |\n',
+                        ('lowrank.png',)),
+              R.Outcome('real_lowrank', 'python -m experiments.real --workdir=d/real_lowrank',
+                        'skipped', 'preset not available (no)', None, None, None, ())]
+  text = R.render_report('full', {'date': '2030-01-01 00:00 UTC'}, outcomes, 'd')
+  assert R.report_preset(text) == 'full'
+  assert '| date | 2030-01-01 00:00 UTC |' in text
+  assert '| [lowrank](#lowrank) | ran | 2 min 16 s |' in text
+  assert '| [real_lowrank](#real_lowrank) | skipped | - |' in text
+  assert '```bash\npython -m experiments.lowrank --workdir=d/lowrank\n```' in text
+  assert 'Status: ran in 2 min 16 s. Log: [lowrank.log](lowrank.log).' in text
+  assert 'Status: skipped: preset not available (no).' in text
+  block = R.generated_blocks(text)['lowrank-summary']
+  assert block.startswith('| rank | n |\n|---|---|\n| 2 | 2 |\n\n<sub>')  # a blank line
+  assert 'study `lowrank`, commit abc123def456.' in block
+  assert '![lowrank lowrank.png](lowrank/lowrank.png)' in text
+  assert '(README: `docs/lowrank.png`)' in text
+
+
+# ----------------------------------------------------------------------------
+# README surgery: known answers.
+# ----------------------------------------------------------------------------
+
+README = """\
+# Title
+
+Prose before.
+<!-- BEGIN GENERATED: a -->
+| old | a |
+<!-- END GENERATED: a -->
+Between, untouched: <!-- not a marker -->
+
+<!-- BEGIN GENERATED: b -->
+<!-- END GENERATED: b -->
+After.
+"""
+
+
+def test_replace_generated_blocks():
+  new = R.replace_generated_blocks(README, {'a': '| new | a |\n\n<sub>from x</sub>\n',
+                                            'b': '| new | b |', 'unused': 'z\n'})
+  assert new == README.replace('| old | a |\n', '| new | a |\n\n<sub>from x</sub>\n').replace(
+      '<!-- BEGIN GENERATED: b -->\n', '<!-- BEGIN GENERATED: b -->\n| new | b |\n')
+  assert R.generated_blocks(new) == {'a': '| new | a |\n\n<sub>from x</sub>\n',
+                                     'b': '| new | b |\n'}
+  assert R.replace_generated_blocks(new, R.generated_blocks(README)) == README  # round trip
+  assert R.replace_generated_blocks('no markers\n', {'a': 'x'}) == 'no markers\n'
+
+
+@pytest.mark.parametrize('text, message', [
+    ('<!-- BEGIN GENERATED: a -->\nx\n', 'generated block a is not closed'),
+    ('x\n<!-- END GENERATED: a -->\n', 'line 2: END GENERATED: a without its BEGIN'),
+    ('<!-- BEGIN GENERATED: a -->\n<!-- END GENERATED: b -->\n',
+     'line 2: END GENERATED: b without its BEGIN (block a is open)'),
+    ('<!-- BEGIN GENERATED: a -->\n<!-- BEGIN GENERATED: b -->\n',
+     'line 2: BEGIN GENERATED: b inside block a'),
+    ('<!-- BEGIN GENERATED: a -->\n<!-- END GENERATED: a -->\n'
+     '<!-- BEGIN GENERATED: a -->\n<!-- END GENERATED: a -->\n',
+     'line 3: generated block a appears twice'),
+    ('<!-- BEGIN GENERATED: a/b -->\n', "name 'a/b' must be"),
+])
+def test_unbalanced_markers_are_errors(text, message):
+  with pytest.raises(ValueError, match=None) as info:
+    R.generated_blocks(text)
+  assert message in str(info.value)
+  with pytest.raises(ValueError):
+    R.replace_generated_blocks(text, {'a': 'x', 'b': 'y'})
+
+
+def test_a_marker_without_a_block_is_an_error():
+  with pytest.raises(ValueError, match=r"no generated block for the marker\(s\) \['b'\]"):
+    R.replace_generated_blocks(README, {'a': 'x\n'})
+
+
+def test_readme_markers_and_figures():
+  """README.md's markers are balanced, each names a table of a study's summary, and its
+  figures are ones a study writes."""
+  text = open(os.path.join(ROOT, 'README.md')).read()
+  names = list(R.generated_blocks(text))
+  assert names == ['lowrank-summary', 'lowrank-attack-checks', 'robustness-summary',
+                   'robustness-correlation-spec_off', 'robustness-correlation-spec_in',
+                   'robustness-attack-checks', 'real-summary']
+  assert R.linked_figures(text) == ['docs/lowrank.png', 'docs/robustness.png']
+  assert R.docs_name('lowrank', 'lowrank.png') == 'lowrank.png'
+  assert R.docs_name('real', 'spec_vs_robust.png') == 'real_spec_vs_robust.png'
+
+
+def _full_report(tmp_path, blocks, preset='full'):
+  workdir = tmp_path / 'run'
+  (workdir / 'lowrank').mkdir(parents=True)
+  (workdir / 'lowrank' / 'lowrank.png').write_bytes(b'png bytes')
+  body = ''.join(f'{R.BEGIN.format(n)}\n{b}{R.END.format(n)}\n' for n, b in blocks.items())
+  (workdir / 'REPORT.md').write_text(f'# R\n\n<!-- reproduce: preset={preset} -->\n\n{body}')
+  return str(workdir)
+
+
+def test_update_readme(tmp_path):
+  workdir = _full_report(tmp_path, {'a': '| A |\n', 'b': '| B |\n', 'extra': '| E |\n'})
+  readme = tmp_path / 'README.md'
+  readme.write_text(README + '![fig](docs/lowrank.png)\n')
+  done = R.update_readme(workdir, str(readme))
+  assert done == ['a', 'b', 'docs/lowrank.png']
+  assert readme.read_text() == (
+      README.replace('| old | a |', '| A |').replace(
+          '<!-- BEGIN GENERATED: b -->\n', '<!-- BEGIN GENERATED: b -->\n| B |\n')
+      + '![fig](docs/lowrank.png)\n')
+  assert (tmp_path / 'docs' / 'lowrank.png').read_bytes() == b'png bytes'
+
+
+@pytest.mark.parametrize('blocks, preset, readme_extra, message', [
+    ({'a': 'x\n', 'b': 'y\n'}, 'quick', '', 'needs a report of --preset=full; '),
+    ({'a': 'x\n'}, 'full', '', "no generated block for the marker(s) ['b']"),
+    ({'a': 'x\n', 'b': 'y\n'}, 'full', '![f](docs/other.png)\n',
+     "README.md links ['docs/other.png'], which no study"),
+])
+def test_update_readme_errors(tmp_path, blocks, preset, readme_extra, message):
+  workdir = _full_report(tmp_path, blocks, preset)
+  readme = tmp_path / 'README.md'
+  readme.write_text(README + readme_extra)
+  with pytest.raises(common.ConfigError) as info:
+    R.update_readme(workdir, str(readme))
+  assert message in str(info.value)
+  assert readme.read_text() == README + readme_extra  # untouched
+  assert not (tmp_path / 'docs').exists()
+
+
+# ----------------------------------------------------------------------------
+# The command line: mistakes in one line, exit code 2.
+# ----------------------------------------------------------------------------
+
+def _run(args, capfd, root=ROOT):
+  capfd.readouterr()
+  with pytest.raises(SystemExit) as info:
+    R.run(['reproduce', *args], flag_values=flags.FlagValues(), root=root)
+  return info.value.code, capfd.readouterr().err
+
+
+@pytest.mark.parametrize('args, message', [
+    ([], 'error: --workdir is required (the folder of the report and the studies)\n'),
+    (['--workdir=W', '--preset=medium'],
+     'error: flag --preset=medium: value should be one of <quick|full>\n'),
+    (['--workdir=W', '--cifar10_dir=/no/such/folder'],
+     "error: --cifar10_dir must be a folder holding the CIFAR-10 binary batches, "
+     "got '/no/such/folder'\n"),
+    (['--workdir=W', '--update_readme', '--cifar10_dir=/tmp'],
+     'error: --cifar10_dir is not used with --update_readme (it copies an existing report)\n'),
+    (['--workdir=W', 'extra'],
+     "error: unexpected arguments ['extra']; flags are written --name=value\n"),
+    (['--workdir=W', '--bogus=1'], 'error: Unknown command line flag \'bogus\'\n'),
+])
+def test_flag_mistakes_in_one_line(args, message, capfd, tmp_path):
+  args = [a.replace('=W', f'={tmp_path / "w"}') for a in args]
+  code, err = _run(args, capfd)
+  assert code == 2
+  assert err == message
+  assert not (tmp_path / 'w').exists()
+
+
+def test_update_readme_of_a_quick_report_in_one_line(tmp_path, capfd):
+  workdir = _full_report(tmp_path, {'a': 'x\n'}, preset='quick')
+  (tmp_path / 'README.md').write_text(README)
+  code, err = _run([f'--workdir={workdir}', '--update_readme'], capfd, root=str(tmp_path))
+  assert code == 2
+  assert err == (f'error: --update_readme needs a report of --preset=full; '
+                 f'{workdir}/REPORT.md is from --preset=quick\n')
+  assert (tmp_path / 'README.md').read_text() == README
+
+
+# ----------------------------------------------------------------------------
+# End to end.
+# ----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_quick_end_to_end(tmp_path):
+  """``--preset=quick`` runs every study and writes a report with every study's section and
+  every table the README shows; a second run reuses every study."""
+  workdir = str(tmp_path / 'quick')
+  cmd = [sys.executable, '-m', 'experiments.reproduce', f'--workdir={workdir}',
+         '--preset=quick']
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+  assert out.returncode == 0, out.stderr[-3000:]
+  report = open(os.path.join(workdir, 'REPORT.md')).read()
+  assert R.report_preset(report) == 'quick'
+  blocks = R.generated_blocks(report)
+  readme_names = R.generated_blocks(open(os.path.join(ROOT, 'README.md')).read())
+  assert set(readme_names) <= set(blocks)
+  for study in ('lowrank', 'robustness', 'real', 'real_lowrank'):
+    assert f'\n## {study}\n' in report
+    assert f'{study}/summary.md' in report or 'preset not available' in report
+  assert 'cifar10' not in [line[3:] for line in report.splitlines() if line.startswith('## ')]
+  for name in ('lowrank/lowrank.png', 'robustness/robustness.png',
+               'real/spec_vs_robust.png'):
+    assert f']({name})' in report and os.path.isfile(os.path.join(workdir, name))
+  again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  report = open(os.path.join(workdir, 'REPORT.md')).read()
+  for study in ('lowrank', 'robustness', 'real'):
+    assert f'| [{study}](#{study}) | reused |' in report
