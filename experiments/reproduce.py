@@ -39,6 +39,7 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
@@ -537,6 +538,12 @@ def reproduce(workdir: str, preset: str, cifar10_dir: Optional[str] = None,
       raise common.ConfigError(f'study {study.name}: {e}') from e
     plan.append((study, args, command, finished, ''))
 
+  lock = threading.Lock()
+
+  def say(text: str) -> None:  # whole lines, also when studies run side by side
+    with lock:
+      log(text)
+
   def one(item) -> Outcome:
     study, args, command, finished, why = item
     study_dir = os.path.join(workdir, study.name)
@@ -550,10 +557,11 @@ def reproduce(workdir: str, preset: str, cifar10_dir: Optional[str] = None,
       status, wall = 'reused', previous.get('wall_s')
       detail = f'run of {previous["started"]}' if previous.get('started') else ''
     else:
-      log(f'{study.name}: {command}')
+      say(f'{study.name}: {command}')
       status, detail, wall = run_study(study, args, workdir, run_commit, root)
-    log(f'{study.name}: {status}' + (f' in {format_duration(wall)}' if wall else '')
-        + (f' ({detail})' if detail else ''))
+    took = '' if not wall else (f' in {format_duration(wall)}' if status != 'reused' else
+                                f' (that run took {format_duration(wall)})')
+    say(f'{study.name}: {status}{took}' + (f' ({detail})' if detail else ''))
     has_results = status in ('ran', 'reused')
     figures = tuple(sorted(f for f in os.listdir(study_dir) if f.endswith('.png'))
                     ) if has_results else ()
