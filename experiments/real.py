@@ -13,19 +13,30 @@ on a robust-feature dataset (Ilyas et al.), and - with ``lowrank_rank > 0`` -
 noise augmentation in the orthogonal complement of the PCA subspace
 (``orth``) or isotropic (``iso``, the control). Each student's
 specialization is measured on the test set per layer (conv layers over
-samples and positions), its robustness by L-inf PGD judged by the oracle
-(the teacher at the perturbed point) and by the true labels.
+samples and positions), its robustness by the attack ensemble (L-inf, or L2:
+``attack_norm``) judged by the oracle (the teacher at the perturbed point)
+and by the true labels (``attack_labels``).
+
+Low rank (``lowrank_rank = r > 0``, the preset ``real.py:mnist_lowrank``):
+teacher and students train on the images projected onto the top-r PCA
+directions of the training set; specialization is also measured on the
+off-subspace probes ``x + P_perp xi`` (``spec_off_l*``, ``spec_off``), and
+the attacks run with ``delta`` in the PCA subspace, in its complement and
+unconstrained (``adv_{label}_{in,off,full}_{eps}``, as in the low-rank
+binary; nothing is clipped: PCA images are not in [0, 1]).
 
     python -m experiments.real --workdir=runs/real \
-        [--config=experiments/configs/real.py[:cifar10]] [--config.FIELD=VALUE ...]
+        [--config=experiments/configs/real.py[:cifar10|:mnist_lowrank]] \
+        [--config.FIELD=VALUE ...]
 
 Writes into ``--workdir``: ``results.csv`` / ``results.json`` (one row per
 student), ``summary.json`` (teacher accuracy, dataset sizes, correlations
 with bootstrap intervals, timings), ``summary.md``, ``specialization_layers.png``
-and ``spec_vs_robust.png``; ``config.json`` holds the run's config, and a
-workdir holding a different config is refused (``common.prepare_workdir``).
-Student checkpoints live in ``checkpoints/<method>``, so rerunning the same
-command resumes an interrupted run.
+and ``spec_vs_robust.png`` (low rank: also ``spec_off_vs_robust.png``);
+``config.json`` holds the run's config, and a workdir holding a different
+config is refused (``common.prepare_workdir``). Student checkpoints live in
+``checkpoints/<method>``, so rerunning the same command resumes an
+interrupted run.
 """
 
 import hashlib
@@ -35,6 +46,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from absl import logging
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,6 +55,7 @@ from experiments import common
 from experiments import validation
 from tsrobust import attacks
 from tsrobust import cnn
+from tsrobust import data
 from tsrobust import datasets
 from tsrobust import evaluate
 from tsrobust import io
@@ -59,6 +72,12 @@ METHODS = ('standard', 'at', 'ccat', 'robust_features', 'orth', 'iso')
 LOWRANK_METHODS = ('orth', 'iso')
 HPARAM_COLUMNS = ('at_eps', 'ccat_eps', 'aug_scale')
 TEACHER_TRAININGS = ('standard', 'pgd')
+LABEL_KINDS = ('oracle', 'true')  # evaluate.LABEL_KINDS the image study can attack with
+WHERES = ('in', 'off', 'full')    # attack subspaces with lowrank_rank > 0 (PCA S, S_perp, all)
+PROBE_KEY = 2 ** 31 - 4           # fold_in(PRNGKey(seed), .) of the off-subspace probes
+# Pixels per image of each dataset: lowrank_rank is checked against them before any work.
+IMAGE_SIZES = {'mnist': 28 * 28, 'cifar10': 32 * 32 * 3}
+BUNDLED_MNIST_TRAIN = datasets.BUNDLED_SIZE - datasets.NUM_CLASSES * datasets.BUNDLED_TEST_PER_CLASS
 TEACHER_CHUNK = 250
 TEACHER_FORMAT = 1  # bump when the teacher's training code changes meaning
 
@@ -132,6 +151,9 @@ CONFIG_FIELDS = {
     'rf_start': validation.Choice(robust_dataset.STARTS),
     'rf_batch': validation.Int(lo=1),
     'eps_denominator': validation.Float(lo=0, lo_open=True),
+    'attack_norm': validation.Choice(attacks.NORMS),
+    'attack_labels': validation.Names(LABEL_KINDS),
+    'probe_scale': validation.Float(lo=0, lo_open=True),
     'eps': validation.Floats(lo=0, unique=True),
     'num_attack': validation.Int(lo=1),
     'tau': validation.Float(lo=-1, hi=1),
@@ -145,11 +167,17 @@ def validate_config(config) -> None:
   The table ``CONFIG_FIELDS``, then the cross-field rules: ``data_dir`` holds
   the dataset's files (CIFAR-10 needs one); ``teacher_eps > 0`` for a PGD
   teacher; ``robust_features`` needs a hidden layer; ``orth`` / ``iso`` need
-  ``lowrank_rank > 0``; ``batch_size >= 2`` with CCAT; a valid attack
-  ensemble. Checks that need the loaded data: ``_validate_sizes``.
+  ``lowrank_rank > 0``; ``lowrank_rank`` below the image size and the number
+  of training images where they are known before loading (the dataset's
+  image size; ``num_train``, or the bundled MNIST's 4,000); ``batch_size >= 2``
+  with CCAT; a valid attack ensemble. Checks that need the loaded data:
+  ``_validate_sizes`` (before the PCA is fitted).
   """
   validation.check_config(config, CONFIG_FIELDS)
   _check_data_dir(config)
+  _check_rank(config, IMAGE_SIZES[config.dataset],
+              config.num_train or (BUNDLED_MNIST_TRAIN if config.dataset == 'mnist'
+                                   and not config.data_dir else 0))
   if config.teacher_training == 'pgd' and config.teacher_eps <= 0:
     raise common.ConfigError(f'config.teacher_eps must be > 0 for a PGD-trained teacher '
                              f'(config.teacher_training = pgd), got {config.teacher_eps}')
@@ -164,8 +192,24 @@ def validate_config(config) -> None:
   common.check_attack_rules(config)
 
 
+def _check_rank(config, image_size: int, num_train: int) -> None:
+  """``lowrank_rank`` <= the pixels per image and < the training images (0: unknown yet).
+
+  The centered training images span at most ``num_train - 1`` directions, so
+  a larger rank would add directions of zero variance, picked arbitrarily.
+  """
+  r = config.lowrank_rank
+  if r > image_size:
+    raise common.ConfigError(f'config.lowrank_rank must be <= the number of pixels per image '
+                             f'{image_size} ({config.dataset}), got {r}')
+  if num_train and r > num_train - 1:
+    raise common.ConfigError(f'config.lowrank_rank must be < the number of training images '
+                             f'{num_train} (the centered training set spans at most '
+                             f'{num_train - 1} directions), got {r}')
+
+
 def _validate_sizes(config, dataset: datasets.Dataset) -> None:
-  """Checks that need the loaded data's sizes."""
+  """Checks that need the loaded data's sizes (before any PCA is fitted)."""
   m = dataset.test_x.shape[0]
   n = dataset.train_x.shape[0]
   if m % config.eval_batch:
@@ -174,9 +218,7 @@ def _validate_sizes(config, dataset: datasets.Dataset) -> None:
   if config.num_attack > m:
     raise common.ConfigError(f'config.num_attack must be <= the number of test images {m}, '
                              f'got {config.num_attack}')
-  if config.lowrank_rank > int(np.prod(dataset.image_shape)):
-    raise common.ConfigError(f'config.lowrank_rank must be <= the image size '
-                             f'{int(np.prod(dataset.image_shape))}, got {config.lowrank_rank}')
+  _check_rank(config, int(np.prod(dataset.image_shape)), n)
   if 'robust_features' in common.as_tuple(config.methods) and n < 2:
     raise common.ConfigError('config.num_train must be >= 2 for robust_features')
 
@@ -199,14 +241,40 @@ def clip_range(config) -> Optional[Tuple[float, float]]:
   return None if config.lowrank_rank else (0.0, 1.0)
 
 
-def load_data(config) -> Tuple[datasets.Dataset, Optional[datasets.PCA]]:
-  """The dataset of ``config`` (subset, optional PCA projection)."""
+def attack_labels(config) -> Tuple[str, ...]:
+  """The label kinds of the students' attacks, in ``LABEL_KINDS`` order."""
+  chosen = common.as_tuple(config.attack_labels)
+  return tuple(k for k in LABEL_KINDS if k in chosen)
+
+
+def load_data(config) -> Tuple[datasets.Dataset, Optional[datasets.PCA], Dict[str, float]]:
+  """The dataset of ``config`` (subset, optional PCA projection), checked before the PCA.
+
+  Returns:
+    ``(dataset, pca, info)``; ``info`` (low rank only, else empty) describes the
+    PCA on the training images before projection: ``explained`` (fraction of
+    the variance in S), ``norm_centered`` / ``norm_in`` / ``norm_off`` (mean
+    L2 norm of ``x - m``, of ``P (x - m)`` and of the part the projection
+    drops, ``P_perp (x - m)``), ``rms_off`` (that part's RMS per pixel: the
+    natural per-pixel scale of noise in S_perp).
+  """
   ds = datasets.load(config.dataset, config.data_dir or None)
   ds = datasets.take(ds, config.num_train, config.num_test)
-  pca = None
+  _validate_sizes(config, ds)
+  pca, info = None, {}
   if config.lowrank_rank:
-    ds, pca = datasets.lowrank(ds, config.lowrank_rank)
-  return ds, pca
+    raw = ds
+    ds, pca = datasets.lowrank(raw, config.lowrank_rank)
+    flat = np.asarray(raw.train_x, np.float64).reshape(raw.train_x.shape[0], -1)
+    centered = flat - np.asarray(pca.mean, np.float64)
+    inside = centered @ np.asarray(pca.projector, np.float64)
+    off = centered - inside
+    info = {'explained': float(pca.explained),
+            'norm_centered': float(np.linalg.norm(centered, axis=1).mean()),
+            'norm_in': float(np.linalg.norm(inside, axis=1).mean()),
+            'norm_off': float(np.linalg.norm(off, axis=1).mean()),
+            'rms_off': float(np.sqrt((off ** 2).mean()))}
+  return ds, pca, info
 
 
 def _config_hash(obj: Any) -> str:
@@ -389,7 +457,7 @@ def _method_loss(config, method: str, teacher: cnn.CNN, student: cnn.CNN, num_tr
     return train.teacher_regression_loss(s_apply, t_apply, config.loss, sample,
                                          config.batch_size)
   if method == 'at':
-    transform = train.pgd_augmentation(s_apply, t_apply, config.loss, norm='linf',
+    transform = train.pgd_augmentation(s_apply, t_apply, config.loss, norm=config.attack_norm,
                                        steps=config.at_steps,
                                        step_factor=config.attack_step_factor,
                                        label=config.at_label, clip_range=clip)
@@ -397,7 +465,8 @@ def _method_loss(config, method: str, teacher: cnn.CNN, student: cnn.CNN, num_tr
         s_apply, t_apply, config.loss, sample, config.batch_size, transform=transform,
         label_at='transformed' if config.at_label == 'oracle' else 'clean')
   if method == 'ccat':
-    return train.ccat_loss(s_apply, t_apply, sample, config.batch_size, norm='linf',
+    return train.ccat_loss(s_apply, t_apply, sample, config.batch_size,
+                           norm=config.attack_norm,
                            steps=config.ccat_steps, step_factor=config.attack_step_factor,
                            rho=config.ccat_rho, clip_range=clip)
   if method == 'robust_features':
@@ -502,17 +571,37 @@ def build_robust_features(config, model: cnn.CNN, params, dataset: datasets.Data
 # ----------------------------------------------------------------------------
 
 
+def off_subspace_probes(config, x: Any, projector: Any) -> jax.Array:
+  """``x + P_perp xi``, ``xi ~ N(0, probe_scale^2 I)`` per image (``x [N, H, W, C]``).
+
+  ``projector``: ``[D, D]`` PCA projector ``P`` over the flattened image. The key
+  is ``fold_in(PRNGKey(seed), PROBE_KEY)``: every student sees the same probes.
+  """
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), PROBE_KEY)
+  flat = jnp.asarray(x, jnp.float32).reshape(x.shape[0], -1)
+  p_perp = jnp.eye(flat.shape[1], dtype=flat.dtype) - jnp.asarray(projector, flat.dtype)
+  return data.off_subspace_probe(key, flat, p_perp, config.probe_scale).reshape(x.shape)
+
+
 class Evaluator:
   """Compiled evaluation of students against one teacher (``lax.map`` over students).
 
   Specialization on the whole test set; the attack ensemble
-  (``tsrobust.evaluate``, L-inf) on its first ``num_attack`` images, judged
-  by the oracle and by the true labels. Budgets are array arguments: one
-  compilation per attack and label kind.
+  (``tsrobust.evaluate``, ``attack_norm``) on its first ``num_attack``
+  images, judged by the oracle and/or the true labels (``attack_labels``).
+  Budgets are array arguments: one compilation per attack and label kind.
+
+  With a PCA projector ``P`` (``lowrank_rank > 0``; ``[D, D]`` over the
+  flattened image, the centered subspace S) the test images lie in the affine
+  set ``m + S``, so their specialization is the in-subspace one; it is also
+  measured on the off-subspace probes ``x + P_perp xi``, ``xi ~ N(0,
+  probe_scale^2 I)`` (one probe per test image, shared by every student), and
+  every attack runs with ``delta`` in S (``in``), in S_perp (``off``) and
+  unconstrained (``full``).
   """
 
   def __init__(self, config, teacher: cnn.CNN, student: cnn.CNN, teacher_params,
-               dataset: datasets.Dataset):
+               dataset: datasets.Dataset, pca_projector: Optional[Any] = None):
     c = config
     t_apply, s_apply = teacher.apply, student.apply
     tp = teacher_params
@@ -522,6 +611,7 @@ class Evaluator:
     self.y_test = jnp.asarray(dataset.test_y)
     self.x_att = self.x_test[:c.num_attack]
     self.y_att = self.y_test[:c.num_attack]
+    self.labels = attack_labels(config)
     t_fn = lambda v: t_apply(tp, v)[0]
 
     def spec_one(sp, x, y):
@@ -538,15 +628,46 @@ class Evaluator:
               'clean_acc': (pred == y).mean(), 'clean_agree': (pred == t_pred).mean(),
               'confidence': jax.nn.softmax(logits).max(-1), 'agree': pred == t_pred}
 
+    def spec_probe(sp, x):
+      sums = [specialization.summarize(s, c.tau) for s in
+              specialization.network_stats(t_apply, s_apply, tp, sp, x, c.eval_batch)]
+      return {'spec': jnp.stack([s.mean_max_corr for s in sums]),
+              'frac': jnp.stack([s.frac_specialized for s in sums])}
+
     self._spec = jax.jit(lambda params, x, y: jax.lax.map(
         lambda sp: spec_one(sp, x, y), params))
+    self._spec_probe = jax.jit(lambda params, x: jax.lax.map(
+        lambda sp: spec_probe(sp, x), params))
+    self.projector = None
+    if pca_projector is not None:
+      p = jnp.asarray(pca_projector, jnp.float32)
+      d = int(np.prod(self.x_test.shape[1:]))
+      chex.assert_shape(p, (d, d))
+      self.projector = p
+      self.x_probe = off_subspace_probes(config, self.x_test, p)
     self.attack_config = common.attack_config(config)
-    kw = dict(norm='linf', config=self.attack_config, clip_range=clip_range(config),
+    kw = dict(norm=c.attack_norm, config=self.attack_config, clip_range=clip_range(config),
               shared_teacher=True, shared_data=True, batching='map')
     self.attacks = evaluate.Evaluator(s_apply, t_apply, **kw)
     self.teacher_attacks = evaluate.Evaluator(t_apply, t_apply, **kw)
     self.budgets = [budget(c, e) for e in c.eps]
     self.names = {budget(c, e): budget_name(c, e) for e in c.eps}
+
+  def _projectors(self, num: int) -> Dict[str, Any]:
+    """``{'in': P, 'off': I - P}`` of the restricted attacks (empty at full rank).
+
+    With L2 every subspace runs through one compiled attack: ``in`` and ``off``
+    are given per student (``[S, D, D]``, laid over the devices), as the
+    identity that ``evaluate.Evaluator.run`` uses for ``full``. With L-inf
+    they are shared ``[D, D]`` (``full`` clips per coordinate, unprojected).
+    """
+    if self.projector is None:
+      return {}
+    p = self.projector
+    projs = {'in': p, 'off': jnp.eye(p.shape[0], dtype=p.dtype) - p}
+    if self.config.attack_norm == 'l2':
+      projs = {w: common.shard(jnp.broadcast_to(v, (num,) + v.shape)) for w, v in projs.items()}
+    return projs
 
   def _rows(self, ev: common.Evaluation, kinds) -> List[Dict[str, Any]]:
     """``robust_acc_{label}_{eps}`` (ensemble) and ``..._{attack}`` (each attack alone)."""
@@ -564,20 +685,29 @@ class Evaluator:
     return rows
 
   def teacher(self, key) -> Dict[str, float]:
-    """The teacher's clean test accuracy and true-label robust accuracy per budget."""
-    add_axis = lambda tree: jax.tree_util.tree_map(lambda v: jnp.asarray(v)[None], tree)
-    tp = add_axis(self.teacher_params)
-    result = self.teacher_attacks.run(tp, self.teacher_params, self.x_att, key[None],
-                                      eps=self.budgets, labels_kinds=('true',),
-                                      labels=self.y_att)
-    ev = common.Evaluation(result, evaluate.combine(result))
+    """The teacher's clean test accuracy and true-label robust accuracy per budget.
+
+    The robust accuracy (unconstrained attacks) only when ``attack_labels``
+    holds ``true``: an oracle-only run attacks no model on true labels.
+    """
     pred = jax.lax.map(lambda xb: self.teacher_attacks.student_apply(
         self.teacher_params, xb)[0].argmax(-1),
                        self.x_test.reshape((-1, self.config.eval_batch)
                                            + self.x_test.shape[1:])).reshape(-1)
     out = {'clean_acc': float((pred == self.y_test).mean())}
-    out.update({k: v for k, v in self._rows(ev, ('true',))[0].items()})
+    if 'true' in self.labels:
+      add_axis = lambda tree: jax.tree_util.tree_map(lambda v: jnp.asarray(v)[None], tree)
+      tp = add_axis(self.teacher_params)
+      result = self.teacher_attacks.run(tp, self.teacher_params, self.x_att, key[None],
+                                        eps=self.budgets, labels_kinds=('true',),
+                                        labels=self.y_att)
+      ev = common.Evaluation(result, evaluate.combine(result))
+      out.update({k: v for k, v in self._rows(ev, ('true',))[0].items()})
     return out
+
+  def _adv_rows(self, ev: common.Evaluation) -> List[Dict[str, Any]]:
+    """``adv_{label}_{where}_{eps}`` (ensemble, consistent) and ``..._{attack}`` (raw)."""
+    return evaluate.records(ev.result, ev.final, self.names)
 
   def students(self, params, keys, ccat_mask: np.ndarray):
     """Metrics of students ``params [P, ...]`` (``keys [P]`` attack keys).
@@ -599,8 +729,17 @@ class Evaluator:
         rows[i][f'dead_l{l + 1}'] = int(spec['dead'][i, l])
       rows[i]['clean_acc'] = float(spec['clean_acc'][i])
       rows[i]['clean_agree'] = float(spec['clean_agree'][i])
+    if self.projector is not None:
+      off = sweep.to_host(self._spec_probe(params, self.x_probe))
+      for i in range(num):
+        for l in range(off['spec'].shape[1]):
+          rows[i][f'spec_off_l{l + 1}'] = float(off['spec'][i, l])
+        rows[i]['spec_off'] = float(np.nanmean(off['spec'][i]))
+        for l in range(off['spec'].shape[1]):
+          rows[i][f'frac_off_l{l + 1}'] = float(off['frac'][i, l])
     result = self.attacks.run(params, self.teacher_params, self.x_att, keys, eps=self.budgets,
-                              labels_kinds=('oracle', 'true'), labels=self.y_att)
+                              labels_kinds=self.labels, labels=self.y_att,
+                              projectors=self._projectors(num) or None)
     ev = common.Evaluation(result, evaluate.combine(result))
     sel = np.flatnonzero(ccat_mask)
     for j, b in enumerate(sorted(self.budgets)):
@@ -621,31 +760,51 @@ class Evaluator:
       rerr = evaluate.ccat_error(res_c, fin_c)
       wrong = fin_c[('ccat', 'full')].mean(-1)
       final = {k: v.copy() for k, v in ev.final.items()}
-      final[('oracle', 'full')][sel] |= fin_c[('ccat', 'full')]
+      if ('oracle', 'full') in final:
+        final[('oracle', 'full')][sel] |= fin_c[('ccat', 'full')]
       ev = common.Evaluation(result, final)
       for n, i in enumerate(sel):
         rows[i]['ccat_threshold'] = float(thresholds[n])
         for j, b in enumerate(res_c.eps):
           rows[i][f'ccat_err_{self.names[b]}'] = float(rerr[n, j])
           rows[i][f'ccat_accepted_wrong_{self.names[b]}'] = float(wrong[n, j])
-    for row, adv in zip(rows, self._rows(ev, ('oracle', 'true'))):
+    for row, adv in zip(rows, self._rows(ev, self.labels)):
       row.update(adv)
+    if self.projector is not None:
+      for row, adv in zip(rows, self._adv_rows(ev)):
+        row.update(adv)
     return rows, ev
 
 
 def columns(config) -> List[str]:
+  """Columns of ``results.csv``; with ``lowrank_rank > 0`` also the off-subspace ones.
+
+  ``spec_off_l{l}`` / ``spec_off`` / ``frac_off_l{l}`` (probes ``x + P_perp xi``)
+  and ``adv_{label}_{where}_{eps}[_{attack}]`` for ``where`` in ``in`` / ``off``
+  / ``full``, named as in the low-rank binary (``adv = 1 - robust_acc``; the
+  ``full`` ones equal ``1 - robust_acc_{label}_{eps}``).
+  """
   n_layers = len(config.teacher_conv) + len(config.teacher_dense)
+  labels = attack_labels(config)
+  lowrank = config.lowrank_rank > 0
+  names = [budget_name(config, e) for e in config.eps]
+  attacks_run = common.attack_config(config).attacks
   cols = ['method', 'variant', *HPARAM_COLUMNS, 'seed', 'train_loss']
   cols += [f'spec_l{l + 1}' for l in range(n_layers)] + ['spec_mean']
+  if lowrank:
+    cols += [f'spec_off_l{l + 1}' for l in range(n_layers)] + ['spec_off']
   cols += [f'frac_l{l + 1}' for l in range(n_layers)]
+  if lowrank:
+    cols += [f'frac_off_l{l + 1}' for l in range(n_layers)]
   cols += [f'dead_l{l + 1}' for l in range(n_layers)]
   cols += ['clean_acc', 'clean_agree']
-  cols += [f'robust_acc_{label}_{budget_name(config, e)}' for label in ('oracle', 'true')
-           for e in config.eps]
-  cols += [f'robust_acc_{label}_{budget_name(config, e)}_{a}' for label in ('oracle', 'true')
-           for e in config.eps for a in common.attack_config(config).attacks]
-  cols += ['ccat_threshold'] + [f'ccat_err_{budget_name(config, e)}' for e in config.eps]
-  cols += [f'ccat_accepted_wrong_{budget_name(config, e)}' for e in config.eps]
+  cols += [f'robust_acc_{label}_{n}' for label in labels for n in names]
+  cols += [f'robust_acc_{label}_{n}_{a}' for label in labels for n in names for a in attacks_run]
+  if lowrank:
+    main, per_attack = evaluate.columns(labels, WHERES, names, attacks_run)
+    cols += main + per_attack
+  cols += ['ccat_threshold'] + [f'ccat_err_{n}' for n in names]
+  cols += [f'ccat_accepted_wrong_{n}' for n in names]
   return cols
 
 
@@ -653,21 +812,30 @@ def correlations(config, records) -> Dict[str, Any]:
   """Pearson / Spearman of ``spec_mean`` vs robust accuracy per budget: pooled, within methods.
 
   Intervals bootstrap seeds (all methods of a seed share its initial student
-  and data order), see ``common.correlation``.
+  and data order), see ``common.correlation``. With ``lowrank_rank > 0``,
+  ``out['spec_off']`` holds the same for ``spec_off`` (off-subspace probes).
   """
   key = jax.random.PRNGKey(config.seed)
-  spec = np.array([r['spec_mean'] for r in records], np.float64)
   methods = [r['method'] for r in records]
   seeds = [r['seed'] for r in records]
-  out = {'x': 'spec_mean', 'n_students': len(records), 'bootstrap': 'clustered by seed'}
-  for i, eps in enumerate(config.eps):
-    name = budget_name(config, eps)
-    for j, label in enumerate(('oracle', 'true')):
-      column = f'robust_acc_{label}_{name}'
-      acc = np.array([r[column] for r in records], np.float64)
-      out[column] = common.correlation(spec, acc, methods, seeds,
-                                       jax.random.fold_in(key, 10 * i + j),
-                                       config.bootstrap_resamples)
+
+  def table(x_name, offset):
+    x = np.array([r[x_name] for r in records], np.float64)
+    out = {}
+    for i, eps in enumerate(config.eps):
+      name = budget_name(config, eps)
+      for label in attack_labels(config):
+        j = LABEL_KINDS.index(label)
+        column = f'robust_acc_{label}_{name}'
+        acc = np.array([r[column] for r in records], np.float64)
+        out[column] = common.correlation(x, acc, methods, seeds,
+                                         jax.random.fold_in(key, offset + 10 * i + j),
+                                         config.bootstrap_resamples)
+    return out
+  out = {'x': 'spec_mean', 'n_students': len(records), 'bootstrap': 'clustered by seed',
+         **table('spec_mean', 0)}
+  if config.lowrank_rank:
+    out['spec_off'] = table('spec_off', 1000)
   return out
 
 
@@ -675,7 +843,7 @@ def wilson_table(config, records) -> str:
   """Robust accuracy per method variant pooled over seeds' attacked images, Wilson 95% intervals."""
   names = [budget_name(config, e) for e in config.eps]
   variants = list(dict.fromkeys(r['variant'] for r in records))
-  cols = [f'robust_acc_{label}_{n}' for label in ('oracle', 'true') for n in names]
+  cols = [f'robust_acc_{label}_{n}' for label in attack_labels(config) for n in names]
   lines = ['Robust accuracy per variant, pooled over its seeds\' attacked images (n = seeds x '
            f'{config.num_attack}), with Wilson 95% intervals:', '',
            '| variant | n | ' + ' | '.join(f'`{c}`' for c in cols) + ' |',
@@ -694,23 +862,45 @@ def wilson_table(config, records) -> str:
 
 def _summary_markdown(config, records, teacher_eval, corr, sizes) -> str:
   names = [budget_name(config, e) for e in config.eps]
+  labels = attack_labels(config)
   n_layers = len(config.teacher_conv) + len(config.teacher_dense)
-  cols = [f'spec_l{l + 1}' for l in range(n_layers)] + ['spec_mean', 'clean_acc', 'clean_agree']
-  cols += [f'robust_acc_oracle_{n}' for n in names] + [f'robust_acc_true_{n}' for n in names]
+  cols = [f'spec_l{l + 1}' for l in range(n_layers)] + ['spec_mean']
+  if config.lowrank_rank:
+    cols += ['spec_off']
+  cols += ['clean_acc', 'clean_agree']
+  for label in labels:
+    cols += [f'robust_acc_{label}_{n}' for n in names]
+  if config.lowrank_rank:
+    mid = names[len(names) // 2]
+    cols += [f'adv_{label}_{w}_{mid}' for label in labels for w in WHERES]
   if 'ccat' in common.as_tuple(config.methods):
     cols += [f'ccat_accepted_wrong_{n}' for n in names] + [f'ccat_err_{n}' for n in names]
+  teacher_line = f'Teacher: clean test accuracy {teacher_eval["clean_acc"]:.3f}'
+  if 'true' in labels:
+    teacher_line += ('; true-label robust accuracy '
+                     + ', '.join(f'{teacher_eval[f"robust_acc_true_{n}"]:.3f} (eps {n})'
+                                 for n in names))
   lines = [f'# Real images: {sizes["dataset"]} ({sizes["num_train"]} train / '
            f'{sizes["num_test"]} test images, {sizes["num_attack"]} attacked)', '',
-           f'Teacher: clean test accuracy {teacher_eval["clean_acc"]:.3f}; true-label robust '
-           'accuracy ' + ', '.join(f'{teacher_eval[f"robust_acc_true_{n}"]:.3f} (eps {n})'
-                                   for n in names) + '.', '',
-           'Students (mean +- sample std over seeds):', '',
-           io.markdown_summary(records, ['method', *HPARAM_COLUMNS], cols),
-           wilson_table(config, records),
-           common.correlation_markdown(
-               {f'robust_acc_{label}_{n}': corr[f'robust_acc_{label}_{n}']
-                for label in ('oracle', 'true') for n in names},
-               'spec_mean', config.bootstrap_resamples)]
+           teacher_line + '.', '']
+  if config.lowrank_rank:
+    pca = sizes['pca']
+    lines += [f'PCA rank {config.lowrank_rank}: {pca["explained"]:.3f} of the training '
+              f'variance; mean L2 norm of a centered training image {pca["norm_centered"]:.2f}, '
+              f'of its part in S {pca["norm_in"]:.2f}, of the part the projection drops '
+              f'{pca["norm_off"]:.2f} ({pca["rms_off"]:.3f} RMS per pixel). Attacks: '
+              f'{config.attack_norm}, delta in S (`in`), in S_perp (`off`), unconstrained '
+              f'(`full`); `spec_off` on probes x + P_perp xi, xi ~ N(0, '
+              f'{config.probe_scale:g}^2 I).', '']
+  reports = {f'robust_acc_{label}_{n}': corr[f'robust_acc_{label}_{n}']
+             for label in labels for n in names}
+  lines += ['Students (mean +- sample std over seeds):', '',
+            io.markdown_summary(records, ['method', *HPARAM_COLUMNS], cols),
+            wilson_table(config, records),
+            common.correlation_markdown(reports, 'spec_mean', config.bootstrap_resamples)]
+  if config.lowrank_rank:
+    lines.append(common.correlation_markdown(corr['spec_off'], 'spec_off',
+                                             config.bootstrap_resamples))
   return '\n'.join(lines) + '\n'
 
 
@@ -722,8 +912,7 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   common.prepare_workdir(workdir, config)
 
   t0 = time.perf_counter()
-  dataset, pca = load_data(config)
-  _validate_sizes(config, dataset)
+  dataset, pca, pca_info = load_data(config)
   n_train = dataset.train_x.shape[0]
   timings['data'] = time.perf_counter() - t0
   logging.info('data: %s, train %s, test %s', dataset.name, dataset.train_x.shape,
@@ -736,7 +925,8 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   root = teachers_root(config, workdir)
   teacher_params, teacher_info = pretrain_teacher(t_spec, teacher, dataset, root)
   timings['teacher'] = time.perf_counter() - t0
-  evaluator = Evaluator(config, teacher, student, teacher_params, dataset)
+  evaluator = Evaluator(config, teacher, student, teacher_params, dataset,
+                        None if pca is None else pca.projector)
   teacher_eval = evaluator.teacher(jax.random.fold_in(jax.random.PRNGKey(config.seed), 7))
   logging.info('teacher (%s, %s): %s', teacher_info['hash'],
                'reused' if teacher_info['reused'] else 'trained', teacher_eval)
@@ -818,6 +1008,8 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   sizes = {'dataset': dataset.name, 'num_train': int(n_train),
            'num_test': int(dataset.test_x.shape[0]), 'num_attack': config.num_attack,
            'image_shape': list(dataset.image_shape), 'num_classes': dataset.num_classes}
+  if pca is not None:
+    sizes['pca'] = {'rank': config.lowrank_rank, **pca_info}
   timings['total'] = time.perf_counter() - t_all
   summary = {'dataset': sizes,
              'teacher': {**teacher_eval, 'checkpoint': teacher_info['hash'],
@@ -840,11 +1032,16 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
     mid = budget_name(config, config.eps[len(config.eps) // 2])
     plotting.plot_spec_per_layer(os.path.join(workdir, 'results.csv'),
                                  os.path.join(workdir, 'specialization_layers.png'))
+    acc_columns = [f'robust_acc_{label}_{mid}' for label in attack_labels(config)]
     plotting.plot_spec_vs_accuracy(os.path.join(workdir, 'results.csv'),
-                                   os.path.join(workdir, 'spec_vs_robust.png'),
-                                   [f'robust_acc_oracle_{mid}', f'robust_acc_true_{mid}'])
-  first = corr[f'robust_acc_oracle_{budget_name(config, config.eps[0])}']
-  logging.info('spec_mean vs robust_acc_oracle (eps %s): pearson %.3f [%.3f, %.3f]',
+                                   os.path.join(workdir, 'spec_vs_robust.png'), acc_columns)
+    if config.lowrank_rank:
+      plotting.plot_spec_vs_accuracy(os.path.join(workdir, 'results.csv'),
+                                     os.path.join(workdir, 'spec_off_vs_robust.png'),
+                                     acc_columns, spec_column='spec_off')
+  label = attack_labels(config)[0]
+  first = corr[f'robust_acc_{label}_{budget_name(config, config.eps[0])}']
+  logging.info('spec_mean vs robust_acc_%s (eps %s): pearson %.3f [%.3f, %.3f]', label,
                budget_name(config, config.eps[0]), first['pearson'], *first['pearson_ci'])
   return records
 

@@ -59,6 +59,15 @@ class TestConfig:
       (dict(teacher_conv=()), 'config.teacher_conv must be a sequence of at least 1'),
       (dict(rf_start='zeros'), 'config.rf_start must be one of'),
       (dict(methods=('ccat',), batch_size=1), 'config.batch_size must be >= 2'),
+      (dict(methods=('standard', 'iso')), 'config.methods: iso .* needs config.lowrank_rank'),
+      (dict(lowrank_rank=785), 'config.lowrank_rank must be <= the number of pixels per '
+                               r'image 784 \(mnist\), got 785'),
+      (dict(lowrank_rank=64), 'config.lowrank_rank must be < the number of training images 64 '
+                              r'\(the centered training set spans at most 63 directions\)'),
+      (dict(attack_labels=()), 'config.attack_labels must be'),
+      (dict(attack_labels=('oracle', 'fixed')), 'config.attack_labels must be distinct names'),
+      (dict(attack_norm='l1'), 'config.attack_norm must be one of'),
+      (dict(probe_scale=0.0), 'config.probe_scale must be > 0'),
   ])
   def test_bad_fields_are_named(self, overrides, message):
     with pytest.raises(common.ConfigError, match=message):
@@ -75,6 +84,45 @@ class TestConfig:
     with pytest.raises(common.ConfigError, match='config.eval_batch must divide the number of '
                                                  'test images 10'):
       real._validate_sizes(tiny_config(eval_batch=3, num_attack=4), _toy_dataset())
+    # Sizes known only from the files (an IDX folder): checked before the PCA is fitted.
+    with pytest.raises(common.ConfigError, match='config.lowrank_rank must be < the number of '
+                                                 'training images 32'):
+      real._validate_sizes(tiny_config(lowrank_rank=32, eval_batch=5, num_attack=4),
+                           _toy_dataset())
+    with pytest.raises(common.ConfigError, match='config.lowrank_rank must be <= the number of '
+                                                 'pixels per image 16'):
+      real._validate_sizes(tiny_config(lowrank_rank=17, eval_batch=5, num_attack=4),
+                           _toy_dataset(n=40, hw=4))
+
+  def test_lowrank_preset(self):
+    c = real_config.get_config('mnist_lowrank')
+    real.validate_config(c)
+    assert c.dataset == 'mnist' and c.lowrank_rank > 0 and c.attack_norm == 'l2'
+    assert {'standard', 'at', 'orth', 'iso'} <= set(c.methods)
+    assert 'oracle' in c.attack_labels
+    assert real.clip_range(c) is None and real.clip_range(real_config.get_config()) == (0, 1)
+
+  def test_default_columns_unchanged(self):
+    # The full-rank default keeps exactly its columns (no off-subspace ones), in order.
+    c = real_config.get_config()
+    layers = range(1, 4)
+    eps = ('0.1', '0.2', '0.3')
+    attacks_run = ('pgd', 'apgd', 'apgd_t', 'square')
+    want = (['method', 'variant', 'at_eps', 'ccat_eps', 'aug_scale', 'seed', 'train_loss']
+            + [f'spec_l{l}' for l in layers] + ['spec_mean'] + [f'frac_l{l}' for l in layers]
+            + [f'dead_l{l}' for l in layers] + ['clean_acc', 'clean_agree']
+            + [f'robust_acc_{k}_{e}' for k in ('oracle', 'true') for e in eps]
+            + [f'robust_acc_{k}_{e}_{a}' for k in ('oracle', 'true') for e in eps
+               for a in attacks_run]
+            + ['ccat_threshold'] + [f'ccat_err_{e}' for e in eps]
+            + [f'ccat_accepted_wrong_{e}' for e in eps])
+    assert real.columns(c) == want
+    low = real.columns(real_config.get_config('mnist_lowrank'))
+    for col in ('spec_off_l1', 'spec_off_l3', 'spec_off', 'frac_off_l2', 'adv_oracle_in_1.0',
+                'adv_oracle_off_2.0', 'adv_oracle_full_2.0', 'adv_oracle_off_2.0_square',
+                'robust_acc_oracle_2.0'):
+      assert col in low, col
+    assert not [c for c in low if '_true_' in c]
 
   def test_cifar_preset_and_budget_names(self):
     c = real_config.get_config('cifar10')
@@ -190,6 +238,86 @@ class TestTeacherCheckpoint:
       real.pretrain_teacher(spec, model, ds, workdir)
 
 
+class _Projected:
+  """A CNN that sees only ``m + P (x - m)``: blind to every direction of S_perp."""
+
+  def __init__(self, model, projector, mean):
+    self.model, self.projector, self.mean = model, projector, mean
+
+  def apply(self, params, x):
+    flat = x.reshape(x.shape[0], -1) - self.mean
+    return self.model.apply(params, (self.mean + flat @ self.projector).reshape(x.shape))
+
+
+class TestLowRankEvaluation:
+  """Known answers of the image evaluator with a PCA projector (toy 6x6 images, rank 4)."""
+
+  def _setup(self, **overrides):
+    ds = _toy_dataset(n=40, m=10, hw=6)
+    pca = datasets.fit_pca(ds.train_x, 4)
+    ds = ds._replace(test_x=np.asarray(datasets.project_pca(ds.test_x, pca)))
+    config = tiny_config(lowrank_rank=4, attack_norm='l2', attack_labels=('oracle',),
+                         eps=(0.5, 3.0), num_attack=10, eval_batch=5, probe_scale=0.5,
+                         apgd_t_steps=0, square_queries=0, **overrides)
+    teacher = real.teacher_model(config)
+    tp = cnn.init_params(jax.random.PRNGKey(0), teacher, (6, 6, 1))
+    # Two students of the teacher's shape near the teacher: they agree with it on most clean
+    # points, and attacks can make them disagree.
+    leaves, tree = jax.tree_util.tree_flatten(tp)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    sp = jax.tree_util.tree_unflatten(tree, [
+        v[None] + 0.05 * jnp.abs(v).mean() * jax.random.normal(k, (2,) + v.shape)
+        for v, k in zip(leaves, keys)])
+    return config, ds, pca, teacher, teacher, tp, sp
+
+  def test_probes_leave_the_subspace_by_the_probe_scale(self):
+    config, ds, pca, *_ = self._setup()
+    x = jnp.asarray(ds.test_x)
+    probes = real.off_subspace_probes(config, x, pca.projector)
+    noise = np.asarray(probes - x).reshape(10, -1)
+    np.testing.assert_allclose(noise @ np.asarray(pca.projector), 0.0, atol=1e-5)
+    # E||P_perp xi||^2 = probe_scale^2 (D - r): 0.25 * 32 per image.
+    assert np.mean((noise ** 2).sum(1)) == pytest.approx(0.25 * 32, rel=0.25)
+    chex.assert_trees_all_equal(probes, real.off_subspace_probes(config, x, pca.projector))
+
+  def test_projectors_per_norm(self):
+    config, ds, pca, teacher, student, tp, _ = self._setup()
+    ev = real.Evaluator(config, teacher, student, tp, ds, pca.projector)
+    projs = ev._projectors(2)
+    assert set(projs) == {'in', 'off'}
+    chex.assert_shape(projs['in'], (2, 36, 36))  # L2: per student, one compiled attack
+    np.testing.assert_allclose(projs['in'][1] + projs['off'][1], np.eye(36), atol=1e-6)
+    linf = real.Evaluator(tiny_config(lowrank_rank=4, eval_batch=5, num_attack=10), teacher,
+                          student, tp, ds, pca.projector)
+    chex.assert_shape(linf._projectors(2)['off'], (36, 36))  # L-inf: shared
+    assert real.Evaluator(config, teacher, student, tp, ds)._projectors(2) == {}
+    assert not hasattr(real.Evaluator(config, teacher, student, tp, ds), 'x_probe')
+
+  @pytest.mark.slow
+  def test_networks_blind_to_s_perp(self):
+    """Teacher and students that see only m + P (x - m): a delta in S_perp changes neither,
+    so the off-subspace attack (delta with no component in S) finds exactly the clean
+    disagreements at every budget, and the probes x + P_perp xi give exactly spec_in."""
+    config, ds, pca, teacher, student, tp, sp = self._setup()
+    t_blind = _Projected(teacher, pca.projector, pca.mean)
+    s_blind = _Projected(student, pca.projector, pca.mean)
+    ev = real.Evaluator(config, t_blind, s_blind, tp, ds, pca.projector)
+    keys = jax.random.split(jax.random.PRNGKey(5), 2)
+    rows, _ = ev.students(sp, keys, np.zeros(2, bool))
+    x_att = jnp.asarray(ds.test_x[:10])
+    clean = np.asarray(jax.vmap(lambda p: s_blind.apply(p, x_att)[0].argmax(-1))(sp)
+                       != t_blind.apply(tp, x_att)[0].argmax(-1)[None])
+    for i, r in enumerate(rows):
+      for l in (1, 2):
+        assert r[f'spec_off_l{l}'] == pytest.approx(r[f'spec_l{l}'], abs=1e-5)
+      for e in ('0.5', '3.0'):
+        assert r[f'adv_oracle_off_{e}'] == pytest.approx(clean[i].mean())
+        assert r[f'adv_oracle_full_{e}'] >= max(r[f'adv_oracle_in_{e}'], r[f'adv_oracle_off_{e}'])
+        assert r[f'robust_acc_oracle_{e}'] == pytest.approx(1 - r[f'adv_oracle_full_{e}'])
+      # In S the attack does move them: more disagreements at a large budget.
+      assert r['adv_oracle_in_3.0'] > clean[i].mean()
+
+
 @pytest.fixture(scope='module')
 def tiny_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('real'))
@@ -265,3 +393,44 @@ def test_cli_validates_before_work(tmp_path, capfd):
   assert err.startswith('error: config.methods must be distinct names from') and 'bogus' in err
   assert err.count('\n') == 1
   assert not os.listdir(tmp_path)
+
+
+@pytest.mark.slow
+def test_lowrank_binary_end_to_end(tmp_path):
+  """lowrank_rank > 0 through the binary: PCA images, orth / iso training, spec_off per layer,
+  oracle errors in S, in S_perp and unconstrained, consistent by construction."""
+  config = tiny_config(lowrank_rank=5, methods=('standard', 'orth', 'iso'), aug_scales=(0.3,),
+                       teacher_training='standard', attack_norm='l2', attack_labels=('oracle',),
+                       eps=(0.5, 2.0), apgd_t_steps=0, square_queries=10)
+  workdir = str(tmp_path)
+  records = real.train_and_evaluate(config, workdir)
+  rows = io.read_csv(os.path.join(workdir, 'results.csv'))
+  assert len(rows) == len(records) == 6
+  assert [r['method'] for r in rows] == [m for m in ('standard', 'orth', 'iso') for _ in range(2)]
+  header = list(rows[0])
+  assert header == real.columns(config)
+  assert not [c for c in header if '_true_' in c]
+  for r in rows:
+    assert r['spec_off'] == pytest.approx((r['spec_off_l1'] + r['spec_off_l2']) / 2, abs=1e-6)
+    for e in ('0.5', '2.0'):
+      for where in ('in', 'off', 'full'):  # fractions of the 8 attacked images
+        v = r[f'adv_oracle_{where}_{e}']
+        assert v * 8 == pytest.approx(round(v * 8), abs=1e-6)
+      assert r[f'adv_oracle_full_{e}'] >= max(r[f'adv_oracle_in_{e}'], r[f'adv_oracle_off_{e}'])
+      assert r[f'robust_acc_oracle_{e}'] == pytest.approx(1 - r[f'adv_oracle_full_{e}'])
+    for where in ('in', 'off', 'full'):
+      assert r[f'adv_oracle_{where}_0.5'] <= r[f'adv_oracle_{where}_2.0']
+    assert (r['aug_scale'] is not None) == (r['method'] in ('orth', 'iso'))
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    summary = json.load(f)
+  pca = summary['dataset']['pca']
+  assert summary['dataset']['dataset'] == 'mnist-bundled-pca5' and pca['rank'] == 5
+  assert pca['explained'] == pytest.approx(summary['pca_explained_variance'])
+  assert pca['norm_in'] < pca['norm_centered'] and pca['norm_off'] < pca['norm_centered']
+  assert set(summary['teacher']) == {'clean_acc', 'checkpoint', 'reused', 'final_train_loss',
+                                     'training', 'widths'}  # oracle only: teacher not attacked
+  assert set(summary['correlation']['spec_off']) == {'robust_acc_oracle_0.5',
+                                                     'robust_acc_oracle_2.0'}
+  assert os.path.getsize(os.path.join(workdir, 'spec_off_vs_robust.png')) > 0
+  text = open(os.path.join(workdir, 'summary.md')).read()
+  assert 'PCA rank 5' in text and '`spec_off`' in text and '| iso |' in text
