@@ -698,15 +698,20 @@ class SeedKeys(NamedTuple):
 
 def seed_keys(config) -> SeedKeys:
   """Keys of ``num_padded_seeds(config)`` seeds; seed ``s`` uses ``fold_in(seed, s)``."""
-  master = jax.random.PRNGKey(config.seed)
-  per_seed = jax.vmap(lambda s: jax.random.split(jax.random.fold_in(master, s), 5))(
-      jnp.arange(num_padded_seeds(config)))
-  keys = SeedKeys(*(per_seed[:, i] for i in range(5)))
-  if not config.teacher_per_seed:
-    shared = jax.random.split(jax.random.fold_in(master, 2 ** 31 - 1), 2)
-    keys = keys._replace(teacher=jnp.broadcast_to(shared[0], keys.teacher.shape),
-                         basis=jnp.broadcast_to(shared[1], keys.basis.shape))
-  return keys
+  num, per_seed_teacher = num_padded_seeds(config), bool(config.teacher_per_seed)
+  seed = config.seed
+
+  def draw():  # integer work: exact at any optimization level
+    master = jax.random.PRNGKey(seed)
+    per_seed = jax.vmap(lambda s: jax.random.split(jax.random.fold_in(master, s), 5))(
+        jnp.arange(num))
+    keys = SeedKeys(*(per_seed[:, i] for i in range(5)))
+    if not per_seed_teacher:
+      shared = jax.random.split(jax.random.fold_in(master, 2 ** 31 - 1), 2)
+      keys = keys._replace(teacher=jnp.broadcast_to(shared[0], keys.teacher.shape),
+                           basis=jnp.broadcast_to(shared[1], keys.basis.shape))
+    return keys
+  return sweep.jit_once(draw)()
 
 
 class Problem(NamedTuple):
@@ -722,13 +727,16 @@ def build_problem(config, keys: SeedKeys) -> Problem:
   d = config.d
   teacher = models.MLP(tuple(config.teacher_hidden), config.out_dim, config.use_bias)
   student = models.student_of(teacher, config.width_mult, config.student_init_scale)
-  teacher_params = jax.vmap(functools.partial(
-      models.random_teacher_params, model=teacher, in_dim=d,
-      bias_scale=config.teacher_bias_scale, strength_decay=config.strength_decay))(
-          keys.teacher)
-  bases = jax.vmap(lambda k: data.random_orthonormal(k, d, d))(keys.basis)
-  student_params = jax.vmap(lambda k: student.init(k, jnp.zeros((1, d))))(keys.student)
-  return Problem(teacher, student, teacher_params, bases, student_params)
+
+  def draw(keys):
+    teacher_params = jax.vmap(functools.partial(
+        models.random_teacher_params, model=teacher, in_dim=d,
+        bias_scale=config.teacher_bias_scale, strength_decay=config.strength_decay))(
+            keys.teacher)
+    bases = jax.vmap(lambda k: data.random_orthonormal(k, d, d))(keys.basis)
+    student_params = jax.vmap(lambda k: student.init(k, jnp.zeros((1, d))))(keys.student)
+    return teacher_params, bases, student_params
+  return Problem(teacher, student, *sweep.jit_once(draw)(keys))
 
 
 def rank_projector(bases: jax.Array, r: int) -> jax.Array:
@@ -830,7 +838,7 @@ class LowRankEvaluator:
       s = s_apply(sp, x)[0]
       return jax.nn.softmax(s).max(-1), s.argmax(-1) == t_apply(tp, x)[0].argmax(-1)
 
-    self.held_out = jax.jit(held_out)
+    self.held_out = sweep.jit_once(held_out)  # runs once per rank
     self._spec = jax.jit(spec)
     self._confidence = jax.jit(jax.vmap(confidence))
     self.attack_config = attack_config(config)

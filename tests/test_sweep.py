@@ -286,3 +286,20 @@ def test_robustness_validates_every_field():
 
 def test_real_validates_every_field():
   _every_field_rejects_garbage(real, real_config.get_config, garbage={'teacher_dir': 3})
+
+
+def test_jit_once_is_the_same_computation_as_jit():
+  """Level-0 compilation of set-up code: keys exact, normals equal to float rounding."""
+  def draw(key, n):
+    k1, k2 = jax.random.split(key)
+    return jax.random.split(k1, n), jax.random.normal(k2, (64, n))
+  key = jax.random.PRNGKey(11)
+  once = sweep.jit_once(draw, static_argnums=1)
+  keys, normals = once(key, 5)
+  ref_keys, ref_normals = jax.jit(draw, static_argnums=1)(key, 5)
+  np.testing.assert_array_equal(np.asarray(keys), np.asarray(ref_keys))
+  np.testing.assert_allclose(np.asarray(normals), np.asarray(ref_normals), atol=1e-5)
+  assert normals.shape == (64, 5) and float(jnp.std(normals)) == pytest.approx(1.0, abs=0.2)
+  assert once.__wrapped__ is draw
+  again = once(key, 5)[1]  # cached: the same compiled function, the same numbers
+  np.testing.assert_array_equal(np.asarray(again), np.asarray(normals))
