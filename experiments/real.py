@@ -684,25 +684,27 @@ class Evaluator:
             rows[i][f'robust_acc_{kind}_{self.names[b]}_{attack}'] = float(1 - err[i])
     return rows
 
-  def teacher(self, key) -> Dict[str, float]:
-    """The teacher's clean test accuracy and true-label robust accuracy per budget.
+  def teacher(self, key, params=None) -> Dict[str, float]:
+    """Clean test accuracy and true-label robust accuracy per budget of one network.
 
-    The robust accuracy (unconstrained attacks) only when ``attack_labels``
-    holds ``true``: an oracle-only run attacks no model on true labels.
+    ``params``: a network of the teacher's architecture (default: the teacher;
+    e.g. the robust model of the robust-feature dataset), evaluated by the
+    same compiled attacks. The robust accuracy (unconstrained attacks, true
+    labels) is reported whatever ``attack_labels`` holds: it costs one
+    network, and says how robust the oracle itself is at each budget.
     """
+    params = self.teacher_params if params is None else params
     pred = jax.lax.map(lambda xb: self.teacher_attacks.student_apply(
-        self.teacher_params, xb)[0].argmax(-1),
+        params, xb)[0].argmax(-1),
                        self.x_test.reshape((-1, self.config.eval_batch)
                                            + self.x_test.shape[1:])).reshape(-1)
     out = {'clean_acc': float((pred == self.y_test).mean())}
-    if 'true' in self.labels:
-      add_axis = lambda tree: jax.tree_util.tree_map(lambda v: jnp.asarray(v)[None], tree)
-      tp = add_axis(self.teacher_params)
-      result = self.teacher_attacks.run(tp, self.teacher_params, self.x_att, key[None],
-                                        eps=self.budgets, labels_kinds=('true',),
-                                        labels=self.y_att)
-      ev = common.Evaluation(result, evaluate.combine(result))
-      out.update({k: v for k, v in self._rows(ev, ('true',))[0].items()})
+    add_axis = lambda tree: jax.tree_util.tree_map(lambda v: jnp.asarray(v)[None], tree)
+    result = self.teacher_attacks.run(add_axis(params), self.teacher_params, self.x_att,
+                                      key[None], eps=self.budgets, labels_kinds=('true',),
+                                      labels=self.y_att)
+    ev = common.Evaluation(result, evaluate.combine(result))
+    out.update({k: v for k, v in self._rows(ev, ('true',))[0].items()})
     return out
 
   def _adv_rows(self, ev: common.Evaluation) -> List[Dict[str, Any]]:
@@ -875,11 +877,10 @@ def _summary_markdown(config, records, teacher_eval, corr, sizes) -> str:
     cols += [f'adv_{label}_{w}_{mid}' for label in labels for w in WHERES]
   if 'ccat' in common.as_tuple(config.methods):
     cols += [f'ccat_accepted_wrong_{n}' for n in names] + [f'ccat_err_{n}' for n in names]
-  teacher_line = f'Teacher: clean test accuracy {teacher_eval["clean_acc"]:.3f}'
-  if 'true' in labels:
-    teacher_line += ('; true-label robust accuracy '
-                     + ', '.join(f'{teacher_eval[f"robust_acc_true_{n}"]:.3f} (eps {n})'
-                                 for n in names))
+  teacher_line = (f'Teacher: clean test accuracy {teacher_eval["clean_acc"]:.3f}'
+                  '; true-label robust accuracy '
+                  + ', '.join(f'{teacher_eval[f"robust_acc_true_{n}"]:.3f} (eps {n})'
+                              for n in names))
   lines = [f'# Real images: {sizes["dataset"]} ({sizes["num_train"]} train / '
            f'{sizes["num_test"]} test images, {sizes["num_attack"]} attacked)', '',
            teacher_line + '.', '']
@@ -945,8 +946,8 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
     robust_x, rf_info = build_robust_features(config, teacher, r_params, dataset, pca)
     rf_info.update(robust_model=r_info['hash'], robust_model_is_teacher=r_spec == t_spec,
                    robust_model_reused=r_info['reused'])
-    r_eval = Evaluator(config, teacher, teacher, r_params, dataset).teacher(
-        jax.random.fold_in(jax.random.PRNGKey(config.seed), 8))
+    r_eval = evaluator.teacher(jax.random.fold_in(jax.random.PRNGKey(config.seed), 8),
+                               params=r_params)  # the teacher's compiled attacks
     rf_info['robust_model_eval'] = r_eval
     timings['robust_features'] = time.perf_counter() - t0
     logging.info('robust-feature dataset: %s', rf_info)

@@ -103,20 +103,22 @@ class TestConfig:
     assert real.clip_range(c) is None and real.clip_range(real_config.get_config()) == (0, 1)
 
   def test_default_columns_unchanged(self):
-    # The full-rank default keeps exactly its columns (no off-subspace ones), in order.
-    c = real_config.get_config()
+    # The full-rank default keeps exactly its columns (no off-subspace ones), in order;
+    # the students' true-label columns come with attack_labels.
     layers = range(1, 4)
-    eps = ('0.1', '0.2', '0.3')
+    eps = ('0.05', '0.1', '0.15')
     attacks_run = ('pgd', 'apgd', 'apgd_t', 'square')
-    want = (['method', 'variant', 'at_eps', 'ccat_eps', 'aug_scale', 'seed', 'train_loss']
-            + [f'spec_l{l}' for l in layers] + ['spec_mean'] + [f'frac_l{l}' for l in layers]
-            + [f'dead_l{l}' for l in layers] + ['clean_acc', 'clean_agree']
-            + [f'robust_acc_{k}_{e}' for k in ('oracle', 'true') for e in eps]
-            + [f'robust_acc_{k}_{e}_{a}' for k in ('oracle', 'true') for e in eps
-               for a in attacks_run]
-            + ['ccat_threshold'] + [f'ccat_err_{e}' for e in eps]
-            + [f'ccat_accepted_wrong_{e}' for e in eps])
-    assert real.columns(c) == want
+    for kinds in (('oracle',), ('oracle', 'true')):
+      c = real_config.get_config()
+      c.attack_labels = kinds
+      want = (['method', 'variant', 'at_eps', 'ccat_eps', 'aug_scale', 'seed', 'train_loss']
+              + [f'spec_l{l}' for l in layers] + ['spec_mean'] + [f'frac_l{l}' for l in layers]
+              + [f'dead_l{l}' for l in layers] + ['clean_acc', 'clean_agree']
+              + [f'robust_acc_{k}_{e}' for k in kinds for e in eps]
+              + [f'robust_acc_{k}_{e}_{a}' for k in kinds for e in eps for a in attacks_run]
+              + ['ccat_threshold'] + [f'ccat_err_{e}' for e in eps]
+              + [f'ccat_accepted_wrong_{e}' for e in eps])
+      assert real.columns(c) == want, kinds
     low = real.columns(real_config.get_config('mnist_lowrank'))
     for col in ('spec_off_l1', 'spec_off_l3', 'spec_off', 'frac_off_l2', 'adv_oracle_in_1.0',
                 'adv_oracle_off_2.0', 'adv_oracle_full_2.0', 'adv_oracle_off_2.0_square',
