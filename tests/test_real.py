@@ -429,8 +429,8 @@ def test_lowrank_binary_end_to_end(tmp_path):
   assert summary['dataset']['dataset'] == 'mnist-bundled-pca5' and pca['rank'] == 5
   assert pca['explained'] == pytest.approx(summary['pca_explained_variance'])
   assert pca['norm_in'] < pca['norm_centered'] and pca['norm_off'] < pca['norm_centered']
-  assert set(summary['teacher']) == {'clean_acc', 'checkpoint', 'reused', 'final_train_loss',
-                                     'training', 'widths'}  # oracle only: teacher not attacked
+  # Students judged by the oracle only; the teacher's own true-label robustness is reported.
+  assert set(summary['teacher']) >= {'clean_acc', 'robust_acc_true_0.5', 'robust_acc_true_2.0'}
   assert set(summary['correlation']['spec_off']) == {'robust_acc_oracle_0.5',
                                                      'robust_acc_oracle_2.0'}
   assert os.path.getsize(os.path.join(workdir, 'spec_off_vs_robust.png')) > 0

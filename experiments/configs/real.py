@@ -158,10 +158,10 @@ def get_config(preset: str = 'mnist') -> ml_collections.ConfigDict:
     c.probe_scale = 0.15
     # Time (2-core CPU, idle target ~12 min, see README): the standard ensemble costs ~8 s per
     # student, budget, subspace and 100 images for oracle labels; here 16 students x 2 budgets
-    # x 3 subspaces (in, off, full) x 50 images. Oracle labels only (the true error in this
-    # setting; the teacher's own true-label robustness is not attacked), 4 seeds, 50 attacked
-    # images each (Wilson intervals over 200 images per method), and no CCAT (its extra
-    # training and CCAT-criterion attacks would not fit).
+    # x 3 subspaces (in, off, full) x 50 images, plus the teacher's own true-label robustness
+    # (one network, unconstrained). Students judged by oracle labels only (the true error in
+    # this setting), 4 seeds, 50 attacked images each (Wilson intervals over 200 images per
+    # method), and no CCAT (its extra training and CCAT-criterion attacks would not fit).
     c.methods = ('standard', 'at', 'orth', 'iso')
     c.attack_labels = ('oracle',)
     c.num_attack = 50
