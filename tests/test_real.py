@@ -25,6 +25,7 @@ TINY = dict(num_seeds=2, num_train=64, num_test=40, teacher_conv=(2,), teacher_d
             rf_steps=2, rf_batch=32, methods=('standard', 'at', 'ccat', 'robust_features'),
             at_eps=(0.1,), at_steps=1, ccat_steps=1, num_steps=4, chunk_steps=4, batch_size=8,
             eps=(0.1, 0.3), attack_strength='fast', num_attack=8, eval_batch=20,
+            attack_labels=('oracle', 'true'),  # both kinds (the default is oracle only)
             bootstrap_resamples=20)
 
 
