@@ -284,7 +284,10 @@ def test_readme_markers_and_figures():
   names = list(R.generated_blocks(text))
   assert names == ['lowrank-summary', 'lowrank-attack-checks', 'robustness-summary',
                    'robustness-correlation-spec_off', 'robustness-correlation-spec_in',
-                   'robustness-attack-checks', 'real-summary']
+                   'robustness-attack-checks', 'real-summary', 'real-wilson',
+                   'real-correlation-spec_mean', 'real-attack-checks', 'real_lowrank-summary',
+                   'real_lowrank-correlation-spec_off']
+  assert {n.split('-')[0] for n in names} <= {s.name for s in R.STUDIES}
   assert R.linked_figures(text) == ['docs/lowrank.png', 'docs/robustness.png']
   assert R.docs_name('lowrank', 'lowrank.png') == 'lowrank.png'
   assert R.docs_name('real', 'spec_vs_robust.png') == 'real_spec_vs_robust.png'
