@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 
+from tsrobust import io
+
 
 def median_time(fn, repeats: int) -> float:
   """Median wall time of ``fn()`` over ``repeats`` calls (``fn`` must block)."""
@@ -57,17 +59,6 @@ def torch_matmul_flops(n: int = 2048, repeats: int = 5, device: str = 'cpu') -> 
   run()
   t = median_time(run, repeats)
   return 2 * n ** 3 / t
-
-
-def cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or 'unknown'
 
 
 def load() -> str:
@@ -125,7 +116,7 @@ def wait_until_quiet(max_wait: float, threshold: float = 0.1, window: float = 3.
 def environment() -> str:
   """One block of text: date, machine, versions, devices, load."""
   lines = [f'date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}',
-           f'machine: nproc={os.cpu_count()}, cpu: {cpu_model()}',
+           f'machine: nproc={os.cpu_count()}, cpu: {io.cpu_model()}',
            f'python {platform.python_version()}, jax {jax.__version__}, '
            f'jaxlib {jaxlib.__version__}']
   try:

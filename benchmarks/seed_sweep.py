@@ -473,7 +473,7 @@ def main():
   command = ' '.join(['python -m benchmarks.seed_sweep'] + sys.argv[1:])
   record = {'benchmark': 'seed_sweep', 'command': command,
             'date': f'{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}',
-            'machine': {'cores': os.cpu_count(), 'cpu': hardware.cpu_model(),
+            'machine': {'cores': os.cpu_count(), 'cpu': io.cpu_model(),
                         'platform': platform.platform(), 'load_start': getloadavg(),
                         'jax_devices': [str(x) for x in jax.devices()],
                         'jax_num_devices': jax.device_count()},

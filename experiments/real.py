@@ -583,6 +583,17 @@ def off_subspace_probes(config, x: Any, projector: Any) -> jax.Array:
   return data.off_subspace_probe(key, flat, p_perp, config.probe_scale).reshape(x.shape)
 
 
+def _spec_columns(rows: List[Dict[str, Any]], stats: Dict[str, np.ndarray], tag: str,
+                  mean_name: str) -> None:
+  """Adds ``spec_{tag}l{l}``, ``mean_name`` (their mean) and ``frac_{tag}l{l}`` to ``rows``."""
+  for i, row in enumerate(rows):
+    for l in range(stats['spec'].shape[1]):
+      row[f'spec_{tag}l{l + 1}'] = float(stats['spec'][i, l])
+    row[mean_name] = float(np.nanmean(stats['spec'][i]))
+    for l in range(stats['frac'].shape[1]):
+      row[f'frac_{tag}l{l + 1}'] = float(stats['frac'][i, l])
+
+
 class Evaluator:
   """Compiled evaluation of students against one teacher (``lax.map`` over students).
 
@@ -650,6 +661,11 @@ class Evaluator:
               shared_teacher=True, shared_data=True, batching='map')
     self.attacks = evaluate.Evaluator(s_apply, t_apply, **kw)
     self.teacher_attacks = evaluate.Evaluator(t_apply, t_apply, **kw)
+    # Test-set predictions of a teacher-shaped network (the teacher, the robust model):
+    # compiled once, streamed in eval_batch chunks.
+    self._teacher_predict = jax.jit(lambda params, x: jax.lax.map(
+        lambda xb: t_apply(params, xb)[0].argmax(-1),
+        x.reshape((-1, c.eval_batch) + x.shape[1:])).reshape(-1))
     self.budgets = [budget(c, e) for e in c.eps]
     self.names = {budget(c, e): budget_name(c, e) for e in c.eps}
 
@@ -694,10 +710,7 @@ class Evaluator:
     network, and says how robust the oracle itself is at each budget.
     """
     params = self.teacher_params if params is None else params
-    pred = jax.lax.map(lambda xb: self.teacher_attacks.student_apply(
-        params, xb)[0].argmax(-1),
-                       self.x_test.reshape((-1, self.config.eval_batch)
-                                           + self.x_test.shape[1:])).reshape(-1)
+    pred = self._teacher_predict(params, self.x_test)
     out = {'clean_acc': float((pred == self.y_test).mean())}
     add_axis = lambda tree: jax.tree_util.tree_map(lambda v: jnp.asarray(v)[None], tree)
     result = self.teacher_attacks.run(add_axis(params), self.teacher_params, self.x_att,
@@ -722,23 +735,15 @@ class Evaluator:
     spec = sweep.to_host(self._spec(params, self.x_test, self.y_test))
     num = spec['clean_acc'].shape[0]
     rows = [{} for _ in range(num)]
+    _spec_columns(rows, spec, '', 'spec_mean')
     for i in range(num):
       for l in range(spec['spec'].shape[1]):
-        rows[i][f'spec_l{l + 1}'] = float(spec['spec'][i, l])
-      rows[i]['spec_mean'] = float(np.nanmean(spec['spec'][i]))
-      for l in range(spec['spec'].shape[1]):
-        rows[i][f'frac_l{l + 1}'] = float(spec['frac'][i, l])
         rows[i][f'dead_l{l + 1}'] = int(spec['dead'][i, l])
       rows[i]['clean_acc'] = float(spec['clean_acc'][i])
       rows[i]['clean_agree'] = float(spec['clean_agree'][i])
     if self.projector is not None:
-      off = sweep.to_host(self._spec_probe(params, self.x_probe))
-      for i in range(num):
-        for l in range(off['spec'].shape[1]):
-          rows[i][f'spec_off_l{l + 1}'] = float(off['spec'][i, l])
-        rows[i]['spec_off'] = float(np.nanmean(off['spec'][i]))
-        for l in range(off['spec'].shape[1]):
-          rows[i][f'frac_off_l{l + 1}'] = float(off['frac'][i, l])
+      _spec_columns(rows, sweep.to_host(self._spec_probe(params, self.x_probe)), 'off_',
+                    'spec_off')
     result = self.attacks.run(params, self.teacher_params, self.x_att, keys, eps=self.budgets,
                               labels_kinds=self.labels, labels=self.y_att,
                               projectors=self._projectors(num) or None)

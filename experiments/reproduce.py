@@ -424,17 +424,6 @@ def git_commit(root: str = ROOT) -> Tuple[Optional[str], Optional[bool]]:
   return commit, bool(status.strip())
 
 
-def cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
 def header_rows(root: str = ROOT) -> Dict[str, str]:
   """Date, commit, versions and machine of a report."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -449,7 +438,7 @@ def header_rows(root: str = ROOT) -> Dict[str, str]:
                      f'{commit}' + (' (dirty: tracked files changed)' if dirty else ' (clean)')),
       'versions': ', '.join(f'{k} {v[k]}' for k in
                             ('python', 'jax', 'jaxlib', 'flax', 'optax', 'numpy')),
-      'machine': f'{sweep.cpu_cores()} cores, {cpu_model()}, {platform.system()} '
+      'machine': f'{sweep.cpu_cores()} cores, {io.cpu_model()}, {platform.system()} '
                  f'{platform.release()}',
       'JAX devices': f'{len(devices)} x {devices[0].platform} ({devices[0].device_kind})',
       'load average (1, 5, 15 min) at the end': ('-' if load is None else

@@ -10,6 +10,7 @@ import io as _io
 import json
 import math
 import os
+import platform
 import tempfile
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
@@ -97,6 +98,18 @@ def read_csv(path: str) -> List[Dict[str, Optional[float]]]:
             parsed[k] = v
       rows.append(parsed)
   return rows
+
+
+def cpu_model() -> str:
+  """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine() or 'unknown'
 
 
 def library_versions() -> Dict[str, str]:

@@ -170,12 +170,11 @@ def jit_once(fn, **jit_kwargs):
   Use it for code that runs once per run, not for training or attack loops.
   """
   def compiled(*args, **kwargs):
-    options = SETUP_COMPILER_OPTIONS if jax.default_backend() == 'cpu' else None
-    key = options is not None
-    if key not in cache:
-      cache[key] = jax.jit(fn, compiler_options=options, **jit_kwargs)
-    return cache[key](*args, **kwargs)
-  cache = {}
+    if not jitted:  # the backend is known only once JAX runs
+      options = SETUP_COMPILER_OPTIONS if jax.default_backend() == 'cpu' else None
+      jitted.append(jax.jit(fn, compiler_options=options, **jit_kwargs))
+    return jitted[0](*args, **kwargs)
+  jitted = []
   compiled.__wrapped__ = fn
   return compiled
 
