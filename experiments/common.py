@@ -546,6 +546,9 @@ def correlation_markdown(reports: Mapping[str, Mapping[str, Any]], x_name: str,
 # ----------------------------------------------------------------------------
 
 WHERES = ('in', 'off', 'full')
+# The paragraph before a summary.md table of adversarial error per subspace and budget
+# (experiments.reproduce names its generated block '<study>-subspaces').
+SUBSPACE_TABLE_TITLE = 'Adversarial error by subspace and budget'
 LOWRANK_LABELS = ('oracle', 'fixed')  # evaluate.LABEL_KINDS of the synthetic setting
 
 

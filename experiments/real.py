@@ -877,9 +877,6 @@ def _summary_markdown(config, records, teacher_eval, corr, sizes) -> str:
   cols += ['clean_acc', 'clean_agree']
   for label in labels:
     cols += [f'robust_acc_{label}_{n}' for n in names]
-  if config.lowrank_rank:
-    mid = names[len(names) // 2]
-    cols += [f'adv_{label}_{w}_{mid}' for label in labels for w in WHERES]
   if 'ccat' in common.as_tuple(config.methods):
     cols += [f'ccat_accepted_wrong_{n}' for n in names] + [f'ccat_err_{n}' for n in names]
   teacher_line = (f'Teacher: clean test accuracy {teacher_eval["clean_acc"]:.3f}'
@@ -905,8 +902,13 @@ def _summary_markdown(config, records, teacher_eval, corr, sizes) -> str:
             wilson_table(config, records),
             common.correlation_markdown(reports, 'spec_mean', config.bootstrap_resamples)]
   if config.lowrank_rank:
-    lines.append(common.correlation_markdown(corr['spec_off'], 'spec_off',
-                                             config.bootstrap_resamples))
+    lines += [common.SUBSPACE_TABLE_TITLE + ' (delta in S, in S_perp, unconstrained; mean +- '
+              'sample std over seeds):', '',
+              io.markdown_summary(records, ['method', *HPARAM_COLUMNS],
+                                  [f'adv_{label}_{w}_{n}' for label in labels for n in names
+                                   for w in WHERES]),
+              common.correlation_markdown(corr['spec_off'], 'spec_off',
+                                          config.bootstrap_resamples)]
   return '\n'.join(lines) + '\n'
 
 

@@ -65,6 +65,8 @@ class Study(NamedTuple):
   done: the files of a finished run (the binary writes them last, after training and
     evaluation).
   needs_cifar10: the study runs only when ``--cifar10_dir`` is given.
+  overrides: ``FIELD=VALUE`` overrides of both presets (a variant of a binary's default,
+    before the ``quick`` ones).
   """
   name: str
   binary: str
@@ -72,6 +74,7 @@ class Study(NamedTuple):
   quick: Tuple[str, ...]
   done: Tuple[str, ...]
   needs_cifar10: bool = False
+  overrides: Tuple[str, ...] = ()
 
 
 # The quick runs are compile-bound: the fast attack ensemble without its two costliest
@@ -82,6 +85,7 @@ _QUICK_ATTACKS = ('attack_strength=fast', 'apgd_t_steps=0', 'square_queries=0')
 _QUICK_LOWRANK = ('num_seeds=2', 'd=6', 'teacher_hidden=(3,)', 'out_dim=3', 'width_mult=2',
                   'batch_size=16', 'num_eval=64', 'eval_batch=32',
                   'num_attack=16') + _QUICK_ATTACKS
+_QUICK_LOWRANK_RANKS = _QUICK_LOWRANK + ('ranks=(2,6)', 'num_steps=60', 'chunk_steps=30')
 # Tiny image configs: 64 training / 40 test images, a one-block CNN, a PGD-trained teacher
 # (it is then the robust-feature model: no fine-tuning), 4 student steps, 8 attacked images.
 _QUICK_REAL = ('num_seeds=2', 'num_train=64', 'num_test=40', 'teacher_conv=(2,)',
@@ -97,7 +101,14 @@ _REAL_DONE = ('results.csv', 'results.json', 'summary.json', 'summary.md')
 
 STUDIES = (
     Study('lowrank', 'lowrank', None,
-          _QUICK_LOWRANK + ('ranks=(2,6)', 'num_steps=60', 'chunk_steps=30'), _LOWRANK_DONE),
+          _QUICK_LOWRANK_RANKS, _LOWRANK_DONE),
+    # The default run with the strict oracle (any disagreement counts) and with L-inf budgets.
+    Study('lowrank_strict', 'lowrank', None,
+          _QUICK_LOWRANK_RANKS, _LOWRANK_DONE,
+          overrides=('oracle_tolerance=0',)),
+    Study('lowrank_linf', 'lowrank', None,
+          _QUICK_LOWRANK_RANKS, _LOWRANK_DONE,
+          overrides=('attack_norm=linf', 'eps=(0.05,0.1,0.2)')),
     Study('robustness', 'robustness', None,
           _QUICK_LOWRANK + ('rank=2', 'num_steps=40', 'chunk_steps=40', 'at_steps=2',
                             'ccat_steps=2', 'at_eps=(0.5,1.0)', 'aug_scales=(1.0,)',
@@ -133,6 +144,7 @@ def study_args(study: Study, preset: str, workdir: str,
     if not cifar10_dir:
       raise ValueError(f'study {study.name} needs cifar10_dir')
     args.append(f'--config.data_dir={cifar10_dir}')
+  args += [f'--config.{o}' for o in study.overrides]
   if preset == 'quick':
     args += [f'--config.{o}' for o in study.quick]
   return args
@@ -225,6 +237,8 @@ def _table_kind(header: str, context: str) -> str:
     return 'attack-checks'
   if first == 'variant':
     return 'wilson'
+  if context.startswith(common.SUBSPACE_TABLE_TITLE):
+    return 'subspaces'
   if first == 'robust accuracy':
     m = re.search(r'Correlation across students of `([^`]+)`', context)
     return f'correlation-{m.group(1)}' if m else 'correlation'
@@ -236,8 +250,9 @@ def mark_tables(study: str, markdown: str, heading_shift: int = 2) -> Tuple[str,
 
   A table is a run of lines starting with ``|``. Its name is ``<study>-<kind>``: ``summary``
   (the per-group means), ``attack-checks`` (first header cell ``group``), ``wilson``
-  (``variant``), ``correlation-<x>`` (``robust accuracy``; ``x`` from the paragraph before
-  it), with ``-2``, ``-3``... on repeats. Headings go ``heading_shift`` levels down, to sit
+  (``variant``), ``subspaces`` (the paragraph before it starts with
+  ``common.SUBSPACE_TABLE_TITLE``), ``correlation-<x>`` (``robust accuracy``; ``x`` from the
+  paragraph before it), with ``-2``, ``-3``... on repeats. Headings go ``heading_shift`` levels down, to sit
   under the report's study heading. Returns the text and the names, in order.
   """
   out, names, context = [], [], ''

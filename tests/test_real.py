@@ -12,6 +12,7 @@ import pytest
 
 from experiments import common
 from experiments import real
+from experiments import reproduce
 from experiments.configs import real as real_config
 from tsrobust import cnn
 from tsrobust import datasets
@@ -437,3 +438,12 @@ def test_lowrank_binary_end_to_end(tmp_path):
   assert os.path.getsize(os.path.join(workdir, 'spec_off_vs_robust.png')) > 0
   text = open(os.path.join(workdir, 'summary.md')).read()
   assert 'PCA rank 5' in text and '`spec_off`' in text and '| iso |' in text
+  # Every budget's in / off / full errors in one table, which the reproduce report names.
+  marked, names = reproduce.mark_tables('s', text)
+  table = reproduce.generated_blocks(marked)['s-subspaces'].splitlines()
+  assert 's-subspaces' in names and len(table) == 2 + 3
+  assert table[0].split(' | ')[-6:] == [
+      'adv_oracle_in_0.5', 'adv_oracle_off_0.5', 'adv_oracle_full_0.5', 'adv_oracle_in_2.0',
+      'adv_oracle_off_2.0', 'adv_oracle_full_2.0 |']
+  std_in = np.mean([r['adv_oracle_in_2.0'] for r in rows if r['method'] == 'standard'])
+  assert table[2].startswith('| standard |') and f'| {std_in:.3f} +- ' in table[2]

@@ -25,10 +25,18 @@ R = reproduce
 # ----------------------------------------------------------------------------
 
 def test_studies_in_order_and_commands():
-  assert [s.name for s in R.STUDIES] == ['lowrank', 'robustness', 'real', 'real_lowrank',
-                                         'cifar10']
-  lowrank_study, _, _, real_lowrank, cifar10 = R.STUDIES
+  assert [s.name for s in R.STUDIES] == ['lowrank', 'lowrank_strict', 'lowrank_linf',
+                                         'robustness', 'real', 'real_lowrank', 'cifar10']
+  lowrank_study, strict, linf, _, _, real_lowrank, cifar10 = R.STUDIES
   assert R.study_args(lowrank_study, 'full', 'runs/x/lowrank') == ['--workdir=runs/x/lowrank']
+  # Variants of a default config: their overrides in both presets, before the quick ones.
+  assert R.study_args(strict, 'full', 'w') == ['--workdir=w', '--config.oracle_tolerance=0']
+  assert R.command_line(linf, R.study_args(linf, 'full', 'w')) == (
+      "python -m experiments.lowrank --workdir=w --config.attack_norm=linf "
+      "'--config.eps=(0.05,0.1,0.2)'")
+  quick_strict = R.study_args(strict, 'quick', 'w')
+  assert quick_strict[:2] == ['--workdir=w', '--config.oracle_tolerance=0']
+  assert quick_strict[2:] == R.study_args(lowrank_study, 'quick', 'w')[1:]
   assert R.command_line(lowrank_study, ['--workdir=runs/x/lowrank']) == (
       'python -m experiments.lowrank --workdir=runs/x/lowrank')
   assert R.study_args(real_lowrank, 'full', 'w') == [
@@ -69,8 +77,11 @@ def test_every_study_config_loads_and_is_valid(preset, tmp_path):
     if preset == 'quick':
       assert config.attack_strength == 'fast' and config.num_seeds == 2
       assert config.num_steps < default.num_steps
-    else:  # the binary's defaults, the README's numbers
-      assert config.to_dict() == default.to_dict()
+    else:  # the binary's defaults (except a variant's overrides), the README's numbers
+      changed = {k: v for k, v in config.to_dict().items() if default.to_dict()[k] != v}
+      assert changed == {'lowrank_strict': {'oracle_tolerance': 0.0},
+                         'lowrank_linf': {'attack_norm': 'linf', 'eps': (0.05, 0.1, 0.2)},
+                         }.get(study.name, {})
 
 
 def test_preset_error():
@@ -109,7 +120,7 @@ def test_is_finished(tmp_path):
 
 
 def _tiny_studies():
-  return tuple(s for s in R.STUDIES[:2])
+  return tuple(s for s in R.STUDIES if s.name in ('lowrank', 'robustness'))
 
 
 def test_reproduce_reuses_finished_studies_and_runs_the_others(tmp_path, monkeypatch):
@@ -174,6 +185,12 @@ Correlation across students of `spec_mean` with robust accuracy (95% intervals).
 |---|---|
 | standard | 16 |
 
+Adversarial error by subspace and budget (delta in S, in S_perp, unconstrained):
+
+| method | n | adv_oracle_in_0.25 |
+|---|---|---|
+| standard | 2 | 0.1 +- 0.0 |
+
 ## Attack checks (`attack_strength = fast`)
 
 | group | students |
@@ -185,7 +202,7 @@ Correlation across students of `spec_mean` with robust accuracy (95% intervals).
 def test_mark_tables():
   text, names = R.mark_tables('real', SUMMARY)
   assert names == ['real-summary', 'real-correlation-spec_mean', 'real-wilson',
-                   'real-attack-checks']
+                   'real-subspaces', 'real-attack-checks']
   assert text.startswith('### Real images: mnist\n')
   assert '\n#### Attack checks' in text
   assert ('<!-- BEGIN GENERATED: real-wilson -->\n| variant | n |\n|---|---|\n| standard | 16 |\n'
