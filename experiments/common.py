@@ -147,7 +147,7 @@ def _flag_error_message(error: Exception, argv: Sequence[str]) -> str:
 
 def define_flags(default_config: str, flag_values: flags.FlagValues = flags.FLAGS,
                  argv: Optional[Sequence[str]] = None) -> None:
-  """Defines ``--config``, ``--workdir`` and ``--cpu_devices`` on ``flag_values``.
+  """Defines ``--config``, ``--workdir``, ``--cpu_devices`` and ``--compilation_cache``.
 
   ``--config.FIELD=VALUE`` of a field the config lacks is accepted here (the
   config is not locked) and refused by the binary's table check
@@ -168,6 +168,11 @@ def define_flags(default_config: str, flag_values: flags.FlagValues = flags.FLAG
   flags.DEFINE_integer('cpu_devices', 0, 'CPU devices to run on (seeds are sharded over '
                        'them): 0 = one per core, 1 = a single device, N = N devices.',
                        lower_bound=0, flag_values=flag_values)
+  flags.DEFINE_string('compilation_cache', None, "Folder of JAX's persistent compilation "
+                      'cache: programs an earlier run compiled are loaded, not compiled again '
+                      '(default: $XDG_CACHE_HOME/tsrobust/jax, i.e. ~/.cache/tsrobust/jax; '
+                      "'' turns it off; JAX_COMPILATION_CACHE_DIR, when set, wins).",
+                      flag_values=flag_values)
   define_distributed_flags(flag_values)
 
 
@@ -245,10 +250,12 @@ def _main(argv: Sequence[str], validate: Callable, train_and_evaluate: Callable,
     check_workdir(workdir, config)  # mistakes are reported before any output or JAX work
     sweep.use_all_cpu_cores(flag_values.cpu_devices  # before any JAX work
                             or cpu_devices_per_process(flag_values))
+    cache = sweep.use_compilation_cache(flag_values.compilation_cache)  # before any compile
     init_distributed(flag_values)  # after the checks (a mistake stops every process alike)
     devices = jax.devices()
-    logging.info('running on %d %s device(s) (--cpu_devices=%d, %d cores): %s', len(devices),
-                 devices[0].platform, flag_values.cpu_devices, sweep.cpu_cores(), devices)
+    logging.info('running on %d %s device(s) (--cpu_devices=%d, %d cores): %s; compilation '
+                 'cache %s', len(devices), devices[0].platform, flag_values.cpu_devices,
+                 sweep.cpu_cores(), devices, cache or 'off')
     train_and_evaluate(config, workdir)
   except (ConfigError, app.UsageError) as e:
     exit_with_error(e)

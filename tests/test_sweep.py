@@ -210,6 +210,47 @@ def test_use_all_cpu_cores_once_jax_runs_warns_and_changes_nothing():
       sweep.use_all_cpu_cores(bad)
 
 
+def test_compilation_cache_dir_default_off_and_the_users_choice(tmp_path):
+  env = {'XDG_CACHE_HOME': str(tmp_path / 'xdg')}
+  default = str(tmp_path / 'xdg' / 'tsrobust' / 'jax')
+  assert sweep.default_compilation_cache_dir(env) == default
+  home = os.path.join(os.path.expanduser('~'), '.cache', 'tsrobust', 'jax')
+  assert sweep.default_compilation_cache_dir({}) == home
+  assert sweep.compilation_cache_dir(None, None, env) == default
+  assert sweep.compilation_cache_dir('', None, env) is None  # off
+  assert sweep.compilation_cache_dir('rel/c', None, env) == os.path.abspath('rel/c')
+  assert sweep.compilation_cache_dir('~/c', None, env) == os.path.expanduser('~/c')
+  for requested in (None, '', '/x'):  # a folder JAX already has (JAX_COMPILATION_CACHE_DIR)
+    assert sweep.compilation_cache_dir(requested, '/users/own', env) == '/users/own'
+
+
+@pytest.mark.slow
+def test_binary_fills_the_default_compilation_cache_and_a_rerun_loads_it(tmp_path):
+  """No JAX_COMPILATION_CACHE_DIR: the binary compiles into $XDG_CACHE_HOME/tsrobust/jax; a
+  rerun loads every program from it (no new entries). (``--compilation_cache=`` is off: the
+  test above; a third run to show it would compile everything again.)"""
+  env = {k: v for k, v in _child_env({'XDG_CACHE_HOME': str(tmp_path / 'xdg'),
+                                      'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}).items()
+         if k != 'JAX_COMPILATION_CACHE_DIR'}
+  tiny = TINY | {'ranks': '(2,)', 'num_steps': 20, 'apgd_t_steps': 0, 'square_queries': 0}
+  cache = tmp_path / 'xdg' / 'tsrobust' / 'jax'
+
+  def run(name):
+    done = subprocess.run(_binary_args(tmp_path / name, tiny, ('--cpu_devices=1',)),
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
+
+  log = run('first')
+  assert f'compilation cache {cache}' in log
+  entries = set(os.listdir(cache))
+  assert len(entries) >= 5  # training chunk, specialization, attacks...
+  run('second')
+  assert set(os.listdir(cache)) == entries  # every program loaded, none compiled anew
+  _assert_same_results(str(tmp_path / 'first' / 'results.csv'),
+                       str(tmp_path / 'second' / 'results.csv'), atol=0)
+
+
 # Resuming after an interruption: tests/test_train.py (the library) and tests/test_lowrank.py
 # (the binary, in-process).
 

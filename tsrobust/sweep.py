@@ -20,6 +20,10 @@ CPU devices: XLA:CPU runs one device's batched small matrix products on about
 one core, so on a CPU the seeds axis only uses the machine when JAX has one
 CPU device per core. ``use_all_cpu_cores()``, called before any JAX
 computation, sets that up (the experiment binaries call it; ``--cpu_devices``).
+
+Compilation cache: ``use_compilation_cache()`` turns on JAX's persistent
+compilation cache (``~/.cache/tsrobust/jax``), so a rerun loads the programs an
+earlier run compiled (the binaries call it; ``--compilation_cache``).
 """
 
 import os
@@ -150,6 +154,64 @@ def use_all_cpu_cores(num_devices: Optional[int] = None) -> int:
                     f'before {wanted} could be set', stacklevel=2)
       return current
   return wanted
+
+
+def default_compilation_cache_dir(environ=None) -> str:
+  """``$XDG_CACHE_HOME/tsrobust/jax`` (``~/.cache/tsrobust/jax`` when it is unset)."""
+  environ = os.environ if environ is None else environ
+  base = environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(base, 'tsrobust', 'jax')
+
+
+def compilation_cache_dir(requested: Optional[str], current: Optional[str],
+                          environ=None) -> Optional[str]:
+  """The folder of JAX's persistent compilation cache to use, or None (off).
+
+  Args:
+    requested: what the caller asks for: None = the default
+      (``default_compilation_cache_dir()``), ``''`` = off, else a folder.
+    current: the folder JAX is already configured with (``jax.config
+      .jax_compilation_cache_dir``, also set by ``JAX_COMPILATION_CACHE_DIR``);
+      when set it wins, as the user chose it.
+    environ: the environment (default ``os.environ``).
+  """
+  if current:
+    return current
+  if requested == '':
+    return None
+  return os.path.abspath(os.path.expanduser(requested or default_compilation_cache_dir(environ)))
+
+
+def use_compilation_cache(cache_dir: Optional[str] = None) -> Optional[str]:
+  """Turns on JAX's persistent compilation cache; returns its folder (None: off).
+
+  A program compiled once (the training chunk, each attack of the evaluation
+  ensemble: most of a short run's wall time on a CPU) is then loaded from disk
+  by every later run with the same program, jax version and backend, instead
+  of compiled again; the cache is keyed by all three, so an entry is never
+  used for a different program. Call it before any JAX computation, like
+  ``use_all_cpu_cores``. The experiment binaries call it (``--compilation_cache``).
+
+  Args:
+    cache_dir: None: ``$XDG_CACHE_HOME/tsrobust/jax``; ``''``: leave the cache
+      off; else the folder. A folder the user already gave JAX
+      (``JAX_COMPILATION_CACHE_DIR`` or ``jax.config``) is kept.
+
+  Returns:
+    The folder in use, or None when the cache stays off (also when the folder
+    cannot be created: a warning says why, and the run goes on uncached).
+  """
+  path = compilation_cache_dir(cache_dir, jax.config.jax_compilation_cache_dir)
+  if path is None or path == jax.config.jax_compilation_cache_dir:
+    return path
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    warnings.warn(f'use_compilation_cache: {path} cannot be created ({e.strerror}); '
+                  f'compiling without a persistent cache', stacklevel=2)
+    return None
+  jax.config.update('jax_compilation_cache_dir', path)
+  return path
 
 
 # XLA:CPU at its default optimization level spends seconds compiling threefry and the
