@@ -76,7 +76,7 @@ LABEL_KINDS = ('oracle', 'true')  # evaluate.LABEL_KINDS the image study can att
 WHERES = ('in', 'off', 'full')    # attack subspaces with lowrank_rank > 0 (PCA S, S_perp, all)
 PROBE_KEY = 2 ** 31 - 4           # fold_in(PRNGKey(seed), .) of the off-subspace probes
 # Pixels per image of each dataset: lowrank_rank is checked against them before any work.
-IMAGE_SIZES = {'mnist': 28 * 28, 'cifar10': 32 * 32 * 3}
+IMAGE_SIZES = {name: int(np.prod(shape)) for name, shape in datasets.IMAGE_SHAPES.items()}
 BUNDLED_MNIST_TRAIN = datasets.BUNDLED_SIZE - datasets.NUM_CLASSES * datasets.BUNDLED_TEST_PER_CLASS
 TEACHER_CHUNK = 250
 TEACHER_FORMAT = 1  # bump when the teacher's training code changes meaning
@@ -95,30 +95,11 @@ TEACHER_FIELDS = ('seed', 'dataset', 'data_dir', 'num_train', 'lowrank_rank', 't
 
 
 def _check_data_dir(config) -> None:
-  data_dir = config.data_dir
-  if not isinstance(data_dir, str):
-    raise common.ConfigError(f'config.data_dir must be a path (a string), got {data_dir!r}')
-  if config.dataset == 'cifar10' and not data_dir:
-    raise common.ConfigError('config.data_dir must name the folder holding the CIFAR-10 binary '
-                             'files (data_batch_1.bin .. data_batch_5.bin, test_batch.bin)')
-  if not data_dir:
-    return
-  if not os.path.isdir(data_dir):
-    raise common.ConfigError(f'config.data_dir {data_dir!r} does not exist or is not a folder')
-  if config.dataset == 'mnist':
-    missing = [n for n in datasets.MNIST_FILES
-               if not any(os.path.isfile(os.path.join(data_dir, n + s)) for s in ('', '.gz'))]
-  else:
-    folder = data_dir
-    nested = os.path.join(data_dir, 'cifar-10-batches-bin')
-    if (not os.path.exists(os.path.join(data_dir, datasets.CIFAR10_TRAIN_FILES[0]))
-        and os.path.isdir(nested)):
-      folder = nested
-    missing = [n for n in datasets.CIFAR10_TRAIN_FILES + (datasets.CIFAR10_TEST_FILE,)
-               if not os.path.isfile(os.path.join(folder, n))]
-  if missing:
-    raise common.ConfigError(f'config.data_dir {data_dir!r} lacks the {config.dataset} files '
-                             f'{missing}' + (' (raw or .gz)' if config.dataset == 'mnist' else ''))
+  """``data_dir`` holds the dataset's files (``datasets.check_data_dir``), before any work."""
+  try:
+    datasets.check_data_dir(config.dataset, config.data_dir, field='config.data_dir')
+  except ValueError as e:
+    raise common.ConfigError(str(e)) from e
 
 
 # Every config field: type, range, choices (validation.check_config).

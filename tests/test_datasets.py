@@ -131,6 +131,66 @@ class TestMnistIdx:
       datasets.load_mnist(data_dir)
 
 
+class TestFashionMnist:
+  """Fashion-MNIST: the MNIST IDX format under its own name, by default in the Debian folder."""
+
+  def test_named_from_the_loader(self, tmp_path):
+    data_dir, arrays = _mnist_dir(tmp_path)
+    ds = datasets.load_fashion_mnist(data_dir)
+    assert ds.name == 'fashion_mnist' and ds.train_x.shape == (5, 28, 28, 1)
+    np.testing.assert_allclose(ds.test_x[..., 0], arrays['t10k-images-idx3-ubyte'] / 255.0,
+                               rtol=1e-6)
+    np.testing.assert_array_equal(ds.train_y, arrays['train-labels-idx1-ubyte'])
+    # The same files read by name: the name follows the dataset asked for.
+    assert datasets.load('fashion_mnist', data_dir).name == 'fashion_mnist'
+    assert datasets.load('mnist', data_dir).name == 'mnist'
+    assert datasets.IMAGE_SHAPES['fashion_mnist'] == ds.image_shape
+
+  def test_default_folder(self, tmp_path, monkeypatch):
+    data_dir, arrays = _mnist_dir(tmp_path, n_train=7)
+    monkeypatch.setattr(datasets, 'FASHION_MNIST_DIR', data_dir)
+    ds = datasets.load('fashion_mnist')  # no data_dir: the (here patched) Debian folder
+    assert ds.name == 'fashion_mnist' and ds.train_x.shape == (7, 28, 28, 1)
+    np.testing.assert_array_equal(ds.test_y, arrays['t10k-labels-idx1-ubyte'])
+    assert datasets.default_data_dir('fashion_mnist') == data_dir
+    assert datasets.default_data_dir('mnist') is None
+
+  def test_missing_folder_says_how_to_install(self, tmp_path, monkeypatch):
+    absent = str(tmp_path / 'absent')
+    with pytest.raises(ValueError, match=r"data_dir '.*absent' does not exist or is not a folder; "
+                                         r'install Fashion-MNIST with: apt-get install '
+                                         r'dataset-fashion-mnist'):
+      datasets.load_fashion_mnist(absent)
+    monkeypatch.setattr(datasets, 'FASHION_MNIST_DIR', absent)
+    with pytest.raises(ValueError, match='apt-get install dataset-fashion-mnist'):
+      datasets.load('fashion_mnist')
+
+  def test_missing_files_listed(self, tmp_path):
+    data_dir, _ = _mnist_dir(tmp_path)
+    os.remove(os.path.join(data_dir, 'train-labels-idx1-ubyte'))
+    os.remove(os.path.join(data_dir, 't10k-images-idx3-ubyte.gz'))
+    assert datasets.missing_files('fashion_mnist', data_dir) == [
+        'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte']
+    with pytest.raises(ValueError, match=r"config.data_dir '.*' lacks the fashion_mnist files "
+                                         r"\['train-labels-idx1-ubyte', 't10k-images-idx3-ubyte'\] "
+                                         r'\(raw or .gz\); install Fashion-MNIST with: apt-get'):
+      datasets.check_data_dir('fashion_mnist', data_dir, field='config.data_dir')
+    with pytest.raises(ValueError, match=r"lacks the mnist files \['train-labels-idx1-ubyte', "
+                                         r"'t10k-images-idx3-ubyte'\] \(raw or .gz\)$"):
+      datasets.check_data_dir('mnist', data_dir)  # no install hint for MNIST
+
+  def test_check_data_dir_other_datasets(self, tmp_path):
+    datasets.check_data_dir('mnist', '')  # the bundled subset needs no folder
+    with pytest.raises(ValueError, match='cifar10 needs a data_dir'):
+      datasets.check_data_dir('cifar10', None)
+    _cifar_dir(str(tmp_path), records=1)
+    datasets.check_data_dir('cifar10', str(tmp_path))
+    os.remove(os.path.join(str(tmp_path), 'test_batch.bin'))
+    assert datasets.missing_files('cifar10', str(tmp_path)) == ['test_batch.bin']
+    with pytest.raises(ValueError, match='dataset must be one of'):
+      datasets.check_data_dir('svhn', str(tmp_path))
+
+
 def _cifar_records(labels, rng):
   """Raw records (label byte + R, G, B planes) and the NHWC images they encode."""
   planes = rng.integers(0, 256, (len(labels), 3, 32, 32), dtype=np.uint8)

@@ -51,7 +51,8 @@ class TestConfig:
     real.validate_config(real_config.get_config())
 
   @pytest.mark.parametrize('overrides, message', [
-      (dict(dataset='svhn'), r"config.dataset must be one of \('mnist', 'cifar10'\)"),
+      (dict(dataset='svhn'),
+       r"config.dataset must be one of \('mnist', 'cifar10', 'fashion_mnist'\)"),
       (dict(dataset='cifar10'), 'config.data_dir must name the folder holding the CIFAR-10'),
       (dict(data_dir='/nonexistent/mnist'), "config.data_dir '/nonexistent/mnist' does not exist"),
       (dict(methods=('standard', 'fgsm')), 'config.methods must be distinct names from'),

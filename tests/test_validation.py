@@ -268,7 +268,8 @@ def test_bad_value(tmp_path, capfd, module, arg, needles):
     (['--workdir=w', '--config=/nonexistent/config.py'],
      ['--config: the config file could not be loaded', 'No such file']),
     (['--workdir=w', f'--config={real._DEFAULT_CONFIG}:svhn'],
-     ["config preset must be one of ('mnist', 'cifar10', 'mnist_lowrank'), got 'svhn'"]),
+     ["config preset must be one of ('mnist', 'cifar10', 'mnist_lowrank', 'fashion_mnist'), "
+      "got 'svhn'"]),
 ])
 def test_bad_command_line(capfd, args, needles):
   code, err = _run(real, args, capfd, _never)

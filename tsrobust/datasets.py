@@ -16,11 +16,18 @@ from its IDX files and CIFAR-10 from its *binary* distribution.
   (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
   ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``), each raw or
   gzipped (``.gz``).
+* ``load_fashion_mnist(data_dir)``: Fashion-MNIST (Xiao et al. 2017; 60,000
+  training / 10,000 test 28 x 28 grey images of clothes, 10 classes), the
+  same four IDX files; by default from ``FASHION_MNIST_DIR``, where Debian's
+  package ``dataset-fashion-mnist`` installs them (``apt-get install
+  dataset-fashion-mnist``). Named ``'fashion_mnist'``.
 * ``load_cifar10(data_dir)``: ``data_batch_1.bin`` .. ``data_batch_5.bin``
   and ``test_batch.bin`` (in ``data_dir`` or ``data_dir/cifar-10-batches-bin``).
 
 A missing, truncated or malformed file raises ``ValueError`` naming the file
-and what was expected (magic number, sizes).
+and what was expected (magic number, sizes); ``check_data_dir`` finds a
+missing folder or file before anything is read (and says how to install
+Fashion-MNIST).
 
 Low rank (PAPER.md section 2): ``fit_pca`` finds the top-``r`` principal
 directions of the mean-centered training images; ``project_pca`` maps images
@@ -34,14 +41,20 @@ import functools
 import gzip
 import os
 import zlib
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-DATASETS = ('mnist', 'cifar10')
+DATASETS = ('mnist', 'cifar10', 'fashion_mnist')
+IDX_DATASETS = ('mnist', 'fashion_mnist')  # read from the four MNIST IDX files
+IMAGE_SHAPES = {'mnist': (28, 28, 1), 'fashion_mnist': (28, 28, 1), 'cifar10': (32, 32, 3)}
+
+# Where Debian's package dataset-fashion-mnist installs the four gzipped IDX files.
+FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+FASHION_MNIST_INSTALL = 'apt-get install dataset-fashion-mnist'
 
 BUNDLED_SPLIT_SEED = 0
 BUNDLED_SIZE = 5000
@@ -68,7 +81,8 @@ class Dataset(NamedTuple):
     train_y: ``[N]`` int32 labels in ``[0, num_classes)``.
     test_x: ``[M, H, W, C]`` float32.
     test_y: ``[M]`` int32.
-    name: where it came from (``'mnist-bundled'``, ``'mnist'``, ``'cifar10'``).
+    name: where it came from (``'mnist-bundled'``, ``'mnist'``, ``'fashion_mnist'``,
+      ``'cifar10'``).
     num_classes: number of classes.
   """
   train_x: np.ndarray
@@ -233,8 +247,13 @@ def _mnist_pair(data_dir: str, images_name: str, labels_name: str) -> Tuple[np.n
   return _to_unit(images)[..., None], labels.astype(np.int32)
 
 
-def load_mnist(data_dir: str) -> Dataset:
-  """Full MNIST from the four IDX files (raw or ``.gz``) in ``data_dir``.
+def load_mnist(data_dir: str, name: str = 'mnist') -> Dataset:
+  """Full MNIST (or another dataset in its format) from the four IDX files in ``data_dir``.
+
+  Args:
+    data_dir: the folder holding ``MNIST_FILES``, each raw or ``.gz``.
+    name: the ``Dataset.name`` to give the data (``'fashion_mnist'`` for
+      Fashion-MNIST, which ``load_fashion_mnist`` passes).
 
   Returns:
     ``Dataset`` with ``train_x [60000, 28, 28, 1]`` and ``test_x [10000, 28, 28, 1]``
@@ -245,7 +264,22 @@ def load_mnist(data_dir: str) -> Dataset:
                      f'{", ".join(MNIST_FILES)} (raw or .gz)')
   train_x, train_y = _mnist_pair(data_dir, MNIST_FILES[0], MNIST_FILES[1])
   test_x, test_y = _mnist_pair(data_dir, MNIST_FILES[2], MNIST_FILES[3])
-  return Dataset(train_x, train_y, test_x, test_y, 'mnist')
+  return Dataset(train_x, train_y, test_x, test_y, name)
+
+
+def load_fashion_mnist(data_dir: str = FASHION_MNIST_DIR) -> Dataset:
+  """Fashion-MNIST from its four IDX files (by default where the Debian package puts them).
+
+  Returns:
+    ``Dataset`` named ``'fashion_mnist'``, ``train_x [60000, 28, 28, 1]``,
+    ``test_x [10000, 28, 28, 1]``.
+
+  Raises:
+    ValueError: the folder or a file is missing (the message gives the
+      ``apt-get install`` line), or a file is malformed.
+  """
+  check_data_dir('fashion_mnist', data_dir)
+  return load_mnist(data_dir, 'fashion_mnist')
 
 
 # ----------------------------------------------------------------------------
@@ -322,14 +356,75 @@ def load_cifar10(data_dir: str, records: Optional[int] = CIFAR10_RECORDS_PER_FIL
                  test_x, test_y, 'cifar10')
 
 
-def load(name: str, data_dir: Optional[str] = None) -> Dataset:
-  """A dataset by name: ``'mnist'`` (bundled subset when ``data_dir`` is None) or ``'cifar10'``."""
+def missing_files(name: str, data_dir: str) -> List[str]:
+  """The files of dataset ``name`` that the folder ``data_dir`` lacks (IDX: raw or ``.gz``).
+
+  CIFAR-10's files may also sit in ``data_dir/cifar-10-batches-bin``.
+  """
+  if name in IDX_DATASETS:
+    return [n for n in MNIST_FILES
+            if not any(os.path.isfile(os.path.join(data_dir, n + s)) for s in ('', '.gz'))]
+  folder = data_dir
+  nested = os.path.join(data_dir, 'cifar-10-batches-bin')
+  if not os.path.exists(os.path.join(data_dir, CIFAR10_TRAIN_FILES[0])) and os.path.isdir(nested):
+    folder = nested
+  return [n for n in CIFAR10_TRAIN_FILES + (CIFAR10_TEST_FILE,)
+          if not os.path.isfile(os.path.join(folder, n))]
+
+
+def default_data_dir(name: str) -> Optional[str]:
+  """The folder read when no ``data_dir`` is given: Fashion-MNIST's Debian folder, else None."""
+  return FASHION_MNIST_DIR if name == 'fashion_mnist' else None
+
+
+def check_data_dir(name: str, data_dir: Optional[str], field: str = 'data_dir') -> None:
+  """Checks, before anything is read, that ``data_dir`` holds the files of dataset ``name``.
+
+  An empty ``data_dir`` means the bundled MNIST subset for ``'mnist'``,
+  ``FASHION_MNIST_DIR`` for ``'fashion_mnist'``; CIFAR-10 needs a folder.
+
+  Args:
+    name: one of ``DATASETS``.
+    data_dir: the folder, or ``''`` / None.
+    field: how messages name the folder (``'config.data_dir'`` in a binary).
+
+  Raises:
+    ValueError: one line naming ``field``, the folder and the missing files;
+      for Fashion-MNIST it adds the ``apt-get install`` line.
+  """
   if name not in DATASETS:
     raise ValueError(f'dataset must be one of {DATASETS}, got {name!r}')
+  data_dir = data_dir or default_data_dir(name)
+  if not data_dir:
+    if name == 'cifar10':
+      raise ValueError(f'dataset cifar10 needs a data_dir: {field} must name the folder holding '
+                       f'the CIFAR-10 binary files ({CIFAR10_TRAIN_FILES[0]} .. '
+                       f'{CIFAR10_TRAIN_FILES[-1]}, {CIFAR10_TEST_FILE})')
+    return  # the bundled MNIST subset
+  hint = ''
+  if name == 'fashion_mnist':
+    hint = (f'; install Fashion-MNIST with: {FASHION_MNIST_INSTALL} (it puts the four files '
+            f'in {FASHION_MNIST_DIR})')
+  if not os.path.isdir(data_dir):
+    raise ValueError(f'{field} {data_dir!r} does not exist or is not a folder{hint}')
+  missing = missing_files(name, data_dir)
+  if missing:
+    raise ValueError(f'{field} {data_dir!r} lacks the {name} files {missing}'
+                     + (' (raw or .gz)' if name in IDX_DATASETS else '') + hint)
+
+
+def load(name: str, data_dir: Optional[str] = None) -> Dataset:
+  """A dataset by name (one of ``DATASETS``), its folder checked first (``check_data_dir``).
+
+  ``'mnist'``: the bundled subset when ``data_dir`` is empty, else the IDX
+  files; ``'fashion_mnist'``: the IDX files, by default in ``FASHION_MNIST_DIR``;
+  ``'cifar10'``: the binary files (a ``data_dir`` is needed).
+  """
+  check_data_dir(name, data_dir)
   if name == 'mnist':
     return load_mnist_bundled() if not data_dir else load_mnist(data_dir)
-  if not data_dir:
-    raise ValueError('dataset cifar10 needs a data_dir holding its binary files')
+  if name == 'fashion_mnist':
+    return load_fashion_mnist(data_dir or FASHION_MNIST_DIR)
   return load_cifar10(data_dir)
 
 
