@@ -91,3 +91,57 @@ class RobustDatasetTest(chex.TestCase):
                                want, rtol=1e-6)
     with pytest.raises(ValueError, match='loss must be one of'):
       robust_dataset.paired_regression_loss(model.apply, model.apply, 'l1', 4)
+
+
+class PairingTest(chex.TestCase):
+  """``x_r[i]`` stays paired with ``x[i]`` through batching and padding.
+
+  The representation is the image itself (``g(x) = x``, flattened): matching
+  then moves ``x_r[i]`` straight towards ``x[i]`` by steps of L2 length 0.05
+  (0.025 per pixel), so with enough steps ``x_r[i]`` ends within a step of
+  ``x[i]``, while the other images are at least 0.1 per pixel away - any
+  mix-up of examples across batches or with the padding shows.
+  """
+
+  def _data(self, n=7):
+    # Distinct images: image i is the constant (i + 1) / 10.
+    return jnp.broadcast_to((jnp.arange(n, dtype=jnp.float32)[:, None, None, None] + 1) / 10,
+                            (n, 2, 2, 1))
+
+  def test_identity_representation_recovers_each_target(self):
+    x = self._data()
+    rep = lambda v: v.reshape(v.shape[0], -1)
+    for batch_size in (None, 3, 7, 10):  # 3: 3 batches, the last padded by 2
+      x_r, x0 = robust_dataset.robust_feature_dataset(rep, x, jax.random.PRNGKey(0), steps=30,
+                                                      step_size=0.05, batch_size=batch_size)
+      assert not np.allclose(x0, x)  # each started from another image
+      np.testing.assert_allclose(x_r, x, atol=0.025 + 1e-5, err_msg=str(batch_size))
+      nearest = np.abs(np.asarray(x_r)[:, None] - np.asarray(x)[None]).max((2, 3, 4)).argmin(1)
+      np.testing.assert_array_equal(nearest, np.arange(7))
+
+  def test_progress_path_equals_the_traced_path(self):
+    x = self._data()
+    rep = lambda v: (v.reshape(v.shape[0], -1) ** 2)  # a nonlinear, per-example representation
+    reports = []
+    kw = dict(steps=4, step_size=0.1, batch_size=3)
+    traced, x0 = robust_dataset.robust_feature_dataset(rep, x, jax.random.PRNGKey(1), **kw)
+    looped, x0l = robust_dataset.robust_feature_dataset(rep, x, jax.random.PRNGKey(1),
+                                                        on_batch=reports.append, **kw)
+    np.testing.assert_array_equal(x0, x0l)
+    np.testing.assert_allclose(looped, traced, atol=1e-6)
+    assert [r['step'] for r in reports] == [3, 6, 7]
+    assert all(r['num_steps'] == 7 for r in reports)
+    # The last report is the mean distance of the last batch's one real image, not the padding.
+    want = robust_dataset.representation_distance(rep, looped[6:], rep(x[6:]))
+    np.testing.assert_allclose(reports[-1]['loss'], float(want[0]), rtol=1e-5)
+
+  def test_matching_report_known_values(self):
+    rep = lambda v: v.reshape(v.shape[0], -1)
+    x = jnp.array([[[[3.0]], [[4.0]]], [[[0.0]], [[1.0]]]])  # representations (3, 4), (0, 1)
+    x0 = jnp.zeros_like(x)
+    x_r = x + jnp.array([0.5, 0.0])[:, None, None, None]
+    report = robust_dataset.matching_report(rep, x, x_r, x0)
+    # start: |(3,4)| = 5 and |(0,1)| = 1; end: 0.5 * sqrt(2) and 0; norm: (5 + 1) / 2.
+    np.testing.assert_allclose(report['rep_distance_start'], 3.0, rtol=1e-6)
+    np.testing.assert_allclose(report['rep_distance_end'], 0.25 * np.sqrt(2), rtol=1e-6)
+    np.testing.assert_allclose(report['rep_norm'], 3.0, rtol=1e-6)

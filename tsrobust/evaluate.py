@@ -737,3 +737,46 @@ def records(result: Result, final: Mapping[Tuple[str, str], np.ndarray],
       for i in range(num):
         rows[i][f'{prefix}_{label}_{where}_{eps_names[e]}_{attack}'] = float(m[i, ei])
   return rows
+
+
+def merge_ccat(final: Mapping[Tuple[str, str], np.ndarray],
+               ccat_final: Mapping[Tuple[str, str], np.ndarray],
+               rows: np.ndarray) -> Dict[Tuple[str, str], np.ndarray]:
+  """Counts CCAT-attack successes (accepted and wrong) as oracle errors of students ``rows``.
+
+  A point that is accepted and wrong w.r.t. the oracle is wrong w.r.t. the
+  oracle, so the plain error is at least the thresholded one by construction.
+
+  Args:
+    final: ``combine``d successes ``{(label, where): [S, E, N]}`` of all students.
+    ccat_final: the CCAT evaluation's ``{('ccat', where): [len(rows), E, N]}``.
+    rows: indices (into the students axis of ``final``) of the CCAT students.
+
+  Returns:
+    A copy of ``final`` with ``('oracle', where)`` or-ed with ``('ccat', where)``
+    at ``rows``, for every ``where`` both hold.
+  """
+  out = {k: np.array(v, copy=True) for k, v in final.items()}
+  for (_, where), v in ccat_final.items():
+    if ('oracle', where) in out:
+      chex.assert_equal_shape([out[('oracle', where)][rows], v])
+      out[('oracle', where)][rows] |= v
+  return out
+
+
+def ccat_records(result: Result, final: Mapping[Tuple[str, str], np.ndarray],
+                 eps_names: Mapping[float, str]) -> list:
+  """One dict per (CCAT) student: ``ccat_err_{eps}`` and ``ccat_accepted_wrong_{eps}``.
+
+  ``ccat_err``: ``ccat_error`` (unconstrained attacks); ``ccat_accepted_wrong``:
+  the fraction of examples with an accepted and wrong perturbed point. Per
+  budget in ``result.eps`` order, the two interleaved.
+  """
+  err = ccat_error(result, final)
+  wrong = final[('ccat', 'full')].mean(-1)
+  rows = [{} for _ in range(err.shape[0])]
+  for j, e in enumerate(result.eps):
+    for i, row in enumerate(rows):
+      row[f'ccat_err_{eps_names[e]}'] = float(err[i, j])
+      row[f'ccat_accepted_wrong_{eps_names[e]}'] = float(wrong[i, j])
+  return rows

@@ -13,10 +13,12 @@ label of ``x`` is the teacher's output at ``x``: ``paired_regression_loss``
 fits a student at ``x_r`` to the teacher at ``x``.
 
 Everything is jitted: ``lax.scan`` over steps, batched over examples, and
-``lax.map`` over batches of examples so memory stays bounded.
+``lax.map`` over batches of examples so memory stays bounded (or, with a
+progress callback, one jitted call per batch).
 """
 
-from typing import Callable, Optional, Tuple
+import time
+from typing import Callable, Dict, Optional, Tuple
 
 import chex
 import jax
@@ -116,9 +118,16 @@ def starting_points(key: chex.PRNGKey, x: chex.Array, start: str = 'permutation'
 def robust_feature_dataset(rep_fn: RepFn, x: chex.Array, key: chex.PRNGKey, *, steps: int,
                            step_size: chex.Numeric, start: str = 'permutation',
                            batch_size: Optional[int] = None,
-                           clip_range: Optional[Tuple[float, float]] = (0.0, 1.0)
+                           clip_range: Optional[Tuple[float, float]] = (0.0, 1.0),
+                           on_batch: Optional[Callable[[Dict[str, float]], None]] = None
                            ) -> Tuple[chex.Array, chex.Array]:
   """The robust-feature images of ``x``: ``x_r[i]`` matches ``g(x[i])``.
+
+  Each example starts from another training image (``start='permutation'``)
+  or noise, and takes ``steps`` normalized L2 steps (``match_representation``),
+  ``batch_size`` examples at once; the last batch is padded with copies of
+  the last example, and the padding is dropped, so ``x_r[i]`` is always the
+  match of ``x[i]``.
 
   Args:
     rep_fn: the robust model's representation (``penultimate``).
@@ -127,31 +136,77 @@ def robust_feature_dataset(rep_fn: RepFn, x: chex.Array, key: chex.PRNGKey, *, s
     steps, step_size, clip_range: as in ``match_representation``.
     start: ``'permutation'`` or ``'noise'`` (``starting_points``; noise is
       uniform in ``clip_range``, or in [0, 1] without one).
-    batch_size: examples matched at once (``lax.map`` over batches; the last
-      batch is padded). None: all at once.
+    batch_size: examples matched at once. None: all at once.
+    on_batch: None: one traceable computation (``lax.map`` over the batches;
+      the function can be jitted). A callback: the batches run one after
+      another, each as one jitted call (compiled once), and after each the
+      callback gets ``step`` (examples done), ``num_steps`` (N), ``loss``
+      (the batch's mean representation distance at the end), ``steps_per_sec``
+      (examples per second) and ``eta_sec`` - the ``on_chunk`` progress
+      report of ``train.train_seeds``. Not traceable (it calls back to Python).
 
   Returns:
-    ``(x_r, x0)``, both ``[N, ...]``.
+    ``(x_r, x0)``, both ``[N, ...]``: the matched images and their starts.
   """
   n = x.shape[0]
-  batch_size = n if batch_size is None else batch_size
+  batch_size = n if batch_size is None else min(batch_size, n)
   if batch_size < 1:
     raise ValueError(f'batch_size must be >= 1, got {batch_size}')
   x0 = starting_points(key, x, start, clip_range if clip_range is not None else (0.0, 1.0))
   num_batches = -(-n // batch_size)
-  pad = num_batches * batch_size - n
 
-  def batched(v):
-    v = jnp.concatenate([v, jnp.repeat(v[-1:], pad, axis=0)]) if pad else v
-    return v.reshape((num_batches, batch_size) + v.shape[1:])
+  def pad(v, size):
+    m = v.shape[0]
+    return jnp.concatenate([v, jnp.repeat(v[-1:], size - m, axis=0)]) if m < size else v
 
   def one_batch(args):
     xb, x0b = args
     target = jax.lax.stop_gradient(rep_fn(xb))
-    return match_representation(rep_fn, x0b, target, steps=steps, step_size=step_size,
-                                clip_range=clip_range)
-  x_r = jax.lax.map(one_batch, (batched(x), batched(x0)))
-  return x_r.reshape((-1,) + x.shape[1:])[:n], x0
+    x_r = match_representation(rep_fn, x0b, target, steps=steps, step_size=step_size,
+                               clip_range=clip_range)
+    return x_r, representation_distance(rep_fn, x_r, target)
+
+  if on_batch is None:
+    def batched(v):
+      v = pad(v, num_batches * batch_size)
+      return v.reshape((num_batches, batch_size) + v.shape[1:])
+    x_r, _ = jax.lax.map(one_batch, (batched(x), batched(x0)))
+    return x_r.reshape((-1,) + x.shape[1:])[:n], x0
+
+  match = jax.jit(one_batch)
+  parts, t0 = [], time.perf_counter()
+  for first in range(0, n, batch_size):
+    xb, x0b = x[first:first + batch_size], x0[first:first + batch_size]
+    m = xb.shape[0]
+    xr_b, dist = match((pad(xb, batch_size), pad(x0b, batch_size)))
+    parts.append(xr_b[:m])
+    done, elapsed = first + m, time.perf_counter() - t0
+    on_batch({'step': done, 'num_steps': n, 'loss': float(dist[:m].mean()),
+              'steps_per_sec': done / elapsed, 'eta_sec': (n - done) * elapsed / done})
+  x_r = jnp.concatenate(parts)
+  chex.assert_equal_shape([x_r, x])
+  return x_r, x0
+
+
+def matching_report(rep_fn: RepFn, x: chex.Array, x_r: chex.Array,
+                    x0: chex.Array) -> Dict[str, float]:
+  """How well ``x_r [N, ...]`` matches ``g(x)``, beside where matching started (``x0``).
+
+  Returns:
+    ``rep_distance_start`` / ``rep_distance_end``: mean over examples of
+    ``||g(x0_i) - g(x_i)||_2`` / ``||g(x_r_i) - g(x_i)||_2``; ``rep_norm``: mean
+    ``||g(x_i)||_2``, the scale the distances compare with.
+  """
+  chex.assert_equal_shape([x, x_r, x0])
+
+  @jax.jit
+  def distances(x, x_r, x0):
+    target = rep_fn(x)
+    return (representation_distance(rep_fn, x0, target).mean(),
+            representation_distance(rep_fn, x_r, target).mean(),
+            jnp.sqrt((target ** 2).sum(-1)).mean())
+  d0, d1, norm = (float(v) for v in distances(x, x_r, x0))
+  return {'rep_distance_start': d0, 'rep_distance_end': d1, 'rep_norm': norm}
 
 
 def paired_regression_loss(student_apply: Callable, teacher_apply: Callable, loss: str,

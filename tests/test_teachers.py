@@ -1,0 +1,90 @@
+"""Pretrained teachers (tsrobust.teachers): specs, the cache's folders, the supervised loss."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from tsrobust import attacks
+from tsrobust import cnn
+from tsrobust import datasets
+from tsrobust import teachers
+
+
+def _fields(**overrides):
+  f = dict(seed=0, dataset='mnist', data_dir='', num_train=64, lowrank_rank=0,
+           teacher_conv=(2,), teacher_dense=(4,), kernel_size=3, pool='max', use_bias=True,
+           teacher_training='standard', teacher_eps=0.1, teacher_steps=3, teacher_batch=8,
+           teacher_lr=0.003, teacher_pgd_steps=1, eps_denominator=1.0, rf_model_eps=0.2,
+           rf_model_steps=5)
+  f.update(overrides)
+  return ml_collections.ConfigDict(f)
+
+
+def test_config_hash_known_answer():
+  # SHA-256 of the sorted JSON '{"a": 1, "b": [1, 2]}', first 16 hex digits.
+  assert teachers.config_hash({'b': (1, 2), 'a': 1}) == 'e6f20bdc3757e5e7'
+  assert teachers.config_hash({'a': 1, 'b': [1, 2]}) == teachers.config_hash({'b': [1, 2],
+                                                                             'a': 1})
+
+
+def test_spec_fields_and_roles(tmp_path):
+  spec = teachers.teacher_spec(_fields(data_dir='rel/dir'))
+  assert set(spec) == set(teachers.TEACHER_FIELDS) | {'format'}
+  assert spec['data_dir'] == os.path.abspath('rel/dir')
+  assert spec['teacher_eps'] == 0.0  # unused by a standard teacher: does not key it
+  assert spec['teacher_conv'] == [2] and spec['format'] == teachers.TEACHER_FORMAT
+  robust = teachers.teacher_spec(_fields(), 'robust_model')
+  assert robust['teacher_training'] == 'pgd' and robust['teacher_eps'] == 0.2
+  assert robust['teacher_steps'] == 5 and robust['init_from'] == teachers.config_hash(
+      teachers.teacher_spec(_fields()))
+  pgd = _fields(teacher_training='pgd')
+  assert teachers.teacher_spec(pgd, 'robust_model') == teachers.teacher_spec(pgd)
+  with pytest.raises(ValueError, match='role must be'):
+    teachers.teacher_spec(_fields(), 'student')
+  root = teachers.teachers_root('', str(tmp_path))
+  assert root == os.path.join(str(tmp_path), 'teachers')
+  assert teachers.teachers_root('shared', str(tmp_path)) == os.path.abspath('shared')
+  assert teachers.teacher_folder(root, spec) == os.path.join(root, teachers.config_hash(spec))
+
+
+def test_supervised_loss_known_answers():
+  model = cnn.make_cnn((2,), (4,), 3)
+  params = cnn.init_params(jax.random.PRNGKey(0), model, (6, 6, 1))
+  x = jax.random.uniform(jax.random.PRNGKey(1), (8, 6, 6, 1))
+  y = jnp.arange(8) % 3
+  args = {'train_x': x, 'train_y': y, 'at_eps': jnp.float32(0.2)}
+  key = jax.random.PRNGKey(2)
+  # Clean: the cross-entropy on the batch drawn with the first half of the key.
+  idx = jax.random.randint(jax.random.split(key)[0], (4,), 0, 8)
+  want = attacks.cross_entropy(model.apply(params, x[idx])[0], y[idx]).mean()
+  clean = teachers.supervised_loss(model.apply, 8, 4, pgd_steps=0)(params, None, args, key)
+  np.testing.assert_allclose(clean, want, rtol=1e-6)
+  # PGD-AT at budget 0 is the clean loss; at a budget the attack raises it.
+  zero = dict(args, at_eps=jnp.float32(0.0))
+  adv = teachers.supervised_loss(model.apply, 8, 4, pgd_steps=3)
+  np.testing.assert_allclose(adv(params, None, zero, key), want, rtol=1e-5)
+  assert float(adv(params, None, args, key)) > float(want)
+
+
+def test_pretrain_reuses_its_checkpoint(tmp_path):
+  rng = np.random.default_rng(0)
+  ds = datasets.Dataset(rng.uniform(size=(16, 6, 6, 1)).astype(np.float32),
+                        rng.integers(0, 10, 16).astype(np.int32),
+                        rng.uniform(size=(4, 6, 6, 1)).astype(np.float32),
+                        rng.integers(0, 10, 4).astype(np.int32), 'toy')
+  model = cnn.make_cnn((2,), (4,), 10)
+  spec = teachers.teacher_spec(_fields(num_train=16))
+  reports = []
+  p1, info1 = teachers.pretrain_teacher(spec, model, ds, str(tmp_path), on_chunk=reports.append)
+  assert not info1['reused'] and reports[-1]['step'] == 3
+  with open(os.path.join(info1['folder'], 'spec.json')) as f:
+    assert json.load(f) == json.loads(json.dumps(spec))
+  p2, info2 = teachers.pretrain_teacher(spec, model, ds, str(tmp_path))
+  assert info2['reused'] and info2['final_loss'] == info1['final_loss']
+  for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p2)):
+    np.testing.assert_array_equal(a, b)

@@ -1,0 +1,200 @@
+"""Pretrained CNN teachers (and robust models) with a checkpoint cache keyed by their spec.
+
+A *spec* is the plain dict of everything that determines a pretrained
+network: the data (``seed``, ``dataset``, ``data_dir``, ``num_train``,
+``lowrank_rank``), the architecture, and the training (``teacher_training``
+``standard`` or ``pgd`` - L-inf PGD-AT at ``teacher_eps / eps_denominator`` -,
+steps, batch, learning rate, PGD steps), plus ``format`` (bumped when the
+training code changes meaning) and, for a fine-tuned network, ``init_from``
+(the hash of the spec it starts from). ``teacher_spec`` builds it from a
+study's config fields (``TEACHER_FIELDS``).
+
+``pretrain_teacher`` trains a CNN on the true labels (cross-entropy, Adam)
+into ``<root>/<hash of the spec>`` (``teacher_folder``): ``spec.json`` and the
+orbax checkpoints of training (``sweep.Checkpointer``, resumable). A later
+call with the same spec reuses the finished checkpoint; a changed field
+trains a new network. Pointing several runs at one ``root`` shares teachers.
+
+This module is the one place of the library that writes files besides
+``io`` and ``sweep``'s checkpoints: the cache is what it is for.
+"""
+
+import hashlib
+import json
+import os
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tsrobust import attacks
+from tsrobust import cnn
+from tsrobust import datasets
+from tsrobust import io
+from tsrobust import sweep
+from tsrobust import train
+
+TEACHER_TRAININGS = ('standard', 'pgd')
+ROLES = ('teacher', 'robust_model')
+TEACHER_CHUNK = 250  # steps per jitted chunk (and per checkpoint)
+TEACHER_FORMAT = 1   # bump when the teacher's training code changes meaning
+# Fields that determine a pretrained teacher (or robust model): its checkpoint folder is
+# keyed by a hash of their values.
+TEACHER_FIELDS = ('seed', 'dataset', 'data_dir', 'num_train', 'lowrank_rank', 'teacher_conv',
+                  'teacher_dense', 'kernel_size', 'pool', 'use_bias', 'teacher_training',
+                  'teacher_eps', 'teacher_steps', 'teacher_batch', 'teacher_lr',
+                  'teacher_pgd_steps', 'eps_denominator')
+# The PRNG stream of pretraining: fold_in(PRNGKey(seed), TRAIN_KEY).
+TRAIN_KEY = 2 ** 31 - 2
+
+
+def config_hash(obj: Any) -> str:
+  """16 hex digits of the SHA-256 of ``obj`` as sorted JSON (``io.to_plain`` values)."""
+  text = json.dumps(io.to_plain(obj), sort_keys=True)
+  return hashlib.sha256(text.encode('utf-8')).hexdigest()[:16]
+
+
+def supervised_loss(apply_fn: Callable, num_train: int, batch_size: int, *, pgd_steps: int,
+                    step_factor: float = 2.5,
+                    clip: Optional[Tuple[float, float]] = (0.0, 1.0)) -> train.LossFn:
+  """Cross-entropy to the true labels, on clean images or L-inf PGD points (PGD-AT).
+
+  Reads ``data_args['train_x'] [N, H, W, C]``, ``data_args['train_y'] [N]``
+  and ``data_args['at_eps']`` (0: standard training). The attack maximizes
+  the model's own cross-entropy with its parameters frozen
+  (``pgd_steps = 0``: no attack is compiled); ``clip``: the pixel range
+  (None: unbounded).
+  """
+  def loss_fn(params, teacher_params, data_args, key):
+    del teacher_params
+    k_data, k_attack = jax.random.split(key)
+    idx = jax.random.randint(k_data, (batch_size,), 0, num_train)
+    x, y = data_args['train_x'][idx], data_args['train_y'][idx]
+    chex.assert_equal_shape_prefix([x, y], 1)
+    if pgd_steps:
+      frozen = jax.lax.stop_gradient(params)
+      eps = data_args['at_eps']
+      delta = attacks.pgd(lambda xa: attacks.cross_entropy(apply_fn(frozen, xa)[0], y), x,
+                          k_attack, eps=eps, alpha=step_factor * eps / pgd_steps,
+                          steps=pgd_steps, norm='linf', clip_range=clip)
+      x = x + jax.lax.stop_gradient(delta)
+    return attacks.cross_entropy(apply_fn(params, x)[0], y).mean()
+  return loss_fn
+
+
+def teacher_spec(fields: Mapping[str, Any], role: str = 'teacher') -> Dict[str, Any]:
+  """The spec of a pretrained network: the ``TEACHER_FIELDS`` of ``fields``, as plain values.
+
+  ``data_dir`` is made absolute; a standard teacher's ``teacher_eps`` is 0
+  (unused, so it does not key the checkpoint). ``role='robust_model'``: the
+  model whose representation builds the robust-feature dataset - the
+  teacher itself when it is PGD-trained, else the teacher fine-tuned by
+  PGD-AT at ``fields['rf_model_eps']`` for ``fields['rf_model_steps']``
+  steps (its spec records the teacher's hash in ``init_from``).
+
+  Args:
+    fields: a mapping (e.g. a ``ConfigDict``) holding ``TEACHER_FIELDS`` (and,
+      for the robust model, ``rf_model_eps`` / ``rf_model_steps``).
+    role: ``'teacher'`` or ``'robust_model'``.
+  """
+  if role not in ROLES:
+    raise ValueError(f"role must be 'teacher' or 'robust_model', got {role!r}")
+  spec = {f: io.to_plain(fields[f]) for f in TEACHER_FIELDS}
+  spec['data_dir'] = os.path.abspath(spec['data_dir']) if spec['data_dir'] else ''
+  if spec['teacher_training'] == 'standard':
+    spec['teacher_eps'] = 0.0  # unused: does not key the checkpoint
+  spec['format'] = TEACHER_FORMAT
+  if role == 'robust_model' and fields['teacher_training'] != 'pgd':
+    # PGD-AT fine-tuning of the (standard) teacher: small CNNs trained by PGD-AT from a
+    # random start can stall for a long time near chance on MNIST.
+    spec.update(teacher_training='pgd', teacher_eps=io.to_plain(fields['rf_model_eps']),
+                teacher_steps=fields['rf_model_steps'], init_from=config_hash(dict(spec)))
+  return spec
+
+
+def teachers_root(teacher_dir: str, workdir: str) -> str:
+  """Where pretrained teachers live: ``teacher_dir`` (absolute), or ``workdir/teachers``."""
+  return os.path.abspath(teacher_dir or os.path.join(workdir, 'teachers'))
+
+
+def teacher_folder(root: str, spec: Mapping[str, Any]) -> str:
+  """``root/<hash of spec>``."""
+  return os.path.join(root, config_hash(dict(spec)))
+
+
+def pretrain_teacher(spec: Mapping[str, Any], model: cnn.CNN, dataset: datasets.Dataset,
+                     root: str, stage: str = 'teacher', init: Optional[Any] = None,
+                     on_chunk: Optional[Callable[[Dict[str, float]], None]] = None
+                     ) -> Tuple[Any, Dict[str, Any]]:
+  """Trains (or reloads) a CNN on the true labels of ``dataset``; checkpointed with orbax.
+
+  The folder ``teacher_folder(root, spec)`` holds ``spec.json`` and the
+  checkpoints of training (resumable). A finished checkpoint of the same
+  spec is reused as is; a folder whose ``spec.json`` differs from ``spec``
+  is refused (a hash collision or an edited folder). The keys are
+  ``fold_in(PRNGKey(spec['seed']), TRAIN_KEY)``, split into initialization
+  and training.
+
+  Args:
+    spec: ``teacher_spec``'s dict.
+    model: the CNN (``cnn.make_cnn``) of the spec's architecture.
+    dataset: ``train_x [N, H, W, C]``, ``train_y [N]`` train it.
+    root: the cache folder.
+    stage: a name for errors and progress (``'teacher'``, ``'robust_model'``).
+    init: starting parameters (fine-tuning; the spec must say where they come
+      from, as ``teacher_spec``'s ``init_from`` does), else a fresh
+      initialization.
+    on_chunk: progress callback of ``train.train_seeds``.
+
+  Returns:
+    ``(params, info)``: the parameters (one model, no seeds axis, numpy) and
+    ``{'folder', 'hash', 'reused', 'final_loss'}``.
+
+  Raises:
+    ValueError: the folder's ``spec.json`` differs from ``spec``.
+    RuntimeError: training diverged.
+  """
+  chex.assert_equal_shape_prefix([dataset.train_x, dataset.train_y], 1)
+  folder = teacher_folder(root, spec)
+  spec_path = os.path.join(folder, 'spec.json')
+  plain = json.loads(json.dumps(io.to_plain(dict(spec))))
+  if os.path.exists(spec_path):
+    with open(spec_path) as f:
+      stored = json.load(f)
+    if stored != plain:
+      raise ValueError(f'{spec_path} holds a different teacher config than its hash says; '
+                       f'delete {folder} to retrain')
+  elif jax.process_index() == 0:
+    io.write_json(spec_path, plain)
+  pgd = spec['teacher_training'] == 'pgd'
+  eps = spec['teacher_eps'] / spec['eps_denominator'] if pgd else 0.0
+  n = dataset.train_x.shape[0]
+  clip = None if spec['lowrank_rank'] else (0.0, 1.0)
+  loss_fn = supervised_loss(model.apply, n, spec['teacher_batch'],
+                            pgd_steps=spec['teacher_pgd_steps'] if pgd else 0, clip=clip)
+  optimizer = train.make_optimizer('adam', spec['teacher_lr'])
+  key = jax.random.fold_in(jax.random.PRNGKey(spec['seed']), TRAIN_KEY)
+  k_init, k_train = jax.random.split(key)
+  params = cnn.init_params(k_init, model, dataset.image_shape) if init is None else init
+  add_axis = lambda tree: jax.tree_util.tree_map(lambda v: jnp.asarray(v)[None], tree)
+  state = add_axis(train.init_state(params, optimizer))
+  data_args = add_axis({'train_x': dataset.train_x, 'train_y': dataset.train_y,
+                        'at_eps': jnp.float32(eps)})
+  steps = spec['teacher_steps']
+  checkpointer = sweep.Checkpointer(os.path.join(folder, 'checkpoints'))
+  reused = steps > 0 and checkpointer.latest_step() == steps
+  try:
+    state, losses = train.train_seeds(
+        loss_fn, optimizer, state, jnp.zeros((1,)), data_args, k_train[None],
+        num_steps=steps, chunk_steps=min(TEACHER_CHUNK, max(steps, 1)),
+        on_chunk=on_chunk, checkpointer=checkpointer)
+  except train.TrainingDivergedError as e:
+    raise RuntimeError(f'{e} ({stage}); lower config.teacher_lr') from e
+  finally:
+    checkpointer.close()
+  params = jax.tree_util.tree_map(lambda v: np.asarray(v[0]), sweep.to_host(state.params))
+  final = float(losses[0, -1]) if losses.size else None
+  return params, {'folder': folder, 'hash': os.path.basename(folder), 'reused': bool(reused),
+                  'final_loss': final}
