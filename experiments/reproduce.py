@@ -10,6 +10,10 @@ A study whose workdir already holds finished results of the same config (its res
 and a ``config.json`` equal to the config this run would use) is reused, not rerun; a
 workdir holding another config is refused (one line, exit 2), as the binaries refuse it.
 
+A study that reads an installed data set (``fashion_mnist``: Debian's
+``dataset-fashion-mnist``) is skipped, with the install line in the report, where the data's
+folder is missing.
+
 ``--preset=full`` (the default) runs the binaries' default configs: the README's numbers.
 ``--preset=quick`` runs tiny configs (a few steps, tiny networks, the ``fast`` attack
 ensemble with PGD and APGD, two seeds, a few attacked points) to show the whole pipeline in
@@ -47,6 +51,7 @@ from absl import app
 from absl import flags
 
 from experiments import common
+from tsrobust import datasets
 from tsrobust import io
 from tsrobust import sweep
 
@@ -67,6 +72,8 @@ class Study(NamedTuple):
   needs_cifar10: the study runs only when ``--cifar10_dir`` is given.
   overrides: ``FIELD=VALUE`` overrides of both presets (a variant of a binary's default,
     before the ``quick`` ones).
+  data_dir: a folder the study reads (both presets); without it the study is skipped, and
+    the report says ``data_hint`` (how to get the data).
   """
   name: str
   binary: str
@@ -75,6 +82,8 @@ class Study(NamedTuple):
   done: Tuple[str, ...]
   needs_cifar10: bool = False
   overrides: Tuple[str, ...] = ()
+  data_dir: Optional[str] = None
+  data_hint: str = ''
 
 
 # The quick runs are compile-bound: the fast attack ensemble without its two costliest
@@ -116,6 +125,9 @@ STUDIES = (
     Study('real', 'real', None, _QUICK_REAL, _REAL_DONE),
     Study('real_lowrank', 'real', 'experiments/configs/real.py:mnist_lowrank',
           _QUICK_REAL_LOWRANK, _REAL_DONE),
+    Study('fashion_mnist', 'real', 'experiments/configs/real.py:fashion_mnist',
+          _QUICK_REAL_LOWRANK, _REAL_DONE, data_dir=datasets.FASHION_MNIST_DIR,
+          data_hint=f'{datasets.FASHION_MNIST_INSTALL} (Debian) installs it'),
     Study('cifar10', 'real', 'experiments/configs/real.py:cifar10',
           _QUICK_REAL + ('teacher_conv=(2,2,2)',), _REAL_DONE, needs_cifar10=True),
 )
@@ -532,6 +544,10 @@ def reproduce(workdir: str, preset: str, cifar10_dir: Optional[str] = None,
                       None if not cifar10_dir else display_path(cifar10_dir, root))
     command = command_line(study, args)
     why = preset_error(study.config, root)
+    if not why and study.data_dir and not os.path.isdir(study.data_dir):
+      why = f'data not installed: no folder {study.data_dir}; {study.data_hint}'
+      plan.append((study, args, command, None, why))
+      continue
     if why:
       plan.append((study, args, command, None, f'preset not available ({why})'))
       continue

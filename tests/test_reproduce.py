@@ -14,6 +14,7 @@ from experiments import lowrank
 from experiments import real
 from experiments import reproduce
 from experiments import robustness
+from tsrobust import datasets
 from tsrobust import io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,8 +27,9 @@ R = reproduce
 
 def test_studies_in_order_and_commands():
   assert [s.name for s in R.STUDIES] == ['lowrank', 'lowrank_strict', 'lowrank_linf',
-                                         'robustness', 'real', 'real_lowrank', 'cifar10']
-  lowrank_study, strict, linf, _, _, real_lowrank, cifar10 = R.STUDIES
+                                         'robustness', 'real', 'real_lowrank', 'fashion_mnist',
+                                         'cifar10']
+  lowrank_study, strict, linf, _, _, real_lowrank, _, cifar10 = R.STUDIES
   assert R.study_args(lowrank_study, 'full', 'runs/x/lowrank') == ['--workdir=runs/x/lowrank']
   # Variants of a default config: their overrides in both presets, before the quick ones.
   assert R.study_args(strict, 'full', 'w') == ['--workdir=w', '--config.oracle_tolerance=0']
@@ -162,6 +164,19 @@ def test_a_preset_not_available_is_skipped(tmp_path, monkeypatch):
   report = open(tmp_path / 'REPORT.md').read()
   assert '## later' in report and 'Status: skipped: preset not available' in report
   assert R.generated_blocks(report) == {}
+
+
+def test_a_study_whose_data_is_not_installed_is_skipped(tmp_path, monkeypatch):
+  fashion = next(s for s in R.STUDIES if s.name == 'fashion_mnist')
+  assert fashion.data_dir == datasets.FASHION_MNIST_DIR
+  study = fashion._replace(data_dir=str(tmp_path / 'absent'))
+  monkeypatch.setattr(R, 'run_study', lambda *a, **k: pytest.fail('ran a skipped study'))
+  (outcome,) = R.reproduce(str(tmp_path / 'run'), 'full', studies=(study,), log=lambda _: None)
+  assert outcome.status == 'skipped'
+  assert outcome.detail == (f'data not installed: no folder {tmp_path / "absent"}; apt-get '
+                            'install dataset-fashion-mnist (Debian) installs it')
+  report = open(tmp_path / 'run' / 'REPORT.md').read()
+  assert 'Status: skipped: data not installed' in report and 'apt-get install' in report
 
 
 # ----------------------------------------------------------------------------
@@ -408,10 +423,14 @@ def test_quick_end_to_end(tmp_path):
   assert R.report_preset(report) == 'quick'
   blocks = R.generated_blocks(report)
   readme_names = R.generated_blocks(open(os.path.join(ROOT, 'README.md')).read())
-  assert set(readme_names) <= set(blocks)
-  for study in ('lowrank', 'robustness', 'real', 'real_lowrank'):
+  # Studies of installed data sets run where the data is (skipped, with the install line, where
+  # it is not).
+  absent = {s.name for s in R.STUDIES if s.data_dir and not os.path.isdir(s.data_dir)}
+  assert {n for n in readme_names if n.split('-')[0] not in absent} <= set(blocks)
+  for study in ('lowrank', 'lowrank_strict', 'lowrank_linf', 'robustness', 'real',
+                'real_lowrank', 'fashion_mnist'):
     assert f'\n## {study}\n' in report
-    assert f'{study}/summary.md' in report or 'preset not available' in report
+    assert f'{study}/summary.md' in report or study in absent
   assert 'cifar10' not in [line[3:] for line in report.splitlines() if line.startswith('## ')]
   for name in ('lowrank/lowrank.png', 'robustness/robustness.png',
                'real/spec_vs_robust.png'):
