@@ -6,6 +6,7 @@ import logging as logging_lib
 import os
 import re
 import sys
+import time
 from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence
 
 from absl import app
@@ -22,6 +23,7 @@ from tsrobust import attacks
 from tsrobust import data
 from tsrobust import evaluate
 from tsrobust import io
+from tsrobust import methods
 from tsrobust import metrics
 from tsrobust import models
 from tsrobust import specialization
@@ -805,6 +807,56 @@ def train_or_keep_last_good(loss_fn, optimizer, state, teacher_params, data_args
                    f'config.learning_rate') from e
   finally:
     checkpointer.close()
+
+
+def train_grid(config, workdir: str, points, make_loss: Callable, make_args: Callable,
+               init_params, teacher_params, train_keys, timings: Optional[Dict] = None):
+  """Trains every grid point x seed, one compiled method at a time (the studies' loop).
+
+  For each method of ``points`` (``methods.group_by_method``), its ``G``
+  grid points x ``S`` seeds form one students axis (grid-major): the initial
+  parameters, teacher parameters and keys (each ``[S, ...]``) are tiled
+  ``G`` times, ``make_loss(method)`` is the loss and ``make_args(method,
+  method_points)`` returns ``(data_args, shared_args)`` (per student, and
+  read by every student; ``train_or_keep_last_good``). Checkpoints in
+  ``workdir/checkpoints/<method>``; ``timings['train_<method>']`` the seconds.
+
+  Returns:
+    ``(params, final_loss)``: host parameters ``[P * S, ...]`` in ``points``
+    order and the final training losses ``[P * S]`` (NaN with no steps).
+  """
+  optimizer = make_optimizer(config)
+  s = jax.tree_util.tree_leaves(train_keys)[0].shape[0]
+  trained, losses = [], []
+  for method, mpoints in methods.group_by_method(points):
+    g = len(mpoints)
+    t0 = time.perf_counter()
+    data_args, shared = make_args(method, mpoints)
+    state = jax.vmap(lambda p: train.init_state(p, optimizer))(methods.tile(init_params, g))
+    state, loss = train_or_keep_last_good(
+        make_loss(method), optimizer, state, methods.tile(teacher_params, g), data_args,
+        methods.tile(train_keys, g), config, workdir, method, shared_args=shared)
+    trained.append(sweep.to_host(state.params))
+    losses.append(loss[:, -1] if loss.size else np.full((g * s,), np.nan))
+    seconds = time.perf_counter() - t0
+    if timings is not None:
+      timings[f'train_{method}'] = seconds
+    logging.info('trained %s: %d grid points x %d seeds in %.1fs', method, g, s, seconds)
+  params = jax.tree_util.tree_map(lambda *v: np.concatenate(v), *trained)
+  return params, np.concatenate(losses)
+
+
+def method_attack_checks(config, points, ev: 'Evaluation', attack_cfg: evaluate.AttackConfig,
+                         headline: float) -> Dict[str, Any]:
+  """``evaluate.attack_checks`` per method (its kept students), summarized."""
+  s = num_padded_seeds(config)
+  checks = {}
+  for method, _ in methods.group_by_method(points):
+    checks[method] = evaluate.attack_checks(
+        ev.result, ev.final, headline=headline, attacks_run=attack_cfg.attacks,
+        convergence_points=attack_cfg.convergence_points(),
+        rows=methods.student_mask(points, method, config.num_seeds, s))
+  return attack_checks_summary(config, checks)
 
 
 class Evaluation(NamedTuple):

@@ -12,11 +12,13 @@ import pytest
 
 from experiments import common
 from experiments import real
+from experiments import real_eval
 from experiments import reproduce
 from experiments.configs import real as real_config
 from tsrobust import cnn
 from tsrobust import datasets
 from tsrobust import io
+from tsrobust import teachers
 from tsrobust import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,7 +105,8 @@ class TestConfig:
     assert c.dataset == 'mnist' and c.lowrank_rank > 0 and c.attack_norm == 'l2'
     assert {'standard', 'at', 'orth', 'iso'} <= set(c.methods)
     assert 'oracle' in c.attack_labels
-    assert real.clip_range(c) is None and real.clip_range(real_config.get_config()) == (0, 1)
+    assert real_eval.clip_range(c) is None
+    assert real_eval.clip_range(real_config.get_config()) == (0, 1)
 
   def test_default_columns_unchanged(self):
     # The full-rank default keeps exactly its columns (no off-subspace ones), in order;
@@ -121,8 +124,8 @@ class TestConfig:
               + [f'robust_acc_{k}_{e}_{a}' for k in kinds for e in eps for a in attacks_run]
               + ['ccat_threshold'] + [f'ccat_err_{e}' for e in eps]
               + [f'ccat_accepted_wrong_{e}' for e in eps])
-      assert real.columns(c) == want, kinds
-    low = real.columns(real_config.get_config('mnist_lowrank'))
+      assert real_eval.columns(c) == want, kinds
+    low = real_eval.columns(real_config.get_config('mnist_lowrank'))
     for col in ('spec_off_l1', 'spec_off_l3', 'spec_off', 'frac_off_l2', 'adv_oracle_in_1.0',
                 'adv_oracle_off_2.0', 'adv_oracle_full_2.0', 'adv_oracle_off_2.0_square',
                 'robust_acc_oracle_2.0'):
@@ -133,9 +136,9 @@ class TestConfig:
     c = real_config.get_config('cifar10')
     with pytest.raises(common.ConfigError, match='config.data_dir must name the folder'):
       real.validate_config(c)
-    assert real.budget_name(c, 8.0) == '8.0_255'
-    assert real.budget(c, 8.0) == pytest.approx(8 / 255)
-    assert real.budget_name(real_config.get_config(), 0.1) == '0.1'
+    assert real_eval.budget_name(c, 8.0) == '8.0_255'
+    assert real_eval.budget(c, 8.0) == pytest.approx(8 / 255)
+    assert real_eval.budget_name(real_config.get_config(), 0.1) == '0.1'
     with pytest.raises(ValueError, match='preset'):
       real_config.get_config('svhn')
 
@@ -202,8 +205,8 @@ class TestImageTransforms(chex.TestCase):
   def test_supervised_pgd_loss_is_higher_than_clean(self):
     teacher, _, tp, _, x = self._nets()
     args = {'train_x': x, 'train_y': jnp.arange(8) % 3, 'at_eps': jnp.float32(0.3)}
-    clean = real.supervised_loss(teacher.apply, 8, 8, pgd_steps=0)
-    adv = real.supervised_loss(teacher.apply, 8, 8, pgd_steps=3)
+    clean = teachers.supervised_loss(teacher.apply, 8, 8, pgd_steps=0)
+    adv = teachers.supervised_loss(teacher.apply, 8, 8, pgd_steps=3)
     key = jax.random.PRNGKey(0)
     assert float(adv(tp, None, args, key)) > float(clean(tp, None, args, key))
 
@@ -213,34 +216,34 @@ class TestTeacherCheckpoint:
   def test_round_trip_and_changed_config(self, tmp_path):
     ds = _toy_dataset()
     config = tiny_config(teacher_steps=6, teacher_training='standard')
-    model = real.teacher_model(config)
+    model = real_eval.teacher_model(config)
     workdir = str(tmp_path)
-    spec = real.teacher_spec(config)
-    p1, info1 = real.pretrain_teacher(spec, model, ds, workdir)
+    spec = teachers.teacher_spec(config)
+    p1, info1 = teachers.pretrain_teacher(spec, model, ds, workdir)
     assert not info1['reused']
     assert os.path.exists(os.path.join(info1['folder'], 'spec.json'))
-    p2, info2 = real.pretrain_teacher(real.teacher_spec(config), model, ds, workdir)
+    p2, info2 = teachers.pretrain_teacher(teachers.teacher_spec(config), model, ds, workdir)
     assert info2['reused'] and info2['folder'] == info1['folder']
     chex.assert_trees_all_equal(p1, p2)
     # A field that is not the teacher's does not change the folder ...
-    assert real.teacher_spec(tiny_config(teacher_steps=6, teacher_training='standard',
-                                         num_steps=99)) == spec
+    assert teachers.teacher_spec(tiny_config(teacher_steps=6, teacher_training='standard',
+                                             num_steps=99)) == spec
     # ... a teacher field does: a new teacher is trained, not the stale one reused.
-    changed = real.teacher_spec(tiny_config(teacher_steps=6, teacher_training='standard',
-                                            teacher_lr=0.01))
-    p3, info3 = real.pretrain_teacher(changed, model, ds, workdir)
+    changed = teachers.teacher_spec(tiny_config(teacher_steps=6, teacher_training='standard',
+                                                teacher_lr=0.01))
+    p3, info3 = teachers.pretrain_teacher(changed, model, ds, workdir)
     assert not info3['reused'] and info3['folder'] != info1['folder']
     assert not all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(p1),
                                                           jax.tree_util.tree_leaves(p3)))
     # The robust model is a PGD-trained variant, or the teacher itself when that is PGD-trained.
-    assert real.teacher_spec(config, 'robust_model')['teacher_training'] == 'pgd'
+    assert teachers.teacher_spec(config, 'robust_model')['teacher_training'] == 'pgd'
     pgd = tiny_config(teacher_training='pgd')
-    assert real.teacher_spec(pgd, 'robust_model') == real.teacher_spec(pgd)
+    assert teachers.teacher_spec(pgd, 'robust_model') == teachers.teacher_spec(pgd)
     # A folder whose recorded spec does not match is refused.
     with open(os.path.join(info1['folder'], 'spec.json'), 'w') as f:
       json.dump({'edited': True}, f)
     with pytest.raises(ValueError, match='holds a different teacher config'):
-      real.pretrain_teacher(spec, model, ds, workdir)
+      teachers.pretrain_teacher(spec, model, ds, workdir)
 
 
 class _Projected:
@@ -264,7 +267,7 @@ class TestLowRankEvaluation:
     config = tiny_config(lowrank_rank=4, attack_norm='l2', attack_labels=('oracle',),
                          eps=(0.5, 3.0), num_attack=10, eval_batch=5, probe_scale=0.5,
                          apgd_t_steps=0, square_queries=0, **overrides)
-    teacher = real.teacher_model(config)
+    teacher = real_eval.teacher_model(config)
     tp = cnn.init_params(jax.random.PRNGKey(0), teacher, (6, 6, 1))
     # Two students of the teacher's shape near the teacher: they agree with it on most clean
     # points, and attacks can make them disagree.
@@ -278,25 +281,25 @@ class TestLowRankEvaluation:
   def test_probes_leave_the_subspace_by_the_probe_scale(self):
     config, ds, pca, *_ = self._setup()
     x = jnp.asarray(ds.test_x)
-    probes = real.off_subspace_probes(config, x, pca.projector)
+    probes = real_eval.off_subspace_probes(config, x, pca.projector)
     noise = np.asarray(probes - x).reshape(10, -1)
     np.testing.assert_allclose(noise @ np.asarray(pca.projector), 0.0, atol=1e-5)
     # E||P_perp xi||^2 = probe_scale^2 (D - r): 0.25 * 32 per image.
     assert np.mean((noise ** 2).sum(1)) == pytest.approx(0.25 * 32, rel=0.25)
-    chex.assert_trees_all_equal(probes, real.off_subspace_probes(config, x, pca.projector))
+    chex.assert_trees_all_equal(probes, real_eval.off_subspace_probes(config, x, pca.projector))
 
   def test_projectors_per_norm(self):
     config, ds, pca, teacher, student, tp, _ = self._setup()
-    ev = real.Evaluator(config, teacher, student, tp, ds, pca.projector)
+    ev = real_eval.Evaluator(config, teacher, student, tp, ds, pca.projector)
     projs = ev._projectors(2)
     assert set(projs) == {'in', 'off'}
     chex.assert_shape(projs['in'], (2, 36, 36))  # L2: per student, one compiled attack
     np.testing.assert_allclose(projs['in'][1] + projs['off'][1], np.eye(36), atol=1e-6)
-    linf = real.Evaluator(tiny_config(lowrank_rank=4, eval_batch=5, num_attack=10), teacher,
-                          student, tp, ds, pca.projector)
+    linf = real_eval.Evaluator(tiny_config(lowrank_rank=4, eval_batch=5, num_attack=10),
+                               teacher, student, tp, ds, pca.projector)
     chex.assert_shape(linf._projectors(2)['off'], (36, 36))  # L-inf: shared
-    assert real.Evaluator(config, teacher, student, tp, ds)._projectors(2) == {}
-    assert not hasattr(real.Evaluator(config, teacher, student, tp, ds), 'x_probe')
+    assert real_eval.Evaluator(config, teacher, student, tp, ds)._projectors(2) == {}
+    assert not hasattr(real_eval.Evaluator(config, teacher, student, tp, ds), 'x_probe')
 
   @pytest.mark.slow
   def test_networks_blind_to_s_perp(self):
@@ -306,7 +309,7 @@ class TestLowRankEvaluation:
     config, ds, pca, teacher, student, tp, sp = self._setup()
     t_blind = _Projected(teacher, pca.projector, pca.mean)
     s_blind = _Projected(student, pca.projector, pca.mean)
-    ev = real.Evaluator(config, t_blind, s_blind, tp, ds, pca.projector)
+    ev = real_eval.Evaluator(config, t_blind, s_blind, tp, ds, pca.projector)
     keys = jax.random.split(jax.random.PRNGKey(5), 2)
     rows, _ = ev.students(sp, keys, np.zeros(2, bool))
     x_att = jnp.asarray(ds.test_x[:10])
@@ -376,12 +379,12 @@ def test_changed_config_is_refused_and_teachers_can_be_shared(tiny_run, tmp_path
     real.train_and_evaluate(tiny_config(num_steps=5), workdir)
   # The run's teacher sits in <workdir>/teachers/<hash of its spec> ...
   config = tiny_config()
-  own = real.teachers_root(config, workdir)
+  own = teachers.teachers_root(config.teacher_dir, workdir)
   assert own == os.path.join(os.path.abspath(workdir), 'teachers')
-  assert os.path.isdir(real.teacher_folder(own, real.teacher_spec(config)))
+  assert os.path.isdir(teachers.teacher_folder(own, teachers.teacher_spec(config)))
   # ... and another workdir naming that folder as teacher_dir finds it there.
   shared = tiny_config(teacher_dir=own)
-  assert real.teachers_root(shared, str(tmp_path)) == own
+  assert teachers.teachers_root(shared.teacher_dir, str(tmp_path)) == own
 
 
 def test_cli_validates_before_work(tmp_path, capfd):
@@ -413,7 +416,7 @@ def test_lowrank_binary_end_to_end(tmp_path):
   assert len(rows) == len(records) == 6
   assert [r['method'] for r in rows] == [m for m in ('standard', 'orth', 'iso') for _ in range(2)]
   header = list(rows[0])
-  assert header == real.columns(config)
+  assert header == real_eval.columns(config)
   assert not [c for c in header if '_true_' in c]
   for r in rows:
     assert r['spec_off'] == pytest.approx((r['spec_off_l1'] + r['spec_off_l2']) / 2, abs=1e-6)

@@ -79,7 +79,7 @@ def test_shared_args_bad_input():
 def test_real_method_args_share_the_images():
   """The image binary passes images, robust features and the projector once, not per student."""
   config = real_config.get_config()
-  method_args = real._method_args  # pylint: disable=protected-access
+  method_args = real.method_args
   x = np.zeros((10, 4, 4, 1), np.float32)
   proj = np.eye(16, dtype=np.float32)
   points = [('at', {'at_eps': 0.1}), ('at', {'at_eps': 0.3})]
