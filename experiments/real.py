@@ -50,10 +50,9 @@ import numpy as np
 
 from experiments import common
 from experiments import real_eval
-from experiments import validation
-from experiments.real_eval import budget, budget_name, clip_range, LABEL_KINDS
+from experiments.real_checks import validate_config, validate_sizes
+from experiments.real_eval import budget, budget_name, clip_range
 from experiments.real_eval import teacher_model  # benchmarks/attack_strength.py uses it too
-from tsrobust import attacks
 from tsrobust import cnn
 from tsrobust import datasets
 from tsrobust import methods as methods_lib
@@ -62,127 +61,6 @@ from tsrobust import teachers
 from tsrobust.teachers import supervised_loss  # noqa: F401 (benchmarks/attack_strength.py)
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'real.py')
-
-METHODS = methods_lib.METHODS
-LOWRANK_METHODS = tuple(methods_lib.AUGMENTATIONS)  # noise augmentations: need a PCA subspace
-TEACHER_TRAININGS = teachers.TEACHER_TRAININGS
-# Pixels per image of each dataset: lowrank_rank is checked against them before any work.
-IMAGE_SIZES = {name: int(np.prod(shape)) for name, shape in datasets.IMAGE_SHAPES.items()}
-BUNDLED_MNIST_TRAIN = datasets.BUNDLED_SIZE - datasets.NUM_CLASSES * datasets.BUNDLED_TEST_PER_CLASS
-
-# ----------------------------------------------------------------------------
-# Config.
-# ----------------------------------------------------------------------------
-
-
-def _check_data_dir(config) -> None:
-  """``data_dir`` holds the dataset's files (``datasets.check_data_dir``), before any work."""
-  try:
-    datasets.check_data_dir(config.dataset, config.data_dir, field='config.data_dir')
-  except ValueError as e:
-    raise common.ConfigError(str(e)) from e
-
-
-# Every config field: type, range, choices (validation.check_config).
-CONFIG_FIELDS = {
-    **common.TRAINING_FIELDS,
-    **common.METHOD_GRID_FIELDS,
-    **common.ATTACK_FIELDS,
-    'dataset': validation.Choice(datasets.DATASETS),
-    'data_dir': validation.Str('a path (a string)'),
-    'num_train': validation.Int(lo=0),
-    'num_test': validation.Int(lo=0),
-    'lowrank_rank': validation.Int(lo=0),
-    'teacher_conv': validation.Ints(lo=1),
-    'teacher_dense': validation.Ints(lo=1, min_len=0),
-    'teacher_dir': validation.Str("a path (a string; '' for <workdir>/teachers)"),
-    'kernel_size': validation.Int(lo=1),
-    'pool': validation.Choice(cnn.POOLS),
-    'use_bias': validation.Bool(),
-    'teacher_training': validation.Choice(TEACHER_TRAININGS),
-    'teacher_eps': validation.Float(lo=0),
-    'teacher_steps': validation.Int(lo=0),
-    'teacher_batch': validation.Int(lo=1),
-    'teacher_lr': validation.Float(lo=0, lo_open=True),
-    'teacher_pgd_steps': validation.Int(lo=1),
-    'methods': validation.Names(METHODS),
-    'rf_model_eps': validation.Float(lo=0, lo_open=True),
-    'rf_model_steps': validation.Int(lo=0),
-    'rf_steps': validation.Int(lo=0),
-    'rf_step_size': validation.Float(lo=0, lo_open=True),
-    'rf_start': validation.Choice(robust_dataset.STARTS),
-    'rf_batch': validation.Int(lo=1),
-    'eps_denominator': validation.Float(lo=0, lo_open=True),
-    'attack_norm': validation.Choice(attacks.NORMS),
-    'attack_labels': validation.Names(LABEL_KINDS),
-    'probe_scale': validation.Float(lo=0, lo_open=True),
-    'eps': validation.Floats(lo=0, unique=True),
-    'num_attack': validation.Int(lo=1),
-    'tau': validation.Float(lo=-1, hi=1),
-    'eval_batch': validation.Int(lo=1),
-}
-
-
-def validate_config(config) -> None:
-  """Checks every field at start; raises ``common.ConfigError`` naming the field.
-
-  The table ``CONFIG_FIELDS``, then the cross-field rules: ``data_dir`` holds
-  the dataset's files (CIFAR-10 needs one); ``teacher_eps > 0`` for a PGD
-  teacher; ``robust_features`` needs a hidden layer; ``orth`` / ``iso`` need
-  ``lowrank_rank > 0``; ``lowrank_rank`` below the image size and the number
-  of training images where they are known before loading (the dataset's
-  image size; ``num_train``, or the bundled MNIST's 4,000); ``batch_size >= 2``
-  with CCAT; a valid attack ensemble. Checks that need the loaded data:
-  ``_validate_sizes`` (before the PCA is fitted).
-  """
-  validation.check_config(config, CONFIG_FIELDS)
-  _check_data_dir(config)
-  _check_rank(config, IMAGE_SIZES[config.dataset],
-              config.num_train or (BUNDLED_MNIST_TRAIN if config.dataset == 'mnist'
-                                   and not config.data_dir else 0))
-  if config.teacher_training == 'pgd' and config.teacher_eps <= 0:
-    raise common.ConfigError(f'config.teacher_eps must be > 0 for a PGD-trained teacher '
-                             f'(config.teacher_training = pgd), got {config.teacher_eps}')
-  methods = common.as_tuple(config.methods)
-  if 'robust_features' in methods and not (config.teacher_dense or len(config.teacher_conv)):
-    raise common.ConfigError('config.methods: robust_features needs a hidden layer')
-  for m in LOWRANK_METHODS:
-    if m in methods and config.lowrank_rank == 0:
-      raise common.ConfigError(f'config.methods: {m} (noise augmentation out of the PCA '
-                               f'subspace) needs config.lowrank_rank > 0')
-  common.check_ccat_batch(config)
-  common.check_attack_rules(config)
-
-
-def _check_rank(config, image_size: int, num_train: int) -> None:
-  """``lowrank_rank`` <= the pixels per image and < the training images (0: unknown yet).
-
-  The centered training images span at most ``num_train - 1`` directions, so
-  a larger rank would add directions of zero variance, picked arbitrarily.
-  """
-  r = config.lowrank_rank
-  if r > image_size:
-    raise common.ConfigError(f'config.lowrank_rank must be <= the number of pixels per image '
-                             f'{image_size} ({config.dataset}), got {r}')
-  if num_train and r > num_train - 1:
-    raise common.ConfigError(f'config.lowrank_rank must be < the number of training images '
-                             f'{num_train} (the centered training set spans at most '
-                             f'{num_train - 1} directions), got {r}')
-
-
-def _validate_sizes(config, dataset: datasets.Dataset) -> None:
-  """Checks that need the loaded data's sizes (before any PCA is fitted)."""
-  m = dataset.test_x.shape[0]
-  n = dataset.train_x.shape[0]
-  if m % config.eval_batch:
-    raise common.ConfigError(f'config.eval_batch must divide the number of test images {m}, '
-                             f'got {config.eval_batch}')
-  if config.num_attack > m:
-    raise common.ConfigError(f'config.num_attack must be <= the number of test images {m}, '
-                             f'got {config.num_attack}')
-  _check_rank(config, int(np.prod(dataset.image_shape)), n)
-  if 'robust_features' in common.as_tuple(config.methods) and n < 2:
-    raise common.ConfigError('config.num_train must be >= 2 for robust_features')
 
 
 def load_data(config) -> Tuple[datasets.Dataset, Optional[datasets.PCA], Dict[str, float]]:
@@ -198,7 +76,7 @@ def load_data(config) -> Tuple[datasets.Dataset, Optional[datasets.PCA], Dict[st
   """
   ds = datasets.load(config.dataset, config.data_dir or None)
   ds = datasets.take(ds, config.num_train, config.num_test)
-  _validate_sizes(config, ds)
+  validate_sizes(config, ds)
   pca, info = None, {}
   if config.lowrank_rank:
     raw = ds

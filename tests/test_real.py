@@ -12,6 +12,7 @@ import pytest
 
 from experiments import common
 from experiments import real
+from experiments import real_checks
 from experiments import real_eval
 from experiments import reproduce
 from experiments.configs import real as real_config
@@ -88,16 +89,16 @@ class TestConfig:
   def test_sizes_checked_after_loading(self):
     with pytest.raises(common.ConfigError, match='config.eval_batch must divide the number of '
                                                  'test images 10'):
-      real._validate_sizes(tiny_config(eval_batch=3, num_attack=4), _toy_dataset())
+      real_checks.validate_sizes(tiny_config(eval_batch=3, num_attack=4), _toy_dataset())
     # Sizes known only from the files (an IDX folder): checked before the PCA is fitted.
     with pytest.raises(common.ConfigError, match='config.lowrank_rank must be < the number of '
                                                  'training images 32'):
-      real._validate_sizes(tiny_config(lowrank_rank=32, eval_batch=5, num_attack=4),
-                           _toy_dataset())
+      real_checks.validate_sizes(tiny_config(lowrank_rank=32, eval_batch=5, num_attack=4),
+                                 _toy_dataset())
     with pytest.raises(common.ConfigError, match='config.lowrank_rank must be <= the number of '
                                                  'pixels per image 16'):
-      real._validate_sizes(tiny_config(lowrank_rank=17, eval_batch=5, num_attack=4),
-                           _toy_dataset(n=40, hw=4))
+      real_checks.validate_sizes(tiny_config(lowrank_rank=17, eval_batch=5, num_attack=4),
+                                 _toy_dataset(n=40, hw=4))
 
   def test_lowrank_preset(self):
     c = real_config.get_config('mnist_lowrank')
@@ -126,9 +127,9 @@ class TestConfig:
               + [f'ccat_accepted_wrong_{e}' for e in eps])
       assert real_eval.columns(c) == want, kinds
     low = real_eval.columns(real_config.get_config('mnist_lowrank'))
-    for col in ('spec_off_l1', 'spec_off_l3', 'spec_off', 'frac_off_l2', 'adv_oracle_in_1.0',
-                'adv_oracle_off_2.0', 'adv_oracle_full_2.0', 'adv_oracle_off_2.0_square',
-                'robust_acc_oracle_2.0'):
+    for col in ('spec_off_l1', 'spec_off_l3', 'spec_off', 'frac_off_l2', 'adv_oracle_in_0.25',
+                'adv_oracle_off_0.5', 'adv_oracle_full_0.5', 'adv_oracle_off_0.5_square',
+                'robust_acc_oracle_0.5'):
       assert col in low, col
     assert not [c for c in low if '_true_' in c]
 

@@ -15,6 +15,7 @@ import pytest
 from experiments import common
 from experiments import lowrank
 from experiments import real
+from experiments import real_checks
 from experiments import robustness
 from experiments import validation
 from experiments.configs import attacks as attacks_config
@@ -137,8 +138,8 @@ def test_unknown_and_missing_fields():
 @pytest.mark.parametrize('module, get_config', [
     (lowrank, lowrank_config.get_config),
     (robustness, robustness_config.get_config),
-    (real, lambda: real_config.get_config('mnist')),
-    (real, lambda: real_config.get_config('cifar10')),
+    (real_checks, lambda: real_config.get_config('mnist')),
+    (real_checks, lambda: real_config.get_config('cifar10')),
 ], ids=['lowrank', 'robustness', 'real:mnist', 'real:cifar10'])
 def test_tables_cover_exactly_the_default_configs(module, get_config):
   assert set(module.CONFIG_FIELDS) == set(get_config())
@@ -277,7 +278,7 @@ def test_bad_command_line(capfd, args, needles):
 
 
 def test_check_needing_the_loaded_data(tmp_path, capfd):
-  """``real._validate_sizes`` runs inside ``train_and_evaluate``, after the data loads."""
+  """``real_checks.validate_sizes`` runs inside ``train_and_evaluate``, after the data loads."""
   code, err = _run(real, [f'--workdir={tmp_path}', '--cpu_devices=1', '--config.num_test=40',
                           '--config.eval_batch=7'], capfd)
   assert code == common.USAGE_EXIT_CODE and 'Traceback' not in err, err
