@@ -264,8 +264,9 @@ def mark_tables(study: str, markdown: str, heading_shift: int = 2) -> Tuple[str,
   (the per-group means), ``attack-checks`` (first header cell ``group``), ``wilson``
   (``variant``), ``subspaces`` (the paragraph before it starts with
   ``common.SUBSPACE_TABLE_TITLE``), ``correlation-<x>`` (``robust accuracy``; ``x`` from the
-  paragraph before it), with ``-2``, ``-3``... on repeats. Headings go ``heading_shift`` levels down, to sit
-  under the report's study heading. Returns the text and the names, in order.
+  paragraph before it), with ``-2``, ``-3``... on repeats. Headings go ``heading_shift``
+  levels down, to sit under the report's study heading. Returns the text and the names, in
+  order.
   """
   out, names, context = [], [], ''
   lines = markdown.splitlines()
