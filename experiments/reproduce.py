@@ -495,18 +495,31 @@ def _read(path: str) -> Optional[str]:
     return None
 
 
+def study_env(workdir: str, side_by_side: bool, environ=None) -> Dict[str, str]:
+  """The environment of a study's process.
+
+  Programs compiled by one study are reused by the next (real_lowrank compiles the
+  evaluation of real again) and by a rerun: a persistent compilation cache in
+  ``workdir/jax_cache``. Studies run ``side_by_side`` do not preallocate GPU memory (JAX
+  takes 75% of a GPU per process by default, so the second process of a GPU machine would
+  fail to allocate). What the user set is kept.
+  """
+  env = dict(os.environ if environ is None else environ)
+  env.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(os.path.abspath(workdir),
+                                                           'jax_cache'))
+  if side_by_side:
+    env.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+  return env
+
+
 def run_study(study: Study, args: Sequence[str], workdir: str, commit: Optional[str],
-              root: str = ROOT) -> Tuple[str, str, float]:
-  """Runs one study as a subprocess; ``(status, detail, wall seconds)``."""
+              root: str = ROOT, side_by_side: bool = False) -> Tuple[str, str, float]:
+  """Runs one study as a subprocess (``study_env``); ``(status, detail, wall seconds)``."""
   log_path = os.path.join(workdir, f'{study.name}.log')
   cmd = [sys.executable, '-m', f'experiments.{study.binary}', *args]
   started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
   t0 = time.perf_counter()
-  env = dict(os.environ)
-  # Programs compiled by one study are reused by the next (real_lowrank compiles the
-  # evaluation of real again) and by a rerun; a cache set by the user is kept.
-  env.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(os.path.abspath(workdir),
-                                                           'jax_cache'))
+  env = study_env(workdir, side_by_side)
   with open(log_path, 'w') as log:
     code = subprocess.run(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT,
                           stdin=subprocess.DEVNULL, env=env, check=False).returncode
@@ -579,7 +592,8 @@ def reproduce(workdir: str, preset: str, cifar10_dir: Optional[str] = None,
       detail = f'run of {previous["started"]}' if previous.get('started') else ''
     else:
       say(f'{study.name}: {command}')
-      status, detail, wall = run_study(study, args, workdir, run_commit, root)
+      status, detail, wall = run_study(study, args, workdir, run_commit, root,
+                                       side_by_side=jobs > 1)
     took = '' if not wall else (f' in {format_duration(wall)}' if status != 'reused' else
                                 f' (that run took {format_duration(wall)})')
     say(f'{study.name}: {status}{took}' + (f' ({detail})' if detail else ''))

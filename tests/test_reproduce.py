@@ -133,7 +133,8 @@ def test_reproduce_reuses_finished_studies_and_runs_the_others(tmp_path, monkeyp
   _finish(os.path.join(workdir, 'lowrank'), config, first.done)
   ran = []
 
-  def fake_run(study, args, wd, commit, root=R.ROOT):
+  def fake_run(study, args, wd, commit, root=R.ROOT, side_by_side=False):
+    assert side_by_side  # jobs=2
     ran.append(study.name)
     _finish(os.path.join(wd, study.name), R.load_config(study, args, root), study.done)
     return 'ran', '', 3.0
@@ -154,6 +155,16 @@ def test_reproduce_reuses_finished_studies_and_runs_the_others(tmp_path, monkeyp
                      'different config'):
     R.reproduce(workdir, 'full', studies=studies, log=lambda _: None)
   assert not ran
+
+
+def test_study_env_cache_and_gpu_memory():
+  env = R.study_env('runs/x', side_by_side=False, environ={'PATH': '/bin'})
+  assert env == {'PATH': '/bin', 'JAX_COMPILATION_CACHE_DIR': os.path.abspath('runs/x/jax_cache')}
+  # Side by side on a GPU machine, each process allocates what it needs, not 75% of the GPU.
+  env = R.study_env('runs/x', side_by_side=True, environ={})
+  assert env['XLA_PYTHON_CLIENT_PREALLOCATE'] == 'false'
+  mine = {'JAX_COMPILATION_CACHE_DIR': '/c', 'XLA_PYTHON_CLIENT_PREALLOCATE': 'true'}
+  assert R.study_env('runs/x', side_by_side=True, environ=mine) == mine  # the user's kept
 
 
 def test_a_preset_not_available_is_skipped(tmp_path, monkeypatch):
