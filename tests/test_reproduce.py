@@ -325,11 +325,14 @@ def test_readme_markers_and_figures():
   figures are ones a study writes."""
   text = open(os.path.join(ROOT, 'README.md')).read()
   names = list(R.generated_blocks(text))
-  assert names == ['lowrank-summary', 'lowrank-attack-checks', 'robustness-summary',
+  assert names == ['lowrank-summary', 'lowrank_strict-summary', 'lowrank_linf-summary',
+                   'lowrank-attack-checks', 'robustness-summary',
                    'robustness-correlation-spec_off', 'robustness-correlation-spec_in',
                    'robustness-attack-checks', 'real-summary', 'real-wilson',
                    'real-correlation-spec_mean', 'real-attack-checks', 'real_lowrank-summary',
-                   'real_lowrank-correlation-spec_off']
+                   'real_lowrank-subspaces', 'real_lowrank-correlation-spec_off',
+                   'fashion_mnist-summary', 'fashion_mnist-subspaces',
+                   'fashion_mnist-correlation-spec_mean']
   assert {n.split('-')[0] for n in names} <= {s.name for s in R.STUDIES}
   assert R.linked_figures(text) == ['docs/lowrank.png', 'docs/robustness.png']
   assert R.docs_name('lowrank', 'lowrank.png') == 'lowrank.png'
