@@ -606,10 +606,10 @@ def main():
         f'linearly from k seeds; ratios: T_trainer / T_vmap (ratio of medians, min-max of the '
         f'per-repeat ratios)\n')
   others_names = [n for n in names if n != 'vmap']
-  print('| S | ' + ' | '.join(f'T {n}' for n in names) + ' | '
-        + ' | '.join(f'{n} / vmap' for n in others_names)
-        + ' | T_vmap(S) / T_vmap(1) | load 1m (before -> after) | other procs (cores) |')
-  print('|---' * (len(names) + len(others_names) + 4) + '|')
+  header = (['S'] + [f'T {n}' for n in names] + [f'{n} / vmap' for n in others_names]
+            + ['T_vmap(S) / T_vmap(1)', 'load 1m (before -> after)', 'other procs (cores)'])
+  print('| ' + ' | '.join(header) + ' |')
+  print('|---' * len(header) + '|')
   for r in rows:
     ratios = []
     for n in others_names:
@@ -617,8 +617,8 @@ def main():
       ratios.append(f'{r["med"][n] / r["med"]["vmap"]:.2f}x ({min(per):.2f}-{max(per):.2f})')
     k = r['k']
     print(f'| {r["S"]} | '
-          + ' | '.join(fmt_t(r['med'][n], k if n.startswith('seq') else 0) for n in names)
-          + ' | ' + ' | '.join(ratios) + f' | {r["med"]["vmap"] / t1:.2f} | '
+          + ' | '.join([fmt_t(r['med'][n], k if n.startswith('seq') else 0) for n in names]
+                       + ratios) + f' | {r["med"]["vmap"] / t1:.2f} | '
           f'{r["load"].split(",")[0]} -> {r["load_after"].split(",")[0]} | '
           f'{r["others"]:.2f} |')
   print(f'\nMatmul GFLOP/s achieved (% of float32 jnp.dot {args.matmul_n}^2, '
