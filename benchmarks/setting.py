@@ -169,6 +169,7 @@ class TorchStacked(NamedTuple):
   student: Any      # list of (kernel, bias): the initial students (copies)
   projector: Any    # [S, d, d]
   scale: Any        # [S, 1, 1]
+  basis_t: Any      # [S, r, d]: U^T, U's columns an orthonormal basis of the data subspace
 
 
 def torch_stacked(problem: Problem, num_seeds: int, device) -> TorchStacked:
@@ -186,4 +187,14 @@ def torch_stacked(problem: Problem, num_seeds: int, device) -> TorchStacked:
   scale = tensor(problem.data_args['scale'])[:, None, None]
   return TorchStacked(layers(problem.teacher_params, problem.teacher),
                       layers(problem.state.params, problem.student),
-                      tensor(problem.projector), scale)
+                      tensor(problem.projector), scale,
+                      tensor(subspace_basis_t(problem.projector)))
+
+
+def subspace_basis_t(projector: Any) -> np.ndarray:
+  """``[S, r, d]`` ``U^T`` of projectors ``P = U U^T`` ``[S, d, d]`` (rank ``r = trace P``):
+  the eigenvectors of their unit eigenvalues, so ``z U^T``, ``z ~ N(0, I_r)``, has the law
+  of ``xi P``, ``xi ~ N(0, I_d)``."""
+  proj = np.asarray(projector, np.float64)
+  r = int(round(float(np.trace(proj[0]))))
+  return np.swapaxes(np.linalg.eigh(proj)[1][:, :, -r:], 1, 2)
