@@ -44,8 +44,11 @@ def test_preset_fields():
 def test_preset_validates_with_the_files(tmp_path):
   data_dir, _ = _idx_folder(tmp_path / 'fm')
   c = real_config.get_config('fashion_mnist')
+  # The preset reads the Debian package's folder unless told otherwise, the data named as such.
+  assert (c.dataset, c.data_dir) == ('fashion_mnist', datasets.FASHION_MNIST_DIR)
+  assert c.num_train == 0 and c.num_test == 0  # the full training and test sets
   c.data_dir = data_dir
-  real.validate_config(c)
+  assert real.validate_config(c) is None
 
 
 @pytest.mark.parametrize('make, message', [

@@ -293,7 +293,8 @@ def test_progress_off_a_terminal_is_bounded(caplog):
 
 
 def _every_field_rejects_garbage(module, get_config, garbage=None):
-  """Every config field, set to a value of the wrong kind, fails naming that field.
+  """Every config field, set to a value of the wrong kind, fails naming that field; returns
+  how many fields were rejected.
 
   ``garbage``: per-field bad values replacing the default ``'???'`` (for
   fields where any string is a valid value, such as a folder to create).
@@ -315,18 +316,22 @@ def _every_field_rejects_garbage(module, get_config, garbage=None):
   missing.pop('batch_size')
   with pytest.raises(common.ConfigError, match='config.batch_size is missing'):
     module.validate_config(ml_collections.ConfigDict(missing))
+  return len(base) - len(unchecked)
 
 
 def test_lowrank_validates_every_field():
-  _every_field_rejects_garbage(lowrank, lowrank_config.get_config)
+  checked = _every_field_rejects_garbage(lowrank, lowrank_config.get_config)
+  assert checked == len(lowrank_config.get_config().to_dict())
 
 
 def test_robustness_validates_every_field():
-  _every_field_rejects_garbage(robustness, robustness_config.get_config)
+  checked = _every_field_rejects_garbage(robustness, robustness_config.get_config)
+  assert checked == len(robustness_config.get_config().to_dict())
 
 
 def test_real_validates_every_field():
-  _every_field_rejects_garbage(real, real_config.get_config, garbage={'teacher_dir': 3})
+  checked = _every_field_rejects_garbage(real, real_config.get_config, garbage={'teacher_dir': 3})
+  assert checked == len(real_config.get_config().to_dict())
 
 
 def test_jit_once_is_the_same_computation_as_jit():

@@ -152,10 +152,17 @@ def test_attack_table_covers_exactly_the_shared_attack_fields():
   assert set(common.ATTACK_OVERRIDES) <= set(common.ATTACK_FIELDS)
 
 
-def test_default_configs_are_valid():
-  lowrank.validate_config(lowrank_config.get_config())
-  robustness.validate_config(robustness_config.get_config())
-  real.validate_config(real_config.get_config())
+@pytest.mark.parametrize('module, get_config', [
+    (lowrank, lowrank_config.get_config), (robustness, robustness_config.get_config),
+    (real, real_config.get_config),
+    (real, lambda: real_config.get_config('mnist_lowrank'))],
+    ids=['lowrank', 'robustness', 'real', 'real-mnist_lowrank'])
+def test_default_configs_are_valid(module, get_config):
+  """The defaults pass their binary's checks, which only read the config."""
+  config = get_config()
+  before = config.to_dict()
+  assert module.validate_config(config) is None
+  assert config.to_dict() == before
 
 
 def test_cross_field_rules():

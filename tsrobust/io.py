@@ -114,7 +114,6 @@ def cpu_model() -> str:
 
 def library_versions() -> Dict[str, str]:
   """Versions of the numerical stack, for embedding in result files."""
-  import platform  # pylint: disable=g-import-not-at-top
   import chex
   import flax
   import jax
