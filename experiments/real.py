@@ -176,14 +176,16 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   robust_x, rf_info = None, None
   if any(m == 'robust_features' for m, _ in points):
     t0 = time.perf_counter()
-    if teachers.teacher_spec(config, 'robust_model') == t_spec:
+    r_spec = teachers.teacher_spec(config, 'robust_model')
+    if r_spec == t_spec:
       r_params, r_info, same = teacher_params, teacher_info, True
-    else:
+    else:  # from scratch, or fine-tuned from the teacher (init_from)
       _, r_params, r_info = pretrain(config, teacher, dataset, workdir, 'robust_model',
-                                     init=teacher_params)
+                                     init=teacher_params if 'init_from' in r_spec else None)
       same = False
     robust_x, rf_info = build_robust_features(config, teacher, r_params, dataset, pca)
-    rf_info.update(robust_model=r_info['hash'], robust_model_is_teacher=same,
+    rf_info.update(robust_model=r_info['hash'], robust_model_init=config.rf_model_init,
+                   robust_model_is_teacher=same,
                    robust_model_reused=r_info['reused'])
     rf_info['robust_model_eval'] = evaluator.teacher(  # the teacher's compiled attacks
         jax.random.fold_in(jax.random.PRNGKey(config.seed), 8), params=r_params)

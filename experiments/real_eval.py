@@ -366,7 +366,26 @@ def wilson_table(config, records) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def summary_markdown(config, records, teacher_eval, corr, sizes) -> str:
+def robust_features_line(config, rf: Dict[str, Any]) -> str:
+  """One paragraph on the robust-feature dataset: its robust model and how well it matched."""
+  names = [budget_name(config, e) for e in config.eps]
+  model = rf['robust_model_eval']
+  origin = ('the teacher itself' if rf['robust_model_is_teacher'] else
+            'trained from scratch (own initialization and PRNG stream)'
+            if rf['robust_model_init'] == 'scratch' else 'the teacher fine-tuned')
+  return (f'Robust-feature dataset: robust model {origin}, L-inf PGD-AT at '
+          f'{config.rf_model_eps:g} for {config.rf_model_steps} steps; clean test accuracy '
+          f'{model["clean_acc"]:.3f}, true-label robust accuracy '
+          + ', '.join(f'{model[f"robust_acc_true_{n}"]:.3f} (eps {n})' for n in names)
+          + f'. Matching: {config.rf_steps} normalized L2 steps of {config.rf_step_size:g} from '
+          f'{"another training image" if config.rf_start == "permutation" else "noise"}; mean '
+          f'representation distance {rf["rep_distance_start"]:.2f} at the start, '
+          f'{rf["rep_distance_end"]:.2f} at the end, against a representation norm of '
+          f'{rf["rep_norm"]:.2f} (end / norm {rf["rep_distance_end"] / rf["rep_norm"]:.3f}).')
+
+
+def summary_markdown(config, records, teacher_eval, corr, sizes,
+                     rf: Optional[Dict[str, Any]] = None) -> str:
   names = [budget_name(config, e) for e in config.eps]
   labels = attack_labels(config)
   n_layers = len(config.teacher_conv) + len(config.teacher_dense)
@@ -385,6 +404,8 @@ def summary_markdown(config, records, teacher_eval, corr, sizes) -> str:
   lines = [f'# Real images: {sizes["dataset"]} ({sizes["num_train"]} train / '
            f'{sizes["num_test"]} test images, {sizes["num_attack"]} attacked)', '',
            teacher_line + '.', '']
+  if rf:
+    lines += [robust_features_line(config, rf), '']
   if config.lowrank_rank:
     pca = sizes['pca']
     lines += [f'PCA rank {config.lowrank_rank}: {pca["explained"]:.3f} of the training '
@@ -432,7 +453,7 @@ def write_reports(config, workdir: str, records: List[Dict[str, Any]], summary: 
     io.write_json(os.path.join(workdir, 'summary.json'), summary)
     io.atomic_write_text(os.path.join(workdir, 'summary.md'),
                          summary_markdown(config, records, summary['teacher'], corr,
-                                          summary['dataset'])
+                                          summary['dataset'], summary['robust_features'])
                          + '\n' + common.attack_checks_markdown(summary['attack_checks']))
     results = os.path.join(workdir, 'results.csv')
     mid = budget_name(config, config.eps[len(config.eps) // 2])

@@ -26,7 +26,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = dict(num_seeds=2, num_train=64, num_test=40, teacher_conv=(2,), teacher_dense=(4,),
             teacher_training='pgd', teacher_steps=10, teacher_batch=16, teacher_pgd_steps=1,
-            rf_steps=2, rf_batch=32, methods=('standard', 'at', 'ccat', 'robust_features'),
+            rf_model_steps=10, rf_steps=2, rf_batch=32,
+            methods=('standard', 'at', 'ccat', 'robust_features'),
             at_eps=(0.1,), at_steps=1, ccat_steps=1, num_steps=4, chunk_steps=4, batch_size=8,
             eps=(0.1, 0.3), attack_strength='fast', num_attack=8, eval_batch=20,
             attack_labels=('oracle', 'true'),  # both kinds (the default is oracle only)
@@ -233,9 +234,12 @@ class TestTeacherCheckpoint:
     assert not info3['reused'] and info3['folder'] != info1['folder']
     assert not all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(p1),
                                                           jax.tree_util.tree_leaves(p3)))
-    # The robust model is a PGD-trained variant, or the teacher itself when that is PGD-trained.
+    # The robust model is PGD-trained from scratch on its own stream by default; with
+    # rf_model_init = teacher it is the teacher itself when that is PGD-trained.
     assert teachers.teacher_spec(config, 'robust_model')['teacher_training'] == 'pgd'
     pgd = tiny_config(teacher_training='pgd')
+    assert teachers.teacher_spec(pgd, 'robust_model') != teachers.teacher_spec(pgd)
+    pgd.rf_model_init = 'teacher'
     assert teachers.teacher_spec(pgd, 'robust_model') == teachers.teacher_spec(pgd)
     # A folder whose recorded spec does not match is refused.
     with open(os.path.join(info1['folder'], 'spec.json'), 'w') as f:
@@ -363,11 +367,16 @@ def test_binary_writes_files_that_parse(tiny_run):
   assert set(summary['teacher']) >= {'robust_acc_true_0.1', 'robust_acc_true_0.3'}
   corr = summary['correlation']['robust_acc_oracle_0.1']
   assert corr['n'] == 8 and len(corr['pearson_ci']) == 2
-  assert summary['robust_features']['robust_model_is_teacher']
+  rf = summary['robust_features']  # an independent robust model, trained from scratch
+  assert rf['robust_model_init'] == 'scratch' and not rf['robust_model_is_teacher']
+  assert rf['rep_distance_end'] < rf['rep_distance_start']
   with open(os.path.join(workdir, 'results.json')) as f:
     assert len(json.load(f)['records']) == 8
   text = open(os.path.join(workdir, 'summary.md')).read()
   assert '| robust_features |' in text and 'Pearson' in text
+  assert ('Robust-feature dataset: robust model trained from scratch (own initialization and '
+          'PRNG stream), L-inf PGD-AT at 0.1 for 10 steps') in text
+  assert f'{rf["rep_distance_end"]:.2f} at the end' in text
 
 
 @pytest.mark.slow

@@ -38,12 +38,25 @@ def test_spec_fields_and_roles(tmp_path):
   assert spec['data_dir'] == os.path.abspath('rel/dir')
   assert spec['teacher_eps'] == 0.0  # unused by a standard teacher: does not key it
   assert spec['teacher_conv'] == [2] and spec['format'] == teachers.TEACHER_FORMAT
-  robust = teachers.teacher_spec(_fields(), 'robust_model')
+  # The robust model fine-tuned from the teacher (rf_model_init = teacher) ...
+  robust = teachers.teacher_spec(_fields(rf_model_init='teacher'), 'robust_model')
   assert robust['teacher_training'] == 'pgd' and robust['teacher_eps'] == 0.2
   assert robust['teacher_steps'] == 5 and robust['init_from'] == teachers.config_hash(
       teachers.teacher_spec(_fields()))
-  pgd = _fields(teacher_training='pgd')
+  assert 'stream' not in robust
+  pgd = _fields(teacher_training='pgd', rf_model_init='teacher')
   assert teachers.teacher_spec(pgd, 'robust_model') == teachers.teacher_spec(pgd)
+  # ... or trained from scratch on its own stream (the default, also without the field),
+  # for a standard and for a PGD-trained teacher alike: never the teacher's spec.
+  for fields in (_fields(), _fields(rf_model_init='scratch'),
+                 _fields(teacher_training='pgd', rf_model_init='scratch')):
+    scratch = teachers.teacher_spec(fields, 'robust_model')
+    assert scratch['stream'] == 'robust_model' and 'init_from' not in scratch
+    assert scratch['teacher_training'] == 'pgd' and scratch['teacher_eps'] == 0.2
+    assert scratch['teacher_steps'] == 5 and scratch['seed'] == 0
+    assert scratch != teachers.teacher_spec(fields)
+  with pytest.raises(ValueError, match='rf_model_init must be one of'):
+    teachers.teacher_spec(_fields(rf_model_init='fine_tune'), 'robust_model')
   with pytest.raises(ValueError, match='role must be'):
     teachers.teacher_spec(_fields(), 'student')
   root = teachers.teachers_root('', str(tmp_path))
@@ -88,3 +101,29 @@ def test_pretrain_reuses_its_checkpoint(tmp_path):
   assert info2['reused'] and info2['final_loss'] == info1['final_loss']
   for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p2)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_robust_model_from_scratch_has_its_own_stream(tmp_path):
+  # The same fields as a PGD teacher, but the robust model's stream: another initialization
+  # (fold_in(fold_in(PRNGKey(seed), TRAIN_KEY), 1)), so other parameters after training.
+  rng = np.random.default_rng(0)
+  ds = datasets.Dataset(rng.uniform(size=(16, 6, 6, 1)).astype(np.float32),
+                        rng.integers(0, 10, 16).astype(np.int32),
+                        rng.uniform(size=(4, 6, 6, 1)).astype(np.float32),
+                        rng.integers(0, 10, 4).astype(np.int32), 'toy')
+  model = cnn.make_cnn((2,), (4,), 10)
+  fields = _fields(num_train=16, teacher_training='pgd', teacher_eps=0.2, teacher_steps=5)
+  t_spec, r_spec = teachers.teacher_spec(fields), teachers.teacher_spec(fields, 'robust_model')
+  assert {k: v for k, v in r_spec.items() if k != 'stream'} == t_spec
+  root = str(tmp_path)
+  t_params, t_info = teachers.pretrain_teacher(t_spec, model, ds, root)
+  r_params, r_info = teachers.pretrain_teacher(r_spec, model, ds, root, 'robust_model')
+  assert r_info['folder'] != t_info['folder']
+  pairs = zip(jax.tree_util.tree_leaves(t_params), jax.tree_util.tree_leaves(r_params))
+  assert not any(np.array_equal(a, b) for a, b in pairs)
+  # Zero steps of training leave the initialization: the stream's key, not the teacher's.
+  key = jax.random.fold_in(jax.random.PRNGKey(0), teachers.TRAIN_KEY)
+  r0, _ = teachers.pretrain_teacher(dict(r_spec, teacher_steps=0), model, ds, root)
+  want = cnn.init_params(jax.random.split(jax.random.fold_in(key, 1))[0], model, (6, 6, 1))
+  for a, b in zip(jax.tree_util.tree_leaves(r0), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_array_equal(a, np.asarray(b))

@@ -6,8 +6,9 @@ network: the data (``seed``, ``dataset``, ``data_dir``, ``num_train``,
 ``standard`` or ``pgd`` - L-inf PGD-AT at ``teacher_eps / eps_denominator`` -,
 steps, batch, learning rate, PGD steps), plus ``format`` (bumped when the
 training code changes meaning) and, for a fine-tuned network, ``init_from``
-(the hash of the spec it starts from). ``teacher_spec`` builds it from a
-study's config fields (``TEACHER_FIELDS``).
+(the hash of the spec it starts from), and for a network of its own PRNG
+stream (an independent robust model) ``stream``. ``teacher_spec`` builds it
+from a study's config fields (``TEACHER_FIELDS``).
 
 ``pretrain_teacher`` trains a CNN on the true labels (cross-entropy, Adam)
 into ``<root>/<hash of the spec>`` (``teacher_folder``): ``spec.json`` and the
@@ -38,6 +39,10 @@ from tsrobust import train
 
 TEACHER_TRAININGS = ('standard', 'pgd')
 ROLES = ('teacher', 'robust_model')
+# How the robust model (robust-feature datasets) starts: its own initialization and PRNG stream
+# (PGD-AT from scratch, independent of the teacher), or the teacher (fine-tuned by PGD-AT, or
+# the teacher itself when that is PGD-trained).
+RF_MODEL_INITS = ('scratch', 'teacher')
 TEACHER_CHUNK = 250  # steps per jitted chunk (and per checkpoint)
 TEACHER_FORMAT = 1   # bump when the teacher's training code changes meaning
 # Fields that determine a pretrained teacher (or robust model): its checkpoint folder is
@@ -46,8 +51,10 @@ TEACHER_FIELDS = ('seed', 'dataset', 'data_dir', 'num_train', 'lowrank_rank', 't
                   'teacher_dense', 'kernel_size', 'pool', 'use_bias', 'teacher_training',
                   'teacher_eps', 'teacher_steps', 'teacher_batch', 'teacher_lr',
                   'teacher_pgd_steps', 'eps_denominator')
-# The PRNG stream of pretraining: fold_in(PRNGKey(seed), TRAIN_KEY).
+# The PRNG stream of pretraining: fold_in(PRNGKey(seed), TRAIN_KEY); a spec with a ``stream``
+# (the independent robust model) folds in STREAMS[stream] after that.
 TRAIN_KEY = 2 ** 31 - 2
+STREAMS = {'robust_model': 1}
 
 
 def config_hash(obj: Any) -> str:
@@ -89,14 +96,21 @@ def teacher_spec(fields: Mapping[str, Any], role: str = 'teacher') -> Dict[str, 
 
   ``data_dir`` is made absolute; a standard teacher's ``teacher_eps`` is 0
   (unused, so it does not key the checkpoint). ``role='robust_model'``: the
-  model whose representation builds the robust-feature dataset - the
-  teacher itself when it is PGD-trained, else the teacher fine-tuned by
-  PGD-AT at ``fields['rf_model_eps']`` for ``fields['rf_model_steps']``
-  steps (its spec records the teacher's hash in ``init_from``).
+  model whose representation builds the robust-feature dataset. With
+  ``fields['rf_model_init'] = 'scratch'`` (the default where the field is
+  absent) it is an independent network: the teacher's data and architecture,
+  L-inf PGD-AT at ``fields['rf_model_eps']`` for ``fields['rf_model_steps']``
+  steps from its own initialization, on its own PRNG stream (``stream``,
+  derived from ``seed``: another initialization and data order than the
+  teacher's for every seed). With ``'teacher'`` it is the teacher itself when
+  that is PGD-trained, else the teacher fine-tuned by PGD-AT at
+  ``rf_model_eps`` for ``rf_model_steps`` steps (the spec records the
+  teacher's hash in ``init_from``).
 
   Args:
     fields: a mapping (e.g. a ``ConfigDict``) holding ``TEACHER_FIELDS`` (and,
-      for the robust model, ``rf_model_eps`` / ``rf_model_steps``).
+      for the robust model, ``rf_model_eps`` / ``rf_model_steps`` and
+      optionally ``rf_model_init``).
     role: ``'teacher'`` or ``'robust_model'``.
   """
   if role not in ROLES:
@@ -106,11 +120,18 @@ def teacher_spec(fields: Mapping[str, Any], role: str = 'teacher') -> Dict[str, 
   if spec['teacher_training'] == 'standard':
     spec['teacher_eps'] = 0.0  # unused: does not key the checkpoint
   spec['format'] = TEACHER_FORMAT
-  if role == 'robust_model' and fields['teacher_training'] != 'pgd':
-    # PGD-AT fine-tuning of the (standard) teacher: small CNNs trained by PGD-AT from a
-    # random start can stall for a long time near chance on MNIST.
-    spec.update(teacher_training='pgd', teacher_eps=io.to_plain(fields['rf_model_eps']),
-                teacher_steps=fields['rf_model_steps'], init_from=config_hash(dict(spec)))
+  if role == 'teacher':
+    return spec
+  init = fields.get('rf_model_init', 'scratch')
+  if init not in RF_MODEL_INITS:
+    raise ValueError(f'rf_model_init must be one of {RF_MODEL_INITS}, got {init!r}')
+  robust = dict(teacher_training='pgd', teacher_eps=io.to_plain(fields['rf_model_eps']),
+                teacher_steps=fields['rf_model_steps'])
+  if init == 'scratch':
+    spec.update(robust, stream='robust_model')
+  elif fields['teacher_training'] != 'pgd':
+    # PGD-AT fine-tuning of the (standard) teacher.
+    spec.update(robust, init_from=config_hash(dict(spec)))
   return spec
 
 
@@ -145,7 +166,7 @@ def pretrain_teacher(spec: Mapping[str, Any], model: cnn.CNN, dataset: datasets.
     stage: a name for errors and progress (``'teacher'``, ``'robust_model'``).
     init: starting parameters (fine-tuning; the spec must say where they come
       from, as ``teacher_spec``'s ``init_from`` does), else a fresh
-      initialization.
+      initialization (from the spec's ``stream`` where it has one).
     on_chunk: progress callback of ``train.train_seeds``.
 
   Returns:
@@ -176,6 +197,8 @@ def pretrain_teacher(spec: Mapping[str, Any], model: cnn.CNN, dataset: datasets.
                             pgd_steps=spec['teacher_pgd_steps'] if pgd else 0, clip=clip)
   optimizer = train.make_optimizer('adam', spec['teacher_lr'])
   key = jax.random.fold_in(jax.random.PRNGKey(spec['seed']), TRAIN_KEY)
+  if 'stream' in spec:
+    key = jax.random.fold_in(key, STREAMS[spec['stream']])
   k_init, k_train = jax.random.split(key)
   params = cnn.init_params(k_init, model, dataset.image_shape) if init is None else init
   add_axis = lambda tree: jax.tree_util.tree_map(lambda v: jnp.asarray(v)[None], tree)
