@@ -111,7 +111,7 @@ class TestConfig:
     # The full-rank default keeps exactly its columns (no off-subspace ones), in order;
     # the students' true-label columns come with attack_labels.
     layers = range(1, 4)
-    eps = ('0.05', '0.1', '0.15')
+    eps = ('0.05', '0.1')
     attacks_run = ('pgd', 'apgd', 'apgd_t', 'square')
     for kinds in (('oracle',), ('oracle', 'true')):
       c = real_config.get_config()
@@ -138,6 +138,9 @@ class TestConfig:
     assert real_eval.budget_name(c, 8.0) == '8.0_255'
     assert real_eval.budget(c, 8.0) == pytest.approx(8 / 255)
     assert real_eval.budget_name(real_config.get_config(), 0.1) == '0.1'
+    assert c.num_train == 0 and c.rf_steps == 1000  # full training set; Ilyas et al.'s steps
+    default = real_config.get_config()  # issue 10: an independent robust model, 1,000 steps
+    assert (default.rf_model_init, default.rf_steps) == ('scratch', 1000)
     with pytest.raises(ValueError, match='preset'):
       real_config.get_config('svhn')
 

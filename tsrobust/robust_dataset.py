@@ -180,8 +180,9 @@ def robust_feature_dataset(rep_fn: RepFn, x: chex.Array, key: chex.PRNGKey, *, s
     m = xb.shape[0]
     xr_b, dist = match((pad(xb, batch_size), pad(x0b, batch_size)))
     parts.append(xr_b[:m])
+    loss = float(dist[:m].mean())  # waits for the batch (dispatch is asynchronous)
     done, elapsed = first + m, time.perf_counter() - t0
-    on_batch({'step': done, 'num_steps': n, 'loss': float(dist[:m].mean()),
+    on_batch({'step': done, 'num_steps': n, 'loss': loss,
               'steps_per_sec': done / elapsed, 'eta_sec': (n - done) * elapsed / done})
   x_r = jnp.concatenate(parts)
   chex.assert_equal_shape([x_r, x])
