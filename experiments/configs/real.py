@@ -178,6 +178,7 @@ def get_config(preset: str = 'mnist') -> ml_collections.ConfigDict:
     c.attack_norm = 'l2'
     c.eps = (0.25, 0.5)
     c.at_eps = (0.5,)         # PGD-AT (L2, oracle labels) at the larger evaluation budget
+    c.ccat_eps = (0.5,)       # CCAT (not run by default; add it with --config.methods): L2 too
     # Noise of orth / iso: per-pixel std 0.15, close to the RMS per pixel (0.135) of the part
     # of a real digit the projection drops, so x + P_perp xi (norm ~0.15 sqrt(754) = 4.1) is
     # about as far off the subspace as real digits are, and 0.5 (norm ~14, twice an image's):
