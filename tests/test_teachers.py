@@ -25,6 +25,15 @@ def _fields(**overrides):
   return ml_collections.ConfigDict(f)
 
 
+def _toy_dataset():
+  """16 training / 4 test random 6 x 6 images with labels in 0..9."""
+  rng = np.random.default_rng(0)
+  return datasets.Dataset(rng.uniform(size=(16, 6, 6, 1)).astype(np.float32),
+                          rng.integers(0, 10, 16).astype(np.int32),
+                          rng.uniform(size=(4, 6, 6, 1)).astype(np.float32),
+                          rng.integers(0, 10, 4).astype(np.int32), 'toy')
+
+
 def test_config_hash_known_answer():
   # SHA-256 of the sorted JSON '{"a": 1, "b": [1, 2]}', first 16 hex digits.
   assert teachers.config_hash({'b': (1, 2), 'a': 1}) == 'e6f20bdc3757e5e7'
@@ -85,11 +94,7 @@ def test_supervised_loss_known_answers():
 
 
 def test_pretrain_reuses_its_checkpoint(tmp_path):
-  rng = np.random.default_rng(0)
-  ds = datasets.Dataset(rng.uniform(size=(16, 6, 6, 1)).astype(np.float32),
-                        rng.integers(0, 10, 16).astype(np.int32),
-                        rng.uniform(size=(4, 6, 6, 1)).astype(np.float32),
-                        rng.integers(0, 10, 4).astype(np.int32), 'toy')
+  ds = _toy_dataset()
   model = cnn.make_cnn((2,), (4,), 10)
   spec = teachers.teacher_spec(_fields(num_train=16))
   reports = []
@@ -106,11 +111,7 @@ def test_pretrain_reuses_its_checkpoint(tmp_path):
 def test_robust_model_from_scratch_has_its_own_stream(tmp_path):
   # The same fields as a PGD teacher, but the robust model's stream: another initialization
   # (fold_in(fold_in(PRNGKey(seed), TRAIN_KEY), 1)), so other parameters after training.
-  rng = np.random.default_rng(0)
-  ds = datasets.Dataset(rng.uniform(size=(16, 6, 6, 1)).astype(np.float32),
-                        rng.integers(0, 10, 16).astype(np.int32),
-                        rng.uniform(size=(4, 6, 6, 1)).astype(np.float32),
-                        rng.integers(0, 10, 4).astype(np.int32), 'toy')
+  ds = _toy_dataset()
   model = cnn.make_cnn((2,), (4,), 10)
   fields = _fields(num_train=16, teacher_training='pgd', teacher_eps=0.2, teacher_steps=5)
   t_spec, r_spec = teachers.teacher_spec(fields), teachers.teacher_spec(fields, 'robust_model')
