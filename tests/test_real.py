@@ -28,7 +28,8 @@ TINY = dict(num_seeds=2, num_train=64, num_test=40, teacher_conv=(2,), teacher_d
             teacher_training='pgd', teacher_steps=10, teacher_batch=16, teacher_pgd_steps=1,
             rf_model_steps=10, rf_steps=2, rf_batch=32,
             methods=('standard', 'at', 'ccat', 'robust_features'),
-            at_eps=(0.1,), at_steps=1, ccat_steps=1, num_steps=4, chunk_steps=4, batch_size=8,
+            at_eps=(0.1,), ccat_eps=(0.3,), at_steps=1, ccat_steps=1, num_steps=4, chunk_steps=4,
+            batch_size=8,
             eps=(0.1, 0.3), attack_strength='fast', num_attack=8, eval_batch=20,
             attack_labels=('oracle', 'true'),  # both kinds (the default is oracle only)
             bootstrap_resamples=20)
