@@ -65,7 +65,7 @@ def main():
   basis = jax.vmap(lambda proj: jnp.linalg.eigh(proj)[1][:, -r:])(p.projector)  # [S, d, r]
   x_fixed = jax.vmap(lambda k, proj, s: data.sample_lowrank(k, proj, b, s))(
       p.keys, p.projector, p.data_args['scale'])
-  data_args = dict(p.data_args, basis=basis, basis_t=jnp.swapaxes(basis, 1, 2), x=x_fixed)
+  data_args = dict(p.data_args, basis=basis, x=x_fixed)
   flops = setting.flops_per_student_step(c)
 
   def student_loss(params, tp, x):
@@ -94,19 +94,6 @@ def main():
       'step, z @ U^T': (step_on(lambda k, da: da['scale'] * jax.random.normal(
           k, (b, r)) @ da['basis'].T), p.state, flops['exact'] - flops['data']
                         + 2 * b * r * d),
-      # The r-normal draw alone, and three ways to map z [B, r] to x [B, d].
-      'rng r': (lambda cz, tp, da, k: cz + jax.random.normal(k, (b, r)), jnp.zeros(
-          (args.seeds, b, r)), 0),
-      'data r, z @ U^T': (lambda cz, tp, da, k: cz + jax.random.normal(k, (b, r))
-                          @ da['basis'].T, zeros, 2 * b * r * d),
-      'data r, z @ Ut': (lambda cz, tp, da, k: cz + jax.random.normal(k, (b, r))
-                         @ da['basis_t'], zeros, 2 * b * r * d),
-      'data r, sum z_i u_i': (lambda cz, tp, da, k: cz + (
-          jax.random.normal(k, (b, r))[:, :, None] * da['basis_t'][None]).sum(1),
-          zeros, 2 * b * r * d),
-      'step, z @ Ut': (step_on(lambda k, da: da['scale'] * jax.random.normal(
-          k, (b, r)) @ da['basis_t']), p.state, flops['exact'] - flops['data']
-                       + 2 * b * r * d),
   }
   only = args.only.split(',') if args.only else list(pieces)
   mesh = sweep.seed_mesh()

@@ -370,11 +370,14 @@ def robust_features_line(config, rf: Dict[str, Any]) -> str:
   """One paragraph on the robust-feature dataset: its robust model and how well it matched."""
   names = [budget_name(config, e) for e in config.eps]
   model = rf['robust_model_eval']
-  origin = ('the teacher itself' if rf['robust_model_is_teacher'] else
-            'trained from scratch (own initialization and PRNG stream)'
-            if rf['robust_model_init'] == 'scratch' else 'the teacher fine-tuned')
-  return (f'Robust-feature dataset: robust model {origin}, L-inf PGD-AT at '
-          f'{config.rf_model_eps:g} for {config.rf_model_steps} steps; clean test accuracy '
+  if rf['robust_model_is_teacher']:  # the PGD-trained teacher: its own budget and steps
+    origin = (f'the teacher itself (L-inf PGD-AT at {config.teacher_eps:g} for '
+              f'{config.teacher_steps} steps)')
+  else:
+    origin = ('trained from scratch (own initialization and PRNG stream)'
+              if rf['robust_model_init'] == 'scratch' else 'the teacher fine-tuned')
+    origin += f', L-inf PGD-AT at {config.rf_model_eps:g} for {config.rf_model_steps} steps'
+  return (f'Robust-feature dataset: robust model {origin}; clean test accuracy '
           f'{model["clean_acc"]:.3f}, true-label robust accuracy '
           + ', '.join(f'{model[f"robust_acc_true_{n}"]:.3f} (eps {n})' for n in names)
           + f'. Matching: {config.rf_steps} normalized L2 steps of {config.rf_step_size:g} from '
@@ -385,7 +388,7 @@ def robust_features_line(config, rf: Dict[str, Any]) -> str:
 
 
 def summary_markdown(config, records, teacher_eval, corr, sizes,
-                     rf: Optional[Dict[str, Any]] = None) -> str:
+                     rf: Optional[Dict[str, Any]]) -> str:
   names = [budget_name(config, e) for e in config.eps]
   labels = attack_labels(config)
   n_layers = len(config.teacher_conv) + len(config.teacher_dense)

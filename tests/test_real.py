@@ -132,6 +132,21 @@ class TestConfig:
       assert col in low, col
     assert not [c for c in low if '_true_' in c]
 
+  def test_robust_features_line_names_the_robust_models_training(self):
+    c = tiny_config(teacher_eps=0.2, teacher_steps=7, rf_model_eps=0.1, rf_model_steps=10)
+    rf = {'robust_model_eval': {'clean_acc': 0.9, 'robust_acc_true_0.1': 0.5,
+                                'robust_acc_true_0.3': 0.25},
+          'robust_model_is_teacher': True, 'robust_model_init': 'teacher',
+          'rep_distance_start': 4.0, 'rep_distance_end': 1.0, 'rep_norm': 8.0}
+    line = real_eval.robust_features_line(c, rf)
+    assert line.startswith('Robust-feature dataset: robust model the teacher itself (L-inf '
+                           'PGD-AT at 0.2 for 7 steps); clean test accuracy 0.900, true-label '
+                           'robust accuracy 0.500 (eps 0.1), 0.250 (eps 0.3).')
+    assert line.endswith('1.00 at the end, against a representation norm of 8.00 '
+                         '(end / norm 0.125).')
+    line = real_eval.robust_features_line(c, dict(rf, robust_model_is_teacher=False))
+    assert 'robust model the teacher fine-tuned, L-inf PGD-AT at 0.1 for 10 steps;' in line
+
   def test_cifar_preset_and_budget_names(self):
     c = real_config.get_config('cifar10')
     with pytest.raises(common.ConfigError, match='config.data_dir must name the folder'):
