@@ -4,15 +4,18 @@ Each line times ``jit(vmap(lax.scan over --steps steps))`` over ``--seeds``
 students (as ``train.train_seeds`` runs it) of one piece of the step, so
 differences between lines are the cost of the pieces:
 
-* ``rng``: ``jax.random.normal(fold_in(key, t), (B, d))`` only;
-* ``data``: the library's sampler ``s * g @ P`` (``data.sample_lowrank``);
+* ``rng``: ``jax.random.normal(fold_in(key, t), (r, B))`` only (what the
+  library's sampler draws);
+* ``data``: the library's sampler ``s (U z)^T`` (``data.sample_subspace``);
 * ``data+teacher``: plus the teacher's forward pass (the labels);
 * ``step``: the library's full ``train.train_step`` (default loss, optimizer);
-* ``step, fixed x``: the same step on a fixed batch (no random numbers):
+* ``step; fixed x``: the same step on a fixed batch (no random numbers):
   the cost of the student's forward, backward and the optimizer;
-* ``step, z @ U^T``: the full step with a sampler drawing ``r`` normals per
-  example (``s * z @ U^T``, ``z ~ N(0, I_r)``, same law as ``s P g``)
-  instead of ``d``: a possible library change (see RESULTS.md).
+* ``step; s g P``: the step with the projector sampler ``data.sample_lowrank``
+  (``d`` normals per example and a ``d x d`` product; the library's training
+  sampler until 2026-11-26);
+* ``step; z @ U^T``: the step with ``r`` normals drawn as ``[B, r]`` (the same
+  numbers of normals as the library, the small axis minor).
 
 ``--cpu_devices=N`` shards the seeds over N virtual CPU devices
 (``jax_num_cpu_devices``, ``sweep.shard_seeds``), as the library does over
@@ -42,7 +45,7 @@ def main():
   parser.add_argument('--prng_impl', default=None,
                       help='jax_default_prng_impl (threefry2x32, rbg, unsafe_rbg)')
   parser.add_argument('--threefry_partitionable', default=None, choices=('true', 'false'))
-  parser.add_argument('--only', default=None, help='comma-separated subset of the pieces')
+  parser.add_argument('--only', default=None, help='semicolon-separated subset of the pieces')
   parser.add_argument('--wait_quiet', type=float, default=0)
   args = parser.parse_args()
   if args.cpu_devices > 1:
@@ -62,10 +65,9 @@ def main():
   p = setting.jax_problem(args.seeds)
   c = p.config
   b, d, r = c.batch_size, c.d, setting.RANK
-  basis = jax.vmap(lambda proj: jnp.linalg.eigh(proj)[1][:, -r:])(p.projector)  # [S, d, r]
-  x_fixed = jax.vmap(lambda k, proj, s: data.sample_lowrank(k, proj, b, s))(
-      p.keys, p.projector, p.data_args['scale'])
-  data_args = dict(p.data_args, basis=basis, x=x_fixed)
+  x_fixed = jax.vmap(lambda k, u, s: data.sample_subspace(k, u, b, s))(
+      p.keys, p.data_args['basis'], p.data_args['scale'])
+  data_args = dict(p.data_args, x=x_fixed)
   flops = setting.flops_per_student_step(c)
 
   def student_loss(params, tp, x):
@@ -80,22 +82,25 @@ def main():
       return train.TrainState(optax.apply_updates(st.params, updates), opt_state, st.step + 1)
     return step
 
-  sample = lambda k, da: data.sample_lowrank(k, da['projector'], b, da['scale'])
+  sample = lambda k, da: data.sample_subspace(k, da['basis'], b, da['scale'])
   zeros = jnp.zeros((args.seeds, b, d))
+  no_data = flops['exact'] - flops['data']
   pieces = {
-      'rng': (lambda cz, tp, da, k: cz + jax.random.normal(k, (b, d)), zeros, 0),
+      'rng': (lambda cz, tp, da, k: cz + jax.random.normal(k, (r, b)).sum(), zeros, 0),
       'data': (lambda cz, tp, da, k: cz + sample(k, da), zeros, flops['data']),
       'data+teacher': (lambda cz, tp, da, k: cz + p.teacher.apply(tp, sample(k, da))[0].sum(),
                        zeros, flops['data'] + flops['teacher']),
       'step': (lambda st, tp, da, k: train.train_step(p.loss_fn, p.optimizer, st, tp, da,
                                                       k)[0], p.state, flops['exact']),
-      'step, fixed x': (step_on(lambda k, da: da['x'] * (1.0 + 0.0 * jax.random.normal(
-          k, ()))), p.state, flops['exact'] - flops['data']),
-      'step, z @ U^T': (step_on(lambda k, da: da['scale'] * jax.random.normal(
-          k, (b, r)) @ da['basis'].T), p.state, flops['exact'] - flops['data']
-                        + 2 * b * r * d),
+      'step; fixed x': (step_on(lambda k, da: da['x'] * (1.0 + 0.0 * jax.random.normal(
+          k, ()))), p.state, no_data),
+      'step; s g P': (step_on(lambda k, da: data.sample_lowrank(k, da['projector'], b,
+                                                                da['scale'])),
+                      p.state, no_data + 2 * b * d * d),
+      'step; z @ U^T': (step_on(lambda k, da: da['scale'] * jax.random.normal(
+          k, (b, r)) @ da['basis'].T), p.state, flops['exact']),
   }
-  only = args.only.split(',') if args.only else list(pieces)
+  only = args.only.split(';') if args.only else list(pieces)
   mesh = sweep.seed_mesh()
   inputs = (p.teacher_params, data_args, p.keys)
   if args.cpu_devices > 1:

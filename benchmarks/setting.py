@@ -4,7 +4,8 @@ JAX side: built exactly as ``experiments/lowrank.py`` builds it, from the
 default config ``experiments/configs/lowrank.py`` (``d = 40``, teacher
 ``40 -> 10 -> 10`` ReLU, student ``40 -> 50 -> 10`` (width x5), MSE to the
 teacher's outputs, SGD momentum 0.9, lr 0.05, batch 128, fresh low-rank
-Gaussian inputs ``s P g`` every step) at one rank (10 by default).
+Gaussian inputs ``s U z`` every step, ``r`` normals per example) at one rank
+(10 by default).
 
 PyTorch side: the same teacher, projector and initial student of a seed,
 copied from the JAX problem, so both frameworks train literally the same
@@ -71,13 +72,14 @@ def jax_problem(num_seeds: int, rank: int = RANK) -> Problem:
   problem = common.build_problem(c, keys)
   optimizer = _optimizer(c.optimizer, c.learning_rate, c.momentum)
   loss_fn = _loss_fn(problem.student, problem.teacher, c.loss, c.batch_size)
-  projector = common.rank_projector(problem.bases, rank)
-  scales = jnp.full((projector.shape[0],), common.data_scale(c, rank))
+  scales = jnp.full((problem.bases.shape[0],), common.data_scale(c, rank))
+  data_args = common.lowrank_args(problem.bases, rank, scales)
+  projector = data_args['projector']
   state = jax.vmap(lambda p: train.init_state(p, optimizer))(problem.student_params)
   # Exactly num_seeds seeds (no padding to the device count: one device here).
   cut = lambda tree: jax.tree_util.tree_map(lambda v: v[:num_seeds], tree)
   return Problem(c, problem.teacher, problem.student, loss_fn, optimizer, cut(state),
-                 cut(problem.teacher_params), cut({'projector': projector, 'scale': scales}),
+                 cut(problem.teacher_params), cut(data_args),
                  keys.train[:num_seeds], projector[:num_seeds])
 
 
@@ -92,7 +94,7 @@ def flops_per_student_step(c) -> dict:
   With ``B`` = batch, ``d`` = input dim, ``m`` / ``n`` = teacher / student
   hidden width, ``C`` = outputs (one hidden layer, as in the default):
 
-  * data ``s g P``: ``2 B d^2``;
+  * data ``s (U z)^T``: ``2 B d r`` (``r`` = the rank, ``c.ranks[0]``);
   * teacher forward (labels): ``2 B (d m + m C)``;
   * student forward: ``F = 2 B (d n + n C)``;
   * student backward: weight gradients ``2 B (d n + n C)`` (= F) plus the
@@ -109,7 +111,7 @@ def flops_per_student_step(c) -> dict:
   if len(widths_t) != 1:
     raise ValueError('flop count written for one hidden layer (the default)')
   m, n = widths_t[0], widths_s[0]
-  data = 2 * b * d * d
+  data = 2 * b * d * c.ranks[0]
   teacher = 2 * b * (d * m + m * c_out)
   forward = 2 * b * (d * n + n * c_out)
   backward = forward + 2 * b * n * c_out

@@ -757,6 +757,15 @@ def rank_projector(bases: jax.Array, r: int) -> jax.Array:
   return u @ jnp.swapaxes(u, 1, 2)
 
 
+def lowrank_args(bases: jax.Array, r: int, scales: jax.Array) -> Dict[str, jax.Array]:
+  """Per-seed ``data_args`` of the online sampler at rank ``r`` (see ``sampler``).
+
+  ``basis`` ``[S, d, r]`` (what the sampler reads), ``projector`` ``[S, d, d]``
+  (what the orthogonal augmentation reads) and ``scale`` ``[S]``.
+  """
+  return {'basis': bases[:, :, :r], 'projector': rank_projector(bases, r), 'scale': scales}
+
+
 def data_scale(config, r: int) -> float:
   """Per-coordinate std ``s`` of ``z`` at rank ``r`` (see ``energy_matched``)."""
   if config.energy_matched:
@@ -765,9 +774,15 @@ def data_scale(config, r: int) -> float:
 
 
 def sampler(num_train: int):
-  """``(key, data_args, n) -> x``: online low-rank samples, or a fixed training set."""
+  """``(key, data_args, n) -> x``: online low-rank samples, or a fixed training set.
+
+  Online (``num_train = 0``): ``data.sample_subspace`` from ``data_args['basis']``
+  (``[d, r]``, ``r`` normals per example) and ``data_args['scale']``; the
+  training chunk is compiled once per rank. Fixed: ``num_train`` rows of
+  ``data_args['train_x']``, drawn with replacement.
+  """
   if num_train == 0:
-    return lambda key, a, n: data.sample_lowrank(key, a['projector'], n, a['scale'])
+    return lambda key, a, n: data.sample_subspace(key, a['basis'], n, a['scale'])
   return lambda key, a, n: a['train_x'][jax.random.randint(key, (n,), 0, num_train)]
 
 

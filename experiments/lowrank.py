@@ -74,10 +74,10 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   records, checks = [], {}
   for r in config.ranks:
     t0 = time.perf_counter()
-    projector = common.rank_projector(problem.bases, r)
     scales = jnp.full((s,), common.data_scale(config, r))
+    data_args = common.lowrank_args(problem.bases, r, scales)
+    projector = data_args['projector']
     held = evaluator.held_out(projector, scales, keys.eval)
-    data_args = {'projector': projector, 'scale': scales}
     if config.num_train:
       data_args['train_x'] = held['train_x']
     state = jax.vmap(lambda p: train.init_state(p, optimizer))(problem.student_params)

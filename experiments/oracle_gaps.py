@@ -50,11 +50,11 @@ def main(argv):
   keys = common.seed_keys(config)
   problem = common.build_problem(config, keys)
   optimizer = common.make_optimizer(config)
-  projector = common.rank_projector(problem.bases, r)
   scales = jnp.full((keys.eval.shape[0],), common.data_scale(config, r))
+  data_args = common.lowrank_args(problem.bases, r, scales)
+  projector = data_args['projector']
   evaluator = common.LowRankEvaluator(config, problem.teacher, problem.student)
   held = evaluator.held_out(projector, scales, keys.eval)
-  data_args = {'projector': projector, 'scale': scales}
   if config.num_train:
     data_args['train_x'] = held['train_x']
   state = jax.vmap(lambda p: train.init_state(p, optimizer))(problem.student_params)

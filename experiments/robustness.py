@@ -134,8 +134,9 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   keys = common.seed_keys(config)
   problem = common.build_problem(config, keys)
   evaluator = common.LowRankEvaluator(config, problem.teacher, problem.student)
-  projector = common.rank_projector(problem.bases, r)
   scales = jnp.full((s,), common.data_scale(config, r))
+  lowrank_args = common.lowrank_args(problem.bases, r, scales)
+  projector = lowrank_args['projector']
   held = evaluator.held_out(projector, scales, keys.eval)
   settings = method_settings(config)
   sample = common.sampler(config.num_train)
@@ -146,7 +147,7 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
 
   def make_args(method, mpoints):  # per student: every seed has its own subspace
     g = len(mpoints)
-    args = {'projector': methods_lib.tile(projector, g), 'scale': methods_lib.tile(scales, g),
+    args = {**{k: methods_lib.tile(v, g) for k, v in lowrank_args.items()},
             **methods_lib.student_args(mpoints, s, settings),
             **methods_lib.subspace_args(mpoints, projector)}
     if config.num_train:

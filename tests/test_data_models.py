@@ -80,6 +80,30 @@ class SamplerTest(chex.TestCase):
     np.testing.assert_allclose(np.cov(np.asarray(xf), rowvar=False), s ** 2 * np.eye(d),
                                atol=0.05 * s ** 2)
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_sample_subspace_has_the_projector_samplers_law(self):
+    d, r, s, n = 8, 3, 1.5, 40000
+    u = data.random_orthonormal(jax.random.PRNGKey(3), d, r)
+    p, p_perp = data.projectors(u)
+    x = self.variant(lambda k, u: data.sample_subspace(k, u, n, s))(jax.random.PRNGKey(4), u)
+    self.assertEqual(x.shape, (n, d))
+    np.testing.assert_allclose(x @ p_perp, 0.0, atol=1e-5)
+    cov = np.asarray(x, np.float64).T @ np.asarray(x, np.float64) / n
+    np.testing.assert_allclose(cov, s ** 2 * np.asarray(p), atol=0.05 * s ** 2)
+    # Coordinates in the basis are the r drawn normals: z = U^T x / s, N(0, I_r).
+    z = np.asarray(x @ u, np.float64) / s
+    np.testing.assert_allclose(np.cov(z, rowvar=False), np.eye(r), atol=0.03)
+
+  def test_sample_subspace_known_answer(self):
+    # x = s (U z)^T with z = normal(key, [r, n]): with U = the first r columns of I_d,
+    # x's first r coordinates are s z^T and the rest are 0.
+    d, r, n, s = 5, 2, 7, 0.5
+    key = jax.random.PRNGKey(11)
+    x = data.sample_subspace(key, jnp.eye(d)[:, :r], n, s)
+    z = jax.random.normal(key, (r, n))
+    np.testing.assert_allclose(x[:, :r], s * np.asarray(z).T, rtol=1e-6)
+    np.testing.assert_array_equal(x[:, r:], 0.0)
+
   @parameterized.parameters(1, 2, 8)
   def test_energy_matched_scale(self, r):
     d, scale = 8, 0.7

@@ -4,12 +4,15 @@ import json
 import os
 
 from absl import flags
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from experiments import common
 from experiments import lowrank
 from experiments.configs import lowrank as lowrank_config
+from tsrobust import data
 from tsrobust import io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -208,3 +211,21 @@ def test_command_line_names_a_bad_value(tmp_path, capfd):
   assert not (tmp_path / 'bad').exists()
   code, err = _run_binary([], capfd)
   assert code == 2 and err == 'error: --workdir is required (the folder for the result files)\n'
+
+
+def test_online_sampler_draws_in_each_seeds_subspace():
+  # common.lowrank_args + common.sampler(0): the training inputs of seed i lie in the
+  # span of its own first r basis columns, with the energy-matched scale.
+  d, r, n = 6, 2, 4000
+  bases = jnp.stack([data.random_orthonormal(jax.random.PRNGKey(i), d, d) for i in range(2)])
+  args = common.lowrank_args(bases, r, jnp.array([1.0, 3.0]))
+  assert args['basis'].shape == (2, d, r) and args['projector'].shape == (2, d, d)
+  sample = common.sampler(0)
+  for i in range(2):
+    seed = jax.tree_util.tree_map(lambda v, i=i: v[i], args)
+    x = np.asarray(sample(jax.random.PRNGKey(9), seed, n), np.float64)
+    p = np.asarray(bases[i, :, :r] @ bases[i, :, :r].T, np.float64)
+    np.testing.assert_allclose(args['projector'][i], p, atol=1e-6)
+    np.testing.assert_allclose(x - x @ p, 0.0, atol=1e-5)
+    np.testing.assert_allclose((x ** 2).sum(1).mean(), r * float(args['scale'][i]) ** 2,
+                               rtol=0.05)

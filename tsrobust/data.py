@@ -4,10 +4,14 @@ Inputs lie in an r-dimensional subspace S of R^d: ``x = U z`` with ``U`` a
 ``d x r`` matrix with orthonormal columns and ``z ~ N(0, s^2 I_r)``.
 ``P = U U^T`` projects onto S and ``P_perp = I - P`` onto its complement.
 
-Samplers take the projector rather than the basis: ``s * P g`` with
-``g ~ N(0, I_d)`` has exactly the law of ``U z`` (``U^T g ~ N(0, I_r)``), and a
-``[d, d]`` projector has the same shape at every rank, so one compiled
-function serves a whole sweep over ranks.
+Two samplers with the same law:
+
+* ``sample_subspace(key, U, n, s)``: ``s U z`` from ``r`` normals per example,
+  the training step's sampler (the cheap one: ``r`` instead of ``d`` normals);
+* ``sample_lowrank(key, P, n, s)``: ``s P g`` with ``g ~ N(0, I_d)``, which has
+  exactly the law of ``s U z`` (``U^T g ~ N(0, I_r)``); a ``[d, d]`` projector
+  has the same shape at every rank, so one compiled function serves a whole
+  sweep over ranks (the held-out sets use it).
 """
 
 import math
@@ -79,6 +83,30 @@ def sample_lowrank(key: chex.PRNGKey, projector: chex.Array, n: int,
   chex.assert_rank(projector, 2)
   d = projector.shape[0]
   return scale * jax.random.normal(key, (n, d), projector.dtype) @ projector
+
+
+def sample_subspace(key: chex.PRNGKey, basis: chex.Array, n: int,
+                    scale: chex.Numeric = 1.0) -> chex.Array:
+  """``n`` inputs ``s * U z``, ``z ~ N(0, I_r)``: ``r`` normals per example.
+
+  The same law as ``sample_lowrank(key, U U^T, n, s)`` (not the same numbers),
+  at a quarter of the random numbers when ``r = d / 4``. The normals are drawn
+  as ``[r, n]`` and the result is ``(U z)^T``: with the long batch axis minor,
+  XLA:CPU vectorizes the normal sampler; drawn as ``[n, r]`` with a small ``r``
+  it was slower than ``d`` normals per example (``benchmarks/profile_step.py``).
+
+  Args:
+    key: PRNG key.
+    basis: ``[d, r]`` matrix with orthonormal columns spanning the subspace.
+    n: number of samples.
+    scale: per-coordinate standard deviation ``s`` of ``z``.
+
+  Returns:
+    ``[n, d]`` inputs.
+  """
+  chex.assert_rank(basis, 2)
+  z = jax.random.normal(key, (basis.shape[1], n), basis.dtype)
+  return scale * (basis @ z).T
 
 
 def off_subspace_probe(key: chex.PRNGKey, x: chex.Array, projector_perp: chex.Array,
