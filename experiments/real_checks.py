@@ -56,6 +56,7 @@ CONFIG_FIELDS = {
     'teacher_batch': validation.Int(lo=1),
     'teacher_lr': validation.Float(lo=0, lo_open=True),
     'teacher_pgd_steps': validation.Int(lo=1),
+    'pgd_warmup': validation.Float(lo=0, hi=1),
     'methods': validation.Names(METHODS),
     'rf_model_init': validation.Choice(teachers.RF_MODEL_INITS),
     'rf_model_eps': validation.Float(lo=0, lo_open=True),

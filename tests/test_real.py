@@ -63,6 +63,7 @@ class TestConfig:
       (dict(teacher_training='fgsm'), 'config.teacher_training must be one of'),
       (dict(teacher_conv=()), 'config.teacher_conv must be a sequence of at least 1'),
       (dict(rf_start='zeros'), 'config.rf_start must be one of'),
+      (dict(pgd_warmup=1.5), 'config.pgd_warmup must be <= 1'),
       (dict(methods=('ccat',), batch_size=1), 'config.batch_size must be >= 2'),
       (dict(methods=('standard', 'iso')), 'config.methods: iso .* needs config.lowrank_rank'),
       (dict(lowrank_rank=785), 'config.lowrank_rank must be <= the number of pixels per '
@@ -133,7 +134,8 @@ class TestConfig:
     assert not [c for c in low if '_true_' in c]
 
   def test_robust_features_line_names_the_robust_models_training(self):
-    c = tiny_config(teacher_eps=0.2, teacher_steps=7, rf_model_eps=0.1, rf_model_steps=10)
+    c = tiny_config(teacher_eps=0.2, teacher_steps=7, rf_model_eps=0.1, rf_model_steps=10,
+                    pgd_warmup=0.0)
     rf = {'robust_model_eval': {'clean_acc': 0.9, 'robust_acc_true_0.1': 0.5,
                                 'robust_acc_true_0.3': 0.25},
           'robust_model_is_teacher': True, 'robust_model_init': 'teacher',
@@ -146,6 +148,13 @@ class TestConfig:
                          '(end / norm 0.125).')
     line = real_eval.robust_features_line(c, dict(rf, robust_model_is_teacher=False))
     assert 'robust model the teacher fine-tuned, L-inf PGD-AT at 0.1 for 10 steps;' in line
+    c.pgd_warmup = 0.2  # round(0.2 * 10) = 2 and round(0.2 * 7) = 1 warm-up steps
+    line = real_eval.robust_features_line(c, dict(rf, robust_model_is_teacher=False,
+                                                  robust_model_init='scratch'))
+    assert ('robust model trained from scratch (own initialization and PRNG stream), L-inf '
+            'PGD-AT at 0.1 for 10 steps, budget ramped up over its first 2 steps;') in line
+    assert ('the teacher itself (L-inf PGD-AT at 0.2 for 7 steps, budget ramped up over its '
+            'first 1 steps);') in real_eval.robust_features_line(c, rf)
 
   def test_cifar_preset_and_budget_names(self):
     c = real_config.get_config('cifar10')

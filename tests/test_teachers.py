@@ -93,6 +93,52 @@ def test_supervised_loss_known_answers():
   assert float(adv(params, None, args, key)) > float(want)
 
 
+def test_supervised_loss_budget_warmup():
+  # eps_warmup = W: at step t the PGD-AT budget is at_eps * min(1, (t + 1) / W), i.e. the loss
+  # equals the un-warmed loss at that budget, and the full budget from step W - 1 on.
+  model = cnn.make_cnn((2,), (4,), 3)
+  params = cnn.init_params(jax.random.PRNGKey(0), model, (6, 6, 1))
+  x = jax.random.uniform(jax.random.PRNGKey(1), (8, 6, 6, 1))
+  args = {'train_x': x, 'train_y': jnp.arange(8) % 3, 'at_eps': jnp.float32(0.2)}
+  key = jax.random.PRNGKey(2)
+  plain = teachers.supervised_loss(model.apply, 8, 4, pgd_steps=3)
+  warm = teachers.supervised_loss(model.apply, 8, 4, pgd_steps=3, eps_warmup=4)
+  assert getattr(warm, 'reads_step', False) and not getattr(plain, 'reads_step', False)
+  for t, frac in ((0, 0.25), (2, 0.75), (3, 1.0), (10, 1.0)):
+    at = dict(args, at_eps=jnp.float32(0.2 * frac))
+    np.testing.assert_allclose(warm(params, None, args, key, jnp.int32(t)),
+                               plain(params, None, at, key), rtol=1e-5)
+  first, full = warm(params, None, args, key, jnp.int32(0)), plain(params, None, args, key)
+  assert float(first) < float(full)
+  # Standard training (no attack) has nothing to warm up: the plain loss.
+  assert not getattr(teachers.supervised_loss(model.apply, 8, 4, pgd_steps=0, eps_warmup=4),
+                     'reads_step', False)
+  with pytest.raises(ValueError, match='eps_warmup'):
+    teachers.supervised_loss(model.apply, 8, 4, pgd_steps=3, eps_warmup=-1)
+
+
+def test_warmup_keys_pgd_training_only_when_on():
+  # pgd_warmup = f: eps_warmup = round(f * steps) in the spec of every PGD-AT (robust model,
+  # PGD teacher); off (0, absent, or rounding to 0 steps) the spec, hence the cached model's
+  # folder, is the one without the field.
+  base = teachers.teacher_spec(_fields(), 'robust_model')
+  assert 'eps_warmup' not in base
+  assert teachers.teacher_spec(_fields(pgd_warmup=0.0), 'robust_model') == base
+  assert teachers.teacher_spec(_fields(pgd_warmup=0.05), 'robust_model') == base  # 0.25 steps
+  assert teachers.teacher_spec(_fields(pgd_warmup=0.4), 'robust_model') == dict(base,
+                                                                                eps_warmup=2)
+  # A standard teacher has no PGD-AT to warm up; a PGD teacher's spec gets its own.
+  assert teachers.teacher_spec(_fields(pgd_warmup=0.4)) == teachers.teacher_spec(_fields())
+  pgd = teachers.teacher_spec(_fields(teacher_training='pgd', pgd_warmup=0.4))
+  assert pgd == dict(teachers.teacher_spec(_fields(teacher_training='pgd')), eps_warmup=1)
+  # Fine-tuning a standard teacher: warmed up, and init_from is the teacher's hash as before.
+  tuned = teachers.teacher_spec(_fields(rf_model_init='teacher', pgd_warmup=0.4), 'robust_model')
+  assert tuned['eps_warmup'] == 2
+  assert tuned['init_from'] == teachers.config_hash(teachers.teacher_spec(_fields()))
+  with pytest.raises(ValueError, match='pgd_warmup'):
+    teachers.teacher_spec(_fields(pgd_warmup=1.5))
+
+
 def test_pretrain_reuses_its_checkpoint(tmp_path):
   ds = _toy_dataset()
   model = cnn.make_cnn((2,), (4,), 10)

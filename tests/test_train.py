@@ -117,6 +117,19 @@ class TrainSeedsTest(chex.TestCase):
                                   num_steps=600, chunk_steps=100)
     self.assertTrue(np.all(losses[:, -1] < 0.2 * losses[:, 0]), losses)
 
+  def test_a_step_reading_loss_gets_the_global_step(self):
+    # loss = -w (t + 1) at step t: SGD with lr 1 adds t + 1 to w, so after steps 0..4 of
+    # each seed (in chunks of 2, resumed from step 0) w = 1 + 2 + 3 + 4 + 5 = 15.
+    loss_fn = train.reads_step(lambda w, tp, da, key, step: -w * (step + 1))
+    opt = train.make_optimizer('sgd', 1.0)
+    state = jax.vmap(lambda w: train.init_state(w, opt))(jnp.zeros((2,)))
+    final, losses = train.train_seeds(loss_fn, opt, state, jnp.zeros((2,)), jnp.zeros((2,)),
+                                      jax.random.split(jax.random.PRNGKey(0), 2),
+                                      num_steps=5, chunk_steps=2)
+    np.testing.assert_allclose(final.params, [15.0, 15.0])
+    # Mean loss of each chunk: steps (0, 1): -(0*1 + 1*2)/2; (2, 3): -(3*3 + 6*4)/2; (4): -10*5.
+    np.testing.assert_allclose(losses, [[-1.0, -16.5, -50.0]] * 2)
+
   def test_progress_callback(self):
     loss_fn, opt, state, tparams, data_args, keys = _problem(1)
     seen = []

@@ -65,16 +65,22 @@ def config_hash(obj: Any) -> str:
 
 def supervised_loss(apply_fn: Callable, num_train: int, batch_size: int, *, pgd_steps: int,
                     step_factor: float = 2.5,
-                    clip: Optional[Tuple[float, float]] = (0.0, 1.0)) -> train.LossFn:
+                    clip: Optional[Tuple[float, float]] = (0.0, 1.0),
+                    eps_warmup: int = 0) -> train.LossFn:
   """Cross-entropy to the true labels, on clean images or L-inf PGD points (PGD-AT).
 
   Reads ``data_args['train_x'] [N, H, W, C]``, ``data_args['train_y'] [N]``
   and ``data_args['at_eps']`` (0: standard training). The attack maximizes
   the model's own cross-entropy with its parameters frozen
   (``pgd_steps = 0``: no attack is compiled); ``clip``: the pixel range
-  (None: unbounded).
+  (None: unbounded). ``eps_warmup = W > 0``: the budget ramps linearly,
+  ``at_eps * min(1, (t + 1) / W)`` at step ``t`` (a ``train.reads_step``
+  loss), as PGD-AT from scratch commonly does against stalling.
   """
-  def loss_fn(params, teacher_params, data_args, key):
+  if eps_warmup < 0:
+    raise ValueError(f'eps_warmup must be >= 0, got {eps_warmup}')
+
+  def loss_fn(params, teacher_params, data_args, key, step=None):
     del teacher_params
     k_data, k_attack = jax.random.split(key)
     idx = jax.random.randint(k_data, (batch_size,), 0, num_train)
@@ -83,12 +89,14 @@ def supervised_loss(apply_fn: Callable, num_train: int, batch_size: int, *, pgd_
     if pgd_steps:
       frozen = jax.lax.stop_gradient(params)
       eps = data_args['at_eps']
+      if eps_warmup:
+        eps = eps * jnp.minimum(1.0, (step + 1) / eps_warmup)
       delta = attacks.pgd(lambda xa: attacks.cross_entropy(apply_fn(frozen, xa)[0], y), x,
                           k_attack, eps=eps, alpha=step_factor * eps / pgd_steps,
                           steps=pgd_steps, norm='linf', clip_range=clip)
       x = x + jax.lax.stop_gradient(delta)
     return attacks.cross_entropy(apply_fn(params, x)[0], y).mean()
-  return loss_fn
+  return train.reads_step(loss_fn) if eps_warmup and pgd_steps else loss_fn
 
 
 def teacher_spec(fields: Mapping[str, Any], role: str = 'teacher') -> Dict[str, Any]:
@@ -107,10 +115,17 @@ def teacher_spec(fields: Mapping[str, Any], role: str = 'teacher') -> Dict[str, 
   ``rf_model_eps`` for ``rf_model_steps`` steps (the spec records the
   teacher's hash in ``init_from``).
 
+  ``fields['pgd_warmup'] = f`` (optional, in [0, 1]): every PGD-AT this
+  module runs (a PGD teacher, the robust model) ramps its budget linearly
+  over its first ``round(f * steps)`` steps (``supervised_loss``'s
+  ``eps_warmup``), against PGD-AT from scratch stalling. The spec holds
+  ``eps_warmup`` (steps) only when it is > 0, so the specs of networks
+  trained without one keep their hash.
+
   Args:
     fields: a mapping (e.g. a ``ConfigDict``) holding ``TEACHER_FIELDS`` (and,
       for the robust model, ``rf_model_eps`` / ``rf_model_steps`` and
-      optionally ``rf_model_init``).
+      optionally ``rf_model_init``; optionally ``pgd_warmup``).
     role: ``'teacher'`` or ``'robust_model'``.
   """
   if role not in ROLES:
@@ -120,19 +135,27 @@ def teacher_spec(fields: Mapping[str, Any], role: str = 'teacher') -> Dict[str, 
   if spec['teacher_training'] == 'standard':
     spec['teacher_eps'] = 0.0  # unused: does not key the checkpoint
   spec['format'] = TEACHER_FORMAT
+  warmup = float(fields.get('pgd_warmup', 0.0))
+  if not 0 <= warmup <= 1:
+    raise ValueError(f'pgd_warmup must be in [0, 1], got {warmup!r}')
+
+  def with_warmup(s):  # only when on: specs trained without one keep their hash
+    steps = round(warmup * s['teacher_steps']) if s['teacher_training'] == 'pgd' else 0
+    return dict(s, eps_warmup=steps) if steps else s
+  teacher = with_warmup(spec)
   if role == 'teacher':
-    return spec
+    return teacher
   init = fields.get('rf_model_init', 'scratch')
   if init not in RF_MODEL_INITS:
     raise ValueError(f'rf_model_init must be one of {RF_MODEL_INITS}, got {init!r}')
   robust = dict(teacher_training='pgd', teacher_eps=io.to_plain(fields['rf_model_eps']),
                 teacher_steps=fields['rf_model_steps'])
   if init == 'scratch':
-    spec.update(robust, stream='robust_model')
-  elif fields['teacher_training'] != 'pgd':
-    # PGD-AT fine-tuning of the (standard) teacher.
-    spec.update(robust, init_from=config_hash(dict(spec)))
-  return spec
+    return with_warmup(dict(spec, **robust, stream='robust_model'))
+  if fields['teacher_training'] == 'pgd':
+    return teacher  # the PGD teacher itself
+  # PGD-AT fine-tuning of the (standard) teacher.
+  return with_warmup(dict(spec, **robust, init_from=config_hash(teacher)))
 
 
 def teachers_root(teacher_dir: str, workdir: str) -> str:
@@ -194,7 +217,8 @@ def pretrain_teacher(spec: Mapping[str, Any], model: cnn.CNN, dataset: datasets.
   n = dataset.train_x.shape[0]
   clip = None if spec['lowrank_rank'] else (0.0, 1.0)
   loss_fn = supervised_loss(model.apply, n, spec['teacher_batch'],
-                            pgd_steps=spec['teacher_pgd_steps'] if pgd else 0, clip=clip)
+                            pgd_steps=spec['teacher_pgd_steps'] if pgd else 0, clip=clip,
+                            eps_warmup=spec.get('eps_warmup', 0) if pgd else 0)
   optimizer = train.make_optimizer('adam', spec['teacher_lr'])
   key = jax.random.fold_in(jax.random.PRNGKey(spec['seed']), TRAIN_KEY)
   if 'stream' in spec:

@@ -297,11 +297,28 @@ def ccat_loss(student_apply: Callable, teacher_apply: Callable, sample_inputs: C
   return loss_fn
 
 
+def reads_step(loss_fn: Callable) -> Callable:
+  """Marks ``loss_fn(params, teacher_params, data_args, key, step)`` as reading the step.
+
+  ``train_step`` passes such a loss ``state.step`` (an int32 scalar: the
+  0-based global step being taken), so a hyper-parameter can follow a
+  schedule (e.g. an attack budget's warm-up) inside one compiled chunk.
+  Returns ``loss_fn`` itself, marked.
+  """
+  loss_fn.reads_step = True
+  return loss_fn
+
+
 def train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, state: TrainState,
                teacher_params: chex.ArrayTree, data_args: Any,
                key: chex.PRNGKey) -> Tuple[TrainState, chex.Array]:
-  """One optimizer step for one seed. Returns ``(new_state, loss)``."""
-  loss, grads = jax.value_and_grad(loss_fn)(state.params, teacher_params, data_args, key)
+  """One optimizer step for one seed. Returns ``(new_state, loss)``.
+
+  A loss marked by ``reads_step`` also gets ``state.step``.
+  """
+  extra = (state.step,) if getattr(loss_fn, 'reads_step', False) else ()
+  loss, grads = jax.value_and_grad(loss_fn)(state.params, teacher_params, data_args, key,
+                                            *extra)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   return TrainState(optax.apply_updates(state.params, updates), opt_state,
                     state.step + 1), loss
