@@ -5,7 +5,8 @@ The pieces compose as in flax/examples:
 * a *loss function* ``loss_fn(params, teacher_params, data_args, key) -> scalar``
   draws its own batch from ``key`` (``teacher_regression_loss`` is the
   standard one; robust methods supply others);
-* ``train_step`` is one optimizer step of it, for one seed;
+* ``train_step`` is one optimizer step of it, for one seed (a loss marked by
+  ``reads_step`` also gets the global step, for schedules);
 * ``make_chunk_fn`` scans ``length`` steps, for one seed. The step's key is
   ``fold_in(key, global_step)``, so the trajectory does not depend on how the
   run is cut into chunks;
