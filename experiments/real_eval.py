@@ -28,6 +28,7 @@ from tsrobust import methods
 from tsrobust import plotting
 from tsrobust import specialization
 from tsrobust import stats
+from tsrobust import teachers
 from tsrobust import sweep
 
 HPARAM_COLUMNS = methods.hparam_columns(with_at_where=False)
@@ -370,17 +371,18 @@ def robust_features_line(config, rf: Dict[str, Any]) -> str:
   """One paragraph on the robust-feature dataset: its robust model and how well it matched."""
   names = [budget_name(config, e) for e in config.eps]
   model = rf['robust_model_eval']
-  warmup = lambda steps: (f', budget ramped up over its first '
-                          f'{round(config.pgd_warmup * steps)} steps'
-                          if round(config.pgd_warmup * steps) else '')
+  # The warm-up the robust model's spec holds (teachers.teacher_spec computes it).
+  role = 'teacher' if rf['robust_model_is_teacher'] else 'robust_model'
+  steps = teachers.teacher_spec(config, role).get('eps_warmup', 0)
+  warmup = f', budget ramped up over its first {steps} steps' if steps else ''
   if rf['robust_model_is_teacher']:  # the PGD-trained teacher: its own budget and steps
     origin = (f'the teacher itself (L-inf PGD-AT at {config.teacher_eps:g} for '
-              f'{config.teacher_steps} steps{warmup(config.teacher_steps)})')
+              f'{config.teacher_steps} steps{warmup})')
   else:
     origin = ('trained from scratch (own initialization and PRNG stream)'
               if rf['robust_model_init'] == 'scratch' else 'the teacher fine-tuned')
     origin += (f', L-inf PGD-AT at {config.rf_model_eps:g} for {config.rf_model_steps} steps'
-               f'{warmup(config.rf_model_steps)}')
+               f'{warmup}')
   return (f'Robust-feature dataset: robust model {origin}; clean test accuracy '
           f'{model["clean_acc"]:.3f}, true-label robust accuracy '
           + ', '.join(f'{model[f"robust_acc_true_{n}"]:.3f} (eps {n})' for n in names)
