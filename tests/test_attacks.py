@@ -600,6 +600,23 @@ class ObjectiveTest(chex.TestCase):
     # t = 0: margin = s_1 - s_0 = -2 x1; no gradient through the teacher's argmax.
     np.testing.assert_allclose(g, [[0.0, -2.0]], rtol=1e-6)
 
+  def test_top_values_is_lax_top_k(self):
+    rng = np.random.default_rng(0)
+    ties = jnp.asarray(rng.integers(-2, 2, size=(64, 6)).astype(np.float32))  # many ties
+    z = jnp.asarray(rng.normal(size=(64, 6)).astype(np.float32))
+    for k in (1, 2, 3, 4, 6):
+      for logits in (ties, z):
+        np.testing.assert_array_equal(jax.jit(attacks.top_values, static_argnums=1)(logits, k),
+                                      jax.lax.top_k(logits, k)[0])
+      weights = jnp.arange(1.0, k + 1)  # the gradient reaches the same entries (no ties)
+      got = jax.grad(lambda v, k=k, w=weights: (attacks.top_values(v, k) * w).sum())(z)
+      want = jax.grad(lambda v, k=k, w=weights: (jax.lax.top_k(v, k)[0] * w).sum())(z)
+      np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(attacks.top_values(self.Z, 3), [[3, 2, 1], [2, 1, 0.5]])
+    for k in (0, 7):
+      with pytest.raises(ValueError, match='k must be'):
+        attacks.top_values(z, k)
+
   @chex.variants(with_jit=True, without_jit=True)
   def test_top_other_classes(self):
     z = np.array([[3.0, 1.0, 2.0, 0.0], [1.0, 5.0, 1.0, 4.0]], np.float32)

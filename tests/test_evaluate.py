@@ -7,6 +7,7 @@ import pytest
 
 from tsrobust import evaluate
 from tsrobust import models
+from tsrobust import sweep
 
 S, D, N, R = 2, 6, 24, 2
 EPS = (0.25, 0.5, 1.0)
@@ -264,3 +265,17 @@ def test_oracle_tolerance_known_answer(tolerance, sign, expected):
                   eps=(0.5,), labels_kinds=('oracle',))
   final = evaluate.combine(result)
   assert final[('oracle', 'full')].mean() == pytest.approx(expected)
+
+
+def test_identity_full_shares_the_executable_of_sharded_projectors():
+  """``full``'s identity is laid out like ``in`` / ``off``: one compile per attack, not two."""
+  teacher, student, tp, sp, x, proj = _problem()
+  mesh = sweep.seed_mesh()
+  sp, tp, x, proj = sweep.shard_seeds((sp, tp, x, proj), mesh)
+  keys = sweep.shard_seeds(jax.random.split(jax.random.PRNGKey(7), S), mesh)
+  ev = evaluate.Evaluator(student.apply, teacher.apply, norm='l2',
+                          config=evaluate.preset('fast', pgd_steps=0, apgd_t_steps=0,
+                                                 square_queries=0))
+  ev.run(sp, tp, x, keys, eps=(0.5,), labels_kinds=('oracle',), projectors=proj)
+  assert {k: f._cache_size() for k, f in ev._fns.items()} == {  # pylint: disable=protected-access
+      ('apgd', 'oracle', True, False): 1}

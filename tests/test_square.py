@@ -135,6 +135,7 @@ class FeasibilityTest(chex.TestCase):
 
   @parameterized.parameters(
       ('linf', IMAGES, None), ('l2', IMAGES, None), ('linf', VECTORS, None), ('l2', VECTORS, None),
+      ('l2', (N, 5, 6, 3), None),  # L2 moves mass per channel
       # With a basis the input's shape only matters through a reshape: one of each
       # (each configuration is one more compile).
       ('linf', IMAGES, 5), ('l2', VECTORS, 3))
@@ -159,6 +160,30 @@ class FeasibilityTest(chex.TestCase):
     if basis is not None:
       flat = delta.reshape(N, -1)
       np.testing.assert_allclose(flat - flat @ basis @ basis.T, 0.0, atol=1e-5)
+
+
+class LayoutTest(chex.TestCase):
+
+  @parameterized.parameters('linf', 'l2')
+  def test_start_on_multichannel_images(self, norm):
+    """A flat objective accepts nothing: ``delta`` is the start, laid out like ``x``.
+
+    L-inf: vertical stripes, ``delta[n, :, w, c] = +-eps`` (one sign per column
+    and channel); L2: norm ``eps``.
+    """
+    shape = (4, 5, 6, 3)
+    x = jnp.full(shape, 0.5)
+    delta = np.asarray(jax.jit(lambda k: square.square(
+        lambda xa: jnp.zeros(xa.shape[0]), x, k, eps=0.2, queries=5, norm=norm))(
+            jax.random.PRNGKey(0)))
+    self.assertEqual(delta.shape, shape)
+    if norm == 'linf':
+      np.testing.assert_allclose(np.abs(delta), 0.2, rtol=1e-6)
+      np.testing.assert_array_equal(delta, np.broadcast_to(delta[:, :1], shape))  # along H
+      self.assertTrue(np.any(delta[..., 0] != delta[..., 1]))  # signs differ across channels
+      self.assertTrue(np.any(delta[:, :, 0] != delta[:, :, 1]))  # and across columns
+    else:
+      np.testing.assert_allclose(_norms(delta, 'l2'), 0.2, rtol=1e-5)
 
 
 class VmapTest(chex.TestCase):

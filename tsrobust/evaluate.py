@@ -163,7 +163,7 @@ def preset(strength: str, **overrides) -> AttackConfig:
 
 def teacher_gap(teacher_logits: chex.Array) -> chex.Array:
   """``[N]`` the teacher's top-1 minus top-2 logit: how unambiguous the oracle is."""
-  top2 = jax.lax.top_k(teacher_logits, 2)[0]
+  top2 = attacks.top_values(teacher_logits, 2)
   return top2[:, 0] - top2[:, 1]
 
 
@@ -502,7 +502,11 @@ class Evaluator:
       if self.norm != 'l2':
         raise ValueError('identity_full is for L2 only: unconstrained L-inf clips per coordinate')
       d = int(np.prod(x.shape[2:] if not self.shared_data else x.shape[1:]))
-      projectors['full'] = jnp.broadcast_to(jnp.eye(d, dtype=x.dtype), (num, d, d))
+      full = jnp.broadcast_to(jnp.eye(d, dtype=x.dtype), (num, d, d))
+      like = [p for p in projectors.values() if p.ndim == 3]
+      if like:  # laid out like the restricted projectors: one executable serves all three
+        full = jax.device_put(full, like[0].sharding)
+      projectors['full'] = full
     clean_out = sweep.to_host(self._clean(student_params, teacher_params, x, lab, thr))
     clean = {}
     for kind in labels_kinds:

@@ -6,18 +6,22 @@ only forward evaluations, so it is unaffected by masked / zero gradients:
 when it breaks points that gradient attacks (``attacks.pgd``) could not, the
 model masks gradients.
 
-Search layout. The search runs on a variable ``z`` of layout
-``[N, H, W, C]``; windows ("squares") are rectangles over ``(H, W)`` that
+Search layout. The search runs on a variable ``z`` laid out channels-first,
+``[N, C, H, W]``; windows ("squares") are rectangles over ``(H, W)`` that
 cover all ``C`` channels:
 
-* images ``x: [N, H, W, C]``: ``z`` has the shape of ``x``; windows are
-  ``s x s`` squares with ``s ~ sqrt(p * H * W)`` (they cover a fraction
-  ``~p`` of the pixels, as in the paper);
-* vectors ``x: [N, D]``: ``z`` is ``[N, 1, D, 1]``; windows are contiguous
+* images ``x: [N, H, W, C]``: ``z`` is ``x``'s layout transposed to
+  ``[N, C, H, W]``; windows are ``s x s`` squares with ``s ~ sqrt(p * H * W)``
+  (they cover a fraction ``~p`` of the pixels, as in the paper);
+* vectors ``x: [N, D]``: ``z`` is ``[N, 1, 1, D]``; windows are contiguous
   segments of length ``s ~ p * D`` (a fraction ``~p`` of the coordinates);
 * with ``basis`` (``U: [D, k]``, orthonormal columns): ``z`` holds subspace
-  coordinates ``c``, laid out ``[N, 1, k, 1]`` (windows are segments of
+  coordinates ``c``, laid out ``[N, 1, 1, k]`` (windows are segments of
   ``c``), and ``delta = (c @ U^T)`` reshaped like ``x``.
+
+(Channels-first keeps a long axis minor: with ``[N, H, W, C]`` and ``C = 1``
+- vectors, MNIST - every elementwise step of the search ran 3-7x slower on
+XLA:CPU; ``benchmarks/RESULTS.md``.)
 
 Schedule of p (``p_schedule``): ``p_init`` is halved each time the
 iteration index, rescaled to 10,000 queries (``floor(i * 10000 / queries)``
@@ -214,7 +218,10 @@ def _window_mask(u_row: chex.Array, u_col: chex.Array, rows: int, cols: int,
 
 def _l2_init(key: chex.PRNGKey, shape: Tuple[int, ...], eps: chex.Numeric,
              table: chex.Array) -> chex.Array:
-  """The paper's L2 start: a grid of window patterns with random signs, norm ``eps``."""
+  """The paper's L2 start: a grid of window patterns with random signs, norm ``eps``.
+
+  ``shape`` is ``(N, H, W, C)``; the start is returned channels-first, ``[N, C, H, W]``.
+  """
   n, rows, cols, chans = shape
   if rows == 1:
     tile_r, tile_c = 1, max(cols // 25, 1)
@@ -239,12 +246,12 @@ def _l2_init(key: chex.PRNGKey, shape: Tuple[int, ...], eps: chex.Numeric,
   off_r, off_c = (rows - grid_r * tile_r) // 2, (cols - grid_c * tile_c) // 2
   z = jnp.pad(blocks, ((0, 0), (off_r, rows - grid_r * tile_r - off_r),
                        (off_c, cols - grid_c * tile_c - off_c), (0, 0)))
-  return _normalize(z) * eps
+  return _normalize(z.transpose(0, 3, 1, 2)) * eps  # channels-first
 
 
 def _channel_norms(v: chex.Array) -> chex.Array:
-  """``[N, 1, 1, C]`` L2 norms per example and channel of ``[N, H, W, C]``."""
-  return jnp.sqrt((v * v).sum((1, 2), keepdims=True))
+  """``[N, C, 1, 1]`` L2 norms per example and channel of ``[N, C, H, W]``."""
+  return jnp.sqrt((v * v).sum((2, 3), keepdims=True))
 
 
 def square(objective_fn: Fn, x: chex.Array, key: chex.PRNGKey, *, eps: chex.Numeric,
@@ -301,7 +308,7 @@ def square(objective_fn: Fn, x: chex.Array, key: chex.PRNGKey, *, eps: chex.Nume
       raise ValueError(f'basis must be [D, k] with D = prod(x.shape[1:]) = {dim} and k >= 1, '
                        f'got shape {basis.shape}')
     basis = jnp.asarray(basis)
-    layout = (n, 1, basis.shape[1], 1)
+    layout = (n, 1, basis.shape[1], 1)  # (N, H, W, C) of the search; z is [N, C, H, W]
     projector = basis @ basis.T
   elif x.ndim == 4:
     layout = x.shape
@@ -315,12 +322,13 @@ def square(objective_fn: Fn, x: chex.Array, key: chex.PRNGKey, *, eps: chex.Nume
   table = _ring_table(max(rows, cols) + 2)
   dtype = x.dtype
   clip = clip_range if basis is None else None  # Clipping in the search space.
-  x_l = x.reshape(layout) if basis is None else None
+  search_shape = (n, chans, rows, cols)
+  x_l = x.reshape(layout).transpose(0, 3, 1, 2) if basis is None else None
 
   def to_delta(z):
-    """Search variable ``[layout]`` -> feasible ``delta`` shaped like ``x``."""
+    """Search variable ``[N, C, H, W]`` -> feasible ``delta`` shaped like ``x``."""
     if basis is None:
-      return z.reshape(x.shape)
+      return z.transpose(0, 2, 3, 1).reshape(x.shape)
     delta = (z.reshape(n, -1) @ basis.T).reshape(x.shape)
     delta = attacks.project(delta, eps, norm, projector)
     return attacks._clip_inputs(x, delta, clip_range, projector)
@@ -339,11 +347,11 @@ def square(objective_fn: Fn, x: chex.Array, key: chex.PRNGKey, *, eps: chex.Nume
   keys = jax.random.split(key, queries + 1)
   k_init = keys[0]
   if norm == 'linf':
-    ones = jnp.ones(layout, dtype)
+    ones = jnp.ones(search_shape, dtype)
     plus = attacks._clip_inputs(x_l, eps * ones, clip) if clip is not None else eps * ones
     minus = attacks._clip_inputs(x_l, -eps * ones, clip) if clip is not None else -eps * ones
-    stripes = (jax.random.uniform(k_init, (n * cols * chans,)) < 0.5).reshape(n, 1, cols, chans)
-    z0 = jnp.where(stripes, plus, minus)
+    stripes = (jax.random.uniform(k_init, (n * cols * chans,)) < 0.5).reshape(n, cols, chans)
+    z0 = jnp.where(stripes.transpose(0, 2, 1)[:, :, None, :], plus, minus)
   else:
     z0 = _l2_init(k_init, layout, eps, table).astype(dtype)
     if clip is not None:
@@ -352,13 +360,13 @@ def square(objective_fn: Fn, x: chex.Array, key: chex.PRNGKey, *, eps: chex.Nume
   def linf_candidate(z, key, side):
     # One flat draw per step (random numbers are costly to compile).
     u = jax.random.uniform(key, ((2 + _LINF_TRIES * chans) * n,)).reshape(-1, n)
-    mask = _window_mask(u[0], u[1], rows, cols, side)[0][..., None]
+    mask = _window_mask(u[0], u[1], rows, cols, side)[0][:, None]
     signs = (u[2:] < 0.5).reshape(_LINF_TRIES, chans, n).transpose(0, 2, 1)
-    moves_up = (mask & (plus != z)).any((1, 2))  # [n, chans]
-    moves_down = (mask & (minus != z)).any((1, 2))
+    moves_up = (mask & (plus != z)).any((2, 3))  # [n, chans]
+    moves_down = (mask & (minus != z)).any((2, 3))
     changes = jnp.where(signs, moves_up, moves_down).any(-1)  # [tries, n]
     pick = jnp.argmax(changes, axis=0)  # The first that changes (else 0).
-    sign = signs[pick, jnp.arange(n)][:, None, None, :]
+    sign = signs[pick, jnp.arange(n)][:, :, None, None]
     return jnp.where(mask, jnp.where(sign, plus, minus), z)
 
   def l2_candidate(z, key, side):
@@ -374,13 +382,13 @@ def square(objective_fn: Fn, x: chex.Array, key: chex.PRNGKey, *, eps: chex.Nume
       swap = (u[4] < 0.5)[:, None, None]
       pattern = _window_pattern(jnp.where(swap, c, r), jnp.where(swap, r, c), side, side,
                                 in1, table)
-    m1, m2 = in1[..., None], in2[..., None]
+    m1, m2 = in1[:, None], in2[:, None]
     union = m1 | m2
     unused = jnp.maximum(eps ** 2 - (z * z).sum((1, 2, 3), keepdims=True), 0.0)
     target = jnp.sqrt(_channel_norms(jnp.where(union, z, 0.0)) ** 2 + unused / chans)
     old = jnp.where(m1, z, 0.0) / (_channel_norms(jnp.where(m2, 0.0, z)) + 1e-10)
-    sign = jnp.where(u[5:] < 0.5, 1.0, -1.0).T[:, None, None, :].astype(dtype)
-    new = pattern[..., None].astype(dtype) * sign + old
+    sign = jnp.where(u[5:] < 0.5, 1.0, -1.0).T[:, :, None, None].astype(dtype)
+    new = pattern[:, None].astype(dtype) * sign + old
     new = new * target / jnp.maximum(_channel_norms(new), _TINY)
     cand = jnp.where(union, 0.0, z) + jnp.where(m1, new, 0.0)
     cand = attacks.project(cand, eps, 'l2')
