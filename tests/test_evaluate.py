@@ -277,5 +277,7 @@ def test_identity_full_shares_the_executable_of_sharded_projectors():
                           config=evaluate.preset('fast', pgd_steps=0, apgd_t_steps=0,
                                                  square_queries=0))
   ev.run(sp, tp, x, keys, eps=(0.5,), labels_kinds=('oracle',), projectors=proj)
+  # And a later call with only the identity (the full-rank case of the binaries).
+  ev.run(sp, tp, x, keys, eps=(0.5,), labels_kinds=('oracle',), identity_full=True)
   assert {k: f._cache_size() for k, f in ev._fns.items()} == {  # pylint: disable=protected-access
       ('apgd', 'oracle', True, False): 1}

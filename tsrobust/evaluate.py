@@ -379,6 +379,22 @@ def _over_students(fn: Callable, batched: Sequence[bool], batching: str,
   return mapped
 
 
+def _identities_like(num: int, d: int, dtype, ref: Any) -> jax.Array:
+  """``[num, d, d]`` identity projectors, laid over the devices as ``ref`` along its leading axis.
+
+  So ``full`` runs through the same executable as ``in`` / ``off`` (and as ``full`` of an
+  earlier call without restricted projectors): an argument laid out differently compiles
+  the whole attack again.
+  """
+  build = lambda: jnp.broadcast_to(jnp.eye(d, dtype=dtype), (num, d, d))
+  sharding = getattr(ref, 'sharding', None)
+  if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.spec):
+    leading = jax.sharding.NamedSharding(sharding.mesh,
+                                         jax.sharding.PartitionSpec(sharding.spec[0]))
+    return jax.jit(build, out_shardings=leading)()
+  return build()
+
+
 class Evaluator:
   """Compiled ensemble evaluation of students against their teachers.
 
@@ -502,11 +518,8 @@ class Evaluator:
       if self.norm != 'l2':
         raise ValueError('identity_full is for L2 only: unconstrained L-inf clips per coordinate')
       d = int(np.prod(x.shape[2:] if not self.shared_data else x.shape[1:]))
-      full = jnp.broadcast_to(jnp.eye(d, dtype=x.dtype), (num, d, d))
       like = [p for p in projectors.values() if p.ndim == 3]
-      if like:  # laid out like the restricted projectors: one executable serves all three
-        full = jax.device_put(full, like[0].sharding)
-      projectors['full'] = full
+      projectors['full'] = _identities_like(num, d, x.dtype, like[0] if like else keys)
     clean_out = sweep.to_host(self._clean(student_params, teacher_params, x, lab, thr))
     clean = {}
     for kind in labels_kinds:
