@@ -19,9 +19,9 @@ cover all ``C`` channels:
   coordinates ``c``, laid out ``[N, 1, 1, k]`` (windows are segments of
   ``c``), and ``delta = (c @ U^T)`` reshaped like ``x``.
 
-(Channels-first keeps a long axis minor: with ``[N, H, W, C]`` and ``C = 1``
-- vectors, MNIST - every elementwise step of the search ran 3-7x slower on
-XLA:CPU; ``benchmarks/RESULTS.md``.)
+(Channels-first keeps a long axis minor: laid out ``[N, H, W, C]`` with ``C = 1``
+- vectors, MNIST - every elementwise step of the search ran several times slower
+on XLA:CPU; ``benchmarks/RESULTS.md``, "The main job's evaluation".)
 
 Schedule of p (``p_schedule``): ``p_init`` is halved each time the
 iteration index, rescaled to 10,000 queries (``floor(i * 10000 / queries)``
