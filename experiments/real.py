@@ -121,8 +121,8 @@ def build_robust_features(config, model: cnn.CNN, params, dataset: datasets.Data
   """The robust-feature training images (one per training image) and their match quality.
 
   ``robust_dataset.robust_feature_dataset`` with the robust model's
-  penultimate layer, ``rf_batch`` images at a time (with progress); with a
-  PCA the images are projected back onto ``m + S``; the report
+  penultimate layer, ``rf_batch`` images at a time spread over every device
+  (with progress); with a PCA the images are projected back onto ``m + S``; the report
   (``robust_dataset.matching_report``) is of the projected images.
   """
   rep = robust_dataset.penultimate(model.apply, params)
@@ -131,7 +131,7 @@ def build_robust_features(config, model: cnn.CNN, params, dataset: datasets.Data
       rep, x, jax.random.fold_in(jax.random.PRNGKey(config.seed), 2 ** 31 - 3),
       steps=config.rf_steps, step_size=config.rf_step_size, start=config.rf_start,
       batch_size=config.rf_batch, clip_range=clip_range(config),
-      on_batch=common.progress_logger('robust_features (images)'))
+      on_batch=common.progress_logger('robust_features (images)'), mesh=common.mesh())
   if pca is not None:  # keep the images in the affine PCA set m + S
     x_r = datasets.project_pca(x_r, pca)
   return np.asarray(x_r), robust_dataset.matching_report(rep, x, x_r, x0)
