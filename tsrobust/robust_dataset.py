@@ -174,6 +174,7 @@ def robust_feature_dataset(rep_fn: RepFn, x: chex.Array, key: chex.PRNGKey, *, s
     if mesh.devices.ndim != 1:
       raise ValueError(f'mesh must be 1-D (sweep.seed_mesh()), got axes {mesh.axis_names}')
     batch_size = sweep.padded_size(batch_size, mesh)
+    mesh = Mesh(mesh.devices, (sweep.SEEDS_AXIS,))  # the axis name sweep.shard_seeds lays out
   x0 = starting_points(key, x, start, clip_range if clip_range is not None else (0.0, 1.0))
   num_batches = -(-n // batch_size)
 
@@ -184,7 +185,7 @@ def robust_feature_dataset(rep_fn: RepFn, x: chex.Array, key: chex.PRNGKey, *, s
   def one_batch(args):
     xb, x0b = args
     if mesh is not None:
-      spread = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
+      spread = NamedSharding(mesh, PartitionSpec(sweep.SEEDS_AXIS))
       xb, x0b = (jax.lax.with_sharding_constraint(v, spread) for v in (xb, x0b))
     target = jax.lax.stop_gradient(rep_fn(xb))
     x_r = match_representation(rep_fn, x0b, target, steps=steps, step_size=step_size,
@@ -205,7 +206,7 @@ def robust_feature_dataset(rep_fn: RepFn, x: chex.Array, key: chex.PRNGKey, *, s
     m = xb.shape[0]
     batch = (pad(xb, batch_size), pad(x0b, batch_size))
     if mesh is not None:
-      batch = sweep.shard_seeds(batch, Mesh(mesh.devices, (sweep.SEEDS_AXIS,)))
+      batch = sweep.shard_seeds(batch, mesh)
     xr_b, dist = sweep.to_host(match(batch))  # waits for the batch (dispatch is asynchronous)
     parts.append(xr_b[:m])
     loss = float(dist[:m].mean())
