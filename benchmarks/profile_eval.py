@@ -52,10 +52,15 @@ def main():
   parser.add_argument('--cpu_devices', type=int, default=0, help='0: one per core')
   parser.add_argument('--compilation_cache', default='', help="'' (default): off")
   parser.add_argument('--micro', default='true', choices=('true', 'false'))
+  parser.add_argument('--unrolled_threefry', action=argparse.BooleanOptionalAction,
+                      default=True,
+                      help='unrolled threefry on CPU, as the binaries (--unrolled_threefry)')
   args = parser.parse_args()
   from tsrobust import sweep  # pylint: disable=g-import-not-at-top
   sweep.use_all_cpu_cores(args.cpu_devices or None)
   sweep.use_compilation_cache(args.compilation_cache)
+  if args.unrolled_threefry:
+    sweep.use_unrolled_threefry_on_cpu()
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from experiments import common  # pylint: disable=g-import-not-at-top

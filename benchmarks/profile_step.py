@@ -47,6 +47,9 @@ def main():
   parser.add_argument('--threefry_partitionable', default=None, choices=('true', 'false'))
   parser.add_argument('--only', default=None, help='semicolon-separated subset of the pieces')
   parser.add_argument('--wait_quiet', type=float, default=0)
+  parser.add_argument('--unrolled_threefry', action=argparse.BooleanOptionalAction,
+                      default=True,
+                      help='unrolled threefry on CPU, as the binaries (--unrolled_threefry)')
   args = parser.parse_args()
   if args.cpu_devices > 1:
     jax.config.update('jax_num_cpu_devices', args.cpu_devices)
@@ -57,9 +60,12 @@ def main():
   from tsrobust import data  # pylint: disable=g-import-not-at-top
   from tsrobust import sweep  # pylint: disable=g-import-not-at-top
   from tsrobust import train  # pylint: disable=g-import-not-at-top
+  if args.unrolled_threefry:
+    sweep.use_unrolled_threefry_on_cpu()
   print(hardware.environment())
   print(f'prng {jax.config.jax_default_prng_impl}, threefry_partitionable '
-        f'{jax.config.jax_threefry_partitionable}; S={args.seeds}, {args.steps} steps, '
+        f'{jax.config.jax_threefry_partitionable}, unrolled {args.unrolled_threefry}; '
+        f'S={args.seeds}, {args.steps} steps, '
         f'median of {args.repeats}\n', flush=True)
 
   p = setting.jax_problem(args.seeds)

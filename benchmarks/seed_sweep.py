@@ -476,10 +476,15 @@ def main():
                       'processes use < 0.1 core')
   parser.add_argument('--json', default=None, metavar='PATH',
                       help='also write the results as JSON here (rewritten after every S)')
+  parser.add_argument('--unrolled_threefry', action=argparse.BooleanOptionalAction,
+                      default=True,
+                      help='unrolled threefry on CPU, as the binaries (--unrolled_threefry)')
   args = parser.parse_args()
   if args.cpu_devices < 0:
     raise ValueError(f'--cpu_devices must be >= 0, got {args.cpu_devices}')
   sweep.use_all_cpu_cores(args.cpu_devices or None)  # before any JAX computation
+  if args.unrolled_threefry:
+    sweep.use_unrolled_threefry_on_cpu()
   global CLOCK
   CLOCK = CompileClock()
   seeds = [int(s) for s in args.seeds.split(',')]

@@ -229,9 +229,8 @@ def test_binary_fills_the_default_compilation_cache_and_a_rerun_loads_it(tmp_pat
   """No JAX_COMPILATION_CACHE_DIR: the binary compiles into $XDG_CACHE_HOME/tsrobust/jax; a
   rerun loads every program from it (no new entries). (``--compilation_cache=`` is off: the
   test above; a third run to show it would compile everything again.)"""
-  env = {k: v for k, v in _child_env({'XDG_CACHE_HOME': str(tmp_path / 'xdg'),
-                                      'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}).items()
-         if k != 'JAX_COMPILATION_CACHE_DIR'}
+  env = {k: v for k, v in _child_env({'XDG_CACHE_HOME': str(tmp_path / 'xdg')}).items()
+         if k not in ('JAX_COMPILATION_CACHE_DIR', 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS')}
   tiny = TINY | {'ranks': '(2,)', 'num_steps': 20, 'apgd_t_steps': 0, 'square_queries': 0}
   cache = tmp_path / 'xdg' / 'tsrobust' / 'jax'
 
@@ -249,6 +248,44 @@ def test_binary_fills_the_default_compilation_cache_and_a_rerun_loads_it(tmp_pat
   assert set(os.listdir(cache)) == entries  # every program loaded, none compiled anew
   _assert_same_results(str(tmp_path / 'first' / 'results.csv'),
                        str(tmp_path / 'second' / 'results.csv'), atol=0)
+
+
+_THREEFRY_DRAWS = """
+import hashlib, sys
+import jax
+import numpy as np
+from tsrobust import sweep
+if sys.argv[1] == 'unrolled':
+  assert sweep.use_unrolled_threefry_on_cpu() and sweep.use_unrolled_threefry_on_cpu()
+key = jax.random.PRNGKey(3)
+def draws(k):
+  return (jax.random.split(k, 5), jax.random.fold_in(k, 7), jax.random.bits(k, (1001,)),
+          jax.random.normal(jax.random.fold_in(k, 1), (64, 33)),
+          jax.random.uniform(k, (7, 5)), jax.random.randint(k, (9,), 0, 100))
+digest = hashlib.sha256()
+for x in jax.jit(draws)(key) + draws(key):  # jitted and op by op
+  digest.update(np.asarray(x).tobytes())
+hlo = jax.jit(lambda k: jax.random.bits(k, (1001,))).lower(key).as_text()
+print(digest.hexdigest(), 'while' in hlo)
+"""
+
+
+@pytest.mark.slow  # a fresh process each: the lowering is chosen per process, before compiling
+def test_unrolled_threefry_draws_the_same_bits_without_the_loop():
+  """Keys, bits, normals, uniforms and integers are bitwise those of JAX's CPU default (a
+  rolled loop in the program); the unrolled program has no loop."""
+  if jax.default_backend() != 'cpu':
+    pytest.skip('the lowering is changed on the CPU only')
+  default = subprocess.run([sys.executable, '-c', _THREEFRY_DRAWS, 'default'], cwd=ROOT,
+                           env=_child_env(), capture_output=True, text=True, timeout=300)
+  unrolled = subprocess.run([sys.executable, '-c', _THREEFRY_DRAWS, 'unrolled'], cwd=ROOT,
+                            env=_child_env(), capture_output=True, text=True, timeout=300)
+  assert default.returncode == 0 and unrolled.returncode == 0, (default.stderr[-2000:],
+                                                                unrolled.stderr[-2000:])
+  digest_default, loop_default = default.stdout.split()
+  digest_unrolled, loop_unrolled = unrolled.stdout.split()
+  assert (loop_default, loop_unrolled) == ('True', 'False')
+  assert digest_unrolled == digest_default
 
 
 # Resuming after an interruption: tests/test_train.py (the library) and tests/test_lowrank.py

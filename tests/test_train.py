@@ -1,6 +1,7 @@
 """Training: losses, optimizers, chunked scans, vmapped seeds, divergence."""
 
 import functools
+import os
 import tempfile
 
 from absl.testing import parameterized
@@ -188,6 +189,29 @@ class TrainSeedsTest(chex.TestCase):
     np.testing.assert_array_equal(err.last_good_state.step, [err.step, err.step])
     for leaf in jax.tree_util.tree_leaves(err.last_good_state.params):
       self.assertTrue(np.isfinite(np.asarray(leaf)).all())
+
+
+  def test_divergence_mid_run_keeps_the_chunk_before_it(self):
+    """The loss turns NaN at step 12: chunks of 5 stop at step 10, with the state of 10 good
+    steps (equal to a run of 10 steps) and the checkpoint at step 10; the chunk queued behind
+    the bad one (train_seeds queues one ahead) is neither kept nor saved."""
+    loss_fn, opt, state, tparams, data_args, keys = _problem(2)
+
+    def nan_from_12(params, teacher_params, args, key, step):
+      return jnp.where(step >= 12, jnp.nan, loss_fn(params, teacher_params, args, key))
+    nan_from_12.reads_step = True
+    folder = os.path.join(self.enterContext(tempfile.TemporaryDirectory()), 'ckpt')
+    checkpointer = sweep.Checkpointer(folder)
+    with pytest.raises(train.TrainingDivergedError, match='diverged') as info:
+      train.train_seeds(nan_from_12, opt, state, tparams, data_args, keys, num_steps=30,
+                        chunk_steps=5, checkpointer=checkpointer)
+    self.assertEqual(checkpointer.latest_step(), 10)
+    checkpointer.close()
+    err = info.value
+    self.assertEqual((err.step, err.bad_seeds), (10, [0, 1]))
+    good, _ = train.train_seeds(loss_fn, opt, state, tparams, data_args, keys, num_steps=10,
+                                chunk_steps=5)
+    chex.assert_trees_all_close(err.last_good_state, good, atol=0, rtol=0)
 
 
 class OffSubspaceWeightsTest(chex.TestCase):

@@ -365,6 +365,12 @@ def _tree_all_finite(tree) -> chex.Array:
   return jnp.stack(leaves).all(0)
 
 
+@jax.jit
+def _chunk_finite(params, losses) -> chex.Array:
+  """``[S]`` bool: a chunk's parameters and losses ``[S, steps]`` are all finite, per seed."""
+  return _tree_all_finite(params) & jnp.isfinite(losses).all(-1)
+
+
 def train_seeds(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                 state: TrainState, teacher_params: chex.ArrayTree, data_args: Any,
                 keys: chex.PRNGKey, *, num_steps: int, chunk_steps: int,
@@ -435,18 +441,28 @@ def train_seeds(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                          f'to a run of {num_steps} steps in chunks of {chunk_steps} from '
                          f'step {start}')
       state, history = tree['state'], np.array(sweep.to_host(tree['losses']))
+
+  def launch(st, length):  # dispatched asynchronously: returns before the chunk has run
+    if shared_args is None:
+      return _batched_chunk(loss_fn, optimizer, length)(st, teacher_params, data_args, keys)
+    return _batched_chunk(loss_fn, optimizer, length, True)(
+        st, teacher_params, data_args, keys, shared_args)
+
   t_start = time.perf_counter()
   first = done
+  queued = None
   while done < num_steps:
     length = min(chunk_steps, num_steps - done)
-    if shared_args is None:
-      new_state, losses = _batched_chunk(loss_fn, optimizer, length)(
-          state, teacher_params, data_args, keys)
-    else:
-      new_state, losses = _batched_chunk(loss_fn, optimizer, length, True)(
-          state, teacher_params, data_args, keys, shared_args)
-    ok = np.asarray(sweep.to_host(_tree_all_finite(new_state.params)
-                                  & jnp.isfinite(losses).all(-1)))
+    new_state, losses = queued if queued is not None else launch(state, length)
+    finite = _chunk_finite(new_state.params, losses)
+    queued = None
+    if done + length < num_steps:
+      # The next chunk is queued (after this one's check, before waiting for it), so the
+      # devices keep working while the host waits for the check, saves the checkpoint and
+      # logs (the main job's 20,000 steps at rank 10 took 8.8 s instead of 7.8 when the
+      # devices idled meanwhile). If this chunk diverged, the queued one is dropped unread.
+      queued = launch(new_state, min(chunk_steps, num_steps - done - length))
+    ok = np.asarray(sweep.to_host(finite))
     if not ok.all():
       bad = np.flatnonzero(~ok).tolist()
       raise TrainingDivergedError(
