@@ -6,6 +6,7 @@ import logging as logging_lib
 import os
 import re
 import sys
+import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence
 
@@ -800,6 +801,37 @@ def make_optimizer(config, num_steps: int = None):
       total_steps=num_steps or config.num_steps)
 
 
+class Background:
+  """``fn(*args, **kwargs)`` in a daemon thread, for work that only warms caches.
+
+  ``wait()`` joins it and returns ``fn``'s result, or None when it raised (the
+  error is logged: the work it would have saved is then done where it is needed,
+  e.g. a program traced and compiled at its first call).
+  """
+
+  def __init__(self, name: str, fn: Callable, *args, **kwargs):
+    self.name, self._result, self._error = name, None, None
+    t0 = time.perf_counter()
+
+    def body():
+      try:
+        self._result = fn(*args, **kwargs)
+      except Exception as e:  # pylint: disable=broad-except
+        self._error = e
+      self.seconds = time.perf_counter() - t0
+    self.seconds = None
+    self._thread = threading.Thread(target=body, name=name, daemon=True)
+    self._thread.start()
+
+  def wait(self):
+    self._thread.join()
+    if self._error is not None:
+      logging.warning('%s failed (%s: %s); its work is done when needed instead', self.name,
+                      type(self._error).__name__, self._error)
+      return None
+    return self._result
+
+
 def train_or_keep_last_good(loss_fn, optimizer, state, teacher_params, data_args, keys, config,
                             workdir: str, stage: str, num_steps: int = None,
                             shared_args=None):
@@ -942,16 +974,36 @@ class LowRankEvaluator:
     At full rank there is no complement and ``in`` is the whole space: only
     ``full`` is attacked (``rows`` copies it to ``in``).
     """
+    args, kwargs = self._attack_args(params, teacher_params, projector, held, full_rank,
+                                     labels_kinds, thresholds)
+    result = self.attacks.run(*args, **kwargs)
+    return Evaluation(result, evaluate.combine(result))
+
+  def _attack_args(self, params, teacher_params, projector, held, full_rank, labels_kinds,
+                   thresholds):
+    """``evaluate.Evaluator.run``'s arguments: ``(args, kwargs)`` unpacked by the caller."""
     d = projector.shape[-1]
     projs = {}
     if not full_rank:
       eye = jnp.eye(d, dtype=projector.dtype)
       projs = {'in': projector, 'off': shard(eye[None] - projector)}
-    result = self.attacks.run(params, teacher_params, held['x_attack'], held['pgd_key'],
-                              eps=self.config.eps, labels_kinds=labels_kinds,
-                              projectors=projs, thresholds=thresholds,
-                              identity_full=self.config.attack_norm == 'l2')
-    return Evaluation(result, evaluate.combine(result))
+    return ((params, teacher_params, held['x_attack'], held['pgd_key']),
+            dict(eps=self.config.eps, labels_kinds=labels_kinds, projectors=projs,
+                 thresholds=thresholds, identity_full=self.config.attack_norm == 'l2'))
+
+  def prepare(self, params, teacher_params, projector, held, full_rank: bool) -> int:
+    """Traces, lowers and compiles ``evaluate``'s programs for these shapes; runs nothing.
+
+    ``params``: any students of the evaluated ones' structure (e.g. before training).
+    The binaries call it in a background thread while the first students train
+    (``prepare_in_background``). Returns the number of programs prepared.
+    """
+    params, teacher_params, projector, held = shard((params, teacher_params, projector, held))
+    self._spec.trace(params, teacher_params, held['x_eval'], projector,
+                     held['probe_key']).lower().compile()
+    args, kwargs = self._attack_args(params, teacher_params, projector, held, full_rank,
+                                     LOWRANK_LABELS, None)
+    return 1 + self.attacks.prepare(*args, **kwargs)
 
   def evaluate(self, params, teacher_params, projector, held, full_rank: bool):
     """Metrics of a batch of students ``[S, ...]``; off-subspace ones are None at full rank.

@@ -81,9 +81,17 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
     if config.num_train:
       data_args['train_x'] = held['train_x']
     state = jax.vmap(lambda p: train.init_state(p, optimizer))(problem.student_params)
+    warm = None
+    if r == config.ranks[0]:  # the evaluation's programs, compiled while the students train
+      warm = common.Background('evaluation programs', evaluator.prepare, state.params,
+                               problem.teacher_params, projector, held, full_rank=r == d)
     state, losses = common.train_or_keep_last_good(
         loss_fn, optimizer, state, problem.teacher_params, data_args, keys.train, config,
         workdir, f'rank{r}')
+    prepared = warm.wait() if warm is not None else None
+    if prepared is not None:
+      logging.info('%d evaluation programs prepared in %.1fs beside the training', prepared,
+                   warm.seconds)
     rows, ev = evaluator.evaluate(state.params, problem.teacher_params, projector, held,
                                   full_rank=r == d)
     rows = rows[:config.num_seeds]

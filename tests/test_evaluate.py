@@ -281,3 +281,46 @@ def test_identity_full_shares_the_executable_of_sharded_projectors():
   ev.run(sp, tp, x, keys, eps=(0.5,), labels_kinds=('oracle',), identity_full=True)
   assert {k: f._cache_size() for k, f in ev._fns.items()} == {  # pylint: disable=protected-access
       ('apgd', 'oracle', True, False): 1}
+
+
+_TRACE_EVENT = '/jax/core/compile/jaxpr_trace_duration'
+_LOWER_EVENT = '/jax/core/compile/jaxpr_to_mlir_module_duration'
+
+
+def _traced_during(fn):
+  """``(fn's result, [(event, function name)])``: the traces and lowerings while fn runs."""
+  events = []
+
+  def listen(event, _, **kwargs):
+    if event in (_TRACE_EVENT, _LOWER_EVENT):
+      events.append((event, kwargs.get('fun_name')))
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    return fn(), events
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def test_prepare_traces_and_lowers_what_run_needs():
+  """After ``prepare`` (on other students of the same shapes, as the binaries do before
+  training), ``run`` traces and lowers none of the ensemble's programs, and its results equal
+  those of an evaluator that was not prepared."""
+  teacher, student, tp, sp, x, proj = _problem()
+  other_sp = _problem(seed=1)[3]
+  mesh = sweep.seed_mesh()
+  sp, other_sp, tp, x, proj = sweep.shard_seeds((sp, other_sp, tp, x, proj), mesh)
+  keys = sweep.shard_seeds(jax.random.split(jax.random.PRNGKey(7), S), mesh)
+  config = evaluate.preset('fast', apgd_t_steps=0)
+  kwargs = dict(eps=EPS, labels_kinds=('oracle', 'fixed'), projectors=proj)
+  prepared = evaluate.Evaluator(student.apply, teacher.apply, norm='l2', config=config)
+  # The clean program and one per attack (pgd, apgd, square) and label kind.
+  assert prepared.prepare(other_sp, tp, x, keys, **kwargs) == 1 + 3 * 2
+  result, events = _traced_during(lambda: prepared.run(sp, tp, x, keys, **kwargs))
+  assert not [e for e in events if e[1] == 'one'], events
+  fresh = evaluate.Evaluator(student.apply, teacher.apply, norm='l2', config=config)
+  expected, events = _traced_during(lambda: fresh.run(sp, tp, x, keys, **kwargs))
+  assert events.count((_TRACE_EVENT, 'one')) == 1 + 3 * 2  # what prepare spared
+  for k, v in expected.success.items():
+    np.testing.assert_array_equal(result.success[k], v)
+  for k, v in expected.first_success.items():
+    np.testing.assert_array_equal(result.first_success[k], v)

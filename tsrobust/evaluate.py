@@ -486,6 +486,71 @@ class Evaluator:
     Returns:
       A ``Result`` (numpy).
     """
+    eps, clean_args, calls = self._calls(
+        student_params, teacher_params, x, keys, eps=eps, labels_kinds=labels_kinds,
+        projectors=projectors, labels=labels, thresholds=thresholds,
+        identity_full=identity_full)
+    clean_out = sweep.to_host(self._clean(*clean_args))
+    clean = {}
+    for kind in labels_kinds:
+      if kind == 'oracle':
+        clean[kind] = clean_out['oracle']
+      elif kind == 'true':
+        clean[kind] = clean_out['true']
+      elif kind == 'fixed':
+        clean[kind] = np.zeros_like(clean_out['oracle'])  # the label is the teacher's at x
+      else:
+        clean[kind] = clean_out['accepted'] & clean_out['oracle']
+    success, accepted, first = {}, {}, {}
+    for kind, where, attack, fn, args_per_eps in calls:
+      outs = sweep.to_host([fn(*args) for args in args_per_eps])  # gathered over processes
+      # delta = 0 is feasible: a point already wrong at x is a success of every attack.
+      success[(kind, where, attack)] = (np.stack([o['success'] for o in outs], 1)
+                                        | clean[kind][:, None, :])
+      if kind == 'ccat':
+        accepted[(kind, where, attack)] = np.stack([o['accepted'] for o in outs], 1)
+      if attack == 'apgd':
+        first[(kind, where)] = np.stack([o['first_success'] for o in outs], 1)
+    return Result(eps=eps, success=success, accepted=accepted, first_success=first,
+                  clean=clean, clean_accepted=clean_out['accepted'] if 'ccat' in labels_kinds
+                  else None)
+
+  def prepare(self, student_params, teacher_params, x: chex.Array, keys: chex.Array, *,
+              eps: Sequence[float], labels_kinds: Sequence[str] = ('oracle', 'fixed'),
+              projectors: Optional[Mapping[str, Tuple[chex.Array, int]]] = None,
+              labels: Optional[chex.Array] = None,
+              thresholds: Optional[chex.Array] = None,
+              identity_full: Optional[bool] = None) -> int:
+    """Traces, lowers and compiles what ``run`` with these arguments would, running nothing.
+
+    The arguments are those of ``run`` (any values of the same shapes, dtypes
+    and layouts: e.g. the students before training). A later ``run`` finds the
+    traced and lowered programs in JAX's caches and, with the persistent
+    compilation cache on (``sweep.use_compilation_cache``), the compiled ones
+    on disk. Meant for a background thread while the students train: the
+    main job's first evaluation spent ~8 s (warm cache) to ~30 s (cold)
+    tracing and compiling on one core while the devices idled.
+
+    Returns:
+      The number of programs prepared.
+    """
+    _, clean_args, calls = self._calls(
+        student_params, teacher_params, x, keys, eps=eps, labels_kinds=labels_kinds,
+        projectors=projectors, labels=labels, thresholds=thresholds,
+        identity_full=identity_full)
+    self._clean.trace(*clean_args).lower().compile()
+    done = {}
+    for _, _, _, fn, args_per_eps in calls:
+      if id(fn) not in done:  # budgets are values: one program per attack function
+        done[id(fn)] = fn.trace(*args_per_eps[0]).lower().compile()
+    return 1 + len(done)
+
+  def _calls(self, student_params, teacher_params, x, keys, *, eps, labels_kinds, projectors,
+             labels, thresholds, identity_full):
+    """``run``'s checks and arguments: ``(eps, clean_args, calls)``.
+
+    ``calls``: ``(kind, where, attack, fn, [args per budget])`` in ``run``'s order.
+    """
     for kind in labels_kinds:
       if kind not in LABEL_KINDS:
         raise ValueError(f'labels_kinds must hold names from {LABEL_KINDS}, got {kind!r}')
@@ -520,42 +585,22 @@ class Evaluator:
       d = int(np.prod(x.shape[2:] if not self.shared_data else x.shape[1:]))
       like = [p for p in projectors.values() if p.ndim == 3]
       projectors['full'] = _identities_like(num, d, x.dtype, like[0] if like else keys)
-    clean_out = sweep.to_host(self._clean(student_params, teacher_params, x, lab, thr))
-    clean = {}
-    for kind in labels_kinds:
-      if kind == 'oracle':
-        clean[kind] = clean_out['oracle']
-      elif kind == 'true':
-        clean[kind] = clean_out['true']
-      elif kind == 'fixed':
-        clean[kind] = np.zeros_like(clean_out['oracle'])  # the label is the teacher's at x
-      else:
-        clean[kind] = clean_out['accepted'] & clean_out['oracle']
-    success, accepted, first = {}, {}, {}
+    calls = []
     for kind in labels_kinds:
       for where in wheres:
         proj = projectors.get(where)
         shared_p = proj is not None and proj.ndim == 2
         for attack in self.config.attacks:
           fn = self._fn(attack, kind, proj is not None, shared_p)
-          outs = []
+          args_per_eps = []
           for ei, e in enumerate(eps):
             code = ((LABEL_KINDS.index(kind) * 8 + WHERES.index(where)) * 8
                     + ATTACKS.index(attack)) * 64 + ei
             k = jax.vmap(lambda kk: jax.random.fold_in(kk, code))(keys)
-            outs.append(fn(student_params, teacher_params, x, lab, k, jnp.float32(e),
-                           proj, thr))
-          outs = sweep.to_host(outs)  # every process, gathered over processes
-          # delta = 0 is feasible: a point already wrong at x is a success of every attack.
-          success[(kind, where, attack)] = (np.stack([o['success'] for o in outs], 1)
-                                            | clean[kind][:, None, :])
-          if kind == 'ccat':
-            accepted[(kind, where, attack)] = np.stack([o['accepted'] for o in outs], 1)
-          if attack == 'apgd':
-            first[(kind, where)] = np.stack([o['first_success'] for o in outs], 1)
-    return Result(eps=eps, success=success, accepted=accepted, first_success=first,
-                  clean=clean, clean_accepted=clean_out['accepted'] if 'ccat' in labels_kinds
-                  else None)
+            args_per_eps.append((student_params, teacher_params, x, lab, k, jnp.float32(e),
+                                 proj, thr))
+          calls.append((kind, where, attack, fn, args_per_eps))
+    return eps, (student_params, teacher_params, x, lab, thr), calls
 
 
 def ccat_threshold(confidence: np.ndarray, correct: np.ndarray, pass_rate: float = 0.99) -> float:
