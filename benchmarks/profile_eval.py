@@ -15,7 +15,10 @@ on how well they are trained). Prints
   jitted 100-step ``lax.scan``, us per step): the teacher's top-2 gap with
   ``lax.top_k`` against ``attacks.top_values``, and ``attacks.project`` on
   ``[N, 1, D, 1]`` (a trailing axis of 1, Square's search layout for
-  vectors until 2026-11-26) against ``[N, 1, 1, D]`` (channels-first).
+  vectors until 2026-11-26) against ``[N, 1, 1, D]`` (channels-first); and
+  Square's cost per query with a trivial objective (its own search: windows,
+  patterns, norms, acceptance) and with a student's margin, against the margin
+  alone.
 
 The script uses only interfaces that existed before those changes, so it
 runs at older commits too (``--micro=false`` there: ``top_values`` is new).
@@ -67,6 +70,7 @@ def main():
   from experiments.configs import lowrank as lowrank_config  # pylint: disable=g-import-not-at-top
   from tsrobust import attacks  # pylint: disable=g-import-not-at-top
   from tsrobust import evaluate  # pylint: disable=g-import-not-at-top
+  from tsrobust import square as square_lib  # pylint: disable=g-import-not-at-top
   print(hardware.environment())
   meter = hardware.OtherLoad()
 
@@ -130,6 +134,25 @@ def main():
     print(f'| top-2 gap, `evaluate.teacher_gap` (`attacks.top_values`) | {top_v:.1f} | 1 |')
     print(f'| L2 `project`, `[N, 1, D, 1]` | {minor1:.1f} | {minor1 / minor_d:.1f}x |')
     print(f'| L2 `project`, `[N, 1, 1, D]` | {minor_d:.1f} | 1 |')
+    # Square's own search (windows, patterns, norms, acceptance) against its objective: one
+    # student's margin on the same n examples, us per query.
+    params = jax.tree_util.tree_map(lambda a: a[0], problem.student_params)
+    margin = attacks.margin_objective(lambda xa: problem.student.apply(params, xa)[0],
+                                      jnp.zeros((n,), jnp.int32))
+    queries, key = 100, jax.random.PRNGKey(2)
+
+    def per_query(objective):
+      f = jax.jit(lambda z: square_lib.square(objective, z, key, eps=1.0, queries=queries,
+                                              norm='l2'))
+      jax.block_until_ready(f(v))
+      return 1e6 * hardware.median_time(lambda: jax.block_until_ready(f(v)), 3) / queries
+    search = per_query(lambda xa: xa[:, 0])
+    full = per_query(margin)
+    alone = _scan_time(margin, v)
+    print(f'| Square L2, per query, trivial objective `x[:, 0]` (the search) | {search:.1f} | '
+          f'{search / alone:.1f}x |')
+    print(f"| Square L2, per query, a student's margin | {full:.1f} | {full / alone:.1f}x |")
+    print(f"| the student's margin alone | {alone:.1f} | 1 |")
 
 
 if __name__ == '__main__':

@@ -190,7 +190,6 @@ class TrainSeedsTest(chex.TestCase):
     for leaf in jax.tree_util.tree_leaves(err.last_good_state.params):
       self.assertTrue(np.isfinite(np.asarray(leaf)).all())
 
-
   def test_divergence_mid_run_keeps_the_chunk_before_it(self):
     """The loss turns NaN at step 12: chunks of 5 stop at step 10, with the state of 10 good
     steps (equal to a run of 10 steps) and the checkpoint at step 10; the chunk queued behind
