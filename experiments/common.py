@@ -995,8 +995,8 @@ class LowRankEvaluator:
     """Traces, lowers and compiles ``evaluate``'s programs for these shapes; runs nothing.
 
     ``params``: any students of the evaluated ones' structure (e.g. before training).
-    The binaries call it in a background thread while the first students train
-    (``prepare_in_background``). Returns the number of programs prepared.
+    The low-rank binary calls it in a background thread (``Background``) while the
+    first students train. Returns the number of programs prepared.
     """
     params, teacher_params, projector, held = shard((params, teacher_params, projector, held))
     self._spec.trace(params, teacher_params, held['x_eval'], projector,

@@ -82,7 +82,9 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
       data_args['train_x'] = held['train_x']
     state = jax.vmap(lambda p: train.init_state(p, optimizer))(problem.student_params)
     warm = None
-    if r == config.ranks[0]:  # the evaluation's programs, compiled while the students train
+    if r == config.ranks[0] and jax.process_count() == 1:
+      # The evaluation's programs, compiled while the students train (in a single-process
+      # run; with several processes each compiles them at their first call, as before).
       warm = common.Background('evaluation programs', evaluator.prepare, state.params,
                                problem.teacher_params, projector, held, full_rank=r == d)
     state, losses = common.train_or_keep_last_good(

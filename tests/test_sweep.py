@@ -241,7 +241,10 @@ def test_binary_fills_the_default_compilation_cache_and_a_rerun_loads_it(tmp_pat
     return done.stderr
 
   log = run('first')
-  assert f'compilation cache {cache}' in log
+  assert f'compilation cache {cache}; threefry on CPU unrolled' in log
+  # The evaluation's programs compiled beside the training, without an error.
+  assert re.search(r'\d+ evaluation programs prepared in', log), log[-3000:]
+  assert 'evaluation programs failed' not in log
   entries = set(os.listdir(cache))
   assert len(entries) >= 5  # training chunk, specialization, attacks...
   run('second')
