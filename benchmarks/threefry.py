@@ -26,10 +26,12 @@ import sys
 
 from benchmarks import hardware
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _WORKER = """
 import hashlib, json, sys, time
 import jax
 from jax import random
+from benchmarks import hardware
 from tsrobust import sweep
 if sys.argv[1] == 'unrolled':
   assert sweep.use_unrolled_threefry_on_cpu()
@@ -38,10 +40,7 @@ key = random.PRNGKey(0)
 
 def per_number(fn):
   fn(key).block_until_ready()
-  t0 = time.perf_counter()
-  for _ in range(5):
-    fn(key).block_until_ready()
-  return (time.perf_counter() - t0) / 5 / n * 1e9
+  return hardware.median_time(lambda: fn(key).block_until_ready(), 5) / n * 1e9
 
 bits = jax.jit(lambda k: random.bits(k, (n,)))
 normal = jax.jit(lambda k: random.normal(k, (n,)))
@@ -73,7 +72,7 @@ def main():
   for _ in range(args.repeats):
     for lowering in runs:
       done = subprocess.run([sys.executable, '-c', _WORKER, lowering, str(args.n)],
-                            capture_output=True, text=True, check=True,
+                            capture_output=True, text=True, check=True, cwd=_ROOT,
                             env=dict(os.environ, JAX_PLATFORMS='cpu'))
       runs[lowering].append(json.loads(done.stdout.strip().splitlines()[-1]))
   pieces = ('bits', 'normal', 'scan', 'compile')

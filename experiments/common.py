@@ -991,6 +991,11 @@ class LowRankEvaluator:
             dict(eps=self.config.eps, labels_kinds=labels_kinds, projectors=projs,
                  thresholds=thresholds, identity_full=self.config.attack_norm == 'l2'))
 
+  @staticmethod
+  def _spec_args(params, teacher_params, projector, held):
+    """The specialization program's arguments (``evaluate`` and ``prepare`` alike)."""
+    return params, teacher_params, held['x_eval'], projector, held['probe_key']
+
   def prepare(self, params, teacher_params, projector, held, full_rank: bool) -> int:
     """Traces, lowers and compiles ``evaluate``'s programs for these shapes; runs nothing.
 
@@ -999,8 +1004,7 @@ class LowRankEvaluator:
     first students train. Returns the number of programs prepared.
     """
     params, teacher_params, projector, held = shard((params, teacher_params, projector, held))
-    self._spec.trace(params, teacher_params, held['x_eval'], projector,
-                     held['probe_key']).lower().compile()
+    self._spec.trace(*self._spec_args(params, teacher_params, projector, held)).lower().compile()
     args, kwargs = self._attack_args(params, teacher_params, projector, held, full_rank,
                                      LOWRANK_LABELS, None)
     return 1 + self.attacks.prepare(*args, **kwargs)
@@ -1016,8 +1020,7 @@ class LowRankEvaluator:
     d = projector.shape[-1]
     rank = int(round(float(np.trace(np.asarray(sweep.to_host(projector)[0])))))
     params, teacher_params, projector, held = shard((params, teacher_params, projector, held))
-    spec = sweep.to_host(self._spec(params, teacher_params, held['x_eval'], projector,
-                                    held['probe_key']))
+    spec = sweep.to_host(self._spec(*self._spec_args(params, teacher_params, projector, held)))
     ev = self.attack(params, teacher_params, projector, held, full_rank)
     adv = attack_rows(c, ev, full_rank)
     baseline = None if full_rank else specialization.random_cosine_baseline(d - rank)

@@ -502,8 +502,8 @@ class Evaluator:
       else:
         clean[kind] = clean_out['accepted'] & clean_out['oracle']
     success, accepted, first = {}, {}, {}
-    for kind, where, attack, fn, args_per_eps in calls:
-      outs = sweep.to_host([fn(*args) for args in args_per_eps])  # gathered over processes
+    for kind, where, attack, fn, args_at in calls:
+      outs = sweep.to_host([fn(*args_at(ei)) for ei in range(len(eps))])  # over processes
       # delta = 0 is feasible: a point already wrong at x is a success of every attack.
       success[(kind, where, attack)] = (np.stack([o['success'] for o in outs], 1)
                                         | clean[kind][:, None, :])
@@ -540,16 +540,18 @@ class Evaluator:
         identity_full=identity_full)
     self._clean.trace(*clean_args).lower().compile()
     done = {}
-    for _, _, _, fn, args_per_eps in calls:
+    for _, _, _, fn, args_at in calls:
       if id(fn) not in done:  # budgets are values: one program per attack function
-        done[id(fn)] = fn.trace(*args_per_eps[0]).lower().compile()
+        done[id(fn)] = fn.trace(*args_at(0)).lower().compile()
     return 1 + len(done)
 
   def _calls(self, student_params, teacher_params, x, keys, *, eps, labels_kinds, projectors,
              labels, thresholds, identity_full):
     """``run``'s checks and arguments: ``(eps, clean_args, calls)``.
 
-    ``calls``: ``(kind, where, attack, fn, [args per budget])`` in ``run``'s order.
+    ``calls``: ``(kind, where, attack, fn, args_at)`` in ``run``'s order, where
+    ``args_at(i)`` builds ``fn``'s arguments at budget ``eps[i]`` (its keys are derived
+    only when asked for).
     """
     for kind in labels_kinds:
       if kind not in LABEL_KINDS:
@@ -592,14 +594,13 @@ class Evaluator:
         shared_p = proj is not None and proj.ndim == 2
         for attack in self.config.attacks:
           fn = self._fn(attack, kind, proj is not None, shared_p)
-          args_per_eps = []
-          for ei, e in enumerate(eps):
-            code = ((LABEL_KINDS.index(kind) * 8 + WHERES.index(where)) * 8
-                    + ATTACKS.index(attack)) * 64 + ei
-            k = jax.vmap(lambda kk: jax.random.fold_in(kk, code))(keys)
-            args_per_eps.append((student_params, teacher_params, x, lab, k, jnp.float32(e),
-                                 proj, thr))
-          calls.append((kind, where, attack, fn, args_per_eps))
+          base = ((LABEL_KINDS.index(kind) * 8 + WHERES.index(where)) * 8
+                  + ATTACKS.index(attack)) * 64
+
+          def args_at(ei, base=base, proj=proj):
+            k = jax.vmap(lambda kk: jax.random.fold_in(kk, base + ei))(keys)
+            return (student_params, teacher_params, x, lab, k, jnp.float32(eps[ei]), proj, thr)
+          calls.append((kind, where, attack, fn, args_at))
     return eps, (student_params, teacher_params, x, lab, thr), calls
 
 

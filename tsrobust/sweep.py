@@ -287,9 +287,9 @@ def use_unrolled_threefry_on_cpu() -> bool:
   and everywhere else as one unrolled elementwise computation. XLA:CPU
   vectorizes the unrolled form: ``python -m benchmarks.threefry`` on this
   project's 2-core CPU (jax 0.10.2, 2026-11-27) measured ``jax.random.bits``
-  18.5 -> 3.1 ns and ``jax.random.normal`` 18.4 -> 5.5 ns per number, a scan
-  drawing ``[4, 40, 128]`` normals per step 172 -> 77 us per step, and that
-  scan compiled faster (1.10 -> 0.46 s). The
+  19.1 -> 3.3 ns and ``jax.random.normal`` 19.4 -> 5.6 ns per number, a scan
+  drawing ``[4, 40, 128]`` normals per step 163 -> 79 us per step, and that
+  scan compiled faster (1.09 -> 0.48 s). The
   hash is integer arithmetic, so every key, bit and sample is bitwise the
   same (``tests/test_sweep.py`` checks ``split``, ``fold_in``, ``bits``,
   ``normal``, ``uniform`` against the default lowering). Only programs compiled

@@ -358,17 +358,13 @@ def _batched_chunk(loss_fn: LossFn, optimizer: optax.GradientTransformation,
   return jax.jit(jax.vmap(merged, in_axes=(0, 0, 0, 0, None)))
 
 
-def _tree_all_finite(tree) -> chex.Array:
-  """``[S]`` bool: every leaf is finite, per seed (leading axis)."""
-  leaves = [jnp.isfinite(l.reshape(l.shape[0], -1)).all(-1)
-            for l in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(l.dtype, jnp.inexact)]
-  return jnp.stack(leaves).all(0)
-
-
 @jax.jit
 def _chunk_finite(params, losses) -> chex.Array:
-  """``[S]`` bool: a chunk's parameters and losses ``[S, steps]`` are all finite, per seed."""
-  return _tree_all_finite(params) & jnp.isfinite(losses).all(-1)
+  """``[S]`` bool: a chunk's parameters (leading seeds axis) and losses ``[S, steps]`` are
+  all finite, per seed."""
+  leaves = [jnp.isfinite(l.reshape(l.shape[0], -1)).all(-1)
+            for l in jax.tree_util.tree_leaves(params) if jnp.issubdtype(l.dtype, jnp.inexact)]
+  return jnp.stack(leaves).all(0) & jnp.isfinite(losses).all(-1)
 
 
 def train_seeds(loss_fn: LossFn, optimizer: optax.GradientTransformation,
