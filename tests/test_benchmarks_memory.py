@@ -40,5 +40,12 @@ def test_peak_rss_follows_the_data_not_its_copies():
   _check_record(large, 8 * devices, n)
   if not (small['peak_reset'] and large['peak_reset']):
     pytest.skip('the peak RSS cannot be reset here (/proc/self/clear_refs)')
-  # Six more students per device: their state, not 6 more copies of the images (366 MiB).
-  assert large['rise_mb'] - small['rise_mb'] < 2 * small['data_mb']
+  # Six more students per device. Had each student its own copy of the images, the rise
+  # would grow by 12 copies (~718 MiB). It does grow by the extra students' state and
+  # their training step's activations and buffers (batch 32 of conv 16 / 32 maps, student
+  # and teacher: ~5-10 MiB per student), and by the larger program's compilation: 129.5
+  # MiB in a fresh clone's CI run (2026-11-27, empty compilation cache), which an earlier
+  # bound of 2 x data (120 MiB) wrongly counted as copies. Half the copies' growth
+  # separates the two cases.
+  extra_copies_mb = large['copies_mb'] - small['copies_mb']
+  assert large['rise_mb'] - small['rise_mb'] < 0.5 * extra_copies_mb
