@@ -402,7 +402,8 @@ def square(objective_fn: Fn, x: chex.Array, key: chex.PRNGKey, *, eps: chex.Nume
   # Step i uses the uniforms of keys[i + 1], drawn one step ahead and carried: a carried
   # array is computed once per step. Drawn inside the step, XLA:CPU fuses the (unrolled)
   # hash into every elementwise consumer and recomputes it per element of [N, C, H, W]
-  # (~35% of the search's time; the same numbers either way).
+  # (the search per query took 616-700 instead of 376-391 us at 2,048 examples of rank
+  # 10; benchmarks/RESULTS.md). The same numbers either way.
   def step(carry, inputs):
     z, obj, succ, u = carry
     next_key, side = inputs
