@@ -143,7 +143,8 @@ def pretrain(config, model: cnn.CNN, dataset: datasets.Dataset, workdir: str,
   spec = teachers.teacher_spec(config, role)
   params, info = teachers.pretrain_teacher(
       spec, model, dataset, teachers.teachers_root(config.teacher_dir, workdir), role,
-      init=init, on_chunk=common.progress_logger(role))
+      init=init, on_chunk=common.progress_logger(role),
+      checkpoint_every_sec=common.checkpoint_every_sec())
   return spec, params, info
 
 

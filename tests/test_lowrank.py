@@ -134,6 +134,7 @@ def test_interrupted_run_resumes_to_the_same_results(tiny_run, tmp_path, monkeyp
         raise _Interrupted
     return on_chunk
   monkeypatch.setattr(common, 'progress_logger', stop_in_rank2)
+  monkeypatch.setattr(common, '_checkpoint_every_sec', 0.0)  # a checkpoint after every chunk
   workdir = str(tmp_path)
   with pytest.raises(_Interrupted):
     lowrank.train_and_evaluate(tiny_config(), workdir)

@@ -159,6 +159,42 @@ def _python(code, **env):
   return done.stdout.split()
 
 
+class _Clock:
+  """A stand-in for the ``time`` module inside ``sweep``: ``monotonic()`` returns ``now``."""
+  now = 100.0
+
+  def monotonic(self):
+    return self.now
+
+
+def test_checkpointer_saves_when_due_or_forced(tmp_path, monkeypatch):
+  """``every_sec``: a save is skipped until that many seconds passed since the last save (or
+  the checkpointer's start); ``force`` always saves; 0 saves at every call."""
+  clock = _Clock()
+  monkeypatch.setattr(sweep, 'time', clock)
+  tree = {'w': jnp.arange(3.0)}
+  ck = sweep.Checkpointer(str(tmp_path / 'a'), every_sec=10)
+  saved = []
+  for step, now, force in ((1, 105.0, False), (2, 109.9, False), (3, 110.0, False),
+                           (4, 115.0, False), (5, 116.0, True), (6, 125.9, False),
+                           (7, 126.0, False)):
+    clock.now = now
+    if ck.save(step, dict(tree, w=tree['w'] + step), force=force):
+      saved.append(step)
+  assert saved == [3, 5, 7]
+  assert ck.latest_step() == 7
+  step, back = ck.restore(tree)
+  np.testing.assert_array_equal(np.asarray(back['w']), [7.0, 8.0, 9.0])
+  ck.close()
+  every = sweep.Checkpointer(str(tmp_path / 'b'))
+  assert every.every_sec == 0 and every.save(1, tree) and every.save(2, tree)
+  assert every.latest_step() == 2
+  every.close()
+  for bad in (-1, float('nan'), '5'):
+    with pytest.raises(ValueError, match='every_sec must be a number >= 0'):
+      sweep.Checkpointer(str(tmp_path / 'c'), every_sec=bad)
+
+
 @pytest.mark.slow  # a fresh Python process each (JAX's backends must not have started)
 @pytest.mark.parametrize('num_devices', [None, 3])
 def test_use_all_cpu_cores_makes_the_devices_it_returns(num_devices):

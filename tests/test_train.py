@@ -178,6 +178,33 @@ class TrainSeedsTest(chex.TestCase):
                         chunk_steps=7, checkpointer=checkpointer)
     checkpointer.close()
 
+  def test_checkpoint_interval_saves_the_last_chunk(self):
+    """With ``every_sec`` longer than the run, only the last chunk is saved (forced): a run
+    stopped after chunk 2 left nothing to resume, so the rerun trains all 5 chunks and ends
+    where an uninterrupted run ends, with its checkpoint at the last step."""
+    loss_fn, opt, state, tparams, data_args, keys = _problem(2)
+    run = functools.partial(train.train_seeds, loss_fn, opt, state, tparams, data_args, keys,
+                            num_steps=35, chunk_steps=7)
+    straight, _ = run()
+    folder = self.enterContext(tempfile.TemporaryDirectory())
+
+    def stop_after_chunk_2(info):
+      if info['step'] == 14:
+        raise KeyboardInterrupt
+
+    checkpointer = sweep.Checkpointer(folder, every_sec=3600)
+    with pytest.raises(KeyboardInterrupt):
+      run(checkpointer=checkpointer, on_chunk=stop_after_chunk_2)
+    self.assertIsNone(checkpointer.latest_step())
+    checkpointer.close()
+    checkpointer = sweep.Checkpointer(folder, every_sec=3600)
+    seen = []
+    resumed, _ = run(checkpointer=checkpointer, on_chunk=seen.append)
+    self.assertEqual(checkpointer.latest_step(), 35)
+    checkpointer.close()
+    self.assertEqual([s['step'] for s in seen], [7, 14, 21, 28, 35])
+    chex.assert_trees_all_close(resumed.params, straight.params, atol=1e-6, rtol=1e-6)
+
   def test_divergence_stops_with_last_good_state(self):
     loss_fn, opt, state, tparams, data_args, keys = _problem(2, optimizer_name='sgd', lr=1e6)
     with pytest.raises(train.TrainingDivergedError, match='diverged') as info:

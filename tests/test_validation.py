@@ -273,6 +273,7 @@ def test_bad_value(tmp_path, capfd, module, arg, needles):
     (['--workdir=w', 'extra'], ["unexpected arguments ['extra']"]),
     (['--workdir=w', '--workdr=x'], ["Unknown command line flag 'workdr'"]),
     (['--workdir=w', '--cpu_devices=-1'], ['--cpu_devices=-1']),
+    (['--workdir=w', '--checkpoint_every_sec=-1'], ['--checkpoint_every_sec=-1']),
     (['--workdir=w', '--config=/nonexistent/config.py'],
      ['--config: the config file could not be loaded', 'No such file']),
     (['--workdir=w', f'--config={real._DEFAULT_CONFIG}:svhn'],
@@ -282,6 +283,24 @@ def test_bad_value(tmp_path, capfd, module, arg, needles):
 def test_bad_command_line(capfd, args, needles):
   code, err = _run(real, args, capfd, _never)
   _assert_one_line(code, err, *needles)
+
+
+def test_checkpoint_interval_flag_reaches_the_checkpointers(tmp_path, monkeypatch):
+  """``--checkpoint_every_sec`` sets the interval of the binaries' checkpointers; 60 s when
+  not given."""
+  monkeypatch.setattr(common, '_checkpoint_every_sec', common.DEFAULT_CHECKPOINT_EVERY_SEC)
+  seen = []
+
+  def record(config, workdir):
+    seen.append(common.checkpointer(os.path.join(workdir, 'ck')).every_sec)
+  for args, want in (([], 60.0), (['--checkpoint_every_sec=0'], 0.0),
+                     (['--checkpoint_every_sec=2.5'], 2.5)):
+    common.run_binary(lowrank.validate_config, record, lowrank._DEFAULT_CONFIG, ('ck',),
+                      argv=['prog', f'--workdir={tmp_path}', '--cpu_devices=1', *args],
+                      flag_values=flags.FlagValues())
+    assert seen[-1] == want, (args, seen)
+  with pytest.raises(ValueError, match='checkpoint_every_sec must be >= 0'):
+    common.set_checkpoint_every_sec(-1)
 
 
 def test_check_needing_the_loaded_data(tmp_path, capfd):

@@ -170,8 +170,8 @@ def teacher_folder(root: str, spec: Mapping[str, Any]) -> str:
 
 def pretrain_teacher(spec: Mapping[str, Any], model: cnn.CNN, dataset: datasets.Dataset,
                      root: str, stage: str = 'teacher', init: Optional[Any] = None,
-                     on_chunk: Optional[Callable[[Dict[str, float]], None]] = None
-                     ) -> Tuple[Any, Dict[str, Any]]:
+                     on_chunk: Optional[Callable[[Dict[str, float]], None]] = None,
+                     checkpoint_every_sec: float = 0.0) -> Tuple[Any, Dict[str, Any]]:
   """Trains (or reloads) a CNN on the true labels of ``dataset``; checkpointed with orbax.
 
   The folder ``teacher_folder(root, spec)`` holds ``spec.json`` and the
@@ -191,6 +191,8 @@ def pretrain_teacher(spec: Mapping[str, Any], model: cnn.CNN, dataset: datasets.
       from, as ``teacher_spec``'s ``init_from`` does), else a fresh
       initialization (from the spec's ``stream`` where it has one).
     on_chunk: progress callback of ``train.train_seeds``.
+    checkpoint_every_sec: save training checkpoints at most this often (and
+      at the end); 0: after every chunk (``sweep.Checkpointer``'s ``every_sec``).
 
   Returns:
     ``(params, info)``: the parameters (one model, no seeds axis, numpy) and
@@ -230,7 +232,8 @@ def pretrain_teacher(spec: Mapping[str, Any], model: cnn.CNN, dataset: datasets.
   data_args = add_axis({'train_x': dataset.train_x, 'train_y': dataset.train_y,
                         'at_eps': jnp.float32(eps)})
   steps = spec['teacher_steps']
-  checkpointer = sweep.Checkpointer(os.path.join(folder, 'checkpoints'))
+  checkpointer = sweep.Checkpointer(os.path.join(folder, 'checkpoints'),
+                                    every_sec=checkpoint_every_sec)
   reused = steps > 0 and checkpointer.latest_step() == steps
   try:
     state, losses = train.train_seeds(

@@ -393,8 +393,10 @@ def train_seeds(loss_fn: LossFn, optimizer: optax.GradientTransformation,
       ``steps_per_sec``, ``eta_sec``, ``loss`` (mean over seeds of the
       chunk's last loss).
     checkpointer: when given, the state and loss history are saved after
-      every chunk, and training resumes from its newest checkpoint (of this
-      same run: same ``state`` structure, ``num_steps`` and ``chunk_steps``).
+      every chunk (at most every ``checkpointer.every_sec`` seconds when that
+      is set, and always after the last chunk), and training resumes from its
+      newest checkpoint (of this same run: same ``state`` structure,
+      ``num_steps`` and ``chunk_steps``).
       Because step ``t`` uses ``fold_in(key, t)``, a resumed run ends in the
       same state as an uninterrupted one.
     shared_args: a dict of arrays every seed reads, WITHOUT a seeds axis
@@ -470,7 +472,8 @@ def train_seeds(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     history[:, done // chunk_steps] = chunk_losses.mean(-1)
     done += length
     if checkpointer is not None:
-      checkpointer.save(start + done, {'state': state, 'losses': history})
+      checkpointer.save(start + done, {'state': state, 'losses': history},
+                        force=done == num_steps)
     if on_chunk is not None:
       elapsed = time.perf_counter() - t_start
       rate = (done - first) / max(elapsed, 1e-9)
