@@ -19,6 +19,10 @@ from tsrobust import train
 D, R = 8, 3
 
 
+class _Interrupted(Exception):
+  pass
+
+
 @functools.lru_cache(maxsize=None)
 def _problem(num_seeds, optimizer_name='momentum', lr=0.05, weight_decay=0.0, hidden=(4,),
              batch=16):
@@ -140,26 +144,30 @@ class TrainSeedsTest(chex.TestCase):
     self.assertTrue(all(s['steps_per_sec'] > 0 and np.isfinite(s['loss']) for s in seen))
     self.assertEqual(seen[-1]['eta_sec'], 0.0)
 
-  def test_interrupted_run_resumes_to_the_same_state(self):
-    """Stopped after chunk 2 (the checkpoint is saved before ``on_chunk``), the same call
-    again runs only the remaining chunks and ends where an uninterrupted run ends."""
+  def _stopped_after_chunk_2(self, **checkpointer_args):
+    """A 35-step run in chunks of 7, stopped after chunk 2 with a ``Checkpointer`` of
+    ``checkpointer_args``: ``(run, straight result, folder)``; ``run`` takes the keyword
+    arguments of ``train_seeds`` and ``straight`` is an uninterrupted run's result."""
     loss_fn, opt, state, tparams, data_args, keys = _problem(2)
     run = functools.partial(train.train_seeds, loss_fn, opt, state, tparams, data_args, keys,
                             num_steps=35, chunk_steps=7)
-    straight, straight_losses = run()
+    straight = run()
     folder = self.enterContext(tempfile.TemporaryDirectory())
-
-    class Interrupted(Exception):
-      pass
 
     def stop_after_chunk_2(info):
       if info['step'] == 14:
-        raise Interrupted
+        raise _Interrupted
 
-    checkpointer = sweep.Checkpointer(folder)
-    with pytest.raises(Interrupted):
+    checkpointer = sweep.Checkpointer(folder, **checkpointer_args)
+    with pytest.raises(_Interrupted):
       run(checkpointer=checkpointer, on_chunk=stop_after_chunk_2)
     checkpointer.close()
+    return run, straight, folder
+
+  def test_interrupted_run_resumes_to_the_same_state(self):
+    """Stopped after chunk 2 (the checkpoint is saved before ``on_chunk``), the same call
+    again runs only the remaining chunks and ends where an uninterrupted run ends."""
+    run, (straight, straight_losses), folder = self._stopped_after_chunk_2()
     checkpointer = sweep.Checkpointer(folder)
     self.assertEqual(checkpointer.latest_step(), 14)
     seen = []
@@ -174,30 +182,16 @@ class TrainSeedsTest(chex.TestCase):
     # silently reused.
     checkpointer = sweep.Checkpointer(folder)
     with pytest.raises(ValueError, match='does not belong to a run'):
-      train.train_seeds(loss_fn, opt, state, tparams, data_args, keys, num_steps=30,
-                        chunk_steps=7, checkpointer=checkpointer)
+      run(num_steps=30, checkpointer=checkpointer)
     checkpointer.close()
 
   def test_checkpoint_interval_saves_the_last_chunk(self):
     """With ``every_sec`` longer than the run, only the last chunk is saved (forced): a run
     stopped after chunk 2 left nothing to resume, so the rerun trains all 5 chunks and ends
     where an uninterrupted run ends, with its checkpoint at the last step."""
-    loss_fn, opt, state, tparams, data_args, keys = _problem(2)
-    run = functools.partial(train.train_seeds, loss_fn, opt, state, tparams, data_args, keys,
-                            num_steps=35, chunk_steps=7)
-    straight, _ = run()
-    folder = self.enterContext(tempfile.TemporaryDirectory())
-
-    def stop_after_chunk_2(info):
-      if info['step'] == 14:
-        raise KeyboardInterrupt
-
+    run, (straight, _), folder = self._stopped_after_chunk_2(every_sec=3600)
     checkpointer = sweep.Checkpointer(folder, every_sec=3600)
-    with pytest.raises(KeyboardInterrupt):
-      run(checkpointer=checkpointer, on_chunk=stop_after_chunk_2)
     self.assertIsNone(checkpointer.latest_step())
-    checkpointer.close()
-    checkpointer = sweep.Checkpointer(folder, every_sec=3600)
     seen = []
     resumed, _ = run(checkpointer=checkpointer, on_chunk=seen.append)
     self.assertEqual(checkpointer.latest_step(), 35)
