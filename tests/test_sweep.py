@@ -190,7 +190,10 @@ def test_checkpointer_saves_when_due_or_forced(tmp_path, monkeypatch):
   assert every.every_sec == 0 and every.save(1, tree) and every.save(2, tree)
   assert every.latest_step() == 2
   every.close()
-  for bad in (-1, float('nan'), '5'):
+  numpy_float = sweep.Checkpointer(str(tmp_path / 'c'), every_sec=np.float32(2.5))
+  assert numpy_float.every_sec == 2.5
+  numpy_float.close()
+  for bad in (-1, float('nan'), '5', True):
     with pytest.raises(ValueError, match='every_sec must be a number >= 0'):
       sweep.Checkpointer(str(tmp_path / 'c'), every_sec=bad)
 

@@ -32,6 +32,7 @@ threefry hash as the straight-line code it uses on accelerators (same bits,
 """
 
 import importlib
+import numbers
 import os
 import re
 import time
@@ -458,7 +459,8 @@ class Checkpointer:
   """
 
   def __init__(self, folder: str, max_to_keep: int = 1, every_sec: float = 0.0):
-    if not (isinstance(every_sec, (int, float)) and every_sec >= 0):
+    if (isinstance(every_sec, bool) or not isinstance(every_sec, numbers.Real)
+        or not every_sec >= 0):
       raise ValueError(f'every_sec must be a number >= 0, got {every_sec!r}')
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     self._ocp = ocp
