@@ -857,11 +857,6 @@ def checkpoint_every_sec() -> float:
   return _checkpoint_every_sec
 
 
-def checkpointer(folder: str) -> sweep.Checkpointer:
-  """A ``sweep.Checkpointer`` of ``folder`` saving at the binaries' interval."""
-  return sweep.Checkpointer(folder, every_sec=_checkpoint_every_sec)
-
-
 def train_or_keep_last_good(loss_fn, optimizer, state, teacher_params, data_args, keys, config,
                             workdir: str, stage: str, num_steps: int = None,
                             shared_args=None):
@@ -877,12 +872,13 @@ def train_or_keep_last_good(loss_fn, optimizer, state, teacher_params, data_args
   state, teacher_params, data_args, keys = shard((state, teacher_params, data_args, keys))
   if shared_args is not None:
     shared_args = sweep.replicate(shared_args, mesh())
-  saver = checkpointer(os.path.join(workdir, 'checkpoints', stage))
+  checkpointer = sweep.Checkpointer(os.path.join(workdir, 'checkpoints', stage),
+                                    every_sec=_checkpoint_every_sec)
   try:
     return train.train_seeds(loss_fn, optimizer, state, teacher_params, data_args, keys,
                              num_steps=num_steps or config.num_steps,
                              chunk_steps=config.chunk_steps, on_chunk=progress_logger(stage),
-                             checkpointer=saver, shared_args=shared_args)
+                             checkpointer=checkpointer, shared_args=shared_args)
   except train.TrainingDivergedError as e:
     path = os.path.join(workdir, f'last_good_params_{stage}.msgpack')
     params = sweep.to_host(e.last_good_state.params)  # a collective: every process
@@ -891,7 +887,7 @@ def train_or_keep_last_good(loss_fn, optimizer, state, teacher_params, data_args
     raise RunError(f'{e} ({stage}); last good parameters saved to {path}; lower '
                    f'config.learning_rate') from e
   finally:
-    saver.close()
+    checkpointer.close()
 
 
 def train_grid(config, workdir: str, points, make_loss: Callable, make_args: Callable,

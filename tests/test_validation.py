@@ -292,7 +292,7 @@ def test_checkpoint_interval_flag_reaches_the_checkpointers(tmp_path, monkeypatc
   seen = []
 
   def record(config, workdir):
-    seen.append(common.checkpointer(os.path.join(workdir, 'ck')).every_sec)
+    seen.append(common.checkpoint_every_sec())
   for args, want in (([], 60.0), (['--checkpoint_every_sec=0'], 0.0),
                      (['--checkpoint_every_sec=2.5'], 2.5)):
     common.run_binary(lowrank.validate_config, record, lowrank._DEFAULT_CONFIG, ('ck',),
