@@ -847,9 +847,7 @@ _checkpoint_every_sec = DEFAULT_CHECKPOINT_EVERY_SEC
 def set_checkpoint_every_sec(seconds: float) -> None:
   """Sets how often (at most) the binaries save training checkpoints; 0: every chunk."""
   global _checkpoint_every_sec
-  if not seconds >= 0:
-    raise ValueError(f'checkpoint_every_sec must be >= 0, got {seconds!r}')
-  _checkpoint_every_sec = float(seconds)
+  _checkpoint_every_sec = sweep.checked_interval(seconds, 'checkpoint_every_sec')
 
 
 def checkpoint_every_sec() -> float:

@@ -299,8 +299,9 @@ def test_checkpoint_interval_flag_reaches_the_checkpointers(tmp_path, monkeypatc
                       argv=['prog', f'--workdir={tmp_path}', '--cpu_devices=1', *args],
                       flag_values=flags.FlagValues())
     assert seen[-1] == want, (args, seen)
-  with pytest.raises(ValueError, match='checkpoint_every_sec must be >= 0'):
-    common.set_checkpoint_every_sec(-1)
+  for bad in (-1, True, '5'):
+    with pytest.raises(ValueError, match='checkpoint_every_sec must be a number >= 0'):
+      common.set_checkpoint_every_sec(bad)
 
 
 def test_check_needing_the_loaded_data(tmp_path, capfd):

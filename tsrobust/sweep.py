@@ -434,6 +434,15 @@ def _replicated_global(v: jax.Array) -> jax.Array:
   return jax.make_array_from_callback(host.shape, _replicated_sharding(), lambda idx: host[idx])
 
 
+def checked_interval(seconds: Any, name: str) -> float:
+  """``seconds`` as a float if it is a real number >= 0 (not a bool), else a ValueError
+  naming ``name``: the check of every checkpoint interval."""
+  if (isinstance(seconds, bool) or not isinstance(seconds, numbers.Real)
+      or not seconds >= 0):
+    raise ValueError(f'{name} must be a number >= 0, got {seconds!r}')
+  return float(seconds)
+
+
 class Checkpointer:
   """Orbax checkpoints of one training stage in ``folder``, keyed by step.
 
@@ -459,13 +468,11 @@ class Checkpointer:
   """
 
   def __init__(self, folder: str, max_to_keep: int = 1, every_sec: float = 0.0):
-    if (isinstance(every_sec, bool) or not isinstance(every_sec, numbers.Real)
-        or not every_sec >= 0):
-      raise ValueError(f'every_sec must be a number >= 0, got {every_sec!r}')
+    every_sec = checked_interval(every_sec, 'every_sec')
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     self._ocp = ocp
     self.folder = os.path.abspath(folder)
-    self.every_sec = float(every_sec)
+    self.every_sec = every_sec
     sync_processes()
     self._manager = ocp.CheckpointManager(
         self.folder, options=ocp.CheckpointManagerOptions(
