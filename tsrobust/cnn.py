@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tsrobust import numerics
+
 POOLS = ('max', 'avg', 'none')
 
 
@@ -69,7 +71,7 @@ class _Conv(nn.Module):
   def __call__(self, x: chex.Array) -> chex.Array:
     k, c_in = self.kernel_size, x.shape[-1]
     kernel = self.param('kernel', self.kernel_init, (k, k, c_in, self.features))
-    y = im2col(x, k) @ kernel.reshape(k * k * c_in, self.features)
+    y = numerics.matmul(im2col(x, k), kernel.reshape(k * k * c_in, self.features))
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,))
     return y
@@ -121,10 +123,10 @@ class CNN(nn.Module):
     h = h.reshape(h.shape[0], -1)
     for i, width in enumerate(self.dense_widths):
       h = nn.relu(nn.Dense(width, use_bias=self.use_bias, kernel_init=kernel_init,
-                           name=f'dense_{i}')(h))
+                           precision=numerics.PRECISION, name=f'dense_{i}')(h))
       acts.append(h)
     out = nn.Dense(self.out_dim, use_bias=self.use_bias, kernel_init=kernel_init,
-                   name='output')(h)
+                   precision=numerics.PRECISION, name='output')(h)
     return out, tuple(acts)
 
 

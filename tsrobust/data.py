@@ -21,6 +21,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from tsrobust import numerics
+
 
 def random_orthonormal(key: chex.PRNGKey, d: int, r: int) -> chex.Array:
   """A random ``[d, r]`` matrix with orthonormal columns (QR of a Gaussian).
@@ -50,7 +52,7 @@ def nested_basis(key: chex.PRNGKey, d: int, r: int) -> chex.Array:
 def projectors(basis: chex.Array) -> Tuple[chex.Array, chex.Array]:
   """``(P, P_perp)``, both ``[d, d]``, for a ``[d, r]`` orthonormal basis."""
   chex.assert_rank(basis, 2)
-  p = basis @ basis.T
+  p = numerics.matmul(basis, basis.T)
   return p, jnp.eye(basis.shape[0], dtype=p.dtype) - p
 
 
@@ -82,7 +84,7 @@ def sample_lowrank(key: chex.PRNGKey, projector: chex.Array, n: int,
   """
   chex.assert_rank(projector, 2)
   d = projector.shape[0]
-  return scale * jax.random.normal(key, (n, d), projector.dtype) @ projector
+  return scale * numerics.matmul(jax.random.normal(key, (n, d), projector.dtype), projector)
 
 
 def sample_subspace(key: chex.PRNGKey, basis: chex.Array, n: int,
@@ -106,7 +108,7 @@ def sample_subspace(key: chex.PRNGKey, basis: chex.Array, n: int,
   """
   chex.assert_rank(basis, 2)
   z = jax.random.normal(key, (basis.shape[1], n), basis.dtype)
-  return scale * (basis @ z).T
+  return scale * numerics.matmul(basis, z).T
 
 
 def off_subspace_probe(key: chex.PRNGKey, x: chex.Array, projector_perp: chex.Array,
@@ -124,4 +126,4 @@ def off_subspace_probe(key: chex.PRNGKey, x: chex.Array, projector_perp: chex.Ar
   """
   chex.assert_rank([x, projector_perp], 2)
   xi = jax.random.normal(key, x.shape, x.dtype)
-  return x + scale * xi @ projector_perp
+  return x + scale * numerics.matmul(xi, projector_perp)

@@ -48,6 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tsrobust import numerics
+
 DATASETS = ('mnist', 'cifar10', 'fashion_mnist')
 IDX_DATASETS = ('mnist', 'fashion_mnist')  # read from the four MNIST IDX files
 IMAGE_SHAPES = {'mnist': (28, 28, 1), 'fashion_mnist': (28, 28, 1), 'cifar10': (32, 32, 3)}
@@ -475,21 +477,21 @@ def fit_pca(train_x: chex.Array, rank: int) -> PCA:
     raise ValueError(f'rank must satisfy 1 <= rank <= D = {d}, got {rank}')
   mean = flat.mean(0)
   centered = flat - mean
-  cov = centered.T @ centered / n
+  cov = numerics.matmul(centered.T, centered) / n
   values, vectors = jnp.linalg.eigh(cov)
   order = jnp.argsort(-values)
   basis = vectors[:, order[:rank]]
   signs = jnp.sign(basis[jnp.argmax(jnp.abs(basis), axis=0), jnp.arange(rank)])
   basis = basis * jnp.where(signs == 0, 1.0, signs)[None, :]
   total = jnp.maximum(values.sum(), 1e-12)
-  return PCA(mean, basis, basis @ basis.T, values[order[:rank]].sum() / total)
+  return PCA(mean, basis, numerics.matmul(basis, basis.T), values[order[:rank]].sum() / total)
 
 
 def project_pca(x: chex.Array, pca: PCA) -> chex.Array:
   """``m + P (x - m)`` per example: ``x [N, ...]`` mapped onto the affine set ``m + S``."""
   flat = jnp.asarray(x, jnp.float32).reshape(x.shape[0], -1)
   chex.assert_shape(pca.projector, (flat.shape[1], flat.shape[1]))
-  return (pca.mean + (flat - pca.mean) @ pca.projector).reshape(x.shape)
+  return (pca.mean + numerics.matmul(flat - pca.mean, pca.projector)).reshape(x.shape)
 
 
 def lowrank(dataset: Dataset, rank: int) -> Tuple[Dataset, PCA]:

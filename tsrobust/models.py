@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tsrobust import numerics
+
 
 class MLP(nn.Module):
   """ReLU MLP returning outputs and every hidden layer's activations.
@@ -44,10 +46,10 @@ class MLP(nn.Module):
     acts = []
     for i, width in enumerate(self.hidden_widths):
       h = nn.relu(nn.Dense(width, use_bias=self.use_bias, kernel_init=kernel_init,
-                           name=f'hidden_{i}')(h))
+                           precision=numerics.PRECISION, name=f'hidden_{i}')(h))
       acts.append(h)
     out = nn.Dense(self.out_dim, use_bias=self.use_bias, kernel_init=kernel_init,
-                   name='output')(h)
+                   precision=numerics.PRECISION, name='output')(h)
     return out, tuple(acts)
 
 

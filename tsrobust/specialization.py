@@ -22,6 +22,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from tsrobust import numerics
+
 
 class CorrStats(NamedTuple):
   """Sufficient statistics of paired activations (teacher ``a``, student ``b``).
@@ -77,7 +79,7 @@ def batch_stats(teacher_acts: chex.Array, student_acts: chex.Array) -> CorrStats
   mean_a, mean_b = a.mean(0), b.mean(0)
   ca, cb = a - mean_a, b - mean_b
   return CorrStats(jnp.asarray(n, a.dtype), mean_a, mean_b, (ca * ca).sum(0),
-                   (cb * cb).sum(0), ca.T @ cb)
+                   (cb * cb).sum(0), numerics.matmul(ca.T, cb))
 
 
 def merge_stats(s1: CorrStats, s2: CorrStats) -> CorrStats:
@@ -177,8 +179,9 @@ def weight_alignment(teacher_kernel: chex.Array, student_kernel: chex.Array,
   if projector_perp is None:
     projector_perp = jnp.eye(projector.shape[0], dtype=projector.dtype) - projector
   ws = student_kernel[:, best_student]
-  return (_cosine(projector @ teacher_kernel, projector @ ws),
-          _cosine(projector_perp @ teacher_kernel, projector_perp @ ws))
+  mm = numerics.matmul
+  return (_cosine(mm(projector, teacher_kernel), mm(projector, ws)),
+          _cosine(mm(projector_perp, teacher_kernel), mm(projector_perp, ws)))
 
 
 def random_cosine_baseline(dim: int) -> float:

@@ -78,6 +78,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tsrobust import attacks
+from tsrobust import numerics
 
 Fn = Callable[[chex.Array], chex.Array]
 
@@ -309,7 +310,7 @@ def square(objective_fn: Fn, x: chex.Array, key: chex.PRNGKey, *, eps: chex.Nume
                        f'got shape {basis.shape}')
     basis = jnp.asarray(basis)
     layout = (n, 1, basis.shape[1], 1)  # (N, H, W, C) of the search; z is [N, C, H, W]
-    projector = basis @ basis.T
+    projector = numerics.matmul(basis, basis.T)
   elif x.ndim == 4:
     layout = x.shape
   elif x.ndim == 2:
@@ -329,7 +330,7 @@ def square(objective_fn: Fn, x: chex.Array, key: chex.PRNGKey, *, eps: chex.Nume
     """Search variable ``[N, C, H, W]`` -> feasible ``delta`` shaped like ``x``."""
     if basis is None:
       return z.transpose(0, 2, 3, 1).reshape(x.shape)
-    delta = (z.reshape(n, -1) @ basis.T).reshape(x.shape)
+    delta = numerics.matmul(z.reshape(n, -1), basis.T).reshape(x.shape)
     delta = attacks.project(delta, eps, norm, projector)
     return attacks._clip_inputs(x, delta, clip_range, projector)
 
