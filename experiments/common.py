@@ -27,7 +27,6 @@ from tsrobust import io
 from tsrobust import methods
 from tsrobust import metrics
 from tsrobust import models
-from tsrobust import numerics
 from tsrobust import specialization
 from tsrobust import stats
 from tsrobust import sweep
@@ -767,8 +766,7 @@ def build_problem(config, keys: SeedKeys) -> Problem:
 
 def rank_projector(bases: jax.Array, r: int) -> jax.Array:
   """``[S, d, d]`` projectors onto the span of the leading ``r`` basis columns."""
-  u = bases[:, :, :r]
-  return numerics.matmul(u, jnp.swapaxes(u, 1, 2))
+  return jax.vmap(lambda u: data.projectors(u)[0])(bases[:, :, :r])
 
 
 def lowrank_args(bases: jax.Array, r: int, scales: jax.Array) -> Dict[str, jax.Array]:

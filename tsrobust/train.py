@@ -26,7 +26,6 @@ import numpy as np
 import optax
 
 from tsrobust import attacks
-from tsrobust import numerics
 from tsrobust import sweep
 
 LOSSES = ('mse', 'ce_argmax', 'ce_soft')
@@ -211,8 +210,7 @@ def noise_augmentation(kind: str) -> Callable:
     del params, teacher_params
     xi = data_args['aug_scale'] * jax.random.normal(key, x.shape, x.dtype)
     if kind == 'orthogonal':
-      flat = xi.reshape(x.shape[0], -1)
-      xi = (flat - numerics.matmul(flat, data_args['projector'])).reshape(x.shape)
+      xi = xi - attacks.project_onto_subspace(xi, data_args['projector'])
     return x + _where_rows(_leading_mask(x.shape[0], data_args['aug_fraction']), xi, 0.0)
   return transform
 
