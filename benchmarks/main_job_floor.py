@@ -56,14 +56,9 @@ def rank_runner(config):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from experiments import common  # pylint: disable=g-import-not-at-top
+  from experiments import lowrank  # pylint: disable=g-import-not-at-top
   from tsrobust import train  # pylint: disable=g-import-not-at-top
-  keys = common.seed_keys(config)
-  problem = common.build_problem(config, keys)
-  optimizer = common.make_optimizer(config)
-  loss_fn = train.teacher_regression_loss(problem.student.apply, problem.teacher.apply,
-                                          config.loss, common.sampler(config.num_train),
-                                          config.batch_size)
-  evaluator = common.LowRankEvaluator(config, problem.teacher, problem.student)
+  keys, problem, optimizer, loss_fn, evaluator = lowrank.build(config)
   s = common.num_padded_seeds(config)
   # The executable train.train_seeds runs (one per loss, optimizer and chunk length).
   chunk = train._batched_chunk(  # pylint: disable=protected-access

@@ -57,19 +57,25 @@ def columns(config) -> List[str]:
   return ['rank', 'seed'] + common.metric_columns(config)
 
 
-def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
-  """Runs the experiment and writes the result files; returns the records."""
-  validate_config(config)
-  common.prepare_workdir(workdir, config)
-  d = config.d
-  s = common.num_padded_seeds(config)  # >= num_seeds; the padded seeds are dropped
+def build(config):
+  """``(keys, problem, optimizer, loss_fn, evaluator)``: what every rank of the run uses."""
   keys = common.seed_keys(config)
   problem = common.build_problem(config, keys)
   optimizer = common.make_optimizer(config)
   loss_fn = train.teacher_regression_loss(problem.student.apply, problem.teacher.apply,
                                           config.loss, common.sampler(config.num_train),
                                           config.batch_size)
-  evaluator = common.LowRankEvaluator(config, problem.teacher, problem.student)
+  return keys, problem, optimizer, loss_fn, common.LowRankEvaluator(config, problem.teacher,
+                                                                    problem.student)
+
+
+def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
+  """Runs the experiment and writes the result files; returns the records."""
+  validate_config(config)
+  common.prepare_workdir(workdir, config)
+  d = config.d
+  s = common.num_padded_seeds(config)  # >= num_seeds; the padded seeds are dropped
+  keys, problem, optimizer, loss_fn, evaluator = build(config)
 
   records, checks = [], {}
   for r in config.ranks:
