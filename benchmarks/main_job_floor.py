@@ -58,14 +58,16 @@ def rank_runner(config):
   from experiments import common  # pylint: disable=g-import-not-at-top
   from experiments import lowrank  # pylint: disable=g-import-not-at-top
   from tsrobust import train  # pylint: disable=g-import-not-at-top
+  num_chunks = config.num_steps // config.chunk_steps
+  if num_chunks * config.chunk_steps != config.num_steps or config.num_train:
+    raise ValueError(f'the floor needs config.num_steps a multiple of config.chunk_steps and '
+                     f'config.num_train = 0 (fresh data every step), got {config.num_steps}, '
+                     f'{config.chunk_steps}, {config.num_train}')
   keys, problem, optimizer, loss_fn, evaluator = lowrank.build(config)
   s = common.num_padded_seeds(config)
   # The executable train.train_seeds runs (one per loss, optimizer and chunk length).
   chunk = train._batched_chunk(  # pylint: disable=protected-access
       loss_fn, optimizer, config.chunk_steps)
-  num_chunks = config.num_steps // config.chunk_steps
-  if num_chunks * config.chunk_steps != config.num_steps or config.num_train:
-    raise ValueError('the floor needs whole chunks and fresh data every step (num_train 0)')
   teacher_params, train_keys = common.shard((problem.teacher_params, keys.train))
 
   def one_rank(r):
