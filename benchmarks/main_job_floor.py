@@ -54,7 +54,6 @@ def rank_runner(config):
   ``tests/test_benchmarks_floor.py``). Call after the backend is set up.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from experiments import common  # pylint: disable=g-import-not-at-top
   from experiments import lowrank  # pylint: disable=g-import-not-at-top
   from tsrobust import train  # pylint: disable=g-import-not-at-top
@@ -63,27 +62,23 @@ def rank_runner(config):
     raise ValueError(f'the floor needs config.num_steps a multiple of config.chunk_steps and '
                      f'config.num_train = 0 (fresh data every step), got {config.num_steps}, '
                      f'{config.chunk_steps}, {config.num_train}')
-  keys, problem, optimizer, loss_fn, evaluator = lowrank.build(config)
-  s = common.num_padded_seeds(config)
+  run = lowrank.build(config)
   # The executable train.train_seeds runs (one per loss, optimizer and chunk length).
   chunk = train._batched_chunk(  # pylint: disable=protected-access
-      loss_fn, optimizer, config.chunk_steps)
-  teacher_params, train_keys = common.shard((problem.teacher_params, keys.train))
+      run.loss_fn, run.optimizer, config.chunk_steps)
+  teacher_params, train_keys = common.shard((run.problem.teacher_params, run.keys.train))
 
   def one_rank(r):
     t0 = time.perf_counter()
-    scales = jnp.full((s,), common.data_scale(config, r))
-    data_args = common.lowrank_args(problem.bases, r, scales)
-    held = evaluator.held_out(data_args['projector'], scales, keys.eval)
-    state = jax.vmap(lambda p: train.init_state(p, optimizer))(problem.student_params)
+    data_args, held, state = lowrank.rank_inputs(config, run, r)
     state, data_args = jax.block_until_ready(common.shard((state, data_args)))
     t1 = time.perf_counter()
     for _ in range(num_chunks):
       state, _ = chunk(state, teacher_params, data_args, train_keys)
     jax.block_until_ready(state)
     t2 = time.perf_counter()
-    rows, _ = evaluator.evaluate(state.params, problem.teacher_params, data_args['projector'],
-                                 held, full_rank=r == config.d)
+    rows, _ = run.evaluator.evaluate(state.params, run.problem.teacher_params,
+                                     data_args['projector'], held, full_rank=r == config.d)
     return (t1 - t0, t2 - t1, time.perf_counter() - t2), rows
   return one_rank
 

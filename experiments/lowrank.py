@@ -16,7 +16,7 @@ Square broke, APGD's error vs iterations) and ``lowrank.png`` into ``--workdir``
 
 import os
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, NamedTuple
 
 from absl import logging
 import jax
@@ -57,16 +57,38 @@ def columns(config) -> List[str]:
   return ['rank', 'seed'] + common.metric_columns(config)
 
 
-def build(config):
-  """``(keys, problem, optimizer, loss_fn, evaluator)``: what every rank of the run uses."""
+class Run(NamedTuple):
+  """What every rank of a run uses (``build``)."""
+  keys: common.SeedKeys
+  problem: common.Problem
+  optimizer: Any
+  loss_fn: Any
+  evaluator: common.LowRankEvaluator
+
+
+def build(config) -> Run:
+  """The run's seed keys, teachers / bases / students, optimizer, loss and evaluator."""
   keys = common.seed_keys(config)
   problem = common.build_problem(config, keys)
   optimizer = common.make_optimizer(config)
   loss_fn = train.teacher_regression_loss(problem.student.apply, problem.teacher.apply,
                                           config.loss, common.sampler(config.num_train),
                                           config.batch_size)
-  return keys, problem, optimizer, loss_fn, common.LowRankEvaluator(config, problem.teacher,
-                                                                    problem.student)
+  return Run(keys, problem, optimizer, loss_fn,
+             common.LowRankEvaluator(config, problem.teacher, problem.student))
+
+
+def rank_inputs(config, run: Run, r: int):
+  """``(data_args, held, state)`` at rank ``r``: the training data's arguments (with the
+  projector), the held-out data, and the students' initial optimizer state."""
+  s = common.num_padded_seeds(config)  # >= num_seeds; the padded seeds are dropped
+  scales = jnp.full((s,), common.data_scale(config, r))
+  data_args = common.lowrank_args(run.problem.bases, r, scales)
+  held = run.evaluator.held_out(data_args['projector'], scales, run.keys.eval)
+  if config.num_train:
+    data_args['train_x'] = held['train_x']
+  state = jax.vmap(lambda p: train.init_state(p, run.optimizer))(run.problem.student_params)
+  return data_args, held, state
 
 
 def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
@@ -74,19 +96,14 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   validate_config(config)
   common.prepare_workdir(workdir, config)
   d = config.d
-  s = common.num_padded_seeds(config)  # >= num_seeds; the padded seeds are dropped
-  keys, problem, optimizer, loss_fn, evaluator = build(config)
+  run = build(config)
+  keys, problem, optimizer, loss_fn, evaluator = run
 
   records, checks = [], {}
   for r in config.ranks:
     t0 = time.perf_counter()
-    scales = jnp.full((s,), common.data_scale(config, r))
-    data_args = common.lowrank_args(problem.bases, r, scales)
+    data_args, held, state = rank_inputs(config, run, r)
     projector = data_args['projector']
-    held = evaluator.held_out(projector, scales, keys.eval)
-    if config.num_train:
-      data_args['train_x'] = held['train_x']
-    state = jax.vmap(lambda p: train.init_state(p, optimizer))(problem.student_params)
     warm = None
     if r == config.ranks[0] and jax.process_count() == 1:
       # The evaluation's programs, compiled while the students train (in a single-process

@@ -8,16 +8,17 @@ NVIDIA H200 (jax 0.11.2) before every product below named its precision: perturb
 projected onto a subspace had components outside it above the tests' 1e-5 tolerance;
 low-rank training inputs ``s U z`` were not exactly low-rank, so plain SGD moved the
 student's weights in the complement (which, on exact data, it never touches); a teacher
-correlated with itself gave less than 1; 83 of the default test suite's 486 tests failed there, 3 with
-``jax_default_matmul_precision='highest'``.
+correlated with itself gave less than 1; 83 of the default test suite's 486 tests failed
+there, 3 with ``jax_default_matmul_precision='highest'``.
 
 So every matrix product the library computes (the networks' layers, projections onto
 and off subspaces, data drawn in a subspace, correlation sums, the PCA) names
 ``PRECISION`` explicitly, whatever ``jax_default_matmul_precision`` says. On a CPU both
 are float32, but XLA compiles some fused products differently: the main job's losses and
-attack columns stayed byte-identical, its specialization moved by <= 2e-7. On a GPU it costs speed at large seed
-counts (``benchmarks/RESULTS.md``, "Seed sweep on a GPU"). Products inside a user's own
-model or objective, passed to our attacks, follow the user's settings.
+attack columns stayed byte-identical, its specialization moved by <= 2e-7. On a GPU it
+costs speed at large seed counts (``benchmarks/RESULTS.md``, "Seed sweep on a GPU").
+Products inside a user's own model or objective, passed to our attacks, follow the
+user's settings.
 """
 
 import jax
