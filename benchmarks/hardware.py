@@ -12,6 +12,7 @@ import argparse
 import datetime
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import time
@@ -77,17 +78,24 @@ def _busy_cpu_seconds() -> float:
   return (user + nice + system + irq + softirq) / os.sysconf('SC_CLK_TCK')
 
 
+def _children_cpu_seconds() -> float:
+  """User + system CPU seconds of this process's children that have been waited for."""
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return usage.ru_utime + usage.ru_stime
+
+
 class OtherLoad:
   """How many cores *other* processes kept busy since creation (Linux ``/proc/stat``).
 
-  ``cores()`` = (CPU seconds of every process - this process's own) / wall
-  seconds: 0 on an otherwise idle machine, ``nproc`` when something else
-  saturates it. Returns nan where ``/proc/stat`` is missing.
+  ``cores()`` = (CPU seconds of every process - this process's own and its finished
+  children's, e.g. jobs run with ``subprocess.run``) / wall seconds: 0 on an otherwise
+  idle machine, ``nproc`` when something else saturates it. Returns nan where
+  ``/proc/stat`` is missing.
   """
 
   def __init__(self):
     self.t0 = time.perf_counter()
-    self.own0 = time.process_time()
+    self.own0 = time.process_time() + _children_cpu_seconds()
     try:
       self.busy0 = _busy_cpu_seconds()
     except (OSError, ValueError):
@@ -97,7 +105,8 @@ class OtherLoad:
     if self.busy0 is None:
       return float('nan')
     wall = time.perf_counter() - self.t0
-    others = (_busy_cpu_seconds() - self.busy0) - (time.process_time() - self.own0)
+    own = time.process_time() + _children_cpu_seconds() - self.own0
+    others = (_busy_cpu_seconds() - self.busy0) - own
     return max(others, 0.0) / max(wall, 1e-9)
 
 

@@ -30,18 +30,30 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional, Sequence
 
 from benchmarks import hardware
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
-def _main_job(python: str) -> tuple:
-  """``(wall s, user CPU s)`` of one default main job in a fresh workdir."""
+
+def main_job(python: str, workdir: Optional[str] = None, flags: Sequence[str] = ()) -> tuple:
+  """``(wall s, user CPU s)`` of ``python -m experiments.lowrank --workdir=WORKDIR FLAGS``.
+
+  ``workdir`` None: a temporary folder, removed afterwards. Raises RuntimeError with the
+  end of the job's log when it fails.
+  """
+  if workdir is None:
+    with tempfile.TemporaryDirectory() as tmp:
+      return main_job(python, tmp, flags)
   before = resource.getrusage(resource.RUSAGE_CHILDREN)
-  with tempfile.TemporaryDirectory() as workdir:
-    t0 = time.perf_counter()
-    subprocess.run([python, '-m', 'experiments.lowrank', f'--workdir={workdir}'], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wall = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  done = subprocess.run([python, '-m', 'experiments.lowrank', f'--workdir={workdir}', *flags],
+                        cwd=_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  wall = time.perf_counter() - t0
+  if done.returncode:
+    raise RuntimeError(f'the main job with {list(flags)} failed (exit {done.returncode}):\n'
+                       + '\n'.join(done.stderr.splitlines()[-20:]))
   after = resource.getrusage(resource.RUSAGE_CHILDREN)
   return wall, after.ru_utime - before.ru_utime
 
@@ -119,7 +131,7 @@ def main():
     total = sum(sum(v) for v in passes[-1].values())
     line = f'pass {i + 1}: floor {total:.1f} s'
     if i < args.main_job_runs:
-      jobs.append(_main_job(sys.executable))
+      jobs.append(main_job(sys.executable))
       line += f'; main job {jobs[-1][0]:.1f} s wall, {jobs[-1][1]:.1f} s user CPU'
     print(line, flush=True)
 
