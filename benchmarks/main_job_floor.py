@@ -46,6 +46,7 @@ def main_job(python: str, workdir: Optional[str] = None, flags: Sequence[str] = 
   if workdir is None:
     with tempfile.TemporaryDirectory() as tmp:
       return main_job(python, tmp, flags)
+  workdir = os.path.abspath(workdir)  # the job runs in the repository root
   before = resource.getrusage(resource.RUSAGE_CHILDREN)
   t0 = time.perf_counter()
   done = subprocess.run([python, '-m', 'experiments.lowrank', f'--workdir={workdir}', *flags],

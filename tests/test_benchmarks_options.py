@@ -2,8 +2,12 @@
 (known answers), its flag parsing, and (slow) the whole measurement on a tiny config."""
 
 import math
+import subprocess
+import sys
 
 import pytest
+
+from benchmarks import hardware
 
 from benchmarks import main_job_options as options
 from tests import test_lowrank
@@ -83,6 +87,15 @@ def test_table_flags_runs_that_disagree():
   assert len(lines) == 4
   assert '| 11.0 | 1.00x |' in lines[2] and 'aaaaaaaa' in lines[2]
   assert '| 5.5 | 0.50x |' in lines[3] and 'DIFFER: bbbbbbbb cccccccc' in lines[3]
+
+
+def test_other_load_leaves_out_finished_children():
+  # The measured jobs are child processes: OtherLoad subtracts their CPU seconds, which
+  # getrusage(RUSAGE_CHILDREN) counts once they are waited for.
+  before = hardware._children_cpu_seconds()  # pylint: disable=protected-access
+  subprocess.run([sys.executable, '-c', 'import time\nt = time.process_time()\n'
+                  'while time.process_time() - t < 0.5: pass'], check=True)
+  assert hardware._children_cpu_seconds() - before >= 0.4  # pylint: disable=protected-access
 
 
 @pytest.mark.slow
