@@ -216,10 +216,13 @@ def main(argv: Optional[List[str]] = None):
   names = [n for n, _ in options]
   if len(set(names)) != len(names):
     parser.error(f'--option names must be distinct, got {names}')
+  from tsrobust import sweep  # pylint: disable=g-import-not-at-top
+  sweep.use_all_cpu_cores()  # as the jobs do, so the environment lists their devices
   meter = hardware.OtherLoad()  # the jobs are children: not counted
   out = measure(options, args.rounds, args.warmup, base_flags)
   others = meter.cores()
-  print(f'\n{hardware.environment()}\n')
+  environment = hardware.environment()
+  print(f'\n{environment}\n')
   print(f'main job (python -m experiments.lowrank), {args.rounds} timed round(s), every '
         f'option after the default in each; warm compilation cache'
         f'{" (an untimed round first)" if args.warmup else ""}; other processes '
@@ -227,7 +230,7 @@ def main(argv: Optional[List[str]] = None):
   print(table(out))
   if args.json:
     from tsrobust import io  # pylint: disable=g-import-not-at-top
-    io.write_json(args.json, {'runs': out, 'environment': hardware.environment(),
+    io.write_json(args.json, {'runs': out, 'environment': environment,
                               'other_cores': others})
   return out
 
