@@ -237,3 +237,34 @@ class TeacherParamsTest(chex.TestCase):
       models.random_teacher_params(jax.random.PRNGKey(0), model, 4, bias_scale=-0.1)
     with pytest.raises(ValueError, match='strength_decay'):
       models.random_teacher_params(jax.random.PRNGKey(0), model, 4, strength_decay=-1.0)
+
+
+def test_surrogate_keeps_values_and_smooths_gradients():
+  """``models.surrogate``: the same outputs; each ReLU differentiated as sigmoid(z / T)."""
+  from tsrobust import cnn  # pylint: disable=g-import-not-at-top
+  mlp = models.MLP((6,), 3)
+  p = mlp.init(jax.random.PRNGKey(0), jnp.zeros((1, 4)))
+  x = jax.random.normal(jax.random.PRNGKey(1), (5, 4))
+  smooth = models.surrogate(mlp, 0.3)
+  np.testing.assert_array_equal(smooth.apply(p, x)[0], mlp.apply(p, x)[0])
+  # One hidden layer: d out / d x = W1 diag(relu'(z)) W2, with relu' = sigmoid(z / T).
+  w1, b1 = p['params']['hidden_0']['kernel'], p['params']['hidden_0']['bias']
+  w2 = p['params']['output']['kernel']
+  z = x[0] @ w1 + b1
+  want = w1 @ (jax.nn.sigmoid(z / 0.3)[:, None] * w2)          # [4, 3]
+  got = jax.jacobian(lambda v: smooth.apply(p, v[None])[0][0])(x[0]).T
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  exact = jax.jacobian(lambda v: mlp.apply(p, v[None])[0][0])(x[0]).T
+  np.testing.assert_allclose(exact, w1 @ ((z > 0)[:, None] * w2), rtol=1e-5, atol=1e-6)
+  assert models.surrogate(mlp, 0.0) == mlp
+  net = cnn.make_cnn((3,), (4,), 2)
+  cp = cnn.init_params(jax.random.PRNGKey(2), net, (6, 6, 1))
+  xi = jax.random.uniform(jax.random.PRNGKey(3), (2, 6, 6, 1))
+  smooth_cnn = models.surrogate(net, 0.1)
+  np.testing.assert_array_equal(smooth_cnn.apply(cp, xi)[0], net.apply(cp, xi)[0])
+  g = lambda m: jax.grad(lambda v: m.apply(cp, v)[0].sum())(xi)
+  assert float(jnp.abs(g(smooth_cnn) - g(net)).max()) > 1e-4
+  with pytest.raises(ValueError, match='grad_temperature'):
+    models.surrogate(mlp, -1.0)
+  with pytest.raises(ValueError, match='relu_grad_temperature'):
+    models.surrogate(object(), 0.1)

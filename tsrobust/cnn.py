@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tsrobust import models
 from tsrobust import numerics
 
 POOLS = ('max', 'avg', 'none')
@@ -90,6 +91,8 @@ class CNN(nn.Module):
       block; odd sides are floored) or ``'none'``.
     use_bias: whether every layer has a bias.
     init_scale: kernels start as N(0, init_scale**2 / fan_in); biases at 0.
+    relu_grad_temperature: 0 (exact ReLU gradients) or the temperature of the
+      surrogate gradient (``models.relu``, ``models.surrogate``).
   """
   conv_widths: Sequence[int]
   dense_widths: Sequence[int]
@@ -98,6 +101,7 @@ class CNN(nn.Module):
   pool: str = 'max'
   use_bias: bool = True
   init_scale: float = 1.0
+  relu_grad_temperature: float = 0.0
 
   @nn.compact
   def __call__(self, x: chex.Array) -> Tuple[chex.Array, Tuple[chex.Array, ...]]:
@@ -115,15 +119,16 @@ class CNN(nn.Module):
     h = x
     acts = []
     for i, width in enumerate(self.conv_widths):
-      h = nn.relu(_Conv(width, self.kernel_size, self.use_bias, kernel_init,
-                        name=f'conv_{i}')(h))
+      h = models.relu(_Conv(width, self.kernel_size, self.use_bias, kernel_init,
+                            name=f'conv_{i}')(h), self.relu_grad_temperature)
       acts.append(h)
       if self.pool != 'none':
         h = pool2x2(h, self.pool)
     h = h.reshape(h.shape[0], -1)
     for i, width in enumerate(self.dense_widths):
-      h = nn.relu(nn.Dense(width, use_bias=self.use_bias, kernel_init=kernel_init,
-                           precision=numerics.PRECISION, name=f'dense_{i}')(h))
+      h = models.relu(nn.Dense(width, use_bias=self.use_bias, kernel_init=kernel_init,
+                               precision=numerics.PRECISION, name=f'dense_{i}')(h),
+                      self.relu_grad_temperature)
       acts.append(h)
     out = nn.Dense(self.out_dim, use_bias=self.use_bias, kernel_init=kernel_init,
                    precision=numerics.PRECISION, name='output')(h)

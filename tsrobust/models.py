@@ -9,6 +9,13 @@ fan-in vector normalized to unit norm, an optional Gaussian bias, and an
 optional *strength decay* that scales the fan-out weights of hidden node ``j``
 by ``(j + 1) ** -decay`` so that teacher nodes have different strengths.
 Students are the same family with every hidden width multiplied by ``k``.
+
+``relu`` is the models' activation. With ``relu_grad_temperature`` ``T > 0`` a
+model computes the same values but differentiates each ReLU as
+``sigmoid(z / T)`` instead of the step ``1[z > 0]``: a smooth *surrogate
+gradient* for attacks (``surrogate``), which sees hidden units that are off
+at the current point but turn on nearby (the exact gradient of an inactive
+unit is 0, so a gradient attack cannot find the inputs where it wakes up).
 """
 
 import numbers
@@ -22,6 +29,54 @@ import jax.numpy as jnp
 from tsrobust import numerics
 
 
+@jax.custom_jvp
+def _relu_with_sigmoid_grad(z: chex.Array, temperature: chex.Array) -> chex.Array:
+  return jnp.maximum(z, 0.0)
+
+
+@_relu_with_sigmoid_grad.defjvp
+def _relu_with_sigmoid_grad_jvp(primals, tangents):
+  z, temperature = primals
+  dz, _ = tangents
+  slope = jax.nn.sigmoid(z / temperature)
+  return jnp.maximum(z, 0.0), slope * dz
+
+
+def relu(z: chex.Array, grad_temperature: float = 0.0) -> chex.Array:
+  """``max(z, 0)``; with ``grad_temperature`` ``T > 0`` differentiated as ``sigmoid(z / T)``.
+
+  The value is exactly ReLU's for every ``T``; only derivatives change (``T = 0``:
+  ``jax.nn.relu``'s).
+
+  >>> import jax, jax.numpy as jnp
+  >>> z = jnp.array([-1.0, 0.5])
+  >>> relu(z, 0.5).tolist(), jax.grad(lambda v: relu(v).sum())(z).tolist()
+  ([0.0, 0.5], [0.0, 1.0])
+  >>> [round(g, 4) for g in jax.grad(lambda v: relu(v, 0.5).sum())(z).tolist()]
+  [0.1192, 0.7311]
+  """
+  if grad_temperature < 0:
+    raise ValueError(f'grad_temperature must be >= 0, got {grad_temperature!r}')
+  if grad_temperature == 0:
+    return nn.relu(z)
+  return _relu_with_sigmoid_grad(z, jnp.asarray(grad_temperature, z.dtype))
+
+
+def surrogate(model: nn.Module, grad_temperature: float) -> nn.Module:
+  """``model`` (an ``MLP`` or ``cnn.CNN``) with surrogate ReLU gradients (see ``relu``).
+
+  Same parameters and the same outputs; gradients of its ``apply`` follow
+  ``sigmoid(z / grad_temperature)`` through every ReLU. ``grad_temperature = 0``
+  returns the exact model.
+  """
+  if not hasattr(model, 'relu_grad_temperature'):
+    raise ValueError(f'surrogate needs a model with relu_grad_temperature (MLP, CNN), got '
+                     f'{type(model).__name__}')
+  if not grad_temperature >= 0:
+    raise ValueError(f'grad_temperature must be >= 0, got {grad_temperature!r}')
+  return model.clone(relu_grad_temperature=float(grad_temperature))
+
+
 class MLP(nn.Module):
   """ReLU MLP returning outputs and every hidden layer's activations.
 
@@ -30,11 +85,14 @@ class MLP(nn.Module):
     out_dim: number of outputs.
     use_bias: whether every Dense layer has a bias.
     init_scale: kernels start as N(0, init_scale**2 / fan_in); biases at 0.
+    relu_grad_temperature: 0 (exact ReLU gradients) or the temperature of the
+      surrogate gradient (``relu``, ``surrogate``); the values never change.
   """
   hidden_widths: Sequence[int]
   out_dim: int
   use_bias: bool = True
   init_scale: float = 1.0
+  relu_grad_temperature: float = 0.0
 
   @nn.compact
   def __call__(self, x: chex.Array) -> Tuple[chex.Array, Tuple[chex.Array, ...]]:
@@ -45,8 +103,9 @@ class MLP(nn.Module):
     h = x
     acts = []
     for i, width in enumerate(self.hidden_widths):
-      h = nn.relu(nn.Dense(width, use_bias=self.use_bias, kernel_init=kernel_init,
-                           precision=numerics.PRECISION, name=f'hidden_{i}')(h))
+      h = relu(nn.Dense(width, use_bias=self.use_bias, kernel_init=kernel_init,
+                        precision=numerics.PRECISION, name=f'hidden_{i}')(h),
+               self.relu_grad_temperature)
       acts.append(h)
     out = nn.Dense(self.out_dim, use_bias=self.use_bias, kernel_init=kernel_init,
                    precision=numerics.PRECISION, name='output')(h)
