@@ -662,3 +662,19 @@ class ObjectiveTest(chex.TestCase):
     for k in (0, 4):
       with pytest.raises(ValueError, match='k must be'):
         attacks.top_other_classes(z, y, k)
+
+
+def test_oracle_pair_objective_known_answer():
+  """min(f, g): f the student's margin for class b, g the teacher's for class a minus tol."""
+  s = jnp.array([[0.0, 1.0, 3.0], [2.0, 0.5, 0.0]])
+  t = jnp.array([[2.0, 1.5, 0.0], [0.0, 1.0, 0.0]])
+  a, b = jnp.array([0, 1]), jnp.array([2, 0])
+  obj = attacks.oracle_pair_objective(lambda v: s, lambda v: t, a, b, tolerance=0.25)
+  # Example 0: f = 3 - 1 = 2, g = 2 - 1.5 - 0.25 = 0.25; example 1: f = 2 - 0.5 = 1.5,
+  # g = 1 - 0 - 0.25 = 0.75.
+  np.testing.assert_allclose(obj(jnp.zeros((2, 1))), [0.25, 0.75], rtol=1e-6)
+  smooth = attacks.oracle_pair_objective(lambda v: s, lambda v: t, a, b, tolerance=0.25,
+                                         smoothing=0.5)
+  want = [-0.5 * np.logaddexp(-2 / 0.5, -0.25 / 0.5), -0.5 * np.logaddexp(-1.5 / 0.5, -0.75 / 0.5)]
+  np.testing.assert_allclose(smooth(jnp.zeros((2, 1))), want, rtol=1e-6)
+  assert (smooth(jnp.zeros((2, 1))) <= obj(jnp.zeros((2, 1)))).all()  # soft min <= min

@@ -44,7 +44,10 @@ def test_result_shapes_and_keys(run):
   for label in ('oracle', 'fixed'):
     for where in ('in', 'off', 'full'):
       for attack in evaluate.ATTACKS:
-        assert result.success[(label, where, attack)].shape == (S, len(EPS), N)
+        if label == 'oracle' or attack not in evaluate.ORACLE_ONLY_ATTACKS:
+          assert result.success[(label, where, attack)].shape == (S, len(EPS), N)
+        else:  # the pair attack needs the teacher at x + delta: oracle labels only
+          assert (label, where, attack) not in result.success
       assert result.first_success[(label, where)].shape == (S, len(EPS), N)
   assert result.clean['oracle'].shape == (S, N)
   assert not result.clean['fixed'].any()  # the fixed label is the teacher's at x
@@ -111,7 +114,9 @@ def test_records_and_columns(run):
     for label in ('oracle', 'fixed'):
       for e in names.values():
         ens = row[f'adv_{label}_full_{e}']
-        assert ens >= max(row[f'adv_{label}_full_{e}_{a}'] for a in ev.config.attacks) - 1e-9
+        assert ens >= max(row[f'adv_{label}_full_{e}_{a}']
+                          for a in ev.config.attacks_for(label)) - 1e-9
+  assert 'adv_oracle_full_0.5_apgd_pair' in per and 'adv_fixed_full_0.5_apgd_pair' not in per
 
 
 @pytest.mark.slow  # the ensemble compiled twice more
@@ -155,9 +160,10 @@ def test_square_catches_a_masked_student():
                   eps=(0.5,), labels_kinds=('fixed',))
   final = evaluate.combine(result)
   assert result.success[('fixed', 'full', 'square')].mean() > 0.9
-  for attack in evaluate.GRADIENT_ATTACKS:
-    # Gradient attacks only move from their random start: most points survive.
-    assert result.success[('fixed', 'full', attack)].mean() < 0.6, attack
+  for attack in ev.config.attacks_for('fixed'):
+    if attack in evaluate.GRADIENT_ATTACKS:
+      # Gradient attacks only move from their random start: most points survive.
+      assert result.success[('fixed', 'full', attack)].mean() < 0.6, attack
   checks = evaluate.attack_checks(result, final, headline=0.5, attacks_run=ev.config.attacks,
                                   convergence_points=ev.config.convergence_points())
   assert checks['only_square']['fixed_full_0.5'] > 0.3
@@ -195,7 +201,8 @@ def test_ccat_run_and_invariants():
   final = evaluate.combine(result)
   err = evaluate.ccat_error(result, final)
   assert err.shape == (S, len(EPS)) and ((err >= 0) & (err <= 1)).all()
-  assert set(result.accepted) == {('ccat', 'full', a) for a in ev.config.attacks}
+  assert set(result.accepted) == {('ccat', 'full', a) for a in ev.config.attacks_for('ccat')}
+  assert 'apgd_pair' not in ev.config.attacks_for('ccat')
   # A success is accepted by definition.
   for k, v in result.success.items():
     assert (~v | result.accepted[k] | result.clean['ccat'][:, None, :]).all()
@@ -205,7 +212,11 @@ def test_presets_and_bad_input():
   assert evaluate.preset('strong').apgd_steps == 100
   assert evaluate.preset('strong').targets == 9
   assert evaluate.preset('strong').square_queries == 5000
-  assert evaluate.preset('standard', square_queries=0).attacks == ('pgd', 'apgd', 'apgd_t')
+  assert evaluate.preset('standard', square_queries=0).attacks == ('pgd', 'apgd', 'apgd_t',
+                                                                   'apgd_pair')
+  assert evaluate.preset('standard', pair_steps=0).attacks_for('oracle') == (
+      'pgd', 'apgd', 'apgd_t', 'square')
+  assert evaluate.preset('standard').attacks_for('fixed') == ('pgd', 'apgd', 'apgd_t', 'square')
   with pytest.raises(ValueError, match='attack strength'):
     evaluate.preset('medium')
   with pytest.raises(ValueError, match='unknown attack config fields'):
@@ -215,13 +226,26 @@ def test_presets_and_bad_input():
   with pytest.raises(ValueError, match='apgd_steps'):
     evaluate.preset('fast', apgd_steps=-2)
   with pytest.raises(ValueError, match='at least one attack'):
-    evaluate.preset('fast', pgd_steps=0, apgd_steps=0, apgd_t_steps=0, square_queries=0)
+    evaluate.preset('fast', pgd_steps=0, apgd_steps=0, apgd_t_steps=0, square_queries=0,
+                    pair_steps=0)
+  with pytest.raises(ValueError, match='pair_smoothing'):
+    evaluate.preset('fast', pair_smoothing=-1.0)
+  with pytest.raises(ValueError, match='factor'):
+    evaluate.preset('fast').scaled(0)
+  doubled = evaluate.preset('standard').scaled(2)
+  assert (doubled.pgd_steps, doubled.apgd_steps, doubled.apgd_t_steps, doubled.square_queries,
+          doubled.pair_steps, doubled.targets, doubled.apgd_restarts) == (40, 60, 30, 200, 200,
+                                                                          3, 1)
   teacher, student, tp, sp, x, proj = _problem()
   ev = evaluate.Evaluator(student.apply, teacher.apply, norm='l2',
                           config=evaluate.preset('fast'))
   keys = jax.random.split(jax.random.PRNGKey(0), S)
   with pytest.raises(ValueError, match='labels_kinds'):
     ev.run(sp, tp, x, keys, eps=EPS, labels_kinds=('teacher',))
+  pair_only = evaluate.Evaluator(student.apply, teacher.apply, norm='l2', config=evaluate.preset(
+      'fast', pgd_steps=0, apgd_steps=0, apgd_t_steps=0, square_queries=0))
+  with pytest.raises(ValueError, match="no attack runs for label kind 'fixed'"):
+    pair_only.run(sp, tp, x, keys, eps=EPS, labels_kinds=('oracle', 'fixed'))
   with pytest.raises(ValueError, match='needs labels'):
     ev.run(sp, tp, x, keys, eps=EPS, labels_kinds=('true',))
   with pytest.raises(ValueError, match='projectors keys'):
@@ -275,7 +299,7 @@ def test_identity_full_shares_the_executable_of_sharded_projectors():
   keys = sweep.shard_seeds(jax.random.split(jax.random.PRNGKey(7), S), mesh)
   ev = evaluate.Evaluator(student.apply, teacher.apply, norm='l2',
                           config=evaluate.preset('fast', pgd_steps=0, apgd_t_steps=0,
-                                                 square_queries=0))
+                                                 square_queries=0, pair_steps=0))
   ev.run(sp, tp, x, keys, eps=(0.5,), labels_kinds=('oracle',), projectors=proj)
   # And a later call with only the identity (the full-rank case of the binaries).
   ev.run(sp, tp, x, keys, eps=(0.5,), labels_kinds=('oracle',), identity_full=True)
@@ -313,14 +337,123 @@ def test_prepare_traces_and_lowers_what_run_needs():
   config = evaluate.preset('fast', apgd_t_steps=0)
   kwargs = dict(eps=EPS, labels_kinds=('oracle', 'fixed'), projectors=proj)
   prepared = evaluate.Evaluator(student.apply, teacher.apply, norm='l2', config=config)
-  # The clean program and one per attack (pgd, apgd, square) and label kind.
-  assert prepared.prepare(other_sp, tp, x, keys, **kwargs) == 1 + 3 * 2
+  # The clean program and one per attack (pgd, apgd, square) and label kind, + apgd_pair (oracle).
+  assert prepared.prepare(other_sp, tp, x, keys, **kwargs) == 1 + 3 * 2 + 1
   result, events = _traced_during(lambda: prepared.run(sp, tp, x, keys, **kwargs))
   assert not [e for e in events if e[1] == 'one'], events
   fresh = evaluate.Evaluator(student.apply, teacher.apply, norm='l2', config=config)
   expected, events = _traced_during(lambda: fresh.run(sp, tp, x, keys, **kwargs))
-  assert events.count((_TRACE_EVENT, 'one')) == 1 + 3 * 2  # what prepare spared
+  assert events.count((_TRACE_EVENT, 'one')) == 1 + 3 * 2 + 1  # what prepare spared
   for k, v in expected.success.items():
     np.testing.assert_array_equal(result.success[k], v)
   for k, v in expected.first_success.items():
     np.testing.assert_array_equal(result.first_success[k], v)
+
+
+def _sliver_pair(c):
+  """Linear 2-class teacher ``[0, x_0]`` and student ``[0, x_0 + c x_1]``: they disagree where
+  ``x_0`` and ``x_0 + c x_1`` have opposite signs, a wedge along the teacher's boundary."""
+  def teacher_apply(params, v):
+    del params
+    return jnp.stack([jnp.zeros_like(v[:, 0]), v[:, 0]], -1), []
+
+  def student_apply(params, v):
+    del params
+    return jnp.stack([jnp.zeros_like(v[:, 0]), v[:, 0] + c * v[:, 1]], -1), []
+  return student_apply, teacher_apply
+
+
+def test_pair_attack_finds_the_sliver_the_margin_attack_misses():
+  """Closed form: from ``x = (m, 0, ...)`` (teacher class 1, margin m), a disagreement with the
+  teacher's gap >= tol needs ``x_0 + d_0 >= tol`` and ``x_0 + d_0 + c d_1 < 0``, so the
+  smallest L2 budget that reaches one is ``sqrt((m - tol)^2 + (tol / c)^2)``. Along the
+  student's margin gradient the teacher's gap when the student flips is ``m c^2 / (1 + c^2)``,
+  below tol here: the oracle margin (whose teacher label jumps there) finds nothing, the pair
+  objective (continuous, through both networks) finds exactly the reachable points."""
+  c, tol, eps = 0.2, 0.05, 1.0
+  m = jnp.linspace(0.3, 1.4, N)
+  need = np.sqrt((np.asarray(m) - tol) ** 2 + (tol / c) ** 2)
+  x = jnp.zeros((N, D)).at[:, 0].set(m)
+  student_apply, teacher_apply = _sliver_pair(c)
+  keys = jax.random.PRNGKey(0)[None]
+  run = lambda config: evaluate.Evaluator(
+      student_apply, teacher_apply, norm='l2', config=config, shared_teacher=True,
+      shared_data=True).run(jnp.zeros((1,)), jnp.zeros(()), x, keys, eps=(eps,),
+                            labels_kinds=('oracle',))
+  pair = run(evaluate.preset('standard', pgd_steps=0, apgd_steps=0, apgd_t_steps=0,
+                             square_queries=0, oracle_tolerance=tol))
+  margin = run(evaluate.preset('standard', pgd_steps=0, apgd_t_steps=0, square_queries=0,
+                               pair_steps=0, oracle_tolerance=tol))
+  found = pair.success[('oracle', 'full', 'apgd_pair')][0, 0]
+  clear = np.abs(need - eps) > 0.02  # leave out points within 2% of the closed-form budget
+  np.testing.assert_array_equal(found[clear], (need < eps)[clear])
+  assert (need < eps).sum() >= N // 3 and (need > eps).sum() >= N // 4  # both kinds present
+  # Only where projecting onto the ball turns its path does the margin attack stumble on one.
+  assert margin.success[('oracle', 'full', 'apgd')][0, 0].sum() <= found.sum() // 2
+
+
+def _masked_off_subspace(tau):
+  """Teacher ``[0, 5]`` everywhere; the student adds 10 to class 0 where ``x_6 > tau``, through
+  ``stop_gradient`` (zero gradient everywhere): it disagrees with the teacher exactly there."""
+  def teacher_apply(params, v):
+    del params
+    return jnp.broadcast_to(jnp.array([0.0, 5.0]), (v.shape[0], 2)), []
+
+  def student_apply(params, v):
+    del params
+    jump = jax.lax.stop_gradient(10.0 * (v[:, 6] > tau))
+    return jnp.stack([jump, jnp.full_like(jump, 5.0)], -1), []
+  return student_apply, teacher_apply
+
+
+def test_ensemble_finds_the_closed_form_error_of_a_masked_student():
+  """Gradient zero everywhere, disagreement only off the data subspace S = span(e_0..e_3): the
+  closed-form oracle error is 0 in S at every budget, and 1 off S and unconstrained exactly
+  when the budget reaches ``x_6 > tau`` (eps > tau). The ensemble finds it: Square, whose
+  search walks across the plateau (it accepts candidates that do not lower the objective; with
+  only strict improvements it stood still and found 0.71-0.79 of the points here)."""
+  d, tau = 8, 0.4
+  student_apply, teacher_apply = _masked_off_subspace(tau)
+  x = jax.random.normal(jax.random.PRNGKey(1), (N, d)).at[:, 4:].set(0.0)  # points in S
+  p_in = jnp.diag(jnp.array([1.0] * 4 + [0.0] * 4))
+  ev = evaluate.Evaluator(student_apply, teacher_apply, norm='l2',
+                          config=evaluate.preset('standard'), shared_teacher=True,
+                          shared_data=True)
+  result = ev.run(jnp.zeros((1,)), jnp.zeros(()), x, jax.random.PRNGKey(2)[None],
+                  eps=(0.25, 1.0), labels_kinds=('oracle',),
+                  projectors={'in': p_in, 'off': jnp.eye(d) - p_in}, identity_full=False)
+  err = evaluate.error_rates(evaluate.combine(result))
+  np.testing.assert_array_equal(err[('oracle', 'in')][0], [0.0, 0.0])
+  np.testing.assert_array_equal(err[('oracle', 'off')][0], [0.0, 1.0])
+  np.testing.assert_array_equal(err[('oracle', 'full')][0], [0.0, 1.0])
+
+
+def _result(success, clean):
+  """A one-label ``Result`` from ``{(where, attack): [S, E, N]}`` and clean ``[S, N]``."""
+  return evaluate.Result(eps=(0.5, 1.0),
+                         success={('oracle', w, a): np.asarray(v, bool)
+                                  for (w, a), v in success.items()},
+                         accepted={}, first_success={}, clean={'oracle': np.asarray(clean, bool)})
+
+
+def test_doubling_known_answer():
+  # 2 students x 2 budgets x 4 points; the doubled run sees the first 2 points.
+  base = _result({('full', 'apgd'): [[[1, 0, 0, 0], [1, 0, 0, 0]],
+                                     [[0, 0, 0, 1], [0, 0, 0, 1]]]},
+                 [[0, 0, 0, 0], [0, 0, 0, 0]])
+  doubled = _result({('full', 'apgd'): [[[0, 0], [0, 1]],     # student 0: a new success at 1.0
+                                        [[0, 0], [0, 0]]]},   # student 1: nothing new
+                    [[0, 0], [0, 0]])
+  out = evaluate.doubling(base, doubled, {'a': np.array([True, False]),
+                                          'b': np.array([False, True]),
+                                          'both': np.array([True, True])})
+  assert out['points'] == 2
+  assert out['groups']['a']['cells']['oracle_full_1'] == [0.5, 1.0]
+  assert out['groups']['a']['cells']['oracle_full_0.5'] == [0.5, 0.5]
+  assert out['groups']['a']['max_gain'] == 0.5 and not out['groups']['a']['converged']
+  assert out['groups']['b']['max_gain'] == 0.0 and out['groups']['b']['converged']
+  assert out['groups']['both']['cells']['oracle_full_1'] == [0.25, 0.5]
+  merged = evaluate.merge(evaluate.first_points(base, 2), doubled)
+  assert set(merged.success) == {('oracle', 'full', 'apgd'), ('oracle', 'full', 'apgd+')}
+  with pytest.raises(ValueError, match='same students and points'):
+    evaluate.merge(base, doubled)

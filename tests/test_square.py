@@ -166,16 +166,18 @@ class LayoutTest(chex.TestCase):
 
   @parameterized.parameters('linf', 'l2')
   def test_start_on_multichannel_images(self, norm):
-    """A flat objective accepts nothing: ``delta`` is the start, laid out like ``x``.
+    """An objective that every step lowers accepts nothing: ``delta`` is the start, laid out
+    like ``x``.
 
     L-inf: vertical stripes, ``delta[n, :, w, c] = +-eps`` (one sign per column
-    and channel); L2: norm ``eps``.
+    and channel); L2: norm ``eps``. The objective, minus the variation of ``x_adv`` along H,
+    is 0 at vertical stripes and below 0 once a window (smaller than H) changes them.
     """
     shape = (4, 5, 6, 3)
     x = jnp.full(shape, 0.5)
+    variation_along_h = lambda xa: -jnp.abs(jnp.diff(xa, axis=1)).sum((1, 2, 3))
     delta = np.asarray(jax.jit(lambda k: square.square(
-        lambda xa: jnp.zeros(xa.shape[0]), x, k, eps=0.2, queries=5, norm=norm))(
-            jax.random.PRNGKey(0)))
+        variation_along_h, x, k, eps=0.2, queries=5, norm=norm))(jax.random.PRNGKey(0)))
     self.assertEqual(delta.shape, shape)
     if norm == 'linf':
       np.testing.assert_allclose(np.abs(delta), 0.2, rtol=1e-6)

@@ -29,8 +29,10 @@ Objectives map ``x_adv [N, ...] -> [N]`` (to maximize) and are built from
   (``dlr_objective``), and targeted margin / DLR toward classes picked by
   ``top_other_classes``;
 * *oracle* (the teacher at the perturbed point): KL / MSE to the teacher
-  (``oracle_objective``, differentiating through both networks) and the
-  oracle margin (``oracle_margin_objective``, through the student only);
+  (``oracle_objective``, differentiating through both networks), the
+  oracle margin (``oracle_margin_objective``, through the student only) and
+  the pair margin (``oracle_pair_objective``: the student on class ``b`` and
+  the teacher on class ``a``, through both; pairs from ``oracle_pairs``);
 * CCAT's largest non-label confidence (``ccat_objective``).
 
 ``robust_error`` / ``ccat_robust_error`` run PGD and return per-example
@@ -694,6 +696,63 @@ def oracle_targeted_margin_objective(student_fn: Fn, teacher_fn: Fn,
     _check_logits(s, t, 2, 'oracle_targeted_margin_objective')
     chex.assert_equal_shape([t, targets])
     return _at(s, targets) - _at(s, t)
+  return objective
+
+
+def oracle_pairs(teacher_logits: chex.Array, k: int) -> Tuple[chex.Array, chex.Array]:
+  """``(teacher_class, student_class)`` ``[2k, N]`` each: the pairs ``oracle_pair_objective`` tries.
+
+  With ``y`` the teacher's argmax and ``c_1..c_k`` its next ``k`` classes
+  (``top_other_classes``), all at the clean point: ``(y, c_i)`` (the teacher
+  keeps ``y``, the student moves to ``c_i``) for ``i = 1..k``, then ``(c_i, y)``
+  (the teacher moves to ``c_i``, the student keeps ``y``). Near a boundary of
+  the teacher between ``y`` and ``c_i``, a student that approximates the teacher
+  disagrees with it on one side or the other, depending on the sign of its error.
+
+  >>> t = jnp.array([[0.0, 3.0, 1.0, 2.0]])
+  >>> a, b = oracle_pairs(t, 2)
+  >>> a[:, 0].tolist(), b[:, 0].tolist()
+  ([1, 1, 3, 2], [3, 2, 1, 1])
+  """
+  chex.assert_rank(teacher_logits, 2)
+  y = teacher_logits.argmax(-1).astype(jnp.int32)
+  others = top_other_classes(teacher_logits, y, k).T  # [k, N]
+  ys = jnp.broadcast_to(y, others.shape)
+  return jnp.concatenate([ys, others]), jnp.concatenate([others, ys])
+
+
+def oracle_pair_objective(student_fn: Fn, teacher_fn: Fn, teacher_class: chex.Array,
+                          student_class: chex.Array, *, tolerance: float = 0.0,
+                          smoothing: chex.Array = 0.0) -> Fn:
+  """Disagreement on one pair of classes ``(a, b)``, through both networks, ``[N]``.
+
+  With ``s = student(x_adv)``, ``t = teacher(x_adv)``, ``a = teacher_class``,
+  ``b = student_class`` (``[N]`` int, ``a != b``)::
+
+    f = s_b - max_{j != b} s_j                  (the student's argmax is b)
+    g = t_a - max_{j != a} t_j - tolerance      (the teacher's is a, by >= tolerance)
+
+  and the objective is ``min(f, g)``, or with ``smoothing`` ``tau > 0`` (``[N]``
+  or a scalar, in logit units) the soft minimum ``-tau log(exp(-f / tau) +
+  exp(-g / tau))``. ``min(f, g) > 0`` implies an oracle error (the argmaxes
+  differ where the teacher's top-2 gap is >= ``tolerance``). Unlike
+  ``oracle_margin_objective``, whose label ``t`` jumps when the teacher's
+  argmax changes (where a student that follows the teacher changes too), the
+  pair is fixed, so the objective is continuous across the teacher's
+  boundaries; and its gradient flows through the teacher as well, so ascent can
+  move *along* a boundary of the teacher towards where the student's error is
+  largest. The soft minimum blends the two gradients where ``f ~ g``, the
+  ridge along which the two margins trade off (a plain minimum zig-zags there).
+  """
+  def objective(xa):
+    s, t = student_fn(xa), teacher_fn(xa)
+    _check_logits(s, student_class, 2, 'oracle_pair_objective')
+    chex.assert_equal_shape([teacher_class, student_class])
+    f = _at(s, student_class) - _other_max(s, student_class)
+    g = _at(t, teacher_class) - _other_max(t, teacher_class) - tolerance
+    tau = jnp.broadcast_to(jnp.asarray(smoothing, f.dtype), f.shape)
+    soft = -tau * jnp.logaddexp(-f / jnp.maximum(tau, 1e-12), -g / jnp.maximum(tau, 1e-12))
+    return jnp.where(tau > 0, soft, jnp.minimum(f, g))
   return objective
 
 

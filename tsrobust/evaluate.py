@@ -28,7 +28,26 @@ at ``x + delta``) / ``fixed`` or ``true`` (a label fixed at ``x``) / ``ccat``
   top ``targets`` other classes / on the targeted DLR loss (the targeted
   margin with < 4 classes) / as ``oracle``;
 * ``square``: Square (gradient-free) on the oracle margin / on the margin /
-  on CCAT's objective.
+  on CCAT's objective;
+* ``apgd_pair`` (oracle labels only): APGD on the pair margin
+  (``attacks.oracle_pair_objective``: the teacher on class ``a`` by at least
+  the tolerance, the student on class ``b``, a soft minimum of the two margins,
+  differentiated through both networks), once per pair ``(y, c)`` and ``(c,
+  y)`` of the teacher's clean label ``y`` and its next ``pair_targets``
+  classes ``c``; it follows the surrogate networks' gradients when the
+  ``Evaluator`` has them (``models.surrogate``).
+
+Why ``apgd_pair``: for a student trained to follow the teacher (adversarial
+training with oracle labels), the points where they disagree are thin slivers
+along the teacher's decision boundaries. The oracle margin's label jumps when
+the teacher's argmax changes, which happens as the student's does; the pair
+objective is continuous there and its gradient, through both networks, moves
+along the boundary towards where the student's error is largest. The exact
+gradient of a ReLU unit that is off is 0, so the units that turn on only away
+from the training data are invisible to it; the surrogate gradient sees them.
+On the robustness study's adversarially trained students this finds several
+times the errors the other attacks find (README, "How robust error is
+measured").
 
 ``t`` is the teacher's argmax at the perturbed point. Target classes of
 ``apgd_t`` are the student's largest clean logits other than the label at
@@ -40,7 +59,12 @@ the teacher's there.
 
 Presets (``preset``): ``fast`` (tests), ``standard`` (the binaries'
 defaults), ``strong`` (close to AutoAttack's standard version: APGD 100
-iterations, 9 targets, Square 5000 queries). Everything is pure: keys in,
+iterations, 9 targets, Square 5000 queries; with ``apgd_pair``), ``reference``
+(well beyond ``strong``: restarts, Square 10,000 queries, ``apgd_pair`` 500
+iterations x 18 pairs x 2 restarts, 30x ``standard``'s; for convergence checks, not for
+routine runs).
+``AttackConfig.scaled(2)`` doubles every iteration count: a run's
+convergence check (``doubling``). Everything is pure: keys in,
 numpy arrays out; one compilation per (attack, label, subspace kind) serves
 every budget, rank and method, since budgets and projectors are arrays.
 """
@@ -58,11 +82,13 @@ from tsrobust import attacks
 from tsrobust import square as square_lib
 from tsrobust import sweep
 
-ATTACKS = ('pgd', 'apgd', 'apgd_t', 'square')
-GRADIENT_ATTACKS = ('pgd', 'apgd', 'apgd_t')
+# (apgd_pair last: each attack's random keys derive from its index here.)
+ATTACKS = ('pgd', 'apgd', 'apgd_t', 'square', 'apgd_pair')
+GRADIENT_ATTACKS = ('pgd', 'apgd', 'apgd_t', 'apgd_pair')
+ORACLE_ONLY_ATTACKS = ('apgd_pair',)  # attacks that only the oracle label kind runs
 LABEL_KINDS = ('oracle', 'fixed', 'true', 'ccat')
 WHERES = ('in', 'off', 'full')
-STRENGTHS = ('fast', 'standard', 'strong')
+STRENGTHS = ('fast', 'standard', 'strong', 'reference')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +101,12 @@ class AttackConfig:
     apgd_t_steps, targets: APGD-T, run once per target class (``targets``
       classes, at most ``C - 1``).
     square_queries, square_p_init: Square attack.
+    pair_steps, pair_targets, pair_restarts: APGD on the oracle pair margin
+      (``attacks.oracle_pair_objective``; oracle labels only), run once per pair
+      of ``attacks.oracle_pairs`` (``2 * pair_targets`` pairs, at most ``2 (C - 1)``).
+    pair_smoothing: its soft minimum's temperature, relative to each example's
+      logit scale (the standard deviation over classes of the teacher's clean
+      logits); 0: the plain minimum.
     oracle_loss: PGD's oracle objective, ``'kl'`` or ``'mse'``.
     oracle_tolerance: an oracle disagreement counts only where the teacher's
       own top-2 logit gap at that point is ``>= oracle_tolerance`` (0: any
@@ -94,20 +126,27 @@ class AttackConfig:
   targets: int = 3
   square_queries: int = 100
   square_p_init: float = 0.8
+  pair_steps: int = 0
+  pair_targets: int = 3
+  pair_restarts: int = 1
+  pair_smoothing: float = 0.5
   oracle_loss: str = 'kl'
   oracle_tolerance: float = 0.0
 
   def __post_init__(self):
-    for name in ('pgd_steps', 'apgd_steps', 'apgd_t_steps', 'targets', 'square_queries'):
+    for name in ('pgd_steps', 'apgd_steps', 'apgd_t_steps', 'targets', 'square_queries',
+                 'pair_steps', 'pair_targets'):
       v = getattr(self, name)
       if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
         raise ValueError(f'{name} must be an integer >= 0, got {v!r}')
-    for name in ('pgd_restarts', 'apgd_restarts'):
+    for name in ('pgd_restarts', 'apgd_restarts', 'pair_restarts'):
       v = getattr(self, name)
       if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
         raise ValueError(f'{name} must be an integer >= 1, got {v!r}')
     if not self.pgd_step_factor > 0:
       raise ValueError(f'pgd_step_factor must be > 0, got {self.pgd_step_factor!r}')
+    if not (isinstance(self.pair_smoothing, (int, float)) and self.pair_smoothing >= 0):
+      raise ValueError(f'pair_smoothing must be >= 0, got {self.pair_smoothing!r}')
     if not 0 < self.square_p_init <= 1:
       raise ValueError(f'square_p_init must be in (0, 1], got {self.square_p_init!r}')
     if not (isinstance(self.oracle_tolerance, (int, float)) and self.oracle_tolerance >= 0):
@@ -123,8 +162,26 @@ class AttackConfig:
     """The attacks that run, in ``ATTACKS`` order."""
     on = {'pgd': self.pgd_steps > 0, 'apgd': self.apgd_steps > 0,
           'apgd_t': self.apgd_t_steps > 0 and self.targets > 0,
-          'square': self.square_queries > 0}
+          'square': self.square_queries > 0,
+          'apgd_pair': self.pair_steps > 0 and self.pair_targets > 0}
     return tuple(a for a in ATTACKS if on[a])
+
+  def attacks_for(self, label: str) -> Tuple[str, ...]:
+    """The attacks that run for label kind ``label`` (``apgd_pair``: oracle labels only)."""
+    return tuple(a for a in self.attacks if label == 'oracle' or a not in ORACLE_ONLY_ATTACKS)
+
+  def scaled(self, factor: int) -> 'AttackConfig':
+    """This ensemble with every attack's iterations and Square's queries times ``factor``.
+
+    Restarts and targets are unchanged. The convergence check (``doubling``) compares
+    an ensemble with ``scaled(2)`` of it, run with other random keys.
+    """
+    if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 1:
+      raise ValueError(f'factor must be an integer >= 1, got {factor!r}')
+    return dataclasses.replace(
+        self, pgd_steps=self.pgd_steps * factor, apgd_steps=self.apgd_steps * factor,
+        apgd_t_steps=self.apgd_t_steps * factor, square_queries=self.square_queries * factor,
+        pair_steps=self.pair_steps * factor)
 
   def convergence_points(self) -> Tuple[int, ...]:
     """APGD iteration counts at which its error is reported (1/4, 1/2, all)."""
@@ -134,10 +191,13 @@ class AttackConfig:
 
 PRESETS = {
     'fast': AttackConfig(pgd_steps=5, apgd_steps=10, apgd_t_steps=5, targets=1,
-                         square_queries=30),
-    'standard': AttackConfig(),
+                         square_queries=30, pair_steps=10, pair_targets=1),
+    'standard': AttackConfig(pair_steps=100),
     'strong': AttackConfig(pgd_steps=100, apgd_steps=100, apgd_t_steps=100, targets=9,
-                           square_queries=5000),
+                           square_queries=5000, pair_steps=200, pair_targets=9),
+    'reference': AttackConfig(pgd_steps=100, pgd_restarts=2, apgd_steps=100, apgd_restarts=2,
+                              apgd_t_steps=100, targets=9, square_queries=10000,
+                              pair_steps=500, pair_targets=9, pair_restarts=2),
 }
 
 
@@ -198,12 +258,21 @@ def _subspace_boundary(delta: chex.Array, *, x: chex.Array, eps: chex.Numeric, n
   return attacks._clip_inputs(x, d, clip_range, projector)  # pylint: disable=protected-access
 
 
+def _first_success(deltas: chex.Array, succ: chex.Array) -> chex.Array:
+  """``[N, ...]``: per example, the first of ``deltas [R, N, ...]`` that succeeded (else the first)."""
+  pick = jnp.argmax(succ, axis=0)
+  return jnp.take_along_axis(deltas, pick.reshape((1, -1) + (1,) * (deltas.ndim - 2)),
+                             axis=0)[0]
+
+
 def attack_one(student_fn: Callable, teacher_fn: Callable, x: chex.Array,
                labels: Optional[chex.Array], key: chex.PRNGKey, *, attack: str, label: str,
                eps: chex.Numeric, norm: str, config: AttackConfig,
                projector: Optional[chex.Array] = None,
                clip_range: Optional[Tuple[float, float]] = None,
-               threshold: Optional[chex.Numeric] = None) -> Dict[str, chex.Array]:
+               threshold: Optional[chex.Numeric] = None,
+               gradient_fns: Optional[Tuple[Callable, Callable]] = None
+               ) -> Dict[str, chex.Array]:
   """One attack of the ensemble on one student.
 
   Args:
@@ -221,6 +290,9 @@ def attack_one(student_fn: Callable, teacher_fn: Callable, x: chex.Array,
       (unconstrained; never pass the identity: L-inf would scale instead of clip).
     clip_range: valid input range, or None.
     threshold: CCAT confidence threshold (``label='ccat'``).
+    gradient_fns: ``(student_fn, teacher_fn)`` with the same values whose
+      gradients ``apgd_pair`` follows (e.g. ``models.surrogate`` networks);
+      default: ``student_fn, teacher_fn``.
 
   Returns:
     ``{'success': [N] bool}``; ``'accepted'`` ``[N]`` for ``ccat``;
@@ -230,6 +302,9 @@ def attack_one(student_fn: Callable, teacher_fn: Callable, x: chex.Array,
     raise ValueError(f'attack must be one of {ATTACKS}, got {attack!r}')
   if label not in LABEL_KINDS:
     raise ValueError(f'label must be one of {LABEL_KINDS}, got {label!r}')
+  if attack not in config.attacks_for(label):
+    raise ValueError(f'attack {attack!r} does not run for label {label!r} with this config '
+                     f'(it runs {config.attacks_for(label)})')
   c = config
   s_fn, t_fn = student_fn, teacher_fn
   clean_s = s_fn(x)
@@ -291,11 +366,22 @@ def attack_one(student_fn: Callable, teacher_fn: Callable, x: chex.Array,
       d = attacks.apgd(objective, x, tkey, eps=eps, steps=c.apgd_t_steps, norm=norm,
                        projector=projector, clip_range=clip_range, success_fn=success)
       return d, success(x + d)
-    deltas, succ = jax.lax.map(one_target, (targets.T, jax.random.split(key, k)))
-    # Per example, the first target that succeeded (else the first target).
-    pick = jnp.argmax(succ, axis=0)
-    delta = jnp.take_along_axis(deltas, pick.reshape((1, -1) + (1,) * (x.ndim - 1)),
-                                axis=0)[0]
+    delta = _first_success(*jax.lax.map(one_target, (targets.T, jax.random.split(key, k))))
+  elif attack == 'apgd_pair':
+    g_s, g_t = gradient_fns if gradient_fns is not None else (s_fn, t_fn)
+    clean_t = t_fn(x)
+    k = min(c.pair_targets, num_classes - 1)
+    keep, move = attacks.oracle_pairs(clean_t, k)
+    tau = c.pair_smoothing * clean_t.std(-1)
+
+    def one_pair(args):
+      a, b, pkey = args
+      objective = attacks.oracle_pair_objective(g_s, g_t, a, b, tolerance=tol, smoothing=tau)
+      d = attacks.apgd(objective, x, pkey, eps=eps, steps=c.pair_steps, norm=norm,
+                       restarts=c.pair_restarts, projector=projector, clip_range=clip_range,
+                       success_fn=success)
+      return d, success(x + d)
+    delta = _first_success(*jax.lax.map(one_pair, (keep, move, jax.random.split(key, 2 * k))))
   else:  # square
     if label == 'ccat':
       objective = attacks.ccat_objective(s_fn, y)
@@ -411,17 +497,22 @@ class Evaluator:
     map_groups: with ``'map'``, students run this many at a time (default:
       the device count; shard the students axis over the devices, e.g.
       ``sweep.shard_seeds``, so each device maps over its own students).
+    surrogate_apply: ``(student_apply, teacher_apply)`` computing the same values
+      with other gradients, which ``apgd_pair`` follows (``models.surrogate``:
+      smooth ReLU gradients); default: the exact networks.
   """
 
   def __init__(self, student_apply: Callable, teacher_apply: Callable, *, norm: str,
                config: AttackConfig, clip_range: Optional[Tuple[float, float]] = None,
                shared_teacher: bool = False, shared_data: bool = False,
-               batching: str = 'vmap', map_groups: Optional[int] = None):
+               batching: str = 'vmap', map_groups: Optional[int] = None,
+               surrogate_apply: Optional[Tuple[Callable, Callable]] = None):
     if norm not in attacks.NORMS:
       raise ValueError(f'norm must be one of {attacks.NORMS}, got {norm!r}')
     if batching not in ('vmap', 'map'):
       raise ValueError(f"batching must be 'vmap' or 'map', got {batching!r}")
     self.student_apply, self.teacher_apply = student_apply, teacher_apply
+    self.surrogate_apply = surrogate_apply
     self.norm, self.config, self.clip_range = norm, config, clip_range
     self.shared_teacher, self.shared_data, self.batching = shared_teacher, shared_data, batching
     self.map_groups = jax.device_count() if map_groups is None else int(map_groups)
@@ -446,11 +537,15 @@ class Evaluator:
     key = (attack, label, subspace, shared_projector)
     if key not in self._fns:
       def one(sp, tp, x, labels, k, eps, projector, threshold):
+        gradient_fns = None
+        if self.surrogate_apply is not None:
+          s_apply, t_apply = self.surrogate_apply
+          gradient_fns = (lambda v: s_apply(sp, v)[0], lambda v: t_apply(tp, v)[0])
         return attack_one(
             lambda v: self.student_apply(sp, v)[0], lambda v: self.teacher_apply(tp, v)[0],
             x, labels, k, attack=attack, label=label, eps=eps, norm=self.norm,
             config=self.config, projector=projector if subspace else None,
-            clip_range=self.clip_range, threshold=threshold)
+            clip_range=self.clip_range, threshold=threshold, gradient_fns=gradient_fns)
       batched = (True, not self.shared_teacher, not self.shared_data, not self.shared_data,
                  True, False, subspace and not shared_projector, True)
       self._fns[key] = jax.jit(_over_students(one, batched, self.batching, self.map_groups))
@@ -556,6 +651,9 @@ class Evaluator:
     for kind in labels_kinds:
       if kind not in LABEL_KINDS:
         raise ValueError(f'labels_kinds must hold names from {LABEL_KINDS}, got {kind!r}')
+      if not self.config.attacks_for(kind):
+        raise ValueError(f'no attack runs for label kind {kind!r}: {ORACLE_ONLY_ATTACKS} run '
+                         f'for oracle labels only; turn on another attack')
     if 'true' in labels_kinds and labels is None:
       raise ValueError("labels_kinds 'true' needs labels")
     if 'ccat' in labels_kinds and thresholds is None:
@@ -592,7 +690,7 @@ class Evaluator:
       for where in wheres:
         proj = projectors.get(where)
         shared_p = proj is not None and proj.ndim == 2
-        for attack in self.config.attacks:
+        for attack in self.config.attacks_for(kind):
           fn = self._fn(attack, kind, proj is not None, shared_p)
           base = ((LABEL_KINDS.index(kind) * 8 + WHERES.index(where)) * 8
                   + ATTACKS.index(attack)) * 64
@@ -719,7 +817,8 @@ def _row_violations(rates: Mapping[Tuple[str, str], np.ndarray]) -> int:
 def attack_checks(result: Result, final: Mapping[Tuple[str, str], np.ndarray],
                   headline: float, attacks_run: Sequence[str],
                   convergence_points: Sequence[int],
-                  rows: Optional[np.ndarray] = None) -> Dict[str, Any]:
+                  rows: Optional[np.ndarray] = None,
+                  doubled: Optional[Result] = None) -> Dict[str, Any]:
   """Diagnostics of the raw attacks, before the invariants were enforced.
 
   Args:
@@ -728,6 +827,7 @@ def attack_checks(result: Result, final: Mapping[Tuple[str, str], np.ndarray],
     attacks_run: the attacks of the ensemble.
     convergence_points: APGD iteration counts of the convergence curve.
     rows: ``[S]`` bool, the students to count (e.g. one method's); default all.
+    doubled: the ensemble with its iterations doubled on the first points (``doubling``).
 
   Returns:
     A JSON-able dict: per attack and for the raw ensemble, the per-example
@@ -736,7 +836,8 @@ def attack_checks(result: Result, final: Mapping[Tuple[str, str], np.ndarray],
     ``check_invariants.py`` does; per (label, where, eps) the fraction of
     points broken only by Square and by each attack; the convergence of APGD
     (error after k iterations, untargeted APGD alone, full space, at the
-    headline budget) beside the ensemble's error.
+    headline budget) beside the ensemble's error; with ``doubled``, ``doubling``: this
+    group's entry of ``doubling`` (and its ``points``).
   """
   sel = np.ones(next(iter(final.values())).shape[0], bool) if rows is None else rows
   pick = lambda d: {k: v[sel] for k, v in d.items()}
@@ -756,7 +857,7 @@ def attack_checks(result: Result, final: Mapping[Tuple[str, str], np.ndarray],
     for (label, where), _ in raw.items():
       grad = np.zeros_like(raw[(label, where)])
       for a in attacks_run:
-        if a != 'square':
+        if a != 'square' and (label, where, a) in result.success:
           grad = grad | result.success[(label, where, a)][sel]
       only = result.success[(label, where, 'square')][sel] & ~grad
       for ei, e in enumerate(eps):
@@ -768,6 +869,78 @@ def attack_checks(result: Result, final: Mapping[Tuple[str, str], np.ndarray],
     curve = {str(k): float(((fs[:, hi] <= k) | clean).mean()) for k in convergence_points}
     out['convergence'][label] = {'apgd_error_after_iterations': curve,
                                  'ensemble_error': float(fin[(label, 'full')][:, hi].mean())}
+  if doubled is not None:
+    check = doubling(result, doubled, {'group': sel})
+    out['doubling'] = {'points': check['points'], 'threshold': check['threshold'],
+                       **check['groups']['group']}
+  return out
+
+
+def first_points(result: Result, n: int) -> Result:
+  """``result`` restricted to the first ``n`` examples of every student."""
+  cut = lambda d: {k: v[..., :n] for k, v in d.items()}
+  return Result(eps=result.eps, success=cut(result.success), accepted=cut(result.accepted),
+                first_success=cut(result.first_success), clean=cut(result.clean),
+                clean_accepted=None if result.clean_accepted is None
+                else result.clean_accepted[:, :n])
+
+
+def merge(a: Result, b: Result) -> Result:
+  """Two evaluations of the same students on the same points as one: per example, either's success.
+
+  ``b``'s attacks are added under their own names with a ``+`` suffix (``apgd+``), so
+  the per-attack entries of both stay; ``first_success`` is ``a``'s.
+  """
+  if a.eps != b.eps:
+    raise ValueError(f'merge needs the same budgets, got {a.eps} and {b.eps}')
+  for k, v in b.success.items():
+    if k in a.success and a.success[k].shape != v.shape:
+      raise ValueError(f'merge needs the same students and points, got {a.success[k].shape} '
+                       f'and {v.shape} for {k}')
+  plus = lambda d: {(l, w, f'{at}+'): v for (l, w, at), v in d.items()}
+  return Result(eps=a.eps, success={**a.success, **plus(b.success)},
+                accepted={**a.accepted, **plus(b.accepted)}, first_success=a.first_success,
+                clean=a.clean, clean_accepted=a.clean_accepted)
+
+
+CONVERGED_GAIN = 0.01  # a family has converged when doubling the attack adds at most this
+
+
+def doubling(base: Result, doubled: Result, groups: Mapping[str, np.ndarray],
+             threshold: float = CONVERGED_GAIN) -> Dict[str, Any]:
+  """Has the ensemble converged? Its error as the attack budget doubles, per group of students.
+
+  Args:
+    base: the evaluation (``Evaluator.run``), ``[S, E, N]``.
+    doubled: the same students attacked again on their first ``n <= N`` points by the
+      ensemble with every iteration count doubled (``AttackConfig.scaled(2)``) and other
+      random keys, ``[S, E, n]``.
+    groups: ``{name: [S] bool}`` the students of each group (e.g. a method's grid point).
+    threshold: the largest gain that counts as converged.
+
+  Returns:
+    A JSON-able dict: ``points`` (``n``), ``threshold``, and per group its ``students``,
+    per cell ``label_where_eps`` the error ``[base, base and doubled together]`` on those
+    points (``combine``d: the invariants hold in both), the largest gain ``max_gain`` and
+    its cell ``max_gain_cell``, and ``converged`` (``max_gain <= threshold``). A group that
+    has not converged reports lower bounds of its error.
+  """
+  n = next(iter(doubled.success.values())).shape[-1]
+  base_n = first_points(base, n)
+  before = error_rates(combine(base_n))
+  after = error_rates(combine(merge(base_n, doubled)))
+  out = {'points': int(n), 'threshold': threshold, 'groups': {}}
+  for name, sel in groups.items():
+    sel = np.asarray(sel, bool)
+    cells, best, best_cell = {}, 0.0, None
+    for (label, where), r in before.items():
+      for ei, e in enumerate(base.eps):
+        b, a = float(r[sel, ei].mean()), float(after[(label, where)][sel, ei].mean())
+        cells[f'{label}_{where}_{e:g}'] = [b, a]
+        if best_cell is None or a - b > best:
+          best, best_cell = a - b, f'{label}_{where}_{e:g}'
+    out['groups'][name] = {'students': int(sel.sum()), 'cells': cells, 'max_gain': best,
+                           'max_gain_cell': best_cell, 'converged': bool(best <= threshold)}
   return out
 
 
@@ -776,11 +949,12 @@ def columns(labels_kinds: Sequence[str], wheres: Sequence[str], eps_names: Seque
   """``(ensemble columns, per-attack columns)`` of the result records.
 
   ``{prefix}_{label}_{where}_{eps}`` (the evaluation) and
-  ``{prefix}_{label}_{where}_{eps}_{attack}`` (each attack alone, raw).
+  ``{prefix}_{label}_{where}_{eps}_{attack}`` (each attack alone, raw; ``apgd_pair``
+  for ``oracle`` only).
   """
   main = [f'{prefix}_{l}_{w}_{e}' for l in labels_kinds for w in wheres for e in eps_names]
   per = [f'{prefix}_{l}_{w}_{e}_{a}' for l in labels_kinds for w in wheres for e in eps_names
-         for a in attacks_run]
+         for a in attacks_run if l == 'oracle' or a not in ORACLE_ONLY_ATTACKS]
   return main, per
 
 

@@ -60,9 +60,12 @@ L2 (``norm='l2'``), the paper's mass-moving scheme:
   used) before clipping to ``clip_range`` gives some up (it is reclaimed at
   later steps).
 
-Acceptance: per example, a candidate replaces the current point only when
-the objective strictly increases or ``success_fn`` says the candidate
-succeeds; points that have succeeded are frozen (they keep their
+Acceptance: per example, a candidate replaces the current point when the
+objective does not decrease or ``success_fn`` says the candidate succeeds
+(the paper accepts strict increases only; accepting ties makes the search walk
+across a plateau - a model whose gradient and margin are flat, e.g. masked -
+instead of standing still; elsewhere ties are rare); points that have succeeded
+are frozen (they keep their
 successful perturbation). Each iteration evaluates ``objective_fn`` (and
 ``success_fn``) once on the whole batch: ``queries + 1`` evaluations in all
 (the extra one is the initialization). The loop is a ``jax.lax.scan``;
@@ -289,7 +292,7 @@ def square(objective_fn: Fn, x: chex.Array, key: chex.PRNGKey, *, eps: chex.Nume
   Returns:
     ``delta`` with the shape of ``x``: feasible (``||delta|| <= eps``, in the
     subspace of ``basis``, ``x + delta`` in ``clip_range``), the best found
-    (only improvements are accepted, so it is the last accepted one).
+    (a candidate is accepted only if it is no worse, so it is the last accepted one).
 
   Raises:
     ValueError: ``queries < 1``, ``norm`` not in ``attacks.NORMS``, ``p_init``
@@ -410,7 +413,7 @@ def square(objective_fn: Fn, x: chex.Array, key: chex.PRNGKey, *, eps: chex.Nume
     next_key, side = inputs
     z_new = candidate(z, u, side)
     obj_new, succ_new = evaluate(z_new)
-    accept = ~succ & ((obj_new > obj) | succ_new)
+    accept = ~succ & ((obj_new >= obj) | succ_new)
     z = jnp.where(accept.reshape(-1, 1, 1, 1), z_new, z)
     obj = jnp.where(accept, obj_new, obj)
     return (z, obj, succ | (accept & succ_new), draw(next_key)), None
