@@ -436,7 +436,8 @@ def write_results(workdir: str, config: ml_collections.ConfigDict,
 ATTACK_OVERRIDES = {'attack_steps': 'pgd_steps', 'attack_restarts': 'pgd_restarts',
                     'apgd_steps': 'apgd_steps', 'apgd_restarts': 'apgd_restarts',
                     'apgd_t_steps': 'apgd_t_steps', 'attack_targets': 'targets',
-                    'square_queries': 'square_queries'}
+                    'square_queries': 'square_queries', 'pair_steps': 'pair_steps',
+                    'pair_targets': 'pair_targets', 'pair_restarts': 'pair_restarts'}
 
 
 _PRESETS = {-1: "the preset's"}
@@ -451,6 +452,12 @@ ATTACK_FIELDS = {
     'apgd_t_steps': validation.Int(lo=-1),
     'attack_targets': validation.Int(lo=-1),
     'square_queries': validation.Int(lo=-1),
+    'pair_steps': validation.Int(lo=-1),
+    'pair_targets': validation.Int(lo=-1),
+    'pair_restarts': validation.Int(lo=1, special=_PRESETS),
+    'pair_smoothing': validation.Float(lo=0, special={-1.0: "the preset's"}),
+    'surrogate_temperature': validation.Float(lo=0),
+    'convergence_points': validation.Int(lo=0),
     'attack_step_factor': validation.Float(lo=0, lo_open=True),
     'oracle_loss': validation.Choice(attacks.ORACLE_LOSSES),
     'oracle_tolerance': validation.Float(lo=0),
@@ -460,15 +467,21 @@ ATTACK_FIELDS = {
 def check_attack_rules(config) -> None:
   """Cross-field rule: the preset with its overrides must make a valid attack ensemble."""
   try:
-    attack_config(config)
+    cfg = attack_config(config)
   except ValueError as e:
     raise ConfigError(f'config.attack_strength / its overrides: {e}') from e
+  if not cfg.attacks_for('fixed'):
+    raise ConfigError(f'config.attack_strength / its overrides: only {cfg.attacks} would run, '
+                      f'for oracle labels only; the clean-label evaluations need another attack '
+                      f'(pgd, apgd, apgd_t or square)')
 
 
 def attack_config(config) -> evaluate.AttackConfig:
   """The ``evaluate.AttackConfig`` of ``config``: the preset, then every override != -1."""
   overrides = {dst: int(config[src]) for src, dst in ATTACK_OVERRIDES.items()
                if int(config[src]) != -1}
+  if float(config.pair_smoothing) != -1:
+    overrides['pair_smoothing'] = float(config.pair_smoothing)
   return evaluate.preset(config.attack_strength, pgd_step_factor=float(config.attack_step_factor),
                          oracle_loss=config.oracle_loss,
                          oracle_tolerance=float(config.oracle_tolerance), **overrides)
@@ -484,6 +497,7 @@ def attack_checks_summary(config, checks: Mapping[str, Any]) -> Dict[str, Any]:
   import dataclasses  # pylint: disable=g-import-not-at-top
   return {'attack_strength': config.attack_strength,
           'attack_config': dataclasses.asdict(attack_config(config)),
+          'surrogate_temperature': float(config.surrogate_temperature),
           'headline_eps': headline_eps(config), 'groups': dict(checks)}
 
 
@@ -521,6 +535,41 @@ def attack_checks_markdown(summary: Mapping[str, Any]) -> str:
                               conv['apgd_error_after_iterations'].items()))
       cells.append(f"{conv['ensemble_error']:.3f}")
     lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n' + doubling_markdown(summary)
+
+
+def doubling_markdown(summary: Mapping[str, Any]) -> str:
+  """The convergence check per group (``evaluate.doubling``): '' when it did not run."""
+  groups = {k: g['doubling'] for k, g in summary['groups'].items() if 'doubling' in g}
+  if not groups:
+    return ''
+  first = next(iter(groups.values()))
+  threshold = first['threshold']
+  head = next(iter(summary['groups'].values()))['headline_eps']  # as the attacks' budgets
+  bad = [k for k, d in groups.items() if not d['converged']]
+  lines = ['', f'### Convergence: the ensemble with every iteration count doubled', '',
+           f'On the first {first["points"]} attacked points of each student, the ensemble '
+           f'with twice the iterations and queries (other random starts) attacks again; a '
+           f'group has converged when that raises no error cell (label, subspace, budget) by '
+           f'more than {threshold:g}. Errors are combined as in the evaluation (the doubled '
+           f'run\'s successes added to the run\'s).', '']
+  if bad:
+    lines += [f'**Not converged: {", ".join(bad)}.** Their errors are lower bounds; a '
+              f'stronger `attack_strength` (or more iterations) would find more.', '']
+  else:
+    lines += ['Every group has converged.', '']
+  cols = ['group', 'students', f'oracle, full, {head:g}: run / doubled',
+          'largest gain: cell', 'run / doubled', 'converged']
+  lines += ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
+  for name, d in groups.items():
+    key = f'oracle_full_{head:g}'
+    main = d['cells'].get(key)
+    before, after = d['cells'][d['max_gain_cell']]
+    lines.append('| ' + ' | '.join([
+        name, str(d['students']),
+        '-' if main is None else f'{main[0]:.3f} / {main[1]:.3f}',
+        f'`{d["max_gain_cell"]}`', f'{before:.3f} / {after:.3f}',
+        'yes' if d['converged'] else '**no**']) + ' |')
   return '\n'.join(lines) + '\n'
 
 
@@ -924,23 +973,73 @@ def train_grid(config, workdir: str, points, make_loss: Callable, make_args: Cal
   return params, np.concatenate(losses)
 
 
+def grid_point_name(method: str, hp: Mapping[str, Any]) -> str:
+  """A grid point's name in the attack checks: its variant, and where AT attacked."""
+  name = methods.variant_name(method, hp)
+  return f"{name} {hp['at_where']}" if hp.get('at_where') else name
+
+
 def method_attack_checks(config, points, ev: 'Evaluation', attack_cfg: evaluate.AttackConfig,
                          headline: float) -> Dict[str, Any]:
-  """``evaluate.attack_checks`` per method (its kept students), summarized."""
+  """``evaluate.attack_checks`` per grid point (its kept students), summarized.
+
+  Per grid point, not per method: the variants of a method (AT at 0.5 and at 2,
+  say) differ in how hard they are to attack, and the convergence check
+  (``Evaluation.doubled``) must hold for each.
+  """
   s = num_padded_seeds(config)
   checks = {}
-  for method, _ in methods.group_by_method(points):
-    checks[method] = evaluate.attack_checks(
+  for p, (method, hp) in enumerate(points):
+    rows = np.zeros(len(points) * s, bool)
+    rows[p * s:p * s + config.num_seeds] = True
+    checks[grid_point_name(method, hp)] = evaluate.attack_checks(
         ev.result, ev.final, headline=headline, attacks_run=attack_cfg.attacks,
-        convergence_points=attack_cfg.convergence_points(),
-        rows=methods.student_mask(points, method, config.num_seeds, s))
-  return attack_checks_summary(config, checks)
+        convergence_points=attack_cfg.convergence_points(), rows=rows, doubled=ev.doubled)
+  summary = attack_checks_summary(config, checks)
+  log_unconverged(summary)
+  return summary
 
 
 class Evaluation(NamedTuple):
-  """The raw outcome of an evaluation: ``evaluate.Result``, its ``combine``d successes."""
+  """The raw outcome of an evaluation: ``evaluate.Result``, its ``combine``d successes, and
+  the convergence check's ``Result`` (the doubled ensemble on the first points), if run."""
   result: evaluate.Result
   final: Dict[Any, np.ndarray]
+  doubled: Optional[evaluate.Result] = None
+
+
+# fold_in(attack key, .): the convergence check's keys (other random starts than the run's).
+DOUBLING_KEY = 2 ** 31 - 5
+
+
+def surrogate_apply(config, student, teacher):
+  """``(student, teacher)`` apply functions with surrogate ReLU gradients for ``apgd_pair``.
+
+  None when ``config.surrogate_temperature`` is 0 (exact gradients).
+  """
+  t = float(config.surrogate_temperature)
+  if t == 0:
+    return None
+  return models.surrogate(student, t).apply, models.surrogate(teacher, t).apply
+
+
+def doubling_args(config, x: jax.Array, keys: jax.Array, shared: bool = False):
+  """The convergence check's inputs: the first ``convergence_points`` of ``x [S, N, ...]``
+  (or shared ``[N, ...]`` with ``shared=True``) and ``keys [S]`` folded with ``DOUBLING_KEY``."""
+  n = min(int(config.convergence_points), int(config.num_attack))
+  return (x[:n] if shared else x[:, :n]), jax.vmap(
+      lambda k: jax.random.fold_in(k, DOUBLING_KEY))(keys)
+
+
+def log_unconverged(checks: Mapping[str, Any]) -> None:
+  """A warning per group whose attack has not converged (``evaluate.doubling``)."""
+  for name, g in checks['groups'].items():
+    d = g.get('doubling')
+    if d is not None and not d['converged']:
+      before, after = d['cells'][d['max_gain_cell']]
+      logging.warning('%s: the attack has not converged: doubling its iterations raises %s '
+                      'from %.3f to %.3f on the first %d points (its errors are lower bounds)',
+                      name, d['max_gain_cell'], before, after, d['points'])
 
 
 class LowRankEvaluator:
@@ -982,8 +1081,14 @@ class LowRankEvaluator:
     self._spec = jax.jit(spec)
     self._confidence = jax.jit(jax.vmap(confidence))
     self.attack_config = attack_config(config)
+    surrogate = surrogate_apply(config, student, teacher)
     self.attacks = evaluate.Evaluator(s_apply, t_apply, norm=c.attack_norm,
-                                      config=self.attack_config)
+                                      config=self.attack_config, surrogate_apply=surrogate)
+    self.doubled_attacks = None
+    if c.convergence_points:
+      self.doubled_attacks = evaluate.Evaluator(s_apply, t_apply, norm=c.attack_norm,
+                                                config=self.attack_config.scaled(2),
+                                                surrogate_apply=surrogate)
 
   def ccat_thresholds(self, params, teacher_params, held) -> np.ndarray:
     """``[S]`` thresholds passing ``ccat_pass_rate`` of the correctly classified points."""
@@ -992,16 +1097,25 @@ class LowRankEvaluator:
                      for cf, ok in zip(conf, correct)], np.float32)
 
   def attack(self, params, teacher_params, projector, held, full_rank: bool,
-             labels_kinds=LOWRANK_LABELS, thresholds=None) -> Evaluation:
+             labels_kinds=LOWRANK_LABELS, thresholds=None, check: bool = True) -> Evaluation:
     """The attack ensemble in S (``in``), S_perp (``off``) and unconstrained (``full``).
 
     At full rank there is no complement and ``in`` is the whole space: only
-    ``full`` is attacked (``rows`` copies it to ``in``).
+    ``full`` is attacked (``rows`` copies it to ``in``). With ``check`` and
+    ``convergence_points > 0``, the doubled ensemble attacks the first points again
+    (``Evaluation.doubled``).
     """
     args, kwargs = self._attack_args(params, teacher_params, projector, held, full_rank,
                                      labels_kinds, thresholds)
     result = self.attacks.run(*args, **kwargs)
-    return Evaluation(result, evaluate.combine(result))
+    doubled = None
+    if check and self.doubled_attacks is not None:
+      doubled = self.doubled_attacks.run(*self._doubling_args(args), **kwargs)
+    return Evaluation(result, evaluate.combine(result), doubled)
+
+  def _doubling_args(self, args):
+    params, teacher_params, x, keys = args
+    return (params, teacher_params, *doubling_args(self.config, x, keys))
 
   def _attack_args(self, params, teacher_params, projector, held, full_rank, labels_kinds,
                    thresholds):
@@ -1031,7 +1145,10 @@ class LowRankEvaluator:
     self._spec.trace(*self._spec_args(params, teacher_params, projector, held)).lower().compile()
     args, kwargs = self._attack_args(params, teacher_params, projector, held, full_rank,
                                      LOWRANK_LABELS, None)
-    return 1 + self.attacks.prepare(*args, **kwargs)
+    prepared = 1 + self.attacks.prepare(*args, **kwargs)
+    if self.doubled_attacks is not None:
+      prepared += self.doubled_attacks.prepare(*self._doubling_args(args), **kwargs)
+    return prepared
 
   def evaluate(self, params, teacher_params, projector, held, full_rank: bool):
     """Metrics of a batch of students ``[S, ...]``; off-subspace ones are None at full rank.

@@ -124,7 +124,8 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
     checks[f'rank_{r}'] = evaluate.attack_checks(
         ev.result, ev.final, headline=common.headline_eps(config),
         attacks_run=evaluator.attack_config.attacks,
-        convergence_points=evaluator.attack_config.convergence_points(), rows=kept)
+        convergence_points=evaluator.attack_config.convergence_points(), rows=kept,
+        doubled=ev.doubled)
     for i, row in enumerate(rows):
       records.append({'rank': r, 'seed': i, 'train_loss': float(losses[i, -1])
                       if losses.size else None, **row})
@@ -135,6 +136,7 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   common.write_results(workdir, config, records, columns(config))
   mid = common.eps_name(common.headline_eps(config))
   checks = common.attack_checks_summary(config, checks)
+  common.log_unconverged(checks)
   if jax.process_index() == 0:
     io.write_json(os.path.join(workdir, 'attack_checks.json'), checks)
     io.atomic_write_text(os.path.join(workdir, 'summary.md'), io.markdown_summary(

@@ -165,10 +165,17 @@ class Evaluator:
       self.projector = p
       self.x_probe = off_subspace_probes(config, self.x_test, p)
     self.attack_config = common.attack_config(config)
-    kw = dict(norm=c.attack_norm, config=self.attack_config, clip_range=clip_range(config),
-              shared_teacher=True, shared_data=True, batching='map')
-    self.attacks = evaluate.Evaluator(s_apply, t_apply, **kw)
-    self.teacher_attacks = evaluate.Evaluator(t_apply, t_apply, **kw)
+    kw = dict(norm=c.attack_norm, clip_range=clip_range(config), shared_teacher=True,
+              shared_data=True, batching='map')
+    surrogate = common.surrogate_apply(config, student, teacher)
+    self.attacks = evaluate.Evaluator(s_apply, t_apply, config=self.attack_config,
+                                      surrogate_apply=surrogate, **kw)
+    self.doubled_attacks = None
+    if c.convergence_points:
+      self.doubled_attacks = evaluate.Evaluator(s_apply, t_apply,
+                                                config=self.attack_config.scaled(2),
+                                                surrogate_apply=surrogate, **kw)
+    self.teacher_attacks = evaluate.Evaluator(t_apply, t_apply, config=self.attack_config, **kw)
     # Test-set predictions of a teacher-shaped network (the teacher, the robust model):
     # compiled once, streamed in eval_batch chunks.
     self._teacher_predict = jax.jit(lambda params, x: jax.lax.map(
@@ -202,7 +209,7 @@ class Evaluator:
       for j, b in enumerate(ev.result.eps):
         for i in range(num):
           rows[i][f'robust_acc_{kind}_{self.names[b]}'] = float(1 - acc[(kind, 'full')][i, j])
-        for attack in self.attack_config.attacks:
+        for attack in self.attack_config.attacks_for(kind):
           err = ev.result.success[(kind, 'full', attack)][:, j].mean(-1)
           for i in range(num):
             rows[i][f'robust_acc_{kind}_{self.names[b]}_{attack}'] = float(1 - err[i])
@@ -252,10 +259,16 @@ class Evaluator:
     if self.projector is not None:
       _spec_columns(rows, sweep.to_host(self._spec_probe(params, self.x_probe)), 'off_',
                     'spec_off')
-    result = self.attacks.run(params, self.teacher_params, self.x_att, keys, eps=self.budgets,
-                              labels_kinds=self.labels, labels=self.y_att,
-                              projectors=self._projectors(num) or None)
-    ev = common.Evaluation(result, evaluate.combine(result))
+    kwargs = dict(eps=self.budgets, labels_kinds=self.labels,
+                  projectors=self._projectors(num) or None)
+    result = self.attacks.run(params, self.teacher_params, self.x_att, keys, labels=self.y_att,
+                              **kwargs)
+    doubled = None
+    if self.doubled_attacks is not None:  # the convergence check (evaluate.doubling)
+      x_check, keys_check = common.doubling_args(c, self.x_att, keys, shared=True)
+      doubled = self.doubled_attacks.run(params, self.teacher_params, x_check, keys_check,
+                                         labels=self.y_att[:x_check.shape[0]], **kwargs)
+    ev = common.Evaluation(result, evaluate.combine(result), doubled)
     sel = np.flatnonzero(ccat_mask)
     for i in range(num):
       for b in sorted(self.budgets):
@@ -271,7 +284,7 @@ class Evaluator:
                                eps=self.budgets, labels_kinds=('ccat',),
                                thresholds=thresholds)
       fin_c = evaluate.combine(res_c)
-      ev = common.Evaluation(result, evaluate.merge_ccat(ev.final, fin_c, sel))
+      ev = common.Evaluation(result, evaluate.merge_ccat(ev.final, fin_c, sel), doubled)
       for i, c_row, threshold in zip(sel, evaluate.ccat_records(res_c, fin_c, self.names),
                                      thresholds):
         rows[i].update(c_row, ccat_threshold=float(threshold))
@@ -306,7 +319,8 @@ def columns(config) -> List[str]:
   cols += [f'dead_l{l + 1}' for l in range(n_layers)]
   cols += ['clean_acc', 'clean_agree']
   cols += [f'robust_acc_{label}_{n}' for label in labels for n in names]
-  cols += [f'robust_acc_{label}_{n}_{a}' for label in labels for n in names for a in attacks_run]
+  cols += [f'robust_acc_{label}_{n}_{a}' for label in labels for n in names for a in attacks_run
+           if label == 'oracle' or a not in evaluate.ORACLE_ONLY_ATTACKS]
   if lowrank:
     main, per_attack = evaluate.columns(labels, WHERES, names, attacks_run)
     cols += main + per_attack

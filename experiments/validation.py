@@ -135,9 +135,9 @@ def Int(lo: Optional[int] = None, hi: Optional[int] = None,  # pylint: disable=i
 
 
 def Float(lo: Optional[float] = None, hi: Optional[float] = None,  # pylint: disable=invalid-name
-          lo_open: bool = False) -> Field:
-  """A finite number in ``[lo, hi]`` (``(lo, hi]`` if ``lo_open``)."""
-  return Field(float, lo=lo, hi=hi, lo_open=lo_open)
+          lo_open: bool = False, special: Mapping[float, str] = None) -> Field:
+  """A finite number in ``[lo, hi]`` (``(lo, hi]`` if ``lo_open``), or one of ``special``."""
+  return Field(float, lo=lo, hi=hi, lo_open=lo_open, special=tuple((special or {}).items()))
 
 
 def Bool() -> Field:  # pylint: disable=invalid-name

@@ -122,7 +122,8 @@ class TestConfig:
               + [f'spec_l{l}' for l in layers] + ['spec_mean'] + [f'frac_l{l}' for l in layers]
               + [f'dead_l{l}' for l in layers] + ['clean_acc', 'clean_agree']
               + [f'robust_acc_{k}_{e}' for k in kinds for e in eps]
-              + [f'robust_acc_{k}_{e}_{a}' for k in kinds for e in eps for a in attacks_run]
+              + [f'robust_acc_{k}_{e}_{a}' for k in kinds for e in eps
+                 for a in attacks_run + (('apgd_pair',) if k == 'oracle' else ())]
               + ['ccat_threshold'] + [f'ccat_err_{e}' for e in eps]
               + [f'ccat_accepted_wrong_{e}' for e in eps])
       assert real_eval.columns(c) == want, kinds

@@ -147,7 +147,7 @@ def test_tables_cover_exactly_the_default_configs(module, get_config):
 
 def test_attack_table_covers_exactly_the_shared_attack_fields():
   c = ml_collections.ConfigDict()
-  attacks_config.add_attack_fields(c, oracle_tolerance=0.0)
+  attacks_config.add_attack_fields(c, oracle_tolerance=0.0, convergence_points=0)
   assert set(common.ATTACK_FIELDS) == set(c)
   assert set(common.ATTACK_OVERRIDES) <= set(common.ATTACK_FIELDS)
 
@@ -181,8 +181,11 @@ def test_cross_field_rules():
                                                'PGD-trained teacher'):
     real.validate_config(c)
   c = lowrank_config.get_config()
-  c.update(attack_steps=0, apgd_steps=0, apgd_t_steps=0, square_queries=0)
+  c.update(attack_steps=0, apgd_steps=0, apgd_t_steps=0, square_queries=0, pair_steps=0)
   with pytest.raises(common.ConfigError, match='config.attack_strength / its overrides'):
+    lowrank.validate_config(c)
+  c.update(pair_steps=10)  # apgd_pair alone: nothing for the fixed labels
+  with pytest.raises(common.ConfigError, match='the clean-label evaluations need another'):
     lowrank.validate_config(c)
 
 

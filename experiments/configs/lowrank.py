@@ -54,6 +54,6 @@ def get_config() -> ml_collections.ConfigDict:
   # example, judged by the oracle and by the teacher's clean label.
   c.attack_norm = 'l2'        # l2 | linf
   c.eps = (0.5, 1.0, 2.0)     # budgets; columns are named with these as written
-  attacks.add_attack_fields(c, oracle_tolerance=0.05)
+  attacks.add_attack_fields(c, oracle_tolerance=0.05, convergence_points=128)
   c.num_attack = 512          # held-out in-subspace points attacked
   return c
