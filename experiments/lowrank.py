@@ -143,7 +143,8 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
             f'adv_oracle_off_{mid}', f'adv_oracle_full_{mid}', f'adv_fixed_full_{mid}'])
         + '\n' + common.attack_checks_markdown(checks))
     plotting.plot_lowrank(os.path.join(workdir, 'results.csv'),
-                          os.path.join(workdir, 'lowrank.png'), eps=mid)
+                          os.path.join(workdir, 'lowrank.png'), eps=mid,
+                          norm=config.attack_norm)
   return records
 
 

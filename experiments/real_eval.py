@@ -469,10 +469,11 @@ def write_reports(config, workdir: str, records: List[Dict[str, Any]], summary: 
     plotting.plot_spec_per_layer(results, os.path.join(workdir, 'specialization_layers.png'))
     acc_columns = [f'robust_acc_{label}_{mid}' for label in attack_labels(config)]
     plotting.plot_spec_vs_accuracy(results, os.path.join(workdir, 'spec_vs_robust.png'),
-                                   acc_columns)
+                                   acc_columns, norm=config.attack_norm)
     if config.lowrank_rank:
       plotting.plot_spec_vs_accuracy(results, os.path.join(workdir, 'spec_off_vs_robust.png'),
-                                     acc_columns, spec_column='spec_off')
+                                     acc_columns, spec_column='spec_off',
+                                     norm=config.attack_norm)
   label = attack_labels(config)[0]
   first = corr[f'robust_acc_{label}_{budget_name(config, config.eps[0])}']
   logging.info('spec_mean vs robust_acc_%s (eps %s): pearson %.3f [%.3f, %.3f]', label,

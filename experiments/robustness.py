@@ -201,7 +201,8 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
         + '\n' + correlation_markdown(config, corr) + '\n'
         + common.attack_checks_markdown(checks))
     plotting.plot_spec_vs_robustness(os.path.join(workdir, 'results.csv'),
-                                     os.path.join(workdir, 'robustness.png'), eps=mid)
+                                     os.path.join(workdir, 'robustness.png'), eps=mid,
+                                     norm=config.attack_norm)
   c_mid = corr[f'eps_{mid}']['spec_off']
   logging.info('spec_off vs robust accuracy at eps %s: pearson %.3f [%.3f, %.3f]', mid,
                c_mid['pearson'], *c_mid['pearson_ci'])

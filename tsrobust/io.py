@@ -1,6 +1,7 @@
 """Result files, written atomically (temporary file in the same folder, fsync, rename).
 
-A reader never sees a partial file: it sees the old file or the new one.
+A reader never sees a partial file: it sees the old file or the new one. Files are
+readable by others as any new file is (``-rw-r--r--`` under the usual umask 022).
 Missing values (``None`` or NaN) are written as empty CSV cells and JSON
 ``null`` - never as 0.
 """
@@ -16,14 +17,45 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+__all__ = ['file_mode', 'atomic_write_bytes', 'atomic_write_text', 'to_plain',
+           'write_json', 'write_csv', 'read_csv', 'cpu_model', 'library_versions',
+           'save_pytree', 'columns_with_prefix', 'markdown_summary']
+
+
+def file_mode() -> int:
+  """The mode ``open()`` gives a new file: ``0o666`` less the process's umask (``0o644``
+  under the usual umask 022). Read without changing the umask (``/proc/self/status``);
+  022 where that is not available.
+
+  >>> oct(file_mode() & 0o600)  # the owner can always read and write
+  '0o600'
+  """
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('Umask:'):
+          return 0o666 & ~int(line.split()[1], 8)
+  except (OSError, ValueError, IndexError):
+    pass
+  return 0o644
+
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-  """Writes ``data`` to ``path`` atomically."""
+  """Writes ``data`` to ``path`` atomically, readable as any new file is (``file_mode``:
+  ``-rw-r--r--`` under the usual umask, not ``mkstemp``'s private ``-rw-------``).
+
+  >>> import os, tempfile
+  >>> path = os.path.join(tempfile.mkdtemp(), 'a.txt')
+  >>> atomic_write_bytes(path, b'x')
+  >>> open(path, 'rb').read(), oct(os.stat(path).st_mode & 0o777) == oct(file_mode())
+  (b'x', True)
+  """
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.',
                              suffix='.tmp')
   try:
+    os.fchmod(fd, file_mode())
     with os.fdopen(fd, 'wb') as f:
       f.write(data)
       f.flush()
