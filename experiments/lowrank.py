@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import cli
 from experiments import common
 from experiments import validation
 from tsrobust import evaluate
@@ -118,7 +119,8 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
       logging.info('%d evaluation programs prepared in %.1fs beside the training', prepared,
                    warm.seconds)
     rows, ev = evaluator.evaluate(state.params, problem.teacher_params, projector, held,
-                                  full_rank=r == d)
+                                  full_rank=r == d,
+                                  on_progress=cli.evaluation_progress(f'rank {r}'))
     rows = rows[:config.num_seeds]
     kept = np.arange(len(ev.final[('oracle', 'full')])) < config.num_seeds
     checks[f'rank_{r}'] = evaluate.attack_checks(
@@ -149,6 +151,7 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
 
 
 if __name__ == '__main__':
-  common.run_binary(validate_config, train_and_evaluate, _DEFAULT_CONFIG,
-                    ('results.csv', 'results.json', 'summary.md', 'attack_checks.json',
-                     'lowrank.png'))
+  cli.run_binary(validate_config, train_and_evaluate, _DEFAULT_CONFIG,
+                 ('results.csv', 'results.json', 'summary.md', 'attack_checks.json',
+                  'lowrank.png'),
+                 fields=CONFIG_FIELDS, doc=__doc__)

@@ -208,14 +208,15 @@ class Evaluator:
             rows[i][f'robust_acc_{kind}_{self.names[b]}_{attack}'] = float(1 - err[i])
     return rows
 
-  def teacher(self, key, params=None) -> Dict[str, float]:
+  def teacher(self, key, params=None, on_progress=None) -> Dict[str, float]:
     """Clean test accuracy and true-label robust accuracy per budget of one network.
 
     ``params``: a network of the teacher's architecture (default: the teacher;
     e.g. the robust model of the robust-feature dataset), evaluated by the
     same compiled attacks. The robust accuracy (unconstrained attacks, true
     labels) is reported whatever ``attack_labels`` holds: it costs one
-    network, and says how robust the oracle itself is at each budget.
+    network, and says how robust the oracle itself is at each budget. ``on_progress``:
+    see ``evaluate.Evaluator.run``.
     """
     params = self.teacher_params if params is None else params
     pred = self._teacher_predict(params, self.x_test)
@@ -223,7 +224,7 @@ class Evaluator:
     add_axis = lambda tree: jax.tree_util.tree_map(lambda v: jnp.asarray(v)[None], tree)
     result = self.teacher_attacks.run(add_axis(params), self.teacher_params, self.x_att,
                                       key[None], eps=self.budgets, labels_kinds=('true',),
-                                      labels=self.y_att)
+                                      labels=self.y_att, on_progress=on_progress)
     ev = common.Evaluation(result, evaluate.combine(result))
     out.update({k: v for k, v in self._rows(ev, ('true',))[0].items()})
     return out
@@ -232,13 +233,15 @@ class Evaluator:
     """``adv_{label}_{where}_{eps}`` (ensemble, consistent) and ``..._{attack}`` (raw)."""
     return evaluate.records(ev.result, ev.final, self.names)
 
-  def students(self, params, keys, ccat_mask: np.ndarray):
+  def students(self, params, keys, ccat_mask: np.ndarray, progress=None):
     """Metrics of students ``params [P, ...]`` (``keys [P]`` attack keys).
 
     Returns ``(rows, Evaluation)``; CCAT students (``ccat_mask``) are also
     evaluated by CCAT's criterion (``ccat_err_*``, ``ccat_accepted_wrong_*``),
-    and their accepted-and-wrong points count as oracle errors.
+    and their accepted-and-wrong points count as oracle errors. ``progress``:
+    ``what -> on_progress`` (``evaluate.Evaluator.run``), called once per evaluation.
     """
+    progress = progress or (lambda what: None)
     c = self.config
     spec = sweep.to_host(self._spec(params, self.x_test, self.y_test))
     num = spec['clean_acc'].shape[0]
@@ -254,7 +257,8 @@ class Evaluator:
                     'spec_off')
     result = self.attacks.run(params, self.teacher_params, self.x_att, keys, eps=self.budgets,
                               labels_kinds=self.labels, labels=self.y_att,
-                              projectors=self._projectors(num) or None)
+                              projectors=self._projectors(num) or None,
+                              on_progress=progress(f'{num} students'))
     ev = common.Evaluation(result, evaluate.combine(result))
     sel = np.flatnonzero(ccat_mask)
     for i in range(num):
@@ -269,7 +273,9 @@ class Evaluator:
                             np.float32)
       res_c = self.attacks.run(pick(params), self.teacher_params, self.x_att, keys[sel],
                                eps=self.budgets, labels_kinds=('ccat',),
-                               thresholds=thresholds)
+                               thresholds=thresholds,
+                               on_progress=progress(f"{sel.size} CCAT students by CCAT's "
+                                                    f'criterion'))
       fin_c = evaluate.combine(res_c)
       ev = common.Evaluation(result, evaluate.merge_ccat(ev.final, fin_c, sel))
       for i, c_row, threshold in zip(sel, evaluate.ccat_records(res_c, fin_c, self.names),

@@ -390,7 +390,9 @@ def train_seeds(loss_fn: LossFn, optimizer: optax.GradientTransformation,
       once more.
     on_chunk: called after each chunk with ``step``, ``num_steps``,
       ``steps_per_sec``, ``eta_sec``, ``loss`` (mean over seeds of the
-      chunk's last loss).
+      chunk's last loss), ``resumed_from`` (the step training resumed from,
+      None when it started afresh) and ``last_checkpoint`` (the step of the
+      newest checkpoint, None when none).
     checkpointer: when given, the state and loss history are saved after
       every chunk (at most every ``checkpointer.every_sec`` seconds when that
       is set, and always after the last chunk), and training resumes from its
@@ -428,10 +430,12 @@ def train_seeds(loss_fn: LossFn, optimizer: optax.GradientTransformation,
   history = np.full((num_seeds, num_chunks), np.nan, np.float32)
   start = int(np.asarray(sweep.to_host(state.step)).reshape(-1)[0])
   done = 0
+  resumed_from = None
   if checkpointer is not None:
     restored = checkpointer.restore({'state': state, 'losses': history})
     if restored is not None:
       step, tree = restored
+      resumed_from = step
       done = step - start
       if not 0 <= done <= num_steps or (done % chunk_steps and done != num_steps):
         raise ValueError(f'checkpoint at step {step} in {checkpointer.folder} does not belong '
@@ -478,5 +482,6 @@ def train_seeds(loss_fn: LossFn, optimizer: optax.GradientTransformation,
       rate = (done - first) / max(elapsed, 1e-9)
       on_chunk({'step': done, 'num_steps': num_steps, 'steps_per_sec': rate,
                 'eta_sec': (num_steps - done) / rate,
-                'loss': float(chunk_losses[:, -1].mean())})
+                'loss': float(chunk_losses[:, -1].mean()), 'resumed_from': resumed_from,
+                'last_checkpoint': None if checkpointer is None else checkpointer.latest_step()})
   return state, history

@@ -10,12 +10,12 @@ def add_attack_fields(c: ml_collections.ConfigDict, oracle_tolerance: float) -> 
   c.attack_steps = -1         # PGD steps
   c.attack_restarts = -1      # PGD restarts
   c.apgd_steps = -1           # APGD iterations (untargeted)
-  c.apgd_restarts = -1
+  c.apgd_restarts = -1        # APGD restarts (untargeted)
   c.apgd_t_steps = -1         # APGD-T iterations per target class
   c.attack_targets = -1       # APGD-T target classes
   c.square_queries = -1       # Square attack queries
   c.attack_step_factor = 2.5  # PGD's alpha = factor * eps / steps (Madry et al.)
   c.oracle_loss = 'kl'        # PGD's oracle objective: kl | mse
   # An oracle error needs the teacher's top-2 logit gap >= this at x + delta (0: any
-  # disagreement; see README "Why a tolerance").
+  # disagreement; see docs/lowrank.md, "Why a tolerance").
   c.oracle_tolerance = oracle_tolerance
