@@ -73,7 +73,11 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def to_plain(value: Any) -> Any:
-  """JSON-ready copy: numpy/JAX scalars and arrays to Python, NaN/inf to None."""
+  """JSON-ready copy: numpy/JAX scalars and arrays to Python, NaN/inf to None.
+
+  >>> to_plain({'a': np.float32(0.5), 'b': (1, float('nan')), 'c': np.arange(2)})
+  {'a': 0.5, 'b': [1, None], 'c': [0, 1]}
+  """
   if isinstance(value, Mapping):
     return {str(k): to_plain(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
@@ -101,7 +105,16 @@ def _cell(value: Any) -> str:
 
 def write_csv(path: str, records: Sequence[Mapping[str, Any]],
               columns: Optional[Sequence[str]] = None) -> None:
-  """Atomic CSV, one row per record; columns default to first-seen key order."""
+  """Atomic CSV, one row per record; columns default to first-seen key order.
+
+  >>> import os, tempfile
+  >>> path = os.path.join(tempfile.mkdtemp(), 'results.csv')
+  >>> write_csv(path, [{'rank': 5, 'spec_off': 0.5}, {'rank': 40, 'spec_off': None}])
+  >>> open(path).read().splitlines()  # an empty cell for None, never 0
+  ['rank,spec_off', '5,0.5', '40,']
+  >>> read_csv(path)
+  [{'rank': 5.0, 'spec_off': 0.5}, {'rank': 40.0, 'spec_off': None}]
+  """
   if columns is None:
     columns = []
     for r in records:
@@ -164,7 +177,11 @@ def save_pytree(path: str, tree: Any) -> None:
 
 
 def columns_with_prefix(records: Iterable[Mapping[str, Any]], prefix: str) -> List[str]:
-  """Columns of ``records`` starting with ``prefix``, in first-seen order."""
+  """Columns of ``records`` starting with ``prefix``, in first-seen order.
+
+  >>> columns_with_prefix([{'seed': 0, 'adv_in': 0.1, 'adv_off': 0.2}], 'adv_')
+  ['adv_in', 'adv_off']
+  """
   out = []
   for r in records:
     out.extend(k for k in r if k.startswith(prefix) and k not in out)
@@ -178,6 +195,15 @@ def markdown_summary(rows: Sequence[Mapping[str, Any]], group_by: Sequence[str],
   Missing values (None / NaN) are ignored; a group with none shows ``-``, and
   a group with one value shows ``value +- -`` (no spread from one value).
   Groups appear in first-seen order.
+
+  >>> rows = [{'rank': 5, 'spec_off': 0.4}, {'rank': 5, 'spec_off': 0.6},
+  ...         {'rank': 40, 'spec_off': None}]
+  >>> print(markdown_summary(rows, ['rank'], ['spec_off']))
+  | rank | n | spec_off |
+  |---|---|---|
+  | 5 | 2 | 0.500 +- 0.141 |
+  | 40 | 1 | - |
+  <BLANKLINE>
   """
   groups: Dict[tuple, List[Mapping[str, Any]]] = {}
   for r in rows:

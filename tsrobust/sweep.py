@@ -48,6 +48,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 import numpy as np
 
+__all__ = ['SEEDS_AXIS', 'cpu_cores', 'use_all_cpu_cores',
+           'default_compilation_cache_dir', 'compilation_cache_dir',
+           'use_compilation_cache', 'SETUP_COMPILER_OPTIONS', 'jit_once',
+           'use_unrolled_threefry_on_cpu', 'seed_mesh', 'padded_size', 'shard_seeds',
+           'replicate', 'sync_processes', 'to_host', 'checked_interval',
+           'finish_before_interrupt', 'Checkpointer']
+
 SEEDS_AXIS = 'seeds'
 
 _FORCE_COUNT_FLAG = '--xla_force_host_platform_device_count'
@@ -249,6 +256,10 @@ def jit_once(fn, **jit_kwargs):
   not bitwise equal to the optimized build's (float rounding of the normal
   sampler's polynomial, ~1e-6); integer work such as key splitting is exact.
   Use it for code that runs once per run, not for training or attack loops.
+
+  >>> draw = jit_once(lambda key: jax.random.split(key, 3))  # set-up code, run once
+  >>> draw(jax.random.PRNGKey(0)).shape
+  (3, 2)
   """
   def compiled(*args, **kwargs):
     if not jitted:  # the backend is known only once JAX runs
@@ -325,7 +336,12 @@ def seed_mesh(devices=None) -> Mesh:
 
 
 def padded_size(num_seeds: int, mesh: Mesh) -> int:
-  """The smallest multiple of the mesh size that is >= ``num_seeds``."""
+  """The smallest multiple of the mesh size that is >= ``num_seeds``.
+
+  >>> mesh = seed_mesh(jax.devices()[:1])
+  >>> padded_size(3, mesh)  # a multiple of the mesh's one device
+  3
+  """
   if num_seeds < 1:
     raise ValueError(f'num_seeds must be >= 1, got {num_seeds}')
   n = mesh.devices.size
@@ -338,6 +354,11 @@ def shard_seeds(tree: Any, mesh: Mesh) -> Any:
   Every process must pass the same full arrays (as built from the same keys);
   each device receives its slice. Leading axes must be multiples of the mesh
   size (see ``padded_size``).
+
+  >>> mesh = seed_mesh(jax.devices()[:1])
+  >>> tree = shard_seeds({'w': np.arange(6.0).reshape(3, 2)}, mesh)
+  >>> tree['w'].sharding.spec == PartitionSpec(SEEDS_AXIS), to_host(tree)['w'].tolist()[2]
+  (True, [4.0, 5.0])
   """
   sharding = NamedSharding(mesh, PartitionSpec(SEEDS_AXIS))
   n = mesh.devices.size
