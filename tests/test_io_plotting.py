@@ -110,8 +110,8 @@ def test_one_fixed_colour_and_marker_per_method_in_every_figure(tmp_path, figure
   plotting.plot_spec_vs_accuracy(_methods_csv(tmp_path / 'b.csv', ['at', 'iso']), 'unused.png',
                                  ['robust_acc_oracle_0.1'], norm='linf')
   a, b = (_scatter_styles(f) for f in figures)
-  at_label = 'PGD adversarial training (at, 2)'
-  iso_label = 'isotropic noise (augmentation control) (iso, 2)'
+  at_label = 'at: PGD adversarial training, 2 students'
+  iso_label = 'iso: isotropic noise (augmentation control), 2 students'
   assert a[at_label] == b[at_label] and a[iso_label] == b[iso_label]
   assert a[at_label][0] == plotting.METHOD_STYLES['at'].color.lower()
   assert len({c for c, _ in a.values()}) == 4  # four methods, four colours
@@ -122,6 +122,22 @@ def test_one_fixed_colour_and_marker_per_method_in_every_figure(tmp_path, figure
   assert 'oracle robust accuracy, L-inf budget 0.1' in figures[1].axes[0].get_title()
   assert 'attack ensemble' in figures[1].axes[0].get_title()
   assert 'L2 budget 1.0' in figures[0]._suptitle.get_text()
+
+
+def test_coinciding_students_of_several_methods_are_labelled(tmp_path, figures):
+  """Students of several methods on one point: nested markers (smaller above larger)
+  and a note of how many of each method are there."""
+  rows = [{'method': m, 'seed': s, 'spec_in': 1.0, 'spec_off': 1.0, 'adv_oracle_full_1.0': 0.0}
+          for m, n in (('orth', 3), ('iso', 2), ('standard', 1)) for s in range(n)]
+  rows.append({'method': 'at', 'seed': 0, 'spec_in': 0.5, 'spec_off': 0.5,
+               'adv_oracle_full_1.0': 0.5})
+  io.write_csv(str(tmp_path / 'r.csv'), rows)
+  plotting.plot_spec_vs_robustness(str(tmp_path / 'r.csv'), 'unused.png', eps='1.0', norm='l2')
+  ax = figures[0].axes[0]
+  notes = [t.get_text() for t in ax.texts]
+  assert notes == ['here: orth 3, iso 2, standard 1']
+  order = {c.get_label().split(':')[0]: c.get_zorder() for c in ax.collections}
+  assert order['iso'] > order['standard'] > order['orth']  # the smallest marker on top
 
 
 def test_per_layer_lines_keep_the_method_style(tmp_path, figures):

@@ -24,22 +24,25 @@ __all__ = ['MethodStyle', 'METHOD_STYLES', 'method_style', 'budget_text', 'plot_
 
 
 class MethodStyle(NamedTuple):
-  """How one training method is drawn: ``color``, matplotlib ``marker``, legend ``label``."""
+  """How one training method is drawn: ``color``, matplotlib ``marker``, legend ``label``,
+  and the marker's ``size`` (points^2): different sizes nest the hollow markers of
+  students that coincide (orthogonal and isotropic noise both at robust accuracy 1)."""
   color: str
   marker: str
   label: str
+  size: float = 40.0
 
 
 # One style per method of ``tsrobust.methods.METHODS``, the same in every figure.
 METHOD_STYLES = {
-    'standard': MethodStyle('#000000', 'o', 'standard training'),
-    'at': MethodStyle('#D55E00', 's', 'PGD adversarial training'),
-    'ccat': MethodStyle('#CC79A7', 'D', 'CCAT (confidence-calibrated AT)'),
-    'robust_features': MethodStyle('#009E73', 'P', 'robust-feature dataset'),
-    'orth': MethodStyle('#0072B2', '^', 'noise in S_perp (orthogonal augmentation)'),
-    'iso': MethodStyle('#56B4E9', 'v', 'isotropic noise (augmentation control)'),
+    'standard': MethodStyle('#000000', 'o', 'standard training', 36.0),
+    'at': MethodStyle('#D55E00', 's', 'PGD adversarial training', 52.0),
+    'ccat': MethodStyle('#CC79A7', 'D', 'CCAT (confidence-calibrated AT)', 40.0),
+    'robust_features': MethodStyle('#009E73', 'P', 'robust-feature dataset', 60.0),
+    'orth': MethodStyle('#0072B2', '^', 'noise in S_perp (orthogonal augmentation)', 120.0),
+    'iso': MethodStyle('#56B4E9', 'v', 'isotropic noise (augmentation control)', 30.0),
 }
-_OTHER = MethodStyle('#999999', 'X', '')
+_OTHER = MethodStyle('#999999', 'X', '', 40.0)
 _VARIANT_LINES = ('-', '--', ':', '-.')
 
 
@@ -105,11 +108,37 @@ def _pyplot():
   return plt
 
 
-def _scatter(ax, xs, ys, method: str, label: Optional[str] = None, zorder: float = 2.0):
+def _scatter(ax, xs, ys, method: str, label: Optional[str] = None):
+  """Hollow markers of ``method``; smaller markers drawn above larger ones, so coinciding
+  students of several methods show as nested outlines."""
   style = method_style(method)
   ax.scatter(xs, ys, facecolors='none', edgecolors=style.color, marker=style.marker,
-             s=46 if style.marker in '^v' else 34, linewidths=1.3, label=label or style.label,
-             zorder=zorder)
+             s=style.size, linewidths=1.3, label=label or style.label,
+             zorder=3.0 - style.size / 1000.0)
+
+
+def _label_stacks(ax, points: Dict[str, List[Tuple[float, float]]], most: int = 2,
+                  min_students: int = 4) -> None:
+  """Writes, beside the ``most`` largest stacks of at least ``min_students`` coinciding
+  students (equal to 3 decimals) of several methods, how many of each method it holds:
+  ``'here: orth 12, iso 12, at 4'``."""
+  stacks: Dict[Tuple[float, float], Dict[str, int]] = defaultdict(lambda: defaultdict(int))
+  for method, pts in points.items():
+    for x, y in pts:
+      stacks[(round(x, 3), round(y, 3))][method] += 1
+  shared = [(k, v) for k, v in stacks.items()
+            if len(v) > 1 and sum(v.values()) >= min_students]
+  shared.sort(key=lambda kv: -sum(kv[1].values()))
+  for (x, y), counts in shared[:most]:
+    text = ', '.join(f'{m} {n}' for m, n in sorted(counts.items(), key=lambda mn: -mn[1]))
+    ax.annotate(f'here: {text}', (x, y), xytext=(-60, -30), textcoords='offset points',
+                ha='right', va='top', fontsize=7, color='#444444',
+                arrowprops=dict(arrowstyle='-', color='#888888', lw=0.6))
+
+
+def _legend_label(method: str, count: int) -> str:
+  """``'orth: noise in S_perp (orthogonal augmentation), 12 students'``."""
+  return f'{method}: {method_style(method).label}, {count} students'
 
 
 def _method_order(rows) -> List[str]:
@@ -141,24 +170,24 @@ def plot_spec_vs_robustness(results_csv: str, out_png: str, eps: str,
   methods = _method_order(rows)
   for ax, column, title in ((axes[0], 'spec_in', 'in-subspace specialization'),
                             (axes[1], 'spec_off', 'off-subspace specialization')):
-    for rank, method in enumerate(methods):
+    drawn = {}
+    for method in methods:
       pts = [(r[column], 1.0 - r[f'adv_oracle_full_{eps}']) for r in rows
              if r['method'] == method and r.get(column) is not None]
       if pts:
-        xs, ys = zip(*pts)
-        n = len(pts)
-        _scatter(ax, xs, ys, method, f'{method_style(method).label} ({method}, {n})',
-                 zorder=2 + (len(methods) - rank) / 10)
+        _scatter(ax, *zip(*pts), method, _legend_label(method, len(pts)))
+        drawn[method] = pts
+    _label_stacks(ax, drawn)
     ax.set_xlabel(f'{title} (mean max correlation)')
     ax.set_title(title)
     ax.grid(alpha=0.3)
   axes[0].set_ylabel(f'oracle robust accuracy, {budget_text(eps, norm)}')
-  axes[0].set_ylim(-0.04, 1.04)
+  axes[0].set_ylim(-0.05, 1.07)
   fig.legend(*axes[0].get_legend_handles_labels(), loc='lower center', ncol=3, fontsize=8,
-             frameon=False, title='method (key, students)', title_fontsize=8)
-  fig.suptitle('Specialization vs oracle robust accuracy under the attack ensemble (worst '
-               f'case per point), {budget_text(eps, norm)}: one point per student')
-  fig.tight_layout(rect=(0, 0.13, 1, 1))
+             frameon=False)
+  fig.suptitle('Specialization vs oracle robust accuracy, one point per student\n(attack '
+               f'ensemble, worst case per point, {budget_text(eps, norm)})')
+  fig.tight_layout(rect=(0, 0.12, 1, 1))
   _save(fig, out_png)
 
 
@@ -191,12 +220,16 @@ def plot_lowrank(results_csv: str, out_png: str, eps: str, norm: Optional[str] =
   ]
   ranks_all = sorted({int(r['rank']) for r in rows})
   colors = ('#0072B2', '#D55E00', '#000000')
+  # Series a little apart along the rank axis, so coinciding points and error bars show.
+  offset = 0.012 * (max(ranks_all) - min(ranks_all)) if len(ranks_all) > 1 else 0.0
   for ax, series, ylabel, title in panels:
-    for (column, label, marker, line), color in zip(series, colors):
+    for i, ((column, label, marker, line), color) in enumerate(zip(series, colors)):
       ranks, mean, std = _by_rank(rows, column)
       if ranks:
-        ax.errorbar(ranks, mean, yerr=std, marker=marker, linestyle=line, color=color,
-                    capsize=3, label=label, markerfacecolor='none')
+        shift = (i - (len(series) - 1) / 2) * offset
+        ax.errorbar(np.asarray(ranks) + shift, mean, yerr=std, marker=marker,
+                    linestyle=line, color=color, capsize=3, label=label,
+                    markerfacecolor='none')
     ax.set_xticks(ranks_all)
     ax.set_xlabel('rank r of the data subspace (r = d: full rank, no S_perp)')
     ax.set_ylabel(ylabel)
@@ -292,20 +325,21 @@ def plot_spec_vs_accuracy(results_csv: str, out_png: str, accuracy_columns: Sequ
   fig, axes = plt.subplots(1, len(accuracy_columns), figsize=(5.5 * len(accuracy_columns) + 1,
                                                               4.6), squeeze=False)
   for ax, column in zip(axes[0], accuracy_columns):
-    for rank, method in enumerate(methods):
+    drawn = {}
+    for method in methods:
       pts = [(m[spec_column], m[column]) for m in rows if m['method'] == method
              and m.get(spec_column) is not None and m.get(column) is not None]
       if pts:
-        xs, ys = zip(*pts)
-        _scatter(ax, xs, ys, method, f'{method_style(method).label} ({method}, {len(pts)})',
-                 zorder=2 + (len(methods) - rank) / 10)
+        _scatter(ax, *zip(*pts), method, _legend_label(method, len(pts)))
+        drawn[method] = pts
+    _label_stacks(ax, drawn)
     ax.set_xlabel(f'{spec_column} (mean max correlation)')
     ax.set_ylabel(_accuracy_title(column, norm))
     ax.set_title(_accuracy_title(column, norm) + '\n(attack ensemble, worst case per point)')
-    ax.set_ylim(-0.04, 1.04)
+    ax.set_ylim(-0.05, 1.07)
     ax.grid(alpha=0.3)
   fig.legend(*axes[0][0].get_legend_handles_labels(), loc='lower center', ncol=3, fontsize=8,
-             frameon=False, title='method (key, students)', title_fontsize=8)
+             frameon=False)
   fig.suptitle(f'Specialization ({spec_column}) vs robustness: one point per student')
   fig.tight_layout(rect=(0, 0.14, 1, 1))
   _save(fig, out_png)
