@@ -144,7 +144,7 @@ def test_per_layer_lines_keep_the_method_style(tmp_path, figures):
   plotting.plot_spec_per_layer(_methods_csv(tmp_path / 'c.csv', ['standard', 'at']),
                                'unused.png')
   handles, labels = figures[0].axes[0].get_legend_handles_labels()
-  assert labels == ['standard training', 'PGD adversarial training, 0.5']
+  assert labels == ['standard: standard training', 'at 0.5: PGD adversarial training']
   line = handles[1].lines[0]  # the errorbar's data line
   assert matplotlib.colors.to_hex(line.get_color()) == plotting.METHOD_STYLES['at'].color.lower()
   assert line.get_marker() == plotting.METHOD_STYLES['at'].marker

@@ -251,10 +251,10 @@ def _variant_groups(rows) -> Dict[str, list]:
 
 
 def _variant_label(name: str, method: str) -> str:
-  """``'at 0.05'`` -> ``'PGD adversarial training, 0.05'``."""
-  rest = name[len(method):].strip() if name.startswith(method) else ''
-  label = method_style(method).label
-  return f'{label}, {rest}' if rest else label
+  """``'at 0.05'`` -> ``'at 0.05: PGD adversarial training'`` (the grid point as the tables
+  name it, then the method spelled out)."""
+  return f'{name}: {method_style(method).label}'
+
 
 
 def plot_spec_per_layer(results_csv: str, out_png: str) -> None:
@@ -322,8 +322,8 @@ def plot_spec_vs_accuracy(results_csv: str, out_png: str, accuracy_columns: Sequ
   rows = io.read_csv(results_csv)
   norm = norm or _norm_of(results_csv)
   methods = _method_order(rows)
-  fig, axes = plt.subplots(1, len(accuracy_columns), figsize=(5.5 * len(accuracy_columns) + 1,
-                                                              4.6), squeeze=False)
+  fig, axes = plt.subplots(1, len(accuracy_columns), figsize=(5.5 * len(accuracy_columns) + 2.5,
+                                                              4.8), squeeze=False)
   for ax, column in zip(axes[0], accuracy_columns):
     drawn = {}
     for method in methods:
@@ -338,8 +338,10 @@ def plot_spec_vs_accuracy(results_csv: str, out_png: str, accuracy_columns: Sequ
     ax.set_title(_accuracy_title(column, norm) + '\n(attack ensemble, worst case per point)')
     ax.set_ylim(-0.05, 1.07)
     ax.grid(alpha=0.3)
-  fig.legend(*axes[0][0].get_legend_handles_labels(), loc='lower center', ncol=3, fontsize=8,
-             frameon=False)
+  ncol = min(3, 2 * len(accuracy_columns))
+  rows_ = -(-len(methods) // ncol)
+  fig.legend(*axes[0][0].get_legend_handles_labels(), loc='lower center', ncol=ncol,
+             fontsize=8, frameon=False)
   fig.suptitle(f'Specialization ({spec_column}) vs robustness: one point per student')
-  fig.tight_layout(rect=(0, 0.14, 1, 1))
+  fig.tight_layout(rect=(0, 0.03 + 0.045 * rows_, 1, 1))
   _save(fig, out_png)
