@@ -32,6 +32,8 @@ BINARIES = [(lowrank, lowrank.CONFIG_FIELDS, lowrank_config.get_config, ''),
             (real, real_checks.CONFIG_FIELDS, real_config.get_config, '')]
 BINARIES += [(real, real_checks.CONFIG_FIELDS, lambda p=p: real_config.get_config(p), f':{p}')
              for p in real_config.PRESETS if p != 'mnist']
+BINARIES.append((lowrank, lowrank.CONFIG_FIELDS, lambda: lowrank_config.get_config('smoke'),
+                 ':smoke'))
 
 
 def _never(config, workdir):
@@ -137,6 +139,18 @@ def test_field_meanings_known_answers(tmp_path):
   assert meanings['c'] == ''  # its first assignment has no comment
   assert meanings['d'] == 'Ilyas et al. 2019: et al. does not end a sentence.'
   assert meanings['square_queries'] == 'Square attack queries'  # an imported config module
+
+
+def test_the_smoke_preset_is_small_and_valid():
+  smoke = lowrank_config.get_config('smoke')
+  lowrank.validate_config(smoke)
+  default = lowrank_config.get_config()
+  assert (smoke.d, smoke.ranks, smoke.num_seeds, smoke.attack_strength) == (
+      20, (5, 20), 2, 'fast')
+  students = lambda c: len(c.ranks) * c.num_seeds * c.num_steps * c.num_attack
+  assert students(smoke) * 100 < students(default)
+  with pytest.raises(ValueError, match="config preset must be one of"):
+    lowrank_config.get_config('huge')
 
 
 def test_describe_known_answers():
