@@ -198,7 +198,7 @@ def get_config(preset: str = 'mnist') -> ml_collections.ConfigDict:
     # spec_off use 0.15, the real digits' own spread.
     c.aug_scales = (0.15, 0.5)
     c.probe_scale = 0.15
-    # Time (2-core CPU, target < 30 min, see README): the standard ensemble costs ~8 s per
+    # Time (2-core CPU, target < 30 min, see docs/real.md): the standard ensemble costs ~8 s per
     # student, budget, subspace and 100 images for oracle labels; here 24 students x 2 budgets
     # x 3 subspaces (in, off, full) x 50 images, plus the teacher's own true-label robustness
     # (one network, unconstrained). Students judged by oracle labels only (the true error in
