@@ -386,8 +386,9 @@ def _same_path(a: str, b: str) -> bool:
   return os.path.abspath(str(a)) == os.path.abspath(str(b))
 
 
-def ensure_writable_workdir(workdir: str) -> None:
-  """Creates ``workdir`` and checks that a file can be written there (and removed).
+def ensure_writable_workdir(workdir: str, probe: bool = True) -> None:
+  """Creates ``workdir`` and (``probe``) checks that a file can be written there (and
+  removed). In a multi-process run only process 0 probes: the others write nothing.
 
   Raises:
     ConfigError: any ``OSError`` (a folder that cannot be created, or written: read-only,
@@ -395,9 +396,10 @@ def ensure_writable_workdir(workdir: str) -> None:
   """
   try:
     os.makedirs(workdir, exist_ok=True)
-    fd, probe = tempfile.mkstemp(dir=workdir, prefix='.write-check-')
-    os.close(fd)
-    os.unlink(probe)
+    if probe:
+      fd, path = tempfile.mkstemp(dir=workdir, prefix='.write-check-')
+      os.close(fd)
+      os.unlink(path)
   except OSError as e:
     raise workdir_error(workdir, e) from e
 
@@ -409,7 +411,7 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   """
   import jax  # pylint: disable=g-import-not-at-top
   check_workdir(workdir, config)
-  ensure_writable_workdir(workdir)
+  ensure_writable_workdir(workdir, probe=jax.process_index() == 0)
   path = os.path.join(workdir, 'config.json')
   if os.path.exists(path):
     return
@@ -711,7 +713,7 @@ def _main(argv: Sequence[str], validate: Callable, train_and_evaluate: Callable,
       sys.stdout.write(config_json(config))
       sys.stdout.flush()
       return
-    ensure_writable_workdir(workdir)
+    ensure_writable_workdir(workdir, probe=flag_values.process_id == 0)
     sweep.use_all_cpu_cores(flag_values.cpu_devices  # before any JAX work
                             or cpu_devices_per_process(flag_values))
     cache = sweep.use_compilation_cache(flag_values.compilation_cache)  # before any compile
