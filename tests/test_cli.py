@@ -97,6 +97,7 @@ def test_help_known_answer_and_overrides(capfd):
   assert fields[:3] == ['seed', 'num_seeds', 'd']
 
 
+@pytest.mark.slow  # two interpreter starts (~3 s); the in-process tests above cover the text
 def test_the_entry_point_help_exits_0_and_helpfull_adds_absl_flags_not_test_flags():
   """The real entry point (absl.app, whose modules define --verbosity, and chex's and
   absltest's test-only flags on import)."""
