@@ -17,7 +17,8 @@ through this module, so that every binary behaves alike:
   checkpoint and that rerunning the same command resumes. A checkpoint being written when
   it comes is finished first (``tsrobust.sweep.Checkpointer``).
 - Log lines are ``HH:MM:SS LEVEL message``; training and evaluation report progress with
-  an ETA (one live line on a terminal, a few throttled lines elsewhere).
+  an ETA (one live line on a terminal, a few throttled lines elsewhere: about one a minute
+  during a long evaluation).
 """
 
 import ast
@@ -559,25 +560,28 @@ def progress_logger(stage: str, max_lines: int = 10, stream=None):
   return on_chunk
 
 
-def evaluation_progress(what: str, every_sec: float = 30.0, stream=None,
+def evaluation_progress(what: str, max_gap_sec: float = 60.0, stream=None,
                         clock: Callable[[], float] = time.monotonic):
-  """An ``on_progress`` callback of ``tsrobust.evaluate.Evaluator.run``: attacks done of all,
-  the last one, and an ETA; it also keeps ``STATUS`` (``evaluating what``).
+  """An ``on_progress`` callback of ``tsrobust.evaluate.Evaluator.run``: attack runs done of
+  all, the last one, and an ETA; it also keeps ``STATUS`` (``evaluating what``).
 
-  On a terminal: one live line. Elsewhere: a log line once ``every_sec`` seconds have
-  passed since the start or the last line (so a long evaluation says where it is at least
-  that often, as far as single attacks allow), and a last line when it ends if it logged
-  before (a short evaluation stays silent).
+  On a terminal: one live line. Elsewhere: a log line when waiting for the next attack run
+  could leave more than ``max_gap_sec`` seconds since the start or the last line (if the
+  next run took 1.5 times the longest so far: runs differ, Square's are the longest), so a
+  long evaluation says where it is at least about once a minute, not at every short run;
+  and a last line when it ends, if it logged before (a short evaluation stays silent).
   """
   stream = sys.stderr if stream is None else stream
   live = hasattr(stream, 'isatty') and stream.isatty()
   start = clock()
-  state = {'last': start, 'lines': 0}
+  state = {'last': start, 'lines': 0, 'previous': start, 'longest': 0.0}
   STATUS.evaluating = what
 
   def on_progress(info: Mapping[str, Any]) -> None:
     now = clock()
     done, total = int(info['done']), int(info['total'])
+    state['longest'] = max(state['longest'], now - state['previous'])
+    state['previous'] = now
     eta = (now - start) / max(done, 1) * (total - done)
     attack = '/'.join(str(info[k]) for k in ('attack', 'label', 'where', 'eps') if k in info)
     text = (f'evaluating {what}: {done}/{total} attack runs ({attack})  '
@@ -587,7 +591,8 @@ def evaluation_progress(what: str, every_sec: float = 30.0, stream=None,
       stream.write('\r' + text + ('\n' if last else ''))
       stream.flush()
       return
-    if now - state['last'] >= every_sec or (last and state['lines']):
+    next_line_late = now - state['last'] + 1.5 * state['longest'] > max_gap_sec
+    if (last and state['lines']) or (not last and next_line_late):
       state['last'] = now
       state['lines'] += 1
       logging.info('%s', text)

@@ -373,25 +373,47 @@ class _Clock:
     return self.now
 
 
-def test_evaluation_progress_is_throttled_with_an_eta(caplog):
+def test_evaluation_progress_is_about_once_a_minute_with_an_eta(caplog):
+  """A line when the next run, taking 1.5 times the longest so far, would end more than 60 s
+  after the last line; not at every run; the last one since it logged before."""
   clock = _Clock()
-  on_progress = cli.evaluation_progress('rank 5', every_sec=30, clock=clock)
+  on_progress = cli.evaluation_progress('rank 5', max_gap_sec=60, clock=clock)
   assert cli.STATUS.evaluating == 'rank 5'
+  times = (20.0, 40.0, 60.0, 80.0, 100.0, 120.0, 140.0, 160.0)  # 20 s per run
   with caplog.at_level(logging_lib.INFO):
-    for done, now in ((1, 10.0), (2, 31.0), (3, 40.0), (4, 62.0), (5, 70.0), (6, 80.0)):
+    for done, now in enumerate(times, 1):
       clock.now = now
-      on_progress({'done': done, 'total': 6, 'attack': 'apgd', 'label': 'oracle',
+      on_progress({'done': done, 'total': 8, 'attack': 'apgd', 'label': 'oracle',
                    'where': 'off', 'eps': 1.0})
   lines = [r.getMessage() for r in caplog.records]
   assert lines == [
-      'evaluating rank 5: 2/6 attack runs (apgd/oracle/off/1.0)  31s  ETA 1m02s',
-      'evaluating rank 5: 4/6 attack runs (apgd/oracle/off/1.0)  62s  ETA 31s',
-      'evaluating rank 5: 6/6 attack runs (apgd/oracle/off/1.0)  80s  ETA 0s']
+      'evaluating rank 5: 2/8 attack runs (apgd/oracle/off/1.0)  40s  ETA 2m00s',
+      'evaluating rank 5: 4/8 attack runs (apgd/oracle/off/1.0)  80s  ETA 1m20s',
+      'evaluating rank 5: 6/8 attack runs (apgd/oracle/off/1.0)  120s  ETA 40s',
+      'evaluating rank 5: 8/8 attack runs (apgd/oracle/off/1.0)  160s  ETA 0s']
+
+
+def test_evaluation_progress_with_runs_of_uneven_length(caplog):
+  """Runs of 28 to 53 s, as the default image study's 24 students take on 2 CPU cores: no
+  two lines more than 60 s apart."""
+  clock = _Clock()
+  on_progress = cli.evaluation_progress('24 students', max_gap_sec=60, clock=clock)
+  ends = (33.0, 61.0, 89.0, 118.0, 171.0, 211.0, 259.0, 305.0)
+  logged = []
+  with caplog.at_level(logging_lib.INFO):
+    for done, now in enumerate(ends, 1):
+      clock.now = now
+      before = len(caplog.records)
+      on_progress({'done': done, 'total': len(ends)})
+      if len(caplog.records) > before:
+        logged.append(now)
+  gaps = [b - a for a, b in zip([0.0] + logged, logged)]
+  assert logged[-1] == ends[-1] and max(gaps) <= 60, logged
 
 
 def test_a_short_evaluation_logs_nothing(caplog):
   clock = _Clock()
-  on_progress = cli.evaluation_progress('rank 5', every_sec=30, clock=clock)
+  on_progress = cli.evaluation_progress('rank 5', max_gap_sec=60, clock=clock)
   with caplog.at_level(logging_lib.INFO):
     for done in (1, 2):
       clock.now = 5.0 * done
