@@ -51,7 +51,7 @@ DEFAULT_OPTIONS = (
     ('steps_10k+fast_attacks', ('--config.num_steps=10000', '--config.attack_strength=fast')),
 )
 # The job's reported metrics (per-attack columns excluded: they change by construction
-# when the attacks do; the ensemble's columns are what the README reports).
+# when the attacks do; the ensemble's columns are what the manual reports (docs/)).
 METRIC = re.compile(r'^(spec_in|spec_off|wcos_in|wcos_off|clean_agree'
                     r'|adv_[a-z]+_(in|off|full)_[0-9.]+)$')
 ATTACK_ERROR = re.compile(r'^adv_')

@@ -1,24 +1,19 @@
-"""Shared pieces of the experiment binaries: config checks, progress, result files."""
+"""Shared pieces of the experiment binaries: config tables, the low-rank setting, training
+and evaluation glue, result files (the command line itself is ``experiments/cli.py``)."""
 
 import functools
-import json
-import logging as logging_lib
 import os
-import re
-import sys
 import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence
 
-from absl import app
-from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 
+from experiments import cli
 from experiments import validation
 from tsrobust import attacks
 from tsrobust import data
@@ -34,10 +29,22 @@ from tsrobust import train
 
 
 ConfigError = validation.ConfigError
+RunError = cli.RunError
 
-
-class RunError(RuntimeError):
-  """A run stopped for a reason the user can act on (``run_binary`` prints it in one line)."""
+# The command line (flags, help, errors, interruptions, workdir, logs) is experiments/cli.py;
+# these names of it stay importable from here.
+run_binary = cli.run_binary
+define_flags = cli.define_flags
+parse_flags = cli.parse_flags
+exit_with_error = cli.exit_with_error
+one_line = cli.one_line
+check_workdir = cli.check_workdir
+prepare_workdir = cli.prepare_workdir
+progress_logger = cli.progress_logger
+quiet_library_logs = cli.quiet_library_logs
+checkpoint_every_sec = cli.checkpoint_every_sec
+USAGE_EXIT_CODE = cli.USAGE_EXIT_CODE
+RUN_EXIT_CODE = cli.RUN_EXIT_CODE
 
 
 def as_tuple(v) -> tuple:
@@ -45,372 +52,9 @@ def as_tuple(v) -> tuple:
   return (v,) if isinstance(v, (str, int, float)) else tuple(v)
 
 
-def progress_logger(stage: str, max_lines: int = 10, stream=None):
-  """An ``on_chunk`` callback reporting steps/s and ETA.
-
-  On a terminal: one live line, rewritten in place (``\\r``), ended when the
-  stage ends. Elsewhere (CI, files): at most ``max_lines`` log lines per stage,
-  evenly spaced, the last one always included.
-  """
-  stream = sys.stderr if stream is None else stream
-  live = hasattr(stream, 'isatty') and stream.isatty()
-  logged = [0]
-
-  def on_chunk(info: Mapping[str, float]) -> None:
-    text = (f"{stage}: step {info['step']}/{info['num_steps']}  loss {info['loss']:.3e}  "
-            f"{info['steps_per_sec']:.0f} steps/s  ETA {info['eta_sec']:.0f}s")
-    last = info['step'] >= info['num_steps']
-    if live:
-      stream.write('\r' + text + ('\n' if last else ''))
-      stream.flush()
-      return
-    due = info['step'] * max_lines >= (logged[0] + 1) * info['num_steps']
-    if (due or last) and (logged[0] < max_lines or last):
-      logged[0] += 1
-      logging.info('%s', text)
-  return on_chunk
-
-
 def eps_name(eps: Any) -> str:
   """A budget as written in the config (``1.0`` -> ``'1.0'``, ``1`` -> ``'1'``)."""
   return str(eps)
-
-
-class _DropLibraryInfo(logging_lib.Filter):
-  """Drops INFO records of checkpointing internals (orbax logs every file it writes)."""
-
-  def filter(self, record):
-    return record.levelno >= logging_lib.WARNING or '/orbax/' not in record.pathname
-
-
-# Loggers whose INFO records are noise to a user (e.g. jax's "Unable to initialize backend
-# 'tpu'" on every machine without one): shown from WARNING up unless --verbosity >= 1.
-QUIET_LOGGERS = ('jax._src.xla_bridge',)
-
-
-def quiet_library_logs() -> None:
-  """Keeps a binary's log to its own progress lines (and every warning).
-
-  Call before JAX starts its backends (the TPU INFO line is logged then).
-  With ``--verbosity=1`` (DEBUG) or more, the libraries' INFO lines stay.
-  """
-  handler = logging.get_absl_handler()
-  if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
-    handler.addFilter(_DropLibraryInfo())
-  level = logging_lib.INFO if logging.get_verbosity() >= logging.DEBUG else logging_lib.WARNING
-  for name in QUIET_LOGGERS:
-    logging_lib.getLogger(name).setLevel(level)
-
-
-# ----------------------------------------------------------------------------
-# The binaries' entry point: flags, and user mistakes as one line on stderr.
-# ----------------------------------------------------------------------------
-
-USAGE_EXIT_CODE = 2  # a mistake in the command line or the config (as argparse)
-RUN_EXIT_CODE = 1    # a run stopped (RunError), e.g. diverged training
-
-
-def exit_with_error(message: Any, code: int = USAGE_EXIT_CODE, stream=None) -> None:
-  """Writes ``error: <message>`` as one line on stderr and exits with ``code``."""
-  stream = sys.stderr if stream is None else stream
-  stream.write(f'error: {one_line(str(message))}\n')
-  stream.flush()
-  raise SystemExit(code)
-
-
-def one_line(text: str) -> str:
-  """``text`` on one line: a multi-line message (one wrapping a traceback, as a config
-  file's failure to load does) is its first line and its last (the error itself)."""
-  lines = [line.strip() for line in text.splitlines() if line.strip()]
-  if len(lines) <= 2:
-    return ' '.join(lines)
-  return f'{lines[0]} ... {lines[-1]}'
-
-
-def _config_overrides(argv: Sequence[str]) -> List[str]:
-  """The field paths of the ``--config.FIELD=VALUE`` arguments in ``argv``."""
-  found = []
-  for arg in argv:
-    m = re.match(r'-{1,2}(?:no)?config\.([^=]+)', arg)
-    if m:
-      found.append(m.group(1))
-  return found
-
-
-def _flag_error_message(error: Exception, argv: Sequence[str]) -> str:
-  """A one-line message for a failure of absl / ml_collections to read the flags."""
-  nested = [f for f in _config_overrides(argv) if '.' in f]
-  if nested:  # the configs are flat: --config.d.x or a misspelled --config.foo.bar
-    return (f'--config.{nested[0]}: config fields are not nested; write --config.FIELD=VALUE '
-            f'with a field of the config')
-  if isinstance(error, KeyError) and error.args:  # KeyError quotes its message
-    return one_line(str(error.args[0]))
-  return one_line(str(error))
-
-
-def define_flags(default_config: str, flag_values: flags.FlagValues = flags.FLAGS,
-                 argv: Optional[Sequence[str]] = None) -> None:
-  """Defines ``--config``, ``--workdir``, ``--cpu_devices``, ``--compilation_cache``,
-  ``--unrolled_threefry`` and the multi-process flags.
-
-  ``--config.FIELD=VALUE`` of a field the config lacks is accepted here (the
-  config is not locked) and refused by the binary's table check
-  (``validation.check_config``), which names the closest fields. ``argv``:
-  the command line the config overrides are read from (default ``sys.argv``).
-
-  Raises:
-    ConfigError: the default config file fails to load with the overrides.
-  """
-  try:
-    config_flags.DEFINE_config_file(
-        'config', default_config, 'Experiment config file; every field can be overridden '
-        'as --config.FIELD=VALUE.', flag_values=flag_values, lock_config=False,
-        accept_new_attributes=True, sys_argv=None if argv is None else list(argv))
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    raise ConfigError(_flag_error_message(e, sys.argv if argv is None else argv)) from e
-  flags.DEFINE_string('workdir', None, 'Folder for the result files.', flag_values=flag_values)
-  flags.DEFINE_integer('cpu_devices', 0, 'CPU devices to run on (seeds are sharded over '
-                       'them): 0 = one per core, 1 = a single device, N = N devices.',
-                       lower_bound=0, flag_values=flag_values)
-  flags.DEFINE_string('compilation_cache', None, "Folder of JAX's persistent compilation "
-                      'cache: programs an earlier run compiled are loaded, not compiled again '
-                      '(default: $XDG_CACHE_HOME/tsrobust/jax, i.e. ~/.cache/tsrobust/jax; '
-                      "'' turns it off; JAX_COMPILATION_CACHE_DIR, when set, wins).",
-                      flag_values=flag_values)
-  flags.DEFINE_boolean('unrolled_threefry', True, 'On CPU, lower the threefry hash of '
-                       "jax.random as straight-line code (JAX's lowering on accelerators): "
-                       'the same random numbers, drawn 3-6x faster '
-                       '(sweep.use_unrolled_threefry_on_cpu).', flag_values=flag_values)
-  flags.DEFINE_float('checkpoint_every_sec', DEFAULT_CHECKPOINT_EVERY_SEC,
-                     'Save training checkpoints at most every this many seconds, and at the '
-                     'end of each training stage (0: after every chunk). A killed run resumes '
-                     'from the last save.', lower_bound=0, flag_values=flag_values)
-  define_distributed_flags(flag_values)
-
-
-def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> List[str]:
-  """absl's flag parsing; a mistake ends in one line on stderr (exit 2), not usage text."""
-  try:
-    return flag_values(list(argv))
-  except flags.Error as e:
-    exit_with_error(_flag_error_message(e, argv))
-
-
-def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Refuses a ``workdir`` whose ``config.json`` holds a different config.
-
-  Its checkpoints and results belong to that config and would be silently
-  mixed; the message names the differing fields and what to do.
-  """
-  path = os.path.join(workdir, 'config.json')
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ConfigError(f'--workdir {workdir} is a file, not a folder; use another --workdir')
-  if not os.path.exists(path):
-    return
-  current = json.loads(json.dumps(io.to_plain(config.to_dict())))  # as it reads back
-  with open(path) as f:
-    previous = json.load(f)
-  if previous != current:
-    changed = sorted(k for k in set(previous) | set(current)
-                     if previous.get(k) != current.get(k))
-    values = '; '.join(f'{k}: {previous.get(k, "(none)")!r} there, '
-                       f'{current.get(k, "(none)")!r} now' for k in changed[:3])
-    raise ConfigError(
-        f'{workdir} holds a run with a different config (fields {changed} differ; {values}); '
-        f'use a new --workdir, or delete that one to start over')
-
-
-def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Creates ``workdir`` and records the config in ``config.json``.
-
-  A workdir already holding a different config is refused (``check_workdir``).
-  """
-  check_workdir(workdir, config)
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise ConfigError(f'--workdir {workdir} cannot be created ({e.strerror}); use another '
-                      f'--workdir') from e
-  path = os.path.join(workdir, 'config.json')
-  if os.path.exists(path):
-    return
-  if jax.process_index() == 0:
-    io.write_json(path, json.loads(json.dumps(io.to_plain(config.to_dict()))))
-
-
-def _main(argv: Sequence[str], validate: Callable, train_and_evaluate: Callable,
-          outputs: Sequence[str], flag_values: flags.FlagValues) -> None:
-  """The body of a binary; a user mistake ends in one line on stderr (``exit_with_error``)."""
-  try:
-    if len(argv) > 1:
-      raise app.UsageError(f'unexpected arguments {list(argv[1:])}; flags are written '
-                           f'--name=value')
-    quiet_library_logs()  # before JAX starts its backends
-    workdir = flag_values.workdir
-    if not workdir:
-      raise app.UsageError('--workdir is required (the folder for the result files)')
-    config = flag_values.config
-    if not isinstance(config, ml_collections.ConfigDict):
-      try:  # a --config file that failed to load: its error is raised on any access
-        config.to_dict()
-      except OSError as e:
-        cause = str(e).strip().splitlines()[-1].strip()
-        raise app.UsageError(f'--config: the config file could not be loaded ({cause})') from e
-      raise app.UsageError(f'--config must give an ml_collections.ConfigDict, got '
-                           f'{type(config).__name__}')
-    validate(config)
-    check_workdir(workdir, config)  # mistakes are reported before any output or JAX work
-    sweep.use_all_cpu_cores(flag_values.cpu_devices  # before any JAX work
-                            or cpu_devices_per_process(flag_values))
-    cache = sweep.use_compilation_cache(flag_values.compilation_cache)  # before any compile
-    threefry = flag_values.unrolled_threefry and sweep.use_unrolled_threefry_on_cpu()
-    set_checkpoint_every_sec(flag_values.checkpoint_every_sec)
-    init_distributed(flag_values)  # after the checks (a mistake stops every process alike)
-    devices = jax.devices()
-    logging.info('running on %d %s device(s) (--cpu_devices=%d, %d cores): %s; compilation '
-                 'cache %s; threefry on CPU %s', len(devices), devices[0].platform,
-                 flag_values.cpu_devices, sweep.cpu_cores(), devices, cache or 'off',
-                 'unrolled' if threefry else "JAX's default")
-    train_and_evaluate(config, workdir)
-  except (ConfigError, app.UsageError) as e:
-    exit_with_error(e)
-  except RunError as e:
-    exit_with_error(e, code=RUN_EXIT_CODE)
-  if jax.process_index() == 0:
-    logging.info('wrote %s in %s', ', '.join(outputs), workdir)
-  else:
-    logging.info('process %d of %d done (process 0 writes the files)', jax.process_index(),
-                 jax.process_count())
-
-
-# ----------------------------------------------------------------------------
-# Multi-process runs (jax.distributed): flags, CPU devices per process, start.
-# ----------------------------------------------------------------------------
-
-def define_distributed_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """``--coordinator_address``, ``--num_processes``, ``--process_id`` (``init_distributed``)."""
-  flags.DEFINE_string('coordinator_address', '', 'host:port of process 0 in a multi-process '
-                      'run (jax.distributed); empty: a single process.', flag_values=flag_values)
-  flags.DEFINE_integer('num_processes', 1, 'Processes in the run (with --coordinator_address).',
-                       lower_bound=1, flag_values=flag_values)
-  flags.DEFINE_integer('process_id', 0, 'This process\'s index in [0, --num_processes); '
-                       'process 0 writes every file.', lower_bound=0, flag_values=flag_values)
-
-
-def _is_loopback(address: str) -> bool:
-  """Whether ``host:port`` names this machine by a loopback name (every process runs here)."""
-  import ipaddress  # pylint: disable=g-import-not-at-top
-  host = address.rsplit(':', 1)[0].strip('[]').lower()
-  if host == 'localhost':
-    return True
-  try:
-    return ipaddress.ip_address(host).is_loopback
-  except ValueError:
-    return False
-
-
-def cpu_devices_per_process(flag_values: flags.FlagValues = flags.FLAGS) -> Optional[int]:
-  """This process's CPU device count under ``--cpu_devices=0``; None: one per core.
-
-  In a multi-process run whose coordinator is a loopback address (``localhost:PORT``: every
-  process on this machine) the processes share the cores: ``cores // num_processes`` each
-  (at least 1). Otherwise (one process per machine) every process takes its machine's cores;
-  processes sharing a machine under a routable coordinator address should get
-  ``--cpu_devices`` (or be pinned with ``taskset``: the count follows the CPU affinity).
-  """
-  f = flag_values
-  if f.num_processes > 1 and f.coordinator_address and _is_loopback(f.coordinator_address):
-    return max(1, sweep.cpu_cores() // f.num_processes)
-  return None
-
-
-def init_distributed(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """Joins a multi-process run (``jax.distributed.initialize``) if ``--coordinator_address``.
-
-  Call before any JAX computation. Every process runs the same binary with the same config
-  and ``--workdir`` (a folder all of them see: orbax writes each process's checkpoint shards
-  there); the seeds are sharded over the devices of all processes (``mesh``), results are
-  gathered back to every process (``sweep.to_host``) and only process 0 writes result
-  files. On CPU, cross-process collectives use gloo.
-
-  Raises:
-    app.UsageError: ``--num_processes`` / ``--process_id`` without a coordinator, an
-      address without a port, or a ``--process_id`` out of range.
-  """
-  f = flag_values
-  if not f.coordinator_address:
-    if f.num_processes != 1 or f.process_id != 0:
-      raise app.UsageError('--num_processes and --process_id need --coordinator_address '
-                           '(host:port of process 0)')
-    return
-  if ':' not in f.coordinator_address:
-    raise app.UsageError(f'--coordinator_address must be host:port, got '
-                         f'{f.coordinator_address!r}')
-  if f.process_id >= f.num_processes:
-    raise app.UsageError(f'--process_id must be in [0, {f.num_processes}) '
-                         f'(--num_processes), got {f.process_id}')
-  # Cross-process collectives on CPU: gloo (the default of recent jaxlibs; 'none' fails them).
-  if jax.config.values.get('jax_cpu_collectives_implementation', 'gloo') in (None, '', 'none'):
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(coordinator_address=f.coordinator_address,
-                             num_processes=f.num_processes, process_id=f.process_id)
-  logging.info('process %d of %d (coordinator %s)', jax.process_index(), jax.process_count(),
-               f.coordinator_address)
-
-
-def run_binary(validate: Callable, train_and_evaluate: Callable, default_config: str,
-               outputs: Sequence[str], argv: Optional[Sequence[str]] = None,
-               flag_values: Optional[flags.FlagValues] = None) -> None:
-  """The absl entry point of an experiment binary (call under ``__main__``).
-
-  Defines ``--config`` (an ml_collections config file, every field
-  overridable), ``--workdir`` and ``--cpu_devices`` here rather than at
-  import, so binaries can be imported side by side; validates the config
-  (``validate``: the binary's table and cross-field checks) and the workdir
-  before any work.
-
-  Every user mistake - a flag absl cannot parse, an unknown or misspelled
-  config field, a bad value, a workdir holding another config, a check that
-  needs the loaded data (a ``ConfigError`` raised in ``train_and_evaluate``) -
-  ends with one line ``error: <message>`` on stderr, naming the field and what
-  is allowed, and exit code 2 (no traceback, no usage text); a ``RunError``
-  (e.g. diverged training) likewise, with exit code 1.
-
-  ``--cpu_devices=N`` sets how many devices JAX makes of the CPU, before any
-  JAX work (``sweep.use_all_cpu_cores``); the seeds are sharded over them.
-  0 (the default): one per core; 1: a single device (JAX's default); N: N
-  devices. A count already set by the user (``--xla_force_host_platform_device_count``
-  in ``XLA_FLAGS``, or ``JAX_NUM_CPU_DEVICES``) is kept, and on a GPU / TPU the
-  flag changes nothing. The log says how many devices the run uses.
-
-  ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``: this
-  process is process I of a multi-process run (``init_distributed``); the
-  seeds are sharded over the devices of all processes and only process 0
-  writes files.
-
-  Args:
-    validate: ``config -> None``, raising ``ConfigError``.
-    train_and_evaluate: ``(config, workdir) -> Any``.
-    default_config: the config file ``--config`` defaults to.
-    outputs: the files the binary writes (for the last log line).
-    argv: the command line (default ``sys.argv``).
-    flag_values: tests: a private ``flags.FlagValues`` to define the flags on;
-      the binary then runs in-process without ``absl.app`` (no absl flags such
-      as ``--verbosity``, no logging setup) and ends as it would (``SystemExit``).
-  """
-  in_app = flag_values is None
-  flag_values = flags.FLAGS if in_app else flag_values
-  args = list(sys.argv if argv is None else argv)
-  try:
-    define_flags(default_config, flag_values, args)
-  except ConfigError as e:
-    exit_with_error(e)
-  main = functools.partial(_main, validate=validate, train_and_evaluate=train_and_evaluate,
-                           outputs=outputs, flag_values=flag_values)
-  if in_app:
-    app.run(main, argv=args, flags_parser=functools.partial(parse_flags, flag_values=flag_values))
-  else:
-    main(parse_flags(args, flag_values))
 
 
 def write_results(workdir: str, config: ml_collections.ConfigDict,
@@ -885,24 +529,6 @@ class Background:
     return self._result
 
 
-# Training checkpoints are saved at most this often (seconds), and at the end of each stage:
-# a run option (``--checkpoint_every_sec``), not a config field, since it does not change
-# results. Orbax takes ~0.2 s per save; at every 2,000-step chunk the main job saved 40 times.
-DEFAULT_CHECKPOINT_EVERY_SEC = 60.0
-_checkpoint_every_sec = DEFAULT_CHECKPOINT_EVERY_SEC
-
-
-def set_checkpoint_every_sec(seconds: float) -> None:
-  """Sets how often (at most) the binaries save training checkpoints; 0: every chunk."""
-  global _checkpoint_every_sec
-  _checkpoint_every_sec = sweep.checked_interval(seconds, 'checkpoint_every_sec')
-
-
-def checkpoint_every_sec() -> float:
-  """The binaries' checkpoint interval (``set_checkpoint_every_sec``)."""
-  return _checkpoint_every_sec
-
-
 def train_or_keep_last_good(loss_fn, optimizer, state, teacher_params, data_args, keys, config,
                             workdir: str, stage: str, num_steps: int = None,
                             shared_args=None):
@@ -919,12 +545,18 @@ def train_or_keep_last_good(loss_fn, optimizer, state, teacher_params, data_args
   if shared_args is not None:
     shared_args = sweep.replicate(shared_args, mesh())
   checkpointer = sweep.Checkpointer(os.path.join(workdir, 'checkpoints', stage),
-                                    every_sec=_checkpoint_every_sec)
+                                    every_sec=cli.checkpoint_every_sec())
+  num_steps = num_steps or config.num_steps
+  on_chunk = cli.progress_logger(stage)
+  start = int(np.asarray(sweep.to_host(state.step)).reshape(-1)[0])
+  if checkpointer.latest_step() == start + num_steps and num_steps:
+    logging.info('%s: already trained (checkpoint at step %d), loaded', cli.stage_label(stage),
+                 start + num_steps)
   try:
     return train.train_seeds(loss_fn, optimizer, state, teacher_params, data_args, keys,
-                             num_steps=num_steps or config.num_steps,
-                             chunk_steps=config.chunk_steps, on_chunk=progress_logger(stage),
-                             checkpointer=checkpointer, shared_args=shared_args)
+                             num_steps=num_steps, chunk_steps=config.chunk_steps,
+                             on_chunk=on_chunk, checkpointer=checkpointer,
+                             shared_args=shared_args)
   except train.TrainingDivergedError as e:
     path = os.path.join(workdir, f'last_good_params_{stage}.msgpack')
     params = sweep.to_host(e.last_good_state.params)  # a collective: every process
@@ -932,6 +564,9 @@ def train_or_keep_last_good(loss_fn, optimizer, state, teacher_params, data_args
       io.save_pytree(path, params)
     raise RunError(f'{e} ({stage}); last good parameters saved to {path}; lower '
                    f'config.learning_rate') from e
+  except KeyboardInterrupt:  # maybe held until a checkpoint was written: the newest one
+    cli.STATUS.saved_checkpoint(checkpointer.latest_step())
+    raise
   finally:
     checkpointer.close()
 
@@ -1097,20 +732,25 @@ class LowRankEvaluator:
                      for cf, ok in zip(conf, correct)], np.float32)
 
   def attack(self, params, teacher_params, projector, held, full_rank: bool,
-             labels_kinds=LOWRANK_LABELS, thresholds=None, check: bool = True) -> Evaluation:
+             labels_kinds=LOWRANK_LABELS, thresholds=None, check: bool = True,
+             progress: Optional[Callable[[str], Callable]] = None) -> Evaluation:
     """The attack ensemble in S (``in``), S_perp (``off``) and unconstrained (``full``).
 
     At full rank there is no complement and ``in`` is the whole space: only
     ``full`` is attacked (``rows`` copies it to ``in``). With ``check`` and
     ``convergence_points > 0``, the doubled ensemble attacks the first points again
-    (``Evaluation.doubled``).
+    (``Evaluation.doubled``). ``progress``: ``what -> on_progress``
+    (``evaluate.Evaluator.run``), called once per run of the ensemble.
     """
+    progress = progress or (lambda what: None)
     args, kwargs = self._attack_args(params, teacher_params, projector, held, full_rank,
                                      labels_kinds, thresholds)
-    result = self.attacks.run(*args, **kwargs)
+    result = self.attacks.run(*args, on_progress=progress('the ensemble'), **kwargs)
     doubled = None
     if check and self.doubled_attacks is not None:
-      doubled = self.doubled_attacks.run(*self._doubling_args(args), **kwargs)
+      doubled = self.doubled_attacks.run(*self._doubling_args(args),
+                                         on_progress=progress('the convergence check'),
+                                         **kwargs)
     return Evaluation(result, evaluate.combine(result), doubled)
 
   def _doubling_args(self, args):
@@ -1150,11 +790,12 @@ class LowRankEvaluator:
       prepared += self.doubled_attacks.prepare(*self._doubling_args(args), **kwargs)
     return prepared
 
-  def evaluate(self, params, teacher_params, projector, held, full_rank: bool):
+  def evaluate(self, params, teacher_params, projector, held, full_rank: bool,
+               progress: Optional[Callable[[str], Callable]] = None):
     """Metrics of a batch of students ``[S, ...]``; off-subspace ones are None at full rank.
 
     Inputs are laid over the seeds mesh (``shard``); S must be a multiple of
-    the device count. Returns ``(rows, Evaluation)``.
+    the device count. ``progress``: as in ``attack``. Returns ``(rows, Evaluation)``.
     """
     c = self.config
     num = projector.shape[0]
@@ -1162,7 +803,7 @@ class LowRankEvaluator:
     rank = int(round(float(np.trace(np.asarray(sweep.to_host(projector)[0])))))
     params, teacher_params, projector, held = shard((params, teacher_params, projector, held))
     spec = sweep.to_host(self._spec(*self._spec_args(params, teacher_params, projector, held)))
-    ev = self.attack(params, teacher_params, projector, held, full_rank)
+    ev = self.attack(params, teacher_params, projector, held, full_rank, progress=progress)
     adv = attack_rows(c, ev, full_rank)
     baseline = None if full_rank else specialization.random_cosine_baseline(d - rank)
     rows = []

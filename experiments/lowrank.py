@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import cli
 from experiments import common
 from experiments import validation
 from tsrobust import evaluate
@@ -118,7 +119,9 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
       logging.info('%d evaluation programs prepared in %.1fs beside the training', prepared,
                    warm.seconds)
     rows, ev = evaluator.evaluate(state.params, problem.teacher_params, projector, held,
-                                  full_rank=r == d)
+                                  full_rank=r == d,
+                                  progress=lambda what: cli.evaluation_progress(
+                                      f'rank {r}, {what}'))
     rows = rows[:config.num_seeds]
     kept = np.arange(len(ev.final[('oracle', 'full')])) < config.num_seeds
     checks[f'rank_{r}'] = evaluate.attack_checks(
@@ -145,11 +148,13 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
             f'adv_oracle_off_{mid}', f'adv_oracle_full_{mid}', f'adv_fixed_full_{mid}'])
         + '\n' + common.attack_checks_markdown(checks))
     plotting.plot_lowrank(os.path.join(workdir, 'results.csv'),
-                          os.path.join(workdir, 'lowrank.png'), eps=mid)
+                          os.path.join(workdir, 'lowrank.png'), eps=mid,
+                          norm=config.attack_norm)
   return records
 
 
 if __name__ == '__main__':
-  common.run_binary(validate_config, train_and_evaluate, _DEFAULT_CONFIG,
-                    ('results.csv', 'results.json', 'summary.md', 'attack_checks.json',
-                     'lowrank.png'))
+  cli.run_binary(validate_config, train_and_evaluate, _DEFAULT_CONFIG,
+                 ('results.csv', 'results.json', 'summary.md', 'attack_checks.json',
+                  'lowrank.png'),
+                 fields=CONFIG_FIELDS, doc=__doc__)

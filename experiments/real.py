@@ -48,7 +48,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import cli
 from experiments import common
+from experiments import real_checks
 from experiments import real_eval
 from experiments.real_checks import validate_config, validate_sizes
 from experiments.real_eval import budget, budget_name, clip_range
@@ -170,7 +172,8 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   timings['teacher'] = time.perf_counter() - t0
   projector = None if pca is None else pca.projector
   evaluator = real_eval.Evaluator(config, teacher, student, teacher_params, dataset, projector)
-  teacher_eval = evaluator.teacher(jax.random.fold_in(jax.random.PRNGKey(config.seed), 7))
+  teacher_eval = evaluator.teacher(jax.random.fold_in(jax.random.PRNGKey(config.seed), 7),
+                                   on_progress=cli.evaluation_progress('the teacher'))
   logging.info('teacher (%s, %s): %s', teacher_info['hash'],
                'reused' if teacher_info['reused'] else 'trained', teacher_eval)
 
@@ -189,7 +192,8 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
                    robust_model_is_teacher=same,
                    robust_model_reused=r_info['reused'])
     rf_info['robust_model_eval'] = evaluator.teacher(  # the teacher's compiled attacks
-        jax.random.fold_in(jax.random.PRNGKey(config.seed), 8), params=r_params)
+        jax.random.fold_in(jax.random.PRNGKey(config.seed), 8), params=r_params,
+        on_progress=cli.evaluation_progress('the robust model'))
     timings['robust_features'] = time.perf_counter() - t0
     logging.info('robust-feature dataset: %s', rf_info)
 
@@ -216,7 +220,8 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   ccat_mask = np.repeat([m == 'ccat' for m, _ in points], s)
   # Students laid over the devices: each device maps the attacks over its own students.
   rows, ev = evaluator.students(common.shard(params),
-                                common.shard(methods_lib.tile(k_eval, len(points))), ccat_mask)
+                                common.shard(methods_lib.tile(k_eval, len(points))), ccat_mask,
+                                progress=cli.evaluation_progress)
   timings['evaluate'] = time.perf_counter() - t0
   logging.info('evaluated %d students in %.1fs', len(rows), timings['evaluate'])
   checks = common.method_attack_checks(config, points, ev, evaluator.attack_config,
@@ -244,6 +249,7 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
 
 
 if __name__ == '__main__':
-  common.run_binary(validate_config, train_and_evaluate, _DEFAULT_CONFIG,
-                    ('results.csv', 'results.json', 'summary.json', 'summary.md',
-                     'specialization_layers.png', 'spec_vs_robust.png'))
+  cli.run_binary(validate_config, train_and_evaluate, _DEFAULT_CONFIG,
+                 ('results.csv', 'results.json', 'summary.json', 'summary.md',
+                  'specialization_layers.png', 'spec_vs_robust.png'),
+                 fields=real_checks.CONFIG_FIELDS, doc=__doc__)

@@ -215,14 +215,15 @@ class Evaluator:
             rows[i][f'robust_acc_{kind}_{self.names[b]}_{attack}'] = float(1 - err[i])
     return rows
 
-  def teacher(self, key, params=None) -> Dict[str, float]:
+  def teacher(self, key, params=None, on_progress=None) -> Dict[str, float]:
     """Clean test accuracy and true-label robust accuracy per budget of one network.
 
     ``params``: a network of the teacher's architecture (default: the teacher;
     e.g. the robust model of the robust-feature dataset), evaluated by the
     same compiled attacks. The robust accuracy (unconstrained attacks, true
     labels) is reported whatever ``attack_labels`` holds: it costs one
-    network, and says how robust the oracle itself is at each budget.
+    network, and says how robust the oracle itself is at each budget. ``on_progress``:
+    see ``evaluate.Evaluator.run``.
     """
     params = self.teacher_params if params is None else params
     pred = self._teacher_predict(params, self.x_test)
@@ -230,7 +231,7 @@ class Evaluator:
     add_axis = lambda tree: jax.tree_util.tree_map(lambda v: jnp.asarray(v)[None], tree)
     result = self.teacher_attacks.run(add_axis(params), self.teacher_params, self.x_att,
                                       key[None], eps=self.budgets, labels_kinds=('true',),
-                                      labels=self.y_att)
+                                      labels=self.y_att, on_progress=on_progress)
     ev = common.Evaluation(result, evaluate.combine(result))
     out.update({k: v for k, v in self._rows(ev, ('true',))[0].items()})
     return out
@@ -239,13 +240,15 @@ class Evaluator:
     """``adv_{label}_{where}_{eps}`` (ensemble, consistent) and ``..._{attack}`` (raw)."""
     return evaluate.records(ev.result, ev.final, self.names)
 
-  def students(self, params, keys, ccat_mask: np.ndarray):
+  def students(self, params, keys, ccat_mask: np.ndarray, progress=None):
     """Metrics of students ``params [P, ...]`` (``keys [P]`` attack keys).
 
     Returns ``(rows, Evaluation)``; CCAT students (``ccat_mask``) are also
     evaluated by CCAT's criterion (``ccat_err_*``, ``ccat_accepted_wrong_*``),
-    and their accepted-and-wrong points count as oracle errors.
+    and their accepted-and-wrong points count as oracle errors. ``progress``:
+    ``what -> on_progress`` (``evaluate.Evaluator.run``), called once per evaluation.
     """
+    progress = progress or (lambda what: None)
     c = self.config
     spec = sweep.to_host(self._spec(params, self.x_test, self.y_test))
     num = spec['clean_acc'].shape[0]
@@ -262,12 +265,13 @@ class Evaluator:
     kwargs = dict(eps=self.budgets, labels_kinds=self.labels,
                   projectors=self._projectors(num) or None)
     result = self.attacks.run(params, self.teacher_params, self.x_att, keys, labels=self.y_att,
-                              **kwargs)
+                              on_progress=progress(f'{num} students'), **kwargs)
     doubled = None
     if self.doubled_attacks is not None:  # the convergence check (evaluate.doubling)
       x_check, keys_check = common.doubling_args(c, self.x_att, keys, shared=True)
-      doubled = self.doubled_attacks.run(params, self.teacher_params, x_check, keys_check,
-                                         labels=self.y_att[:x_check.shape[0]], **kwargs)
+      doubled = self.doubled_attacks.run(
+          params, self.teacher_params, x_check, keys_check, labels=self.y_att[:x_check.shape[0]],
+          on_progress=progress(f'convergence check, {num} students'), **kwargs)
     ev = common.Evaluation(result, evaluate.combine(result), doubled)
     sel = np.flatnonzero(ccat_mask)
     for i in range(num):
@@ -282,7 +286,9 @@ class Evaluator:
                             np.float32)
       res_c = self.attacks.run(pick(params), self.teacher_params, self.x_att, keys[sel],
                                eps=self.budgets, labels_kinds=('ccat',),
-                               thresholds=thresholds)
+                               thresholds=thresholds,
+                               on_progress=progress(f"{sel.size} CCAT students by CCAT's "
+                                                    f'criterion'))
       fin_c = evaluate.combine(res_c)
       ev = common.Evaluation(result, evaluate.merge_ccat(ev.final, fin_c, sel), doubled)
       for i, c_row, threshold in zip(sel, evaluate.ccat_records(res_c, fin_c, self.names),
@@ -483,10 +489,11 @@ def write_reports(config, workdir: str, records: List[Dict[str, Any]], summary: 
     plotting.plot_spec_per_layer(results, os.path.join(workdir, 'specialization_layers.png'))
     acc_columns = [f'robust_acc_{label}_{mid}' for label in attack_labels(config)]
     plotting.plot_spec_vs_accuracy(results, os.path.join(workdir, 'spec_vs_robust.png'),
-                                   acc_columns)
+                                   acc_columns, norm=config.attack_norm)
     if config.lowrank_rank:
       plotting.plot_spec_vs_accuracy(results, os.path.join(workdir, 'spec_off_vs_robust.png'),
-                                     acc_columns, spec_column='spec_off')
+                                     acc_columns, spec_column='spec_off',
+                                     norm=config.attack_norm)
   label = attack_labels(config)[0]
   first = corr[f'robust_acc_{label}_{budget_name(config, config.eps[0])}']
   logging.info('spec_mean vs robust_acc_%s (eps %s): pearson %.3f [%.3f, %.3f]', label,

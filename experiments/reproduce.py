@@ -1,4 +1,4 @@
-r"""Runs every study of the README and writes one report of their tables and figures.
+r"""Runs every study of the manual (docs/) and writes one report of their tables and figures.
 
     python -m experiments.reproduce --workdir=DIR [--preset=quick|full] [--cifar10_dir=PATH]
     python -m experiments.reproduce --workdir=DIR --update_readme
@@ -14,7 +14,7 @@ A study that reads an installed data set (``fashion_mnist``: Debian's
 ``dataset-fashion-mnist``) is skipped, with the install line in the report, where the data's
 folder is missing.
 
-``--preset=full`` (the default) runs the binaries' default configs: the README's numbers.
+``--preset=full`` (the default) runs the binaries' default configs: the manual's numbers.
 ``--preset=quick`` runs tiny configs (a few steps, tiny networks, the ``fast`` attack
 ensemble with PGD and APGD, two seeds, a few attacked points) to show the whole pipeline in
 minutes. ``--jobs`` studies run at once (default: one per core with ``quick``, whose runs
@@ -25,9 +25,10 @@ machine, then per study the exact command, its wall time and status, its ``summa
 (every table wrapped in ``<!-- BEGIN GENERATED: <name> -->`` / ``<!-- END GENERATED:
 <name> -->``) and links to its figures.
 
-``--update_readme`` copies every generated block of a ``full`` report into README.md between
-the same markers, and the figures README.md links (``docs/*.png``) from the studies'
-workdirs into ``docs/``.
+``--update_readme`` copies every generated block of a ``full`` report into README.md and
+every page of ``docs/`` (the manual), between the same markers, and the figures they link
+(``docs/*.png``) from the studies' workdirs into ``docs/``; run again on the same report, it
+changes nothing.
 
 The studies share a persistent JAX compilation cache in ``DIR/jax_cache`` (unless
 ``JAX_COMPILATION_CACHE_DIR`` is set): a program one study compiled is loaded by the next
@@ -366,9 +367,16 @@ def report_preset(report: str) -> Optional[str]:
   return m.group(1) if m else None
 
 
-def linked_figures(markdown: str) -> List[str]:
-  """The ``docs/*.png`` paths ``markdown`` links, in order, once each."""
-  found = re.findall(r'\]\((docs/[^)\s]+\.png)\)', markdown)
+def linked_figures(markdown: str, in_docs: bool = False) -> List[str]:
+  """The ``docs/*.png`` paths ``markdown`` links, in order, once each.
+
+  README.md links ``docs/lowrank.png``; a page inside ``docs/`` (``in_docs``) links
+  ``lowrank.png``, the same file.
+  """
+  if in_docs:
+    found = ['docs/' + f for f in re.findall(r'\]\(([^)\s/]+\.png)\)', markdown)]
+  else:
+    found = re.findall(r'\]\((docs/[^)\s]+\.png)\)', markdown)
   return list(dict.fromkeys(found))
 
 
@@ -410,7 +418,7 @@ def _study_section(o: Outcome, workdir_display: str) -> List[str]:
   if o.figures:
     lines += ['### Figures', '']
     for fig in o.figures:
-      lines += [f'`{o.name}/{fig}` (README: `docs/{docs_name(o.name, fig)}`)', '',
+      lines += [f'`{o.name}/{fig}` (docs: `docs/{docs_name(o.name, fig)}`)', '',
                 f'![{o.name} {fig}]({o.name}/{fig})', '']
   return lines
 
@@ -421,9 +429,9 @@ def render_report(preset: str, header: Mapping[str, str], outcomes: Sequence[Out
   lines = ['# Reproduction report', '', f'<!-- reproduce: preset={preset} -->', '',
            f'Written by `python -m experiments.reproduce --workdir={workdir_display} '
            f'--preset={preset}`. ' + ('`quick`: tiny configs that show the whole pipeline; '
-                                      'the numbers are not the README\'s.' if preset == 'quick'
+                                      'the numbers are not the manual\'s.' if preset == 'quick'
                                       else '`full`: the binaries\' default configs, the '
-                                      'README\'s numbers.'), '',
+                                      'manual\'s numbers.'), '',
            '| | |', '|---|---|']
   lines += [f'| {k} | {v} |' for k, v in header.items()]
   lines += ['', '| study | status | wall time |', '|---|---|---|']
@@ -623,7 +631,7 @@ def reproduce(workdir: str, preset: str, cifar10_dir: Optional[str] = None,
 
 
 # ----------------------------------------------------------------------------
-# README.md from a full report.
+# README.md and the manual (docs/) from a full report.
 # ----------------------------------------------------------------------------
 
 def figure_sources(workdir: str, studies: Sequence[Study] = STUDIES) -> Dict[str, str]:
@@ -638,14 +646,27 @@ def figure_sources(workdir: str, studies: Sequence[Study] = STUDIES) -> Dict[str
   return out
 
 
-def update_readme(workdir: str, readme_path: str, studies: Sequence[Study] = STUDIES) -> \
-    List[str]:
-  """Copies the generated blocks of ``workdir/REPORT.md`` (a full one) into ``readme_path``
-  and the figures it links into ``docs/`` next to it; returns what was updated.
+def documents(root: str = ROOT) -> List[str]:
+  """The files ``--update_readme`` updates: ``README.md`` and ``docs/*.md`` (relative to
+  ``root``, README first, then the pages by name)."""
+  docs = os.path.join(root, 'docs')
+  pages = sorted(f for f in os.listdir(docs) if f.endswith('.md')) if os.path.isdir(docs) else []
+  return ['README.md'] + [f'docs/{f}' for f in pages]
+
+
+def update_documents(workdir: str, root: str = ROOT,
+                     studies: Sequence[Study] = STUDIES) -> List[str]:
+  """Copies the generated blocks of ``workdir/REPORT.md`` (a full one) into README.md and
+  every page of ``docs/`` under ``root``, and the figures they link into ``root/docs/``.
+
+  Every document is checked before any is written: a report that is missing or not
+  ``full``, unbalanced markers, a marker without a block in the report, or a linked figure
+  no study wrote stops it with nothing changed. A document whose text would not change is
+  not rewritten, so a second run on the same report changes nothing. Returns the block
+  names and figures updated, in order, once each.
 
   Raises:
-    common.ConfigError: no report, a quick report, unbalanced markers, a README marker
-      without a block in the report, or a linked figure no study wrote.
+    common.ConfigError: naming the document and what is wrong.
   """
   report = _read(os.path.join(workdir, REPORT))
   if report is None:
@@ -656,24 +677,46 @@ def update_readme(workdir: str, readme_path: str, studies: Sequence[Study] = STU
   if preset != 'full':
     raise common.ConfigError(f'--update_readme needs a report of --preset=full; '
                              f'{os.path.join(workdir, REPORT)} is from --preset={preset}')
-  readme = _read(readme_path)
   try:
     blocks = generated_blocks(report)
-    updated = replace_generated_blocks(readme, blocks)
   except ValueError as e:
-    raise common.ConfigError(f'--update_readme: {e}') from e
+    raise common.ConfigError(f'--update_readme: {REPORT}: {e}') from e
   sources = figure_sources(workdir, studies)
-  figures = linked_figures(readme)
-  missing = [f for f in figures if f not in sources]
-  if missing:
-    raise common.ConfigError(f'--update_readme: README.md links {missing}, which no study '
-                             f'of {workdir} wrote (it has {sorted(sources)})')
-  root = os.path.dirname(os.path.abspath(readme_path))
-  for fig in figures:
+  plan, done = [], []
+  for rel in documents(root):
+    path = os.path.join(root, rel)
+    text = _read(path)
+    if text is None:
+      continue
+    try:
+      updated = replace_generated_blocks(text, blocks)
+    except ValueError as e:
+      raise common.ConfigError(f'--update_readme: {rel}: {e}') from e
+    figures = linked_figures(text, in_docs=rel.startswith('docs/'))
+    missing = [f for f in figures if f not in sources]
+    if missing:
+      raise common.ConfigError(f'--update_readme: {rel} links {missing}, which no study of '
+                               f'{workdir} wrote (it has {sorted(sources)})')
+    plan.append((path, text, updated, figures))
+    done += list(generated_blocks(text)) + figures
+  for fig in dict.fromkeys(f for _, _, _, figures in plan for f in figures):
     with open(sources[fig], 'rb') as f:
-      io.atomic_write_bytes(os.path.join(root, fig), f.read())
-  io.atomic_write_text(readme_path, updated)
-  return list(generated_blocks(readme)) + figures
+      data = f.read()
+    target = os.path.join(root, fig)
+    if _read_bytes(target) != data:
+      io.atomic_write_bytes(target, data)
+  for path, text, updated, _ in plan:
+    if updated != text:
+      io.atomic_write_text(path, updated)
+  return list(dict.fromkeys(done))
+
+
+def _read_bytes(path: str) -> Optional[bytes]:
+  try:
+    with open(path, 'rb') as f:
+      return f.read()
+  except OSError:
+    return None
 
 
 # ----------------------------------------------------------------------------
@@ -684,7 +727,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string('workdir', None, 'Folder of the report; study S runs in DIR/S.',
                       flag_values=flag_values)
   flags.DEFINE_enum('preset', 'full', PRESETS, 'full: the binaries\' default configs (the '
-                    'README\'s numbers); quick: tiny configs (minutes).',
+                    'manual\'s numbers); quick: tiny configs (minutes).',
                     flag_values=flag_values)
   flags.DEFINE_string('cifar10_dir', None, 'Folder of the CIFAR-10 binary batches; adds the '
                       'cifar10 study.', flag_values=flag_values)
@@ -693,13 +736,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        '(each study\'s wall time measured alone).', lower_bound=0,
                        flag_values=flag_values)
   flags.DEFINE_bool('update_readme', False, 'Copy the generated blocks and figures of the '
-                    'full report in --workdir into README.md and docs/ (runs no study).',
-                    flag_values=flag_values)
+                    'full report in --workdir into README.md and the manual, docs/*.md and '
+                    'docs/*.png (runs no study).', flag_values=flag_values)
 
 
 def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS,
          root: str = ROOT, studies: Sequence[Study] = STUDIES) -> None:
-  """Runs the studies (or updates the README); a user mistake ends in one line, exit 2."""
+  """Runs the studies (or updates README + docs); a user mistake ends in one line, exit 2."""
   f = flag_values
   try:
     if len(argv) > 1:
@@ -711,8 +754,9 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS,
       if f.cifar10_dir:
         raise app.UsageError('--cifar10_dir is not used with --update_readme (it copies an '
                              'existing report)')
-      done = update_readme(f.workdir, os.path.join(root, 'README.md'), studies)
-      print(f'updated README.md from {os.path.join(f.workdir, REPORT)}: {", ".join(done)}')
+      done = update_documents(f.workdir, root, studies)
+      print(f'updated README.md and docs/ from {os.path.join(f.workdir, REPORT)}: '
+            f'{", ".join(done)}')
       return
     if f.cifar10_dir is not None and not os.path.isdir(f.cifar10_dir):
       raise app.UsageError(f'--cifar10_dir must be a folder holding the CIFAR-10 binary '

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import cli
 from experiments import common
 from experiments import validation
 from tsrobust import attacks
@@ -162,7 +163,9 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   tparams = methods_lib.tile(problem.teacher_params, n_points)
   held_all = methods_lib.tile(held, n_points)
   proj_all = methods_lib.tile(projector, n_points)
-  rows, ev = evaluator.evaluate(params, tparams, proj_all, held_all, full_rank=False)
+  rows, ev = evaluator.evaluate(params, tparams, proj_all, held_all, full_rank=False,
+                                progress=lambda what: cli.evaluation_progress(
+                                    f'the students, {what}'))
   sel = np.flatnonzero(np.repeat([m == 'ccat' for m, _ in points], s))
   if sel.size:
     # CCAT's own evaluation: threshold passing ccat_pass_rate of the correctly classified
@@ -172,7 +175,9 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
         (pick(params), pick(tparams), pick(held_all), pick(proj_all)))
     thresholds = evaluator.ccat_thresholds(c_params, c_tparams, c_held)
     ev_c = evaluator.attack(c_params, c_tparams, c_proj, c_held, full_rank=False,
-                            labels_kinds=('ccat',), thresholds=thresholds, check=False)
+                            labels_kinds=('ccat',), thresholds=thresholds, check=False,
+                            progress=lambda what: cli.evaluation_progress(
+                                f"CCAT students by CCAT's criterion, {what}"))
     ev = common.Evaluation(ev.result, evaluate.merge_ccat(ev.final, ev_c.final, sel), ev.doubled)
     for row, a in zip(rows, common.attack_rows(config, ev, full_rank=False)):
       row.update(a)
@@ -201,7 +206,8 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
         + '\n' + correlation_markdown(config, corr) + '\n'
         + common.attack_checks_markdown(checks))
     plotting.plot_spec_vs_robustness(os.path.join(workdir, 'results.csv'),
-                                     os.path.join(workdir, 'robustness.png'), eps=mid)
+                                     os.path.join(workdir, 'robustness.png'), eps=mid,
+                                     norm=config.attack_norm)
   c_mid = corr[f'eps_{mid}']['spec_off']
   logging.info('spec_off vs robust accuracy at eps %s: pearson %.3f [%.3f, %.3f]', mid,
                c_mid['pearson'], *c_mid['pearson_ci'])
@@ -209,6 +215,7 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
 
 
 if __name__ == '__main__':
-  common.run_binary(validate_config, train_and_evaluate, _DEFAULT_CONFIG,
-                    ('results.csv', 'results.json', 'correlation.json', 'summary.md',
-                     'attack_checks.json', 'robustness.png'))
+  cli.run_binary(validate_config, train_and_evaluate, _DEFAULT_CONFIG,
+                 ('results.csv', 'results.json', 'correlation.json', 'summary.md',
+                  'attack_checks.json', 'robustness.png'),
+                 fields=CONFIG_FIELDS, doc=__doc__)

@@ -60,6 +60,33 @@ class Field:
     if self.choices is not None and self.kind is not str:
       raise ValueError('Field.choices needs kind=str')
 
+  def describe(self) -> str:
+    """What the field may hold, in a few words (``--help``): ``'int >= 1'``,
+    ``"int >= 1, or -1 (the preset's)"``, ``'one of sgd | momentum | adam'``,
+    ``'floats in [0, 1], distinct'``."""
+    if self.kind is str and self.choices is not None:
+      text = ('names from ' if self.sequence else 'one of ') + ' | '.join(self.choices)
+    elif self.kind is str:
+      text = self.what
+    elif self.kind is bool:
+      text = 'True | False'
+    else:
+      text = {int: 'int', float: 'float'}[self.kind] + ('s' if self.sequence else '')
+      bound = lambda v: f'{v:g}' if isinstance(v, float) else str(v)
+      if self.lo is not None and self.hi is not None:
+        text += f' in {"(" if self.lo_open else "["}{bound(self.lo)}, {bound(self.hi)}]'
+      elif self.lo is not None:
+        text += f' {">" if self.lo_open else ">="} {bound(self.lo)}'
+      elif self.hi is not None:
+        text += f' <= {bound(self.hi)}'
+      if self.sequence and self.min_len != 1:
+        text += f', at least {self.min_len}'
+      if self.unique:
+        text += ', distinct'
+    for value, meaning in self.special:
+      text += f', or {value!r} ({meaning})'
+    return text
+
   def check(self, name: str, value: Any) -> Any:
     """``value`` as the field holds it (a tuple for a sequence); raises ``ConfigError``."""
     if self.sequence:

@@ -9,9 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import cli
 from experiments import common
 from experiments import lowrank
 from experiments.configs import lowrank as lowrank_config
+from tsrobust import check_results
 from tsrobust import data
 from tsrobust import io
 
@@ -41,6 +43,7 @@ def test_writes_files_that_parse(tiny_run):
   workdir, records = tiny_run
   rows = io.read_csv(os.path.join(workdir, 'results.csv'))
   assert len(rows) == len(records) == 4  # 2 ranks x 2 seeds
+  assert check_results.check_file(os.path.join(workdir, 'results.csv')) == ([], 4)
   assert [(r['rank'], r['seed']) for r in rows] == [(2, 0), (2, 1), (6, 0), (6, 1)]
   expected = ['rank', 'seed', 'spec_in', 'spec_in_l1', 'spec_off', 'wcos_in', 'wcos_off',
               'wcos_off_random', 'clean_agree']
@@ -121,7 +124,7 @@ class _Interrupted(Exception):
 def test_interrupted_run_resumes_to_the_same_results(tiny_run, tmp_path, monkeypatch):
   """Stopped in rank 2 after its first chunk, the same call again resumes from the
   checkpoint (only the second chunk is trained) and writes tiny_run's results."""
-  real_logger = common.progress_logger
+  real_logger = cli.progress_logger
   seen = []
 
   def stop_in_rank2(stage, **kwargs):
@@ -133,14 +136,14 @@ def test_interrupted_run_resumes_to_the_same_results(tiny_run, tmp_path, monkeyp
       if stage == 'rank2' and info['step'] == 30:
         raise _Interrupted
     return on_chunk
-  monkeypatch.setattr(common, 'progress_logger', stop_in_rank2)
-  monkeypatch.setattr(common, '_checkpoint_every_sec', 0.0)  # a checkpoint after every chunk
+  monkeypatch.setattr(cli, 'progress_logger', stop_in_rank2)
+  monkeypatch.setattr(cli, '_checkpoint_every_sec', 0.0)  # a checkpoint after every chunk
   workdir = str(tmp_path)
   with pytest.raises(_Interrupted):
     lowrank.train_and_evaluate(tiny_config(), workdir)
   assert seen == [('rank2', 30)]
   assert not os.path.exists(os.path.join(workdir, 'results.csv'))
-  monkeypatch.setattr(common, 'progress_logger',
+  monkeypatch.setattr(cli, 'progress_logger',
                       lambda stage, **kwargs: lambda info: seen.append((stage, info['step'])))
   seen.clear()
   lowrank.train_and_evaluate(tiny_config(), workdir)  # the same call again

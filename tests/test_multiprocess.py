@@ -19,6 +19,7 @@ import time
 from absl import flags
 import pytest
 
+from experiments import cli
 from experiments import common
 from experiments import lowrank
 from tsrobust import io
@@ -232,7 +233,7 @@ def test_distributed_flag_mistakes_end_in_one_line(tmp_path, capfd, args, messag
 ])
 def test_processes_on_this_machine_share_its_cores(args, expected):
   values = flags.FlagValues()
-  common.define_distributed_flags(values)
+  cli.define_distributed_flags(values)
   values(['prog', *args])
   want = None if expected is None else max(1, sweep.cpu_cores() // 2)
-  assert common.cpu_devices_per_process(values) == want
+  assert cli.cpu_devices_per_process(values) == want

@@ -16,6 +16,7 @@ from experiments import real_checks
 from experiments import real_eval
 from experiments import reproduce
 from experiments.configs import real as real_config
+from tsrobust import check_results
 from tsrobust import cnn
 from tsrobust import datasets
 from tsrobust import io
@@ -372,6 +373,7 @@ def test_binary_writes_files_that_parse(tiny_run):
   rows = io.read_csv(os.path.join(workdir, 'results.csv'))
   # standard + at (1 eps) + ccat (1 eps) + robust_features = 4 grid points x 2 seeds.
   assert len(rows) == len(records) == 8
+  assert check_results.check_file(os.path.join(workdir, 'results.csv')) == ([], 8)
   assert [r['method'] for r in rows] == [m for m in ('standard', 'at', 'ccat', 'robust_features')
                                          for _ in range(2)]
   assert [r['seed'] for r in rows] == [0, 1] * 4

@@ -1,4 +1,4 @@
-"""experiments/reproduce.py: the study table, the skip logic, the report, README surgery."""
+"""experiments/reproduce.py: the study table, the skip logic, the report, README + docs surgery."""
 
 import importlib
 import json
@@ -91,7 +91,7 @@ def test_every_study_config_loads_and_is_valid(preset, tmp_path):
     if preset == 'quick':
       assert config.attack_strength == 'fast' and config.num_seeds == 2
       assert config.num_steps < default.num_steps
-    else:  # the binary's defaults (except a variant's overrides), the README's numbers
+    else:  # the binary's defaults (except a variant's overrides), the manual's numbers
       changed = {k: v for k, v in config.to_dict().items() if default.to_dict()[k] != v}
       assert changed == {'lowrank_strict': {'oracle_tolerance': 0.0},
                          'lowrank_linf': {'attack_norm': 'linf', 'eps': (0.05, 0.1, 0.2)},
@@ -274,11 +274,11 @@ def test_render_report():
   assert block.startswith('| rank | n |\n|---|---|\n| 2 | 2 |\n\n<sub>')  # a blank line
   assert 'study `lowrank`, commit abc123def456.' in block
   assert '![lowrank lowrank.png](lowrank/lowrank.png)' in text
-  assert '(README: `docs/lowrank.png`)' in text
+  assert '(docs: `docs/lowrank.png`)' in text
 
 
 # ----------------------------------------------------------------------------
-# README surgery: known answers.
+# README + docs surgery: known answers.
 # ----------------------------------------------------------------------------
 
 README = """\
@@ -332,62 +332,142 @@ def test_a_marker_without_a_block_is_an_error():
     R.replace_generated_blocks(README, {'a': 'x\n'})
 
 
-def test_readme_markers_and_figures():
-  """README.md's markers are balanced, each names a table of a study's summary, and its
-  figures are ones a study writes."""
-  text = open(os.path.join(ROOT, 'README.md')).read()
-  names = list(R.generated_blocks(text))
-  assert names == ['lowrank-summary', 'lowrank_strict-summary', 'lowrank_linf-summary',
-                   'lowrank-attack-checks', 'robustness-summary',
-                   'robustness-correlation-spec_off', 'robustness-correlation-spec_in',
-                   'robustness-attack-checks', 'real-summary', 'real-wilson',
-                   'real-correlation-spec_mean', 'real-attack-checks', 'real_lowrank-summary',
-                   'real_lowrank-subspaces', 'real_lowrank-correlation-spec_off',
-                   'fashion_mnist-summary', 'fashion_mnist-subspaces',
-                   'fashion_mnist-correlation-spec_mean']
-  assert {n.split('-')[0] for n in names} <= {s.name for s in R.STUDIES}
-  assert R.linked_figures(text) == ['docs/lowrank.png', 'docs/robustness.png']
+# The blocks each document holds (README.md none: it shows figures; docs/ the tables).
+DOC_BLOCKS = {
+    'README.md': [],
+    'docs/lowrank.md': ['lowrank-summary', 'lowrank_strict-summary', 'lowrank_linf-summary',
+                        'lowrank-attack-checks'],
+    'docs/real.md': ['real-summary', 'real-wilson', 'real-correlation-spec_mean',
+                     'real-attack-checks', 'real_lowrank-summary', 'real_lowrank-subspaces',
+                     'real_lowrank-correlation-spec_off', 'fashion_mnist-summary',
+                     'fashion_mnist-subspaces', 'fashion_mnist-correlation-spec_mean'],
+    'docs/robustness.md': ['robustness-summary', 'robustness-correlation-spec_off',
+                           'robustness-correlation-spec_in', 'robustness-attack-checks'],
+}
+DOC_FIGURES = {'README.md': ['docs/lowrank.png', 'docs/robustness.png'],
+               'docs/lowrank.md': ['docs/lowrank.png'],
+               'docs/robustness.md': ['docs/robustness.png']}
+
+
+def _text(rel):
+  return open(os.path.join(ROOT, rel)).read()
+
+
+def test_documents_markers_and_figures():
+  """README.md and docs/*.md: markers balanced, each naming a table of a study's summary;
+  the figures they link are ones a study writes, and exist."""
+  docs = R.documents(ROOT)
+  assert docs[0] == 'README.md' and set(DOC_BLOCKS) <= set(docs)
+  for rel in docs:
+    text = _text(rel)
+    names = list(R.generated_blocks(text))
+    assert names == DOC_BLOCKS.get(rel, []), rel
+    assert {n.split('-')[0] for n in names} <= {s.name for s in R.STUDIES}
+    figures = R.linked_figures(text, in_docs=rel.startswith('docs/'))
+    assert figures == DOC_FIGURES.get(rel, []), rel
+    for fig in figures:
+      assert os.path.isfile(os.path.join(ROOT, fig)), fig
   assert R.docs_name('lowrank', 'lowrank.png') == 'lowrank.png'
   assert R.docs_name('real', 'spec_vs_robust.png') == 'real_spec_vs_robust.png'
 
 
-def _full_report(tmp_path, blocks, preset='full'):
+def test_linked_figures_in_the_readme_and_in_docs():
+  text = '![a](docs/a.png) ![b](b.png) ![c](docs/a.png) [not a figure](docs/x.md)'
+  assert R.linked_figures(text) == ['docs/a.png']
+  assert R.linked_figures(text, in_docs=True) == ['docs/b.png']
+
+
+def _full_report(tmp_path, blocks, preset='full', figures=('lowrank/lowrank.png',)):
   workdir = tmp_path / 'run'
-  (workdir / 'lowrank').mkdir(parents=True)
-  (workdir / 'lowrank' / 'lowrank.png').write_bytes(b'png bytes')
+  workdir.mkdir(parents=True, exist_ok=True)
+  for fig in figures:
+    (workdir / os.path.dirname(fig)).mkdir(parents=True, exist_ok=True)
+    (workdir / fig).write_bytes(b'png bytes of ' + fig.encode())
   body = ''.join(f'{R.BEGIN.format(n)}\n{b}{R.END.format(n)}\n' for n, b in blocks.items())
   (workdir / 'REPORT.md').write_text(f'# R\n\n<!-- reproduce: preset={preset} -->\n\n{body}')
   return str(workdir)
 
 
-def test_update_readme(tmp_path):
-  workdir = _full_report(tmp_path, {'a': '| A |\n', 'b': '| B |\n', 'extra': '| E |\n'})
-  readme = tmp_path / 'README.md'
-  readme.write_text(README + '![fig](docs/lowrank.png)\n')
-  done = R.update_readme(workdir, str(readme))
-  assert done == ['a', 'b', 'docs/lowrank.png']
-  assert readme.read_text() == (
+PAGE = """\
+# A page of the manual
+
+<!-- BEGIN GENERATED: c -->
+| old | c |
+<!-- END GENERATED: c -->
+![fig](lowrank.png)
+"""
+
+
+def test_update_documents(tmp_path):
+  """README.md and every docs page with markers or figures are updated; a page without
+  either is left alone; a second run changes nothing."""
+  workdir = _full_report(tmp_path, {'a': '| A |\n', 'b': '| B |\n', 'c': '| C |\n',
+                                    'extra': '| E |\n'})
+  root = tmp_path / 'repo'
+  (root / 'docs').mkdir(parents=True)
+  (root / 'README.md').write_text(README + '![fig](docs/lowrank.png)\n')
+  (root / 'docs' / 'page.md').write_text(PAGE)
+  (root / 'docs' / 'plain.md').write_text('no markers\n')
+  done = R.update_documents(workdir, str(root))
+  assert done == ['a', 'b', 'docs/lowrank.png', 'c']
+  assert (root / 'README.md').read_text() == (
       README.replace('| old | a |', '| A |').replace(
           '<!-- BEGIN GENERATED: b -->\n', '<!-- BEGIN GENERATED: b -->\n| B |\n')
       + '![fig](docs/lowrank.png)\n')
-  assert (tmp_path / 'docs' / 'lowrank.png').read_bytes() == b'png bytes'
+  assert (root / 'docs' / 'page.md').read_text() == PAGE.replace('| old | c |', '| C |')
+  assert (root / 'docs' / 'plain.md').read_text() == 'no markers\n'
+  assert (root / 'docs' / 'lowrank.png').read_bytes() == b'png bytes of lowrank/lowrank.png'
+  before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in root.rglob('*') if p.is_file()}
+  assert R.update_documents(workdir, str(root)) == done
+  after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in root.rglob('*') if p.is_file()}
+  assert after == before  # nothing rewritten
 
 
-@pytest.mark.parametrize('blocks, preset, readme_extra, message', [
-    ({'a': 'x\n', 'b': 'y\n'}, 'quick', '', 'needs a report of --preset=full; '),
-    ({'a': 'x\n'}, 'full', '', "no generated block for the marker(s) ['b']"),
-    ({'a': 'x\n', 'b': 'y\n'}, 'full', '![f](docs/other.png)\n',
-     "README.md links ['docs/other.png'], which no study"),
+def test_the_repository_documents_regenerate_without_a_diff(tmp_path):
+  """A report holding the blocks the documents hold now, and the figures they show:
+  updating the repository's README.md and docs/ from it changes no byte."""
+  blocks = {}
+  for rel in R.documents(ROOT):
+    blocks.update(R.generated_blocks(_text(rel)))
+  figures = {'docs/lowrank.png': 'lowrank/lowrank.png',
+             'docs/robustness.png': 'robustness/robustness.png'}
+  workdir = _full_report(tmp_path, blocks, figures=())
+  for doc_fig, study_fig in figures.items():
+    os.makedirs(os.path.join(workdir, os.path.dirname(study_fig)), exist_ok=True)
+    with open(os.path.join(ROOT, doc_fig), 'rb') as f, \
+        open(os.path.join(workdir, study_fig), 'wb') as g:
+      g.write(f.read())
+  root = tmp_path / 'repo'
+  (root / 'docs').mkdir(parents=True)
+  for rel in R.documents(ROOT) + list(figures):
+    with open(os.path.join(ROOT, rel), 'rb') as f:
+      (root / rel).write_bytes(f.read())
+  before = {p: p.read_bytes() for p in root.rglob('*') if p.is_file()}
+  done = R.update_documents(workdir, str(root))
+  assert {p: p.read_bytes() for p in root.rglob('*') if p.is_file()} == before
+  assert set(done) >= set(blocks) | set(figures)
+
+
+@pytest.mark.parametrize('blocks, preset, page, message', [
+    ({'a': 'x\n', 'b': 'y\n', 'c': 'z\n'}, 'quick', PAGE, 'needs a report of --preset=full; '),
+    ({'a': 'x\n', 'b': 'y\n'}, 'full', PAGE,
+     "docs/page.md: no generated block for the marker(s) ['c']"),
+    ({'a': 'x\n'}, 'full', PAGE, "README.md: no generated block for the marker(s) ['b']"),
+    ({'a': 'x\n', 'b': 'y\n', 'c': 'z\n'}, 'full', PAGE + '![f](other.png)\n',
+     "docs/page.md links ['docs/lowrank.png', 'docs/other.png'], which no study"),
 ])
-def test_update_readme_errors(tmp_path, blocks, preset, readme_extra, message):
-  workdir = _full_report(tmp_path, blocks, preset)
-  readme = tmp_path / 'README.md'
-  readme.write_text(README + readme_extra)
+def test_update_documents_errors_change_nothing(tmp_path, blocks, preset, page, message):
+  workdir = _full_report(tmp_path, blocks, preset, figures=())
+  root = tmp_path / 'repo'
+  (root / 'docs').mkdir(parents=True)
+  (root / 'README.md').write_text(README)
+  (root / 'docs' / 'page.md').write_text(page)
   with pytest.raises(common.ConfigError) as info:
-    R.update_readme(workdir, str(readme))
+    R.update_documents(workdir, str(root))
   assert message in str(info.value)
-  assert readme.read_text() == README + readme_extra  # untouched
-  assert not (tmp_path / 'docs').exists()
+  assert (root / 'README.md').read_text() == README  # untouched
+  assert (root / 'docs' / 'page.md').read_text() == page
+  assert os.listdir(root / 'docs') == ['page.md']
 
 
 # ----------------------------------------------------------------------------
@@ -423,7 +503,7 @@ def test_flag_mistakes_in_one_line(args, message, capfd, tmp_path):
 
 
 def test_update_readme_of_a_quick_report_in_one_line(tmp_path, capfd):
-  workdir = _full_report(tmp_path, {'a': 'x\n'}, preset='quick')
+  workdir = _full_report(tmp_path, {'a': 'x\n'}, preset='quick', figures=())
   (tmp_path / 'README.md').write_text(README)
   code, err = _run([f'--workdir={workdir}', '--update_readme'], capfd, root=str(tmp_path))
   assert code == 2
@@ -439,7 +519,7 @@ def test_update_readme_of_a_quick_report_in_one_line(tmp_path, capfd):
 @pytest.mark.slow
 def test_quick_end_to_end(tmp_path):
   """``--preset=quick`` runs every study and writes a report with every study's section and
-  every table the README shows; a second run reuses every study."""
+  every table README.md and docs/ show; a second run reuses every study."""
   workdir = str(tmp_path / 'quick')
   cmd = [sys.executable, '-m', 'experiments.reproduce', f'--workdir={workdir}',
          '--preset=quick']
@@ -448,7 +528,7 @@ def test_quick_end_to_end(tmp_path):
   report = open(os.path.join(workdir, 'REPORT.md')).read()
   assert R.report_preset(report) == 'quick'
   blocks = R.generated_blocks(report)
-  readme_names = R.generated_blocks(open(os.path.join(ROOT, 'README.md')).read())
+  readme_names = [n for rel in R.documents(ROOT) for n in R.generated_blocks(_text(rel))]
   # Studies of installed data sets run where the data is (skipped, with the install line, where
   # it is not).
   absent = {s.name for s in R.STUDIES if s.data_dir and not os.path.isdir(s.data_dir)}

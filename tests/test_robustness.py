@@ -10,6 +10,7 @@ import scipy.stats
 from experiments import common
 from experiments import robustness
 from experiments.configs import robustness as robustness_config
+from tsrobust import check_results
 from tsrobust import io
 
 TINY = dict(num_seeds=2, d=6, rank=2, teacher_hidden=(3,), out_dim=3, width_mult=2,
@@ -37,6 +38,7 @@ def test_one_row_per_student_with_hyperparameters(tiny_run):
   rows = io.read_csv(os.path.join(workdir, 'results.csv'))
   # standard 1 + at 2 eps x 2 where + ccat 1 + orth 1 + iso 1 = 8 grid points, 2 seeds each.
   assert len(rows) == len(records) == 16
+  assert check_results.check_file(os.path.join(workdir, 'results.csv')) == ([], 16)
   methods = [r['method'] for r in rows]
   assert methods == [m for m in ('standard', 'at', 'ccat', 'orth', 'iso')
                      for _ in range({'at': 4}.get(m, 1) * 2)]

@@ -143,6 +143,8 @@ class TrainSeedsTest(chex.TestCase):
     self.assertEqual([s['step'] for s in seen], [4, 8, 10])
     self.assertTrue(all(s['steps_per_sec'] > 0 and np.isfinite(s['loss']) for s in seen))
     self.assertEqual(seen[-1]['eta_sec'], 0.0)
+    # No checkpointer: nothing resumed, no checkpoint.
+    self.assertEqual({(s['resumed_from'], s['last_checkpoint']) for s in seen}, {(None, None)})
 
   def _stopped_after_chunk_2(self, **checkpointer_args):
     """A 35-step run in chunks of 7, stopped after chunk 2 with a ``Checkpointer`` of
@@ -174,6 +176,9 @@ class TrainSeedsTest(chex.TestCase):
     resumed, resumed_losses = run(checkpointer=checkpointer, on_chunk=seen.append)
     checkpointer.close()
     self.assertEqual([s['step'] for s in seen], [21, 28, 35])  # chunks 1-2 not rerun
+    # Each report says where training resumed and the newest checkpoint (one per chunk).
+    self.assertEqual([(s['resumed_from'], s['last_checkpoint']) for s in seen],
+                     [(14, 21), (14, 28), (14, 35)])
     np.testing.assert_array_equal(resumed.step, [35, 35])
     chex.assert_trees_all_close(resumed.params, straight.params, atol=1e-6, rtol=1e-6)
     chex.assert_trees_all_close(resumed.opt_state, straight.opt_state, atol=1e-6, rtol=1e-6)
@@ -197,6 +202,8 @@ class TrainSeedsTest(chex.TestCase):
     self.assertEqual(checkpointer.latest_step(), 35)
     checkpointer.close()
     self.assertEqual([s['step'] for s in seen], [7, 14, 21, 28, 35])
+    self.assertEqual([s['last_checkpoint'] for s in seen], [None] * 4 + [35])
+    self.assertEqual({s['resumed_from'] for s in seen}, {None})
     chex.assert_trees_all_close(resumed.params, straight.params, atol=1e-6, rtol=1e-6)
 
   def test_divergence_stops_with_last_good_state(self):

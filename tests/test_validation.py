@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from experiments import cli
 from experiments import common
 from experiments import lowrank
 from experiments import real
@@ -291,11 +292,11 @@ def test_bad_command_line(capfd, args, needles):
 def test_checkpoint_interval_flag_reaches_the_checkpointers(tmp_path, monkeypatch):
   """``--checkpoint_every_sec`` sets the interval of the binaries' checkpointers; 60 s when
   not given."""
-  monkeypatch.setattr(common, '_checkpoint_every_sec', common.DEFAULT_CHECKPOINT_EVERY_SEC)
+  monkeypatch.setattr(cli, '_checkpoint_every_sec', cli.DEFAULT_CHECKPOINT_EVERY_SEC)
   seen = []
 
   def record(config, workdir):
-    seen.append(common.checkpoint_every_sec())
+    seen.append(cli.checkpoint_every_sec())
   for args, want in (([], 60.0), (['--checkpoint_every_sec=0'], 0.0),
                      (['--checkpoint_every_sec=2.5'], 2.5)):
     common.run_binary(lowrank.validate_config, record, lowrank._DEFAULT_CONFIG, ('ck',),
@@ -304,7 +305,7 @@ def test_checkpoint_interval_flag_reaches_the_checkpointers(tmp_path, monkeypatc
     assert seen[-1] == want, (args, seen)
   for bad in (-1, True, '5'):
     with pytest.raises(ValueError, match='checkpoint_every_sec must be a number >= 0'):
-      common.set_checkpoint_every_sec(bad)
+      cli.set_checkpoint_every_sec(bad)
 
 
 def test_check_needing_the_loaded_data(tmp_path, capfd):
@@ -348,7 +349,7 @@ def test_backend_info_lines_are_hidden_unless_verbose(monkeypatch):
   common.quiet_library_logs()
   assert logger.isEnabledFor(logging_lib.INFO)
   filters = [f for f in absl_logging.get_absl_handler().filters
-             if isinstance(f, common._DropLibraryInfo)]
+             if isinstance(f, cli._DropLibraryInfo)]
   assert len(filters) == 1  # added once, however often called
 
 

@@ -1,7 +1,37 @@
 """tsrobust: robustness in the teacher-student setting, in JAX.
 
-Modules (each importable on its own): ``models``, ``data``,
-``specialization``, ``attacks``, ``train``, ``metrics``, ``io``, ``plotting``.
+Reproduces Yang et al., *Understanding Robustness in Teacher-Student Setting: A New
+Perspective* (AISTATS 2021). Pure functions over pytrees; each module is importable on
+its own (``from tsrobust import data, models, train``):
+
+Setting and networks
+  ``data``            subspace bases, projectors, low-rank samplers, off-subspace probes
+  ``models``          ReLU MLP teachers and students, random teachers (Tian 2019)
+  ``cnn``             CNN teachers and students for images
+  ``datasets``        MNIST, Fashion-MNIST, CIFAR-10 from files or bundled; PCA projection
+
+Training
+  ``train``           losses, optimizers, jitted chunks of steps, vmapped seeds
+                      (``train_seeds``), robust methods' losses
+  ``methods``         the training methods' registry and grids
+  ``teachers``        pretrained CNN teachers and robust models, cached by their spec
+  ``robust_dataset``  Ilyas et al.'s robust-feature dataset
+
+Measuring
+  ``specialization``  teacher-student correlations, per-layer summaries, weight alignment
+  ``metrics``         one student's in/off-subspace specialization in one call
+  ``attacks``         PGD, APGD, objectives (fixed label, oracle), CCAT's criterion
+  ``square``          the Square attack (gradient-free)
+  ``evaluate``        the attack ensemble every study uses; worst case per example
+  ``stats``           correlations, bootstrap and Wilson intervals
+  ``check_results``   the invariants of robust errors in a ``results.csv``
+                      (``python -m tsrobust.check_results RUN/results.csv``)
+
+Running
+  ``sweep``           seeds sharded over devices, checkpoints, compilation cache
+  ``numerics``        the precision of every matrix product
+  ``io``              atomic result files (JSON, CSV), markdown summaries
+  ``plotting``        figures from result files
 """
 
 __version__ = '0.1.0'

@@ -53,6 +53,15 @@ NORMS = ('linf', 'l2')
 ORACLE_LOSSES = ('kl', 'mse')
 LABELS = ('oracle', 'fixed')
 
+__all__ = ['NORMS', 'ORACLE_LOSSES', 'LABELS', 'project_onto_subspace', 'project', 'pgd',
+           'apgd_checkpoints', 'apgd', 'top_values', 'cross_entropy', 'margin',
+           'top_other_classes', 'fixed_label_objective', 'fixed_label_success',
+           'margin_objective', 'dlr_objective', 'targeted_dlr_objective',
+           'targeted_margin_objective', 'oracle_objective', 'oracle_margin_objective',
+           'oracle_targeted_margin_objective', 'oracle_pairs', 'oracle_pair_objective',
+           'oracle_success', 'robust_error', 'ccat_objective', 'ccat_lambda', 'ccat_target',
+           'confidence_threshold', 'ccat_robust_error']
+
 Fn = Callable[[chex.Array], chex.Array]
 
 

@@ -23,6 +23,9 @@ import jax.numpy as jnp
 from tsrobust import models
 from tsrobust import numerics
 
+__all__ = ['POOLS', 'im2col', 'pool2x2', 'CNN', 'make_cnn', 'layer_names',
+           'hidden_widths', 'student_of', 'init_params']
+
 POOLS = ('max', 'avg', 'none')
 
 
@@ -151,6 +154,13 @@ def make_cnn(conv_widths: Sequence[int], dense_widths: Sequence[int], out_dim: i
 
   Raises:
     ValueError: naming the argument and what is allowed.
+
+  >>> model = make_cnn((8, 16), (32,), 10)
+  >>> hidden_widths(model), layer_names(model)
+  ((8, 16, 32), ('conv_0', 'conv_1', 'dense_0', 'output'))
+  >>> make_cnn((8,), (), 10, pool='median')
+  Traceback (most recent call last):
+  ValueError: pool must be one of ('max', 'avg', 'none'), got 'median'
   """
   _check_widths('conv_widths', conv_widths, allow_empty=False)
   _check_widths('dense_widths', dense_widths, allow_empty=True)
@@ -179,7 +189,11 @@ def hidden_widths(model: CNN) -> Tuple[int, ...]:
 
 
 def student_of(teacher: CNN, width_mult: int, init_scale: float = 1.0) -> CNN:
-  """The over-realized student family of ``teacher``: every hidden width times ``k``."""
+  """The over-realized student family of ``teacher``: every hidden width times ``k``.
+
+  >>> hidden_widths(student_of(make_cnn((8, 16), (32,), 10), width_mult=2))
+  (16, 32, 64)
+  """
   if (isinstance(width_mult, bool) or not isinstance(width_mult, numbers.Integral)
       or width_mult < 1):
     raise ValueError(f'width_mult must be an integer >= 1, got {width_mult!r}')
@@ -197,6 +211,12 @@ def init_params(key: chex.PRNGKey, model: CNN, image_shape: Sequence[int]) -> ch
 
   Jitted (``model.init`` run eagerly dispatches, and compiles, every op of the
   forward pass one by one: seconds per call on CPU); works under ``vmap``.
+
+  >>> model = make_cnn((2,), (4,), 3)
+  >>> params = init_params(jax.random.PRNGKey(0), model, (8, 8, 1))
+  >>> out, acts = model.apply(params, jnp.zeros((5, 8, 8, 1)))
+  >>> out.shape, [a.shape for a in acts]  # conv activations [N, H, W, C], Dense [N, C]
+  ((5, 3), [(5, 8, 8, 2), (5, 4)])
   """
   if len(image_shape) != 3:
     raise ValueError(f'image_shape must be (H, W, C), got {tuple(image_shape)!r}')

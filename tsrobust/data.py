@@ -23,6 +23,9 @@ import jax.numpy as jnp
 
 from tsrobust import numerics
 
+__all__ = ['random_orthonormal', 'nested_basis', 'projectors', 'energy_matched_scale',
+           'sample_lowrank', 'sample_subspace', 'off_subspace_probe']
+
 
 def random_orthonormal(key: chex.PRNGKey, d: int, r: int) -> chex.Array:
   """A random ``[d, r]`` matrix with orthonormal columns (QR of a Gaussian).
@@ -31,6 +34,10 @@ def random_orthonormal(key: chex.PRNGKey, d: int, r: int) -> chex.Array:
   diagonal). The first ``r'`` columns of ``random_orthonormal(key, d, r)``
   equal ``random_orthonormal(key, d, r')`` only up to QR, so for nested
   subspaces take leading columns of one ``[d, d]`` basis (``nested_basis``).
+
+  >>> u = random_orthonormal(jax.random.PRNGKey(0), 6, 2)
+  >>> u.shape, bool(jnp.allclose(u.T @ u, jnp.eye(2), atol=1e-5))
+  ((6, 2), True)
   """
   if not 1 <= r <= d:
     raise ValueError(f'rank r must satisfy 1 <= r <= d = {d}, got r = {r}')
@@ -43,6 +50,10 @@ def nested_basis(key: chex.PRNGKey, d: int, r: int) -> chex.Array:
 
   With the same key, the subspace for rank ``r`` contains the one for every
   smaller rank, so a sweep over ranks changes only the data's dimension.
+
+  >>> key = jax.random.PRNGKey(0)
+  >>> bool(jnp.array_equal(nested_basis(key, 6, 4)[:, :2], nested_basis(key, 6, 2)))
+  True
   """
   if not 1 <= r <= d:
     raise ValueError(f'rank r must satisfy 1 <= r <= d = {d}, got r = {r}')
@@ -50,7 +61,12 @@ def nested_basis(key: chex.PRNGKey, d: int, r: int) -> chex.Array:
 
 
 def projectors(basis: chex.Array) -> Tuple[chex.Array, chex.Array]:
-  """``(P, P_perp)``, both ``[d, d]``, for a ``[d, r]`` orthonormal basis."""
+  """``(P, P_perp)``, both ``[d, d]``, for a ``[d, r]`` orthonormal basis.
+
+  >>> p, p_perp = projectors(random_orthonormal(jax.random.PRNGKey(0), 6, 2))
+  >>> round(float(jnp.trace(p)), 4), round(float(jnp.trace(p_perp)), 4)  # the dimensions
+  (2.0, 4.0)
+  """
   chex.assert_rank(basis, 2)
   p = numerics.matmul(basis, basis.T)
   return p, jnp.eye(basis.shape[0], dtype=p.dtype) - p
@@ -62,6 +78,9 @@ def energy_matched_scale(d: int, r: int, scale: float = 1.0) -> float:
   With unit-norm teacher fan-in vectors this also keeps the first-layer
   pre-activation variance near ``scale^2`` whatever the rank, so budgets and
   biases mean the same thing across a rank sweep.
+
+  >>> energy_matched_scale(40, 10)
+  2.0
   """
   if not 1 <= r <= d:
     raise ValueError(f'rank r must satisfy 1 <= r <= d = {d}, got r = {r}')
@@ -81,6 +100,11 @@ def sample_lowrank(key: chex.PRNGKey, projector: chex.Array, n: int,
 
   Returns:
     ``[n, d]`` inputs.
+
+  >>> p, p_perp = projectors(random_orthonormal(jax.random.PRNGKey(0), 6, 2))
+  >>> x = sample_lowrank(jax.random.PRNGKey(1), p, 128, scale=2.0)
+  >>> x.shape, float(jnp.abs(x @ p_perp).max()) < 1e-5  # nothing outside the subspace
+  ((128, 6), True)
   """
   chex.assert_rank(projector, 2)
   d = projector.shape[0]
@@ -105,6 +129,11 @@ def sample_subspace(key: chex.PRNGKey, basis: chex.Array, n: int,
 
   Returns:
     ``[n, d]`` inputs.
+
+  >>> u = random_orthonormal(jax.random.PRNGKey(0), 6, 2)
+  >>> x = sample_subspace(jax.random.PRNGKey(1), u, 128)
+  >>> x.shape, float(jnp.abs(x - x @ u @ u.T).max()) < 1e-5
+  ((128, 6), True)
   """
   chex.assert_rank(basis, 2)
   z = jax.random.normal(key, (basis.shape[1], n), basis.dtype)
@@ -123,6 +152,12 @@ def off_subspace_probe(key: chex.PRNGKey, x: chex.Array, projector_perp: chex.Ar
 
   Returns:
     ``[n, d]`` probes.
+
+  >>> p, p_perp = projectors(random_orthonormal(jax.random.PRNGKey(0), 6, 2))
+  >>> x = sample_lowrank(jax.random.PRNGKey(1), p, 64)
+  >>> probe = off_subspace_probe(jax.random.PRNGKey(2), x, p_perp)
+  >>> bool(jnp.allclose(probe @ p, x, atol=1e-5))  # the same point inside S, moved off it
+  True
   """
   chex.assert_rank([x, projector_perp], 2)
   xi = jax.random.normal(key, x.shape, x.dtype)

@@ -50,6 +50,16 @@ import numpy as np
 
 from tsrobust import numerics
 
+__all__ = ['DATASETS', 'IDX_DATASETS', 'IMAGE_SHAPES', 'FASHION_MNIST_DIR',
+           'FASHION_MNIST_INSTALL', 'BUNDLED_SPLIT_SEED', 'BUNDLED_SIZE',
+           'BUNDLED_TEST_PER_CLASS', 'MNIST_FILES', 'MNIST_IMAGE_MAGIC',
+           'MNIST_LABEL_MAGIC', 'CIFAR10_TRAIN_FILES', 'CIFAR10_TEST_FILE',
+           'CIFAR10_RECORDS_PER_FILE', 'CIFAR10_RECORD_BYTES', 'NUM_CLASSES', 'Dataset',
+           'bundled_split', 'load_mnist_bundled', 'read_idx', 'load_mnist',
+           'load_fashion_mnist', 'read_cifar10_bin', 'load_cifar10', 'missing_files',
+           'default_data_dir', 'check_data_dir', 'load', 'take', 'PCA', 'fit_pca',
+           'project_pca', 'lowrank']
+
 DATASETS = ('mnist', 'cifar10', 'fashion_mnist')
 IDX_DATASETS = ('mnist', 'fashion_mnist')  # read from the four MNIST IDX files
 IMAGE_SHAPES = {'mnist': (28, 28, 1), 'fashion_mnist': (28, 28, 1), 'cifar10': (32, 32, 3)}
@@ -431,7 +441,14 @@ def load(name: str, data_dir: Optional[str] = None) -> Dataset:
 
 
 def take(dataset: Dataset, num_train: int = 0, num_test: int = 0) -> Dataset:
-  """The first ``num_train`` training and ``num_test`` test examples (0: all)."""
+  """The first ``num_train`` training and ``num_test`` test examples (0: all).
+
+  >>> ds = Dataset(np.zeros((5, 2, 2, 1)), np.arange(5), np.zeros((3, 2, 2, 1)), np.arange(3),
+  ...              'toy')
+  >>> small = take(ds, num_train=2)
+  >>> small.train_x.shape, small.test_x.shape, small.image_shape
+  ((2, 2, 2, 1), (3, 2, 2, 1), (2, 2, 1))
+  """
   for field, n, have in (('num_train', num_train, dataset.train_x.shape[0]),
                          ('num_test', num_test, dataset.test_x.shape[0])):
     if n < 0 or n > have:
@@ -469,6 +486,13 @@ def fit_pca(train_x: chex.Array, rank: int) -> PCA:
   The directions are eigenvectors of the ``[D, D]`` covariance, sorted by
   decreasing eigenvalue, signed so that each one's largest-magnitude entry is
   positive.
+
+  >>> x = jnp.array([[0.0, 0.0], [2.0, 0.0], [4.0, 0.1], [6.0, -0.1]])[:, :, None, None]
+  >>> pca = fit_pca(x, rank=1)
+  >>> pca.basis.round(2).ravel().tolist(), round(float(pca.explained), 3)
+  ([1.0, 0.0], 0.999)
+  >>> project_pca(x, pca)[:, 1].ravel().round(2).tolist()  # the off-PCA part is removed
+  [0.0, 0.0, 0.0, 0.0]
   """
   n = train_x.shape[0]
   flat = jnp.asarray(train_x, jnp.float32).reshape(n, -1)

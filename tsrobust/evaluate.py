@@ -82,6 +82,13 @@ from tsrobust import attacks
 from tsrobust import square as square_lib
 from tsrobust import sweep
 
+__all__ = ['ATTACKS', 'GRADIENT_ATTACKS', 'ORACLE_ONLY_ATTACKS', 'LABEL_KINDS', 'WHERES',
+           'STRENGTHS', 'PRESETS', 'CONVERGED_GAIN', 'AttackConfig', 'preset', 'teacher_gap',
+           'oracle_wrong', 'attack_one', 'Result', 'Evaluator', 'ccat_threshold',
+           'raw_ensemble', 'combine', 'error_rates', 'ccat_error', 'attack_checks',
+           'first_points', 'merge', 'doubling', 'columns', 'records', 'merge_ccat',
+           'ccat_records']
+
 # (apgd_pair last: each attack's random keys derive from its index here.)
 ATTACKS = ('pgd', 'apgd', 'apgd_t', 'square', 'apgd_pair')
 GRADIENT_ATTACKS = ('pgd', 'apgd', 'apgd_t', 'apgd_pair')
@@ -556,7 +563,8 @@ class Evaluator:
           projectors: Optional[Mapping[str, Tuple[chex.Array, int]]] = None,
           labels: Optional[chex.Array] = None,
           thresholds: Optional[chex.Array] = None,
-          identity_full: Optional[bool] = None) -> Result:
+          identity_full: Optional[bool] = None,
+          on_progress: Optional[Callable[[Dict[str, Any]], None]] = None) -> Result:
     """Every attack x label kind x subspace x budget, per example.
 
     Args:
@@ -577,6 +585,9 @@ class Evaluator:
       identity_full: run ``full`` with an identity projector ``[S, D, D]``
         (L2 only; the same attack, one compilation shared with ``in``/``off``).
         Default: when there are restricted attacks and the norm is L2.
+      on_progress: called after each attack run (one attack, label kind, subspace and
+        budget, all students) with ``done``, ``total``, ``attack``, ``label``, ``where``
+        and ``eps``: progress reports (it changes nothing computed).
 
     Returns:
       A ``Result`` (numpy).
@@ -597,8 +608,16 @@ class Evaluator:
       else:
         clean[kind] = clean_out['accepted'] & clean_out['oracle']
     success, accepted, first = {}, {}, {}
+    done = 0
     for kind, where, attack, fn, args_at in calls:
-      outs = sweep.to_host([fn(*args_at(ei)) for ei in range(len(eps))])  # over processes
+      pending = [fn(*args_at(ei)) for ei in range(len(eps))]
+      outs = []
+      for ei, out in enumerate(pending):
+        outs.append(sweep.to_host(out))  # over processes
+        done += 1
+        if on_progress is not None:
+          on_progress({'done': done, 'total': len(calls) * len(eps), 'attack': attack,
+                       'label': kind, 'where': where, 'eps': float(eps[ei])})
       # delta = 0 is feasible: a point already wrong at x is a success of every attack.
       success[(kind, where, attack)] = (np.stack([o['success'] for o in outs], 1)
                                         | clean[kind][:, None, :])

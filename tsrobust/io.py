@@ -1,6 +1,7 @@
 """Result files, written atomically (temporary file in the same folder, fsync, rename).
 
-A reader never sees a partial file: it sees the old file or the new one.
+A reader never sees a partial file: it sees the old file or the new one. Files are
+readable by others as any new file is (``-rw-r--r--`` under the usual umask 022).
 Missing values (``None`` or NaN) are written as empty CSV cells and JSON
 ``null`` - never as 0.
 """
@@ -16,14 +17,45 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+__all__ = ['file_mode', 'atomic_write_bytes', 'atomic_write_text', 'to_plain',
+           'write_json', 'write_csv', 'read_csv', 'cpu_model', 'library_versions',
+           'save_pytree', 'columns_with_prefix', 'markdown_summary']
+
+
+def file_mode() -> int:
+  """The mode ``open()`` gives a new file: ``0o666`` less the process's umask (``0o644``
+  under the usual umask 022). Read without changing the umask (``/proc/self/status``);
+  022 where that is not available.
+
+  >>> oct(file_mode() & 0o600)  # the owner can always read and write
+  '0o600'
+  """
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('Umask:'):
+          return 0o666 & ~int(line.split()[1], 8)
+  except (OSError, ValueError, IndexError):
+    pass
+  return 0o644
+
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-  """Writes ``data`` to ``path`` atomically."""
+  """Writes ``data`` to ``path`` atomically, readable as any new file is (``file_mode``:
+  ``-rw-r--r--`` under the usual umask, not ``mkstemp``'s private ``-rw-------``).
+
+  >>> import os, tempfile
+  >>> path = os.path.join(tempfile.mkdtemp(), 'a.txt')
+  >>> atomic_write_bytes(path, b'x')
+  >>> open(path, 'rb').read(), oct(os.stat(path).st_mode & 0o777) == oct(file_mode())
+  (b'x', True)
+  """
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.',
                              suffix='.tmp')
   try:
+    os.fchmod(fd, file_mode())
     with os.fdopen(fd, 'wb') as f:
       f.write(data)
       f.flush()
@@ -41,7 +73,11 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def to_plain(value: Any) -> Any:
-  """JSON-ready copy: numpy/JAX scalars and arrays to Python, NaN/inf to None."""
+  """JSON-ready copy: numpy/JAX scalars and arrays to Python, NaN/inf to None.
+
+  >>> to_plain({'a': np.float32(0.5), 'b': (1, float('nan')), 'c': np.arange(2)})
+  {'a': 0.5, 'b': [1, None], 'c': [0, 1]}
+  """
   if isinstance(value, Mapping):
     return {str(k): to_plain(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
@@ -69,7 +105,16 @@ def _cell(value: Any) -> str:
 
 def write_csv(path: str, records: Sequence[Mapping[str, Any]],
               columns: Optional[Sequence[str]] = None) -> None:
-  """Atomic CSV, one row per record; columns default to first-seen key order."""
+  """Atomic CSV, one row per record; columns default to first-seen key order.
+
+  >>> import os, tempfile
+  >>> path = os.path.join(tempfile.mkdtemp(), 'results.csv')
+  >>> write_csv(path, [{'rank': 5, 'spec_off': 0.5}, {'rank': 40, 'spec_off': None}])
+  >>> open(path).read().splitlines()  # an empty cell for None, never 0
+  ['rank,spec_off', '5,0.5', '40,']
+  >>> read_csv(path)
+  [{'rank': 5.0, 'spec_off': 0.5}, {'rank': 40.0, 'spec_off': None}]
+  """
   if columns is None:
     columns = []
     for r in records:
@@ -132,7 +177,11 @@ def save_pytree(path: str, tree: Any) -> None:
 
 
 def columns_with_prefix(records: Iterable[Mapping[str, Any]], prefix: str) -> List[str]:
-  """Columns of ``records`` starting with ``prefix``, in first-seen order."""
+  """Columns of ``records`` starting with ``prefix``, in first-seen order.
+
+  >>> columns_with_prefix([{'seed': 0, 'adv_in': 0.1, 'adv_off': 0.2}], 'adv_')
+  ['adv_in', 'adv_off']
+  """
   out = []
   for r in records:
     out.extend(k for k in r if k.startswith(prefix) and k not in out)
@@ -146,6 +195,15 @@ def markdown_summary(rows: Sequence[Mapping[str, Any]], group_by: Sequence[str],
   Missing values (None / NaN) are ignored; a group with none shows ``-``, and
   a group with one value shows ``value +- -`` (no spread from one value).
   Groups appear in first-seen order.
+
+  >>> rows = [{'rank': 5, 'spec_off': 0.4}, {'rank': 5, 'spec_off': 0.6},
+  ...         {'rank': 40, 'spec_off': None}]
+  >>> print(markdown_summary(rows, ['rank'], ['spec_off']))
+  | rank | n | spec_off |
+  |---|---|---|
+  | 5 | 2 | 0.500 +- 0.141 |
+  | 40 | 1 | - |
+  <BLANKLINE>
   """
   groups: Dict[tuple, List[Mapping[str, Any]]] = {}
   for r in rows:

@@ -42,6 +42,11 @@ from tsrobust import attacks
 from tsrobust import robust_dataset
 from tsrobust import train
 
+__all__ = ['METHODS', 'AUGMENTATIONS', 'HPARAM_COLUMNS', 'NUMERIC_HPARAMS', 'AT_WHERES',
+           'GridPoint', 'grid', 'hparam_columns', 'variant_name', 'group_by_method',
+           'student_index', 'tile', 'record_head', 'Settings', 'make_loss',
+           'student_args', 'subspace_args', 'student_mask', 'records']
+
 METHODS = ('standard', 'at', 'ccat', 'robust_features', 'orth', 'iso')
 # Noise augmentations: method -> train.noise_augmentation's kind.
 AUGMENTATIONS = {'orth': 'orthogonal', 'iso': 'isotropic'}
@@ -74,6 +79,9 @@ def grid(methods: Sequence[str], *, at_eps: Sequence[float] = (),
 
   Raises:
     ValueError: an unknown method or ``at_where`` value.
+
+  >>> grid(('standard', 'at', 'orth'), at_eps=(0.5, 1.0), aug_scales=(1.0,))
+  [('standard', {}), ('at', {'at_eps': 0.5}), ('at', {'at_eps': 1.0}), ('orth', {'aug_scale': 1.0})]
   """
   _check_methods(methods)
   if at_where is not None and any(w not in AT_WHERES for w in at_where):
@@ -105,6 +113,9 @@ def variant_name(method: str, hp: Dict[str, Any]) -> str:
   """A grid point's label in tables and figures (``'at 0.1'``, ``'standard'``).
 
   The method and its first numeric hyper-parameter as written (``str``).
+
+  >>> variant_name('at', {'at_eps': 0.05}), variant_name('standard', {})
+  ('at 0.05', 'standard')
   """
   for h in NUMERIC_HPARAMS:
     if hp.get(h) is not None:
@@ -113,18 +124,31 @@ def variant_name(method: str, hp: Dict[str, Any]) -> str:
 
 
 def group_by_method(points: Sequence[GridPoint]) -> List[Tuple[str, List[GridPoint]]]:
-  """``[(method, its points)]`` in the order the methods first appear."""
+  """``[(method, its points)]`` in the order the methods first appear.
+
+  >>> [(m, len(p)) for m, p in group_by_method(grid(('at', 'iso'), at_eps=(1, 2),
+  ...                                               aug_scales=(1,)))]
+  [('at', 2), ('iso', 1)]
+  """
   methods = list(dict.fromkeys(m for m, _ in points))
   return [(m, [p for p in points if p[0] == m]) for m in methods]
 
 
 def student_index(point: int, seed: int, num_seeds: int) -> int:
-  """Position of grid point ``point``'s seed ``seed`` on the (grid-major) students axis."""
+  """Position of grid point ``point``'s seed ``seed`` on the (grid-major) students axis.
+
+  >>> student_index(point=2, seed=1, num_seeds=4)
+  9
+  """
   return point * num_seeds + seed
 
 
 def tile(tree: chex.ArrayTree, times: int) -> chex.ArrayTree:
-  """Repeats a leading seeds axis: ``[S, ...] -> [times * S, ...]`` (grid-major)."""
+  """Repeats a leading seeds axis: ``[S, ...] -> [times * S, ...]`` (grid-major).
+
+  >>> tile({'w': jnp.array([1, 2])}, 3)['w'].tolist()
+  [1, 2, 1, 2, 1, 2]
+  """
   return jax.tree_util.tree_map(lambda v: jnp.concatenate([v] * times), tree)
 
 

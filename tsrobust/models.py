@@ -28,6 +28,9 @@ import jax.numpy as jnp
 
 from tsrobust import numerics
 
+__all__ = ['MLP', 'layer_names', 'student_of', 'random_teacher_params',
+           'first_layer_kernel', 'relu', 'surrogate']
+
 
 @jax.custom_jvp
 def _relu_with_sigmoid_grad(z: chex.Array, temperature: chex.Array) -> chex.Array:
@@ -87,6 +90,12 @@ class MLP(nn.Module):
     init_scale: kernels start as N(0, init_scale**2 / fan_in); biases at 0.
     relu_grad_temperature: 0 (exact ReLU gradients) or the temperature of the
       surrogate gradient (``relu``, ``surrogate``); the values never change.
+
+  >>> model = MLP(hidden_widths=(3,), out_dim=2)
+  >>> params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4)))
+  >>> out, (h1,) = model.apply(params, jnp.ones((5, 4)))
+  >>> out.shape, h1.shape, bool((h1 >= 0).all())  # hidden activations are post-ReLU
+  ((5, 2), (5, 3), True)
   """
   hidden_widths: Sequence[int]
   out_dim: int
@@ -113,12 +122,20 @@ class MLP(nn.Module):
 
 
 def layer_names(model: MLP) -> Tuple[str, ...]:
-  """Names of the Dense layers of ``model`` in order, output last."""
+  """Names of the Dense layers of ``model`` in order, output last.
+
+  >>> layer_names(MLP((10, 10), 3))
+  ('hidden_0', 'hidden_1', 'output')
+  """
   return tuple(f'hidden_{i}' for i in range(len(model.hidden_widths))) + ('output',)
 
 
 def student_of(teacher: MLP, width_mult: int, init_scale: float = 1.0) -> MLP:
-  """The over-realized student family of ``teacher``: widths ``k * m_l``."""
+  """The over-realized student family of ``teacher``: widths ``k * m_l``.
+
+  >>> student_of(MLP((10,), 10), width_mult=5).hidden_widths
+  (50,)
+  """
   if (isinstance(width_mult, bool) or not isinstance(width_mult, numbers.Integral)
       or width_mult < 1):
     raise ValueError(f'width_mult must be an integer >= 1, got {width_mult!r}')
@@ -149,6 +166,12 @@ def random_teacher_params(key: chex.PRNGKey, model: MLP, in_dim: int,
 
   Returns:
     A Flax params dict ``{'params': {...}}`` for ``model``.
+
+  >>> teacher = MLP((10,), 10)
+  >>> params = random_teacher_params(jax.random.PRNGKey(0), teacher, in_dim=40)
+  >>> w = params['params']['hidden_0']['kernel']
+  >>> w.shape, bool(jnp.allclose(jnp.linalg.norm(w, axis=0), 1.0, atol=1e-5))  # unit fan-in
+  ((40, 10), True)
   """
   if bias_scale < 0:
     raise ValueError(f'bias_scale must be >= 0, got {bias_scale!r}')
@@ -173,6 +196,11 @@ def random_teacher_params(key: chex.PRNGKey, model: MLP, in_dim: int,
 
 
 def first_layer_kernel(params: chex.ArrayTree) -> chex.Array:
-  """The first Dense layer's kernel [d, n_1] (node ``j``'s weights are column j)."""
+  """The first Dense layer's kernel [d, n_1] (node ``j``'s weights are column j).
+
+  >>> teacher = MLP((10,), 10)
+  >>> first_layer_kernel(random_teacher_params(jax.random.PRNGKey(0), teacher, 40)).shape
+  (40, 10)
+  """
   p = params['params']
   return p['hidden_0']['kernel'] if 'hidden_0' in p else p['output']['kernel']

@@ -24,9 +24,15 @@ user's settings.
 import jax
 import jax.numpy as jnp
 
+__all__ = ['PRECISION', 'matmul']
+
 PRECISION = jax.lax.Precision.HIGHEST
 
 
 def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-  """``a @ b`` (``jnp.matmul``'s broadcasting) at ``PRECISION``."""
+  """``a @ b`` (``jnp.matmul``'s broadcasting) at ``PRECISION``.
+
+  >>> matmul(jnp.eye(2), jnp.array([[1.0], [2.0]])).tolist()
+  [[1.0], [2.0]]
+  """
   return jnp.matmul(a, b, precision=PRECISION)

@@ -39,6 +39,10 @@ import numpy as np
 from tsrobust import sweep
 from tsrobust import train
 
+__all__ = ['STARTS', 'RepFn', 'penultimate', 'representation_distance',
+           'match_representation', 'starting_points', 'robust_feature_dataset',
+           'matching_report', 'paired_regression_loss']
+
 STARTS = ('permutation', 'noise')
 
 RepFn = Callable[[chex.Array], chex.Array]
@@ -49,6 +53,12 @@ def penultimate(apply_fn: Callable, params: chex.ArrayTree) -> RepFn:
 
   ``apply_fn(params, x)`` returns ``(outputs, activations)`` (``models.MLP`` /
   ``cnn.CNN``); the representation is ``activations[-1]``.
+
+  >>> from tsrobust import models
+  >>> model = models.MLP((3, 2), 4)
+  >>> params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 5)))
+  >>> penultimate(model.apply, params)(jnp.ones((7, 5))).shape  # the 2-wide last hidden layer
+  (7, 2)
   """
   def rep(x):
     acts = apply_fn(params, x)[1]
@@ -59,7 +69,12 @@ def penultimate(apply_fn: Callable, params: chex.ArrayTree) -> RepFn:
 
 
 def representation_distance(rep_fn: RepFn, x: chex.Array, target_rep: chex.Array) -> chex.Array:
-  """``[N]`` ``||g(x_i) - target_i||_2`` for ``x [N, ...]`` and ``target_rep [N, R]``."""
+  """``[N]`` ``||g(x_i) - target_i||_2`` for ``x [N, ...]`` and ``target_rep [N, R]``.
+
+  >>> rep = lambda x: 2 * x
+  >>> representation_distance(rep, jnp.array([[1.0, 0.0]]), jnp.array([[2.0, 3.0]])).tolist()
+  [3.0]
+  """
   rep = rep_fn(x)
   chex.assert_equal_shape([rep, target_rep])
   return jnp.sqrt(((rep - target_rep) ** 2).sum(-1))

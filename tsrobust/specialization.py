@@ -24,6 +24,10 @@ import jax.numpy as jnp
 
 from tsrobust import numerics
 
+__all__ = ['CorrStats', 'empty_stats', 'batch_stats', 'merge_stats',
+           'correlation_from_stats', 'correlation_matrix', 'LayerSummary', 'summarize',
+           'weight_alignment', 'random_cosine_baseline', 'network_stats']
+
 
 class CorrStats(NamedTuple):
   """Sufficient statistics of paired activations (teacher ``a``, student ``b``).
@@ -72,6 +76,11 @@ def batch_stats(teacher_acts: chex.Array, student_acts: chex.Array) -> CorrStats
 
   Returns:
     ``CorrStats`` with ``count = N`` (``N * H * W`` for conv).
+
+  >>> a = jnp.array([[0.0, 1.0], [1.0, 0.0], [2.0, 1.0]])  # 3 samples, 2 teacher nodes
+  >>> s = merge_stats(batch_stats(a[:2], a[:2]), batch_stats(a[2:], a[2:]))
+  >>> bool(jnp.allclose(correlation_from_stats(s), correlation_matrix(a, a), atol=1e-6))
+  True
   """
   chex.assert_equal_shape_prefix([teacher_acts, student_acts], teacher_acts.ndim - 1)
   a, b = _rows(teacher_acts), _rows(student_acts)
@@ -105,7 +114,13 @@ def correlation_from_stats(stats: CorrStats, eps: float = 1e-12) -> chex.Array:
 
 def correlation_matrix(teacher_acts: chex.Array, student_acts: chex.Array,
                        eps: float = 1e-12) -> chex.Array:
-  """One-shot ``[J, K]`` normalized correlations (see the module docstring)."""
+  """One-shot ``[J, K]`` normalized correlations (see the module docstring).
+
+  >>> t = jnp.array([[0.0], [1.0], [2.0], [3.0]])          # one teacher node, 4 samples
+  >>> s = jnp.concatenate([2 * t + 1, -t, t ** 2], axis=1)  # three student nodes
+  >>> correlation_matrix(t, s).round(3).tolist()
+  [[1.0, -1.0, 0.958]]
+  """
   return correlation_from_stats(batch_stats(teacher_acts, student_acts), eps)
 
 
@@ -138,6 +153,14 @@ def summarize(stats: CorrStats, tau: float = 0.9, dead_tol: float = 1e-6,
     tau: specialization threshold on ``max_k rho_jk``.
     dead_tol: a teacher node whose variance ``m2_a / count`` is at most this is dead.
     eps: added under the square root of the correlation's denominator.
+
+  >>> t = jnp.array([[0.0, 5.0], [1.0, 5.0], [2.0, 5.0]])  # node 1 is constant: dead
+  >>> s = jnp.stack([t[:, 0] * 3.0, -t[:, 0]], axis=1)
+  >>> out = summarize(batch_stats(t, s), tau=0.9)
+  >>> float(out.mean_max_corr), float(out.frac_specialized), int(out.num_dead)
+  (1.0, 1.0, 1)
+  >>> out.best_student.tolist()[0]
+  0
   """
   rho = correlation_from_stats(stats, eps)
   variance = stats.m2_a / jnp.maximum(stats.count, 1)
@@ -173,6 +196,13 @@ def weight_alignment(teacher_kernel: chex.Array, student_kernel: chex.Array,
 
   Returns:
     ``(cos_in [J], cos_off [J])``, signed cosines.
+
+  >>> p = jnp.diag(jnp.array([1.0, 1.0, 0.0]))  # S = the first two coordinates
+  >>> w_t = jnp.array([[1.0], [0.0], [1.0]])
+  >>> w_s = jnp.array([[2.0], [0.0], [-1.0]])   # aligned in S, opposite off it
+  >>> cos_in, cos_off = weight_alignment(w_t, w_s, jnp.array([0]), p)
+  >>> float(cos_in[0]), float(cos_off[0])
+  (1.0, -1.0)
   """
   chex.assert_rank([teacher_kernel, student_kernel, projector], 2)
   chex.assert_shape(best_student, (teacher_kernel.shape[1],))
@@ -189,6 +219,9 @@ def random_cosine_baseline(dim: int) -> float:
 
   (Asymptotic in ``dim``; the exact value is
   ``Gamma(dim/2) / (sqrt(pi) Gamma((dim+1)/2))``, within 1/(4 dim) relative.)
+
+  >>> round(random_cosine_baseline(30), 3)  # rank 10 of d = 40: wcos_off_random
+  0.146
   """
   if dim < 1:
     raise ValueError(f'dim must be >= 1, got {dim}')

@@ -83,6 +83,8 @@ import numpy as np
 from tsrobust import attacks
 from tsrobust import numerics
 
+__all__ = ['p_schedule', 'basis_from_projector', 'square']
+
 Fn = Callable[[chex.Array], chex.Array]
 
 # Iteration thresholds (on a 10,000-query scale) at which p is halved.

@@ -31,10 +31,13 @@ threefry hash as the straight-line code it uses on accelerators (same bits,
 3-6x faster draws on XLA:CPU; the binaries call it; ``--unrolled_threefry``).
 """
 
+import contextlib
 import importlib
 import numbers
 import os
 import re
+import signal
+import threading
 import time
 from typing import Any, Optional, Tuple
 import warnings
@@ -44,6 +47,13 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 import numpy as np
+
+__all__ = ['SEEDS_AXIS', 'cpu_cores', 'use_all_cpu_cores',
+           'default_compilation_cache_dir', 'compilation_cache_dir',
+           'use_compilation_cache', 'SETUP_COMPILER_OPTIONS', 'jit_once',
+           'use_unrolled_threefry_on_cpu', 'seed_mesh', 'padded_size', 'shard_seeds',
+           'replicate', 'sync_processes', 'to_host', 'checked_interval',
+           'finish_before_interrupt', 'Checkpointer']
 
 SEEDS_AXIS = 'seeds'
 
@@ -246,6 +256,10 @@ def jit_once(fn, **jit_kwargs):
   not bitwise equal to the optimized build's (float rounding of the normal
   sampler's polynomial, ~1e-6); integer work such as key splitting is exact.
   Use it for code that runs once per run, not for training or attack loops.
+
+  >>> draw = jit_once(lambda key: jax.random.split(key, 3))  # set-up code, run once
+  >>> draw(jax.random.PRNGKey(0)).shape
+  (3, 2)
   """
   def compiled(*args, **kwargs):
     if not jitted:  # the backend is known only once JAX runs
@@ -322,7 +336,12 @@ def seed_mesh(devices=None) -> Mesh:
 
 
 def padded_size(num_seeds: int, mesh: Mesh) -> int:
-  """The smallest multiple of the mesh size that is >= ``num_seeds``."""
+  """The smallest multiple of the mesh size that is >= ``num_seeds``.
+
+  >>> mesh = seed_mesh(jax.devices()[:1])
+  >>> padded_size(3, mesh)  # a multiple of the mesh's one device
+  3
+  """
   if num_seeds < 1:
     raise ValueError(f'num_seeds must be >= 1, got {num_seeds}')
   n = mesh.devices.size
@@ -335,6 +354,11 @@ def shard_seeds(tree: Any, mesh: Mesh) -> Any:
   Every process must pass the same full arrays (as built from the same keys);
   each device receives its slice. Leading axes must be multiples of the mesh
   size (see ``padded_size``).
+
+  >>> mesh = seed_mesh(jax.devices()[:1])
+  >>> tree = shard_seeds({'w': np.arange(6.0).reshape(3, 2)}, mesh)
+  >>> tree['w'].sharding.spec == PartitionSpec(SEEDS_AXIS), to_host(tree)['w'].tolist()[2]
+  (True, [4.0, 5.0])
   """
   sharding = NamedSharding(mesh, PartitionSpec(SEEDS_AXIS))
   n = mesh.devices.size
@@ -436,11 +460,45 @@ def _replicated_global(v: jax.Array) -> jax.Array:
 
 def checked_interval(seconds: Any, name: str) -> float:
   """``seconds`` as a float if it is a real number >= 0 (not a bool), else a ValueError
-  naming ``name``: the check of every checkpoint interval."""
+  naming ``name``: the check of every checkpoint interval.
+
+  >>> checked_interval(2, 'every_sec')
+  2.0
+  >>> checked_interval(-1, 'every_sec')
+  Traceback (most recent call last):
+  ValueError: every_sec must be a number >= 0, got -1
+  """
   if (isinstance(seconds, bool) or not isinstance(seconds, numbers.Real)
       or not seconds >= 0):
     raise ValueError(f'{name} must be a number >= 0, got {seconds!r}')
   return float(seconds)
+
+
+@contextlib.contextmanager
+def finish_before_interrupt():
+  """Holds a Ctrl-C (SIGINT) that arrives inside the block and raises it when the block ends.
+
+  For work that must not stop half-way, such as writing a checkpoint: the interrupt
+  is not lost, only delayed until the block is done. Only in the main thread, and only
+  while SIGINT has Python's default handler (a program that installed its own keeps it).
+
+  >>> with finish_before_interrupt():
+  ...   done = 1 + 1
+  >>> done
+  2
+  """
+  if (threading.current_thread() is not threading.main_thread()
+      or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    yield
+    return
+  held = []
+  signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+  if held:
+    raise KeyboardInterrupt
 
 
 class Checkpointer:
@@ -465,6 +523,12 @@ class Checkpointer:
   array (one every process holds alike, such as a single teacher being
   trained) is saved as a global replicated array, which orbax writes once,
   and restored back to the template's device.
+
+  A save, once begun, completes: a Ctrl-C (SIGINT) arriving during it is held
+  and raised as ``KeyboardInterrupt`` right after it (``finish_before_interrupt``),
+  so an interrupted run never leaves a half-written checkpoint. Folders that a
+  killed process (``kill -9``) left half-written are removed by the next
+  ``Checkpointer`` on the folder (orbax's ``cleanup_tmp_directories``).
   """
 
   def __init__(self, folder: str, max_to_keep: int = 1, every_sec: float = 0.0):
@@ -476,7 +540,8 @@ class Checkpointer:
     sync_processes()
     self._manager = ocp.CheckpointManager(
         self.folder, options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, enable_async_checkpointing=False))
+            max_to_keep=max_to_keep, enable_async_checkpointing=False,
+            cleanup_tmp_directories=True))
     self._last_save = time.monotonic()
 
   def _due(self, force: bool) -> bool:
@@ -496,8 +561,9 @@ class Checkpointer:
     tree = jax.tree_util.tree_map(
         lambda v: _replicated_global(v) if _process_local(v) else v, tree)
     sync_processes()
-    self._manager.save(step, args=self._ocp.args.StandardSave(tree), force=True)
-    self._manager.wait_until_finished()
+    with finish_before_interrupt():
+      self._manager.save(step, args=self._ocp.args.StandardSave(tree), force=True)
+      self._manager.wait_until_finished()
     self._last_save = time.monotonic()
     return True
 

@@ -37,6 +37,11 @@ from tsrobust import io
 from tsrobust import sweep
 from tsrobust import train
 
+__all__ = ['TEACHER_TRAININGS', 'ROLES', 'RF_MODEL_INITS', 'TEACHER_CHUNK',
+           'TEACHER_FORMAT', 'TEACHER_FIELDS', 'TRAIN_KEY', 'STREAMS', 'config_hash',
+           'supervised_loss', 'teacher_spec', 'teachers_root', 'teacher_folder',
+           'pretrain_teacher']
+
 TEACHER_TRAININGS = ('standard', 'pgd')
 ROLES = ('teacher', 'robust_model')
 # How the robust model (robust-feature datasets) starts: its own initialization and PRNG stream
@@ -58,7 +63,13 @@ STREAMS = {'robust_model': 1}
 
 
 def config_hash(obj: Any) -> str:
-  """16 hex digits of the SHA-256 of ``obj`` as sorted JSON (``io.to_plain`` values)."""
+  """16 hex digits of the SHA-256 of ``obj`` as sorted JSON (``io.to_plain`` values).
+
+  >>> config_hash({'b': (1, 2), 'a': 0.5}) == config_hash({'a': 0.5, 'b': [1, 2]})
+  True
+  >>> len(config_hash({'a': 1}))
+  16
+  """
   text = json.dumps(io.to_plain(obj), sort_keys=True)
   return hashlib.sha256(text.encode('utf-8')).hexdigest()[:16]
 
@@ -159,7 +170,11 @@ def teacher_spec(fields: Mapping[str, Any], role: str = 'teacher') -> Dict[str, 
 
 
 def teachers_root(teacher_dir: str, workdir: str) -> str:
-  """Where pretrained teachers live: ``teacher_dir`` (absolute), or ``workdir/teachers``."""
+  """Where pretrained teachers live: ``teacher_dir`` (absolute), or ``workdir/teachers``.
+
+  >>> teachers_root('', '/runs/real'), teachers_root('/shared/teachers', '/runs/real')
+  ('/runs/real/teachers', '/shared/teachers')
+  """
   return os.path.abspath(teacher_dir or os.path.join(workdir, 'teachers'))
 
 

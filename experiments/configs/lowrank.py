@@ -2,20 +2,30 @@
 
 Every field can be overridden on the command line, e.g.
 ``--config.ranks='(5, 40)' --config.num_seeds=16``.
+
+``--config=experiments/configs/lowrank.py:smoke`` is a smoke test of the whole pipeline
+(training, specialization, the attack ensemble, result files, figure) in about a minute
+on 2 CPU cores: d = 20, ranks 5 and 20, 2 seeds, 3,000 steps, 128 attacked points, the
+``fast`` ensemble. Its numbers show the effect (students specialize in S, not off it,
+and break off it) but are not the manual's.
 """
 
 import ml_collections
 
 from experiments.configs import attacks
 
+PRESETS = ('default', 'smoke')
 
-def get_config() -> ml_collections.ConfigDict:
+
+def get_config(preset: str = 'default') -> ml_collections.ConfigDict:
+  if preset not in PRESETS:
+    raise ValueError(f'config preset must be one of {PRESETS}, got {preset!r}')
   c = ml_collections.ConfigDict()
   c.seed = 0                  # master PRNG seed; seed s of the sweep uses fold_in(seed, s)
   c.num_seeds = 8             # students per rank (a vmapped axis)
 
   # Task: inputs x = U z in an r-dim subspace of R^d.
-  c.d = 40
+  c.d = 40                    # input dimension
   c.ranks = (5, 10, 20, 40)   # r = d is the full-rank case
   c.data_scale = 1.0          # per-coordinate std of full-rank data
   c.energy_matched = True     # z ~ N(0, s^2 I_r) with s = data_scale*sqrt(d/r): E||x||^2 equal at every rank
@@ -23,37 +33,41 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Teacher (the oracle): a random ReLU MLP (Tian 2019).
   c.teacher_hidden = (10,)    # hidden widths m_1..m_{L-1}
-  c.out_dim = 10              # outputs C
-  c.use_bias = True
-  c.teacher_bias_scale = 0.5
+  c.out_dim = 10              # outputs (classes) C
+  c.use_bias = True           # teacher and student layers have biases
+  c.teacher_bias_scale = 0.5  # teacher biases ~ N(0, scale^2)
   c.strength_decay = 0.0      # fan-out of hidden node j scaled by (j+1)^-decay
   c.teacher_per_seed = True   # each seed draws its own teacher and subspace (False: shared)
 
   # Student: same family, widths x width_mult.
-  c.width_mult = 5
+  c.width_mult = 5            # student width = width_mult x the teacher's (over-realization)
   c.student_init_scale = 1.0  # kernels start as N(0, scale^2 / fan_in)
 
   # Training.
-  c.loss = 'mse'              # mse | ce_argmax | ce_soft
-  c.optimizer = 'momentum'    # sgd | momentum | adam
-  c.learning_rate = 0.05
-  c.momentum = 0.9
-  c.weight_decay = 0.0
-  c.schedule = 'constant'     # constant | cosine
-  c.batch_size = 128
-  c.num_steps = 20000
+  c.loss = 'mse'              # student's loss to the teacher's outputs
+  c.optimizer = 'momentum'    # student optimizer
+  c.learning_rate = 0.05      # student learning rate
+  c.momentum = 0.9            # momentum of optimizer = momentum
+  c.weight_decay = 0.0        # L2 penalty added to the gradient (optax.add_decayed_weights)
+  c.schedule = 'constant'     # learning-rate schedule
+  c.batch_size = 128          # training batch per student and step
+  c.num_steps = 20000         # training steps per student
   c.chunk_steps = 2000        # steps per jitted lax.scan chunk
 
   # Evaluation.
   c.num_eval = 4096           # held-out in-subspace points for specialization
   c.eval_batch = 1024         # streaming batch (must divide num_eval)
   c.probe_scale = 1.0         # xi ~ N(0, probe_scale^2 I_d) in the probes x + P_perp xi
-  c.tau = 0.9                 # specialization threshold
+  c.tau = 0.9                 # a teacher node is specialized when max_k rho_jk >= tau
 
   # Attacks: an ensemble (PGD, APGD, APGD-T, Square; tsrobust/evaluate.py), worst case per
   # example, judged by the oracle and by the teacher's clean label.
-  c.attack_norm = 'l2'        # l2 | linf
-  c.eps = (0.5, 1.0, 2.0)     # budgets; columns are named with these as written
+  c.attack_norm = 'l2'        # norm of the attack budgets
+  c.eps = (0.5, 1.0, 2.0)     # attack budgets; columns are named with these as written
   attacks.add_attack_fields(c, oracle_tolerance=0.05, convergence_points=128)
   c.num_attack = 512          # held-out in-subspace points attacked
+
+  if preset == 'smoke':
+    c.update(d=20, ranks=(5, 20), num_seeds=2, num_steps=3000, chunk_steps=1000,
+             num_eval=1024, eval_batch=512, num_attack=128, attack_strength='fast')
   return c

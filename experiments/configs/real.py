@@ -36,10 +36,10 @@ def get_config(preset: str = 'mnist') -> ml_collections.ConfigDict:
 
   # Data.
   # mnist | cifar10 | fashion_mnist (the MNIST IDX format, see tsrobust/datasets.py)
-  c.dataset = preset if preset in ('cifar10', 'fashion_mnist') else 'mnist'
+  c.dataset = preset if preset in ('cifar10', 'fashion_mnist') else 'mnist'  # the image set
   # '' = bundled MNIST subset (4000 train / 1000 test) for mnist, the Debian package's folder
   # for fashion_mnist; cifar10 needs one.
-  c.data_dir = ''
+  c.data_dir = ''             # folder of the dataset's files ('': see above)
   c.num_train = 0             # first N training images (0: all)
   c.num_test = 0              # first M test images (0: all)
   c.lowrank_rank = 0          # r > 0: project images onto the top-r PCA directions of the train set
@@ -47,14 +47,14 @@ def get_config(preset: str = 'mnist') -> ml_collections.ConfigDict:
   # Teacher (the oracle): a CNN trained on the true labels (cross-entropy, Adam).
   c.teacher_conv = (8, 16)    # channels of the conv-ReLU-pool blocks
   c.teacher_dense = (32,)     # hidden Dense widths after flattening
-  c.kernel_size = 3
+  c.kernel_size = 3           # conv kernel size (teacher and students)
   c.pool = 'max'              # max | avg | none (2x2, stride 2, after every conv)
-  c.use_bias = True
-  c.teacher_training = 'standard'  # standard | pgd (L-inf PGD-AT at teacher_eps: a robust teacher)
-  c.teacher_eps = 0.1
-  c.teacher_steps = 2000
-  c.teacher_batch = 64
-  c.teacher_lr = 0.003
+  c.use_bias = True           # conv and Dense layers have biases
+  c.teacher_training = 'standard'  # standard, or pgd: L-inf PGD-AT at teacher_eps (robust)
+  c.teacher_eps = 0.1         # PGD-AT budget of a pgd teacher (L-inf, in 1 / eps_denominator)
+  c.teacher_steps = 2000      # teacher training steps (Adam, cross-entropy on the true labels)
+  c.teacher_batch = 64        # teacher training batch
+  c.teacher_lr = 0.003        # teacher learning rate
   c.teacher_pgd_steps = 5     # PGD steps of PGD-AT (teacher and robust model)
   # Every PGD-AT from scratch or fine-tuning (a PGD teacher, the robust model below) ramps its
   # budget linearly from eps / W to eps over its first W = pgd_warmup * steps steps (0: off).
@@ -62,7 +62,7 @@ def get_config(preset: str = 'mnist') -> ml_collections.ConfigDict:
   # a PGD teacher with seed 1 / 2 / 3 (clean test accuracy, PGD-20 robust accuracy at 0.1):
   # without a warm-up 0.977 / 0.969 / 0.309 (seed 3 STALLED), robust 0.917 / 0.905 / 0.261;
   # with 150 steps (0.1) 0.977 / 0.967 / 0.978, robust 0.904 / 0.891 / 0.905.
-  c.pgd_warmup = 0.1
+  c.pgd_warmup = 0.1          # fraction of a PGD-AT's steps over which its budget ramps up (0: off)
   c.teacher_dir = ''          # '' = <workdir>/teachers; a shared folder lets workdirs share teachers
 
   # Robust-feature dataset (Ilyas et al. 2019): representation matching on the penultimate
@@ -72,36 +72,36 @@ def get_config(preset: str = 'mnist') -> ml_collections.ConfigDict:
   # trained robust model; teacher: the teacher fine-tuned by that PGD-AT (or the teacher itself
   # when teacher_training = 'pgd'). PGD-AT from scratch can stall on MNIST (pgd_warmup above
   # guards it; ~90 s for 1,500 steps); summary.md reports the robust model's accuracies.
-  c.rf_model_init = 'scratch'
-  c.rf_model_eps = 0.1
-  c.rf_model_steps = 1500
+  c.rf_model_init = 'scratch'  # the robust model: trained from scratch, or the teacher fine-tuned
+  c.rf_model_eps = 0.1        # PGD-AT budget of the robust model (L-inf)
+  c.rf_model_steps = 1500     # PGD-AT steps of the robust model
   # About 1,000 normalized L2 steps of 0.1 as Ilyas et al.; 100 stopped at representation
   # distance 11.0 of a norm 40 (the matching had not converged).
-  c.rf_steps = 1000
-  c.rf_step_size = 0.1
-  c.rf_start = 'permutation'  # permutation (another training image) | noise
+  c.rf_steps = 1000           # representation-matching steps per robust-feature image
+  c.rf_step_size = 0.1        # size of each normalized L2 matching step
+  c.rf_start = 'permutation'  # where matching starts: another training image (permutation) or noise
   # Images matched at once, spread over the devices (rounded up to a multiple of their count).
   # The matching is memory-bound on a CPU: batches whose slice per device fits the caches are
   # fastest (benchmarks/rf_matching.py, 2 devices: 72 us per image and step at 128, 101 at
   # 1,024; 124 at 1,024 on one device, the layout before 2026-11-26).
-  c.rf_batch = 128
+  c.rf_batch = 128            # images matched at once (see above)
 
   # Students: the teacher's CNN with every hidden width x width_mult, trained on the teacher's
   # outputs (loss) over the training images.
-  c.width_mult = 2
-  c.student_init_scale = 1.0
-  c.loss = 'mse'              # mse | ce_argmax | ce_soft
-  c.optimizer = 'adam'        # sgd | momentum | adam
-  c.learning_rate = 0.001
-  c.momentum = 0.9
-  c.weight_decay = 0.0
-  c.schedule = 'constant'     # constant | cosine
-  c.batch_size = 32
-  c.num_steps = 1000
-  c.chunk_steps = 250
+  c.width_mult = 2            # student widths = width_mult x the teacher's
+  c.student_init_scale = 1.0  # kernels start as N(0, scale^2 / fan_in)
+  c.loss = 'mse'              # student's loss to the teacher's outputs
+  c.optimizer = 'adam'        # student optimizer
+  c.learning_rate = 0.001     # student learning rate
+  c.momentum = 0.9            # momentum of optimizer = momentum
+  c.weight_decay = 0.0        # L2 penalty added to the gradient
+  c.schedule = 'constant'     # learning-rate schedule
+  c.batch_size = 32           # training batch per student and step
+  c.num_steps = 1000          # training steps per student
+  c.chunk_steps = 250         # steps per jitted lax.scan chunk
 
   # Methods: standard | at | ccat | robust_features | orth | iso (orth / iso need lowrank_rank > 0)
-  c.methods = ('standard', 'at', 'ccat', 'robust_features')
+  c.methods = ('standard', 'at', 'ccat', 'robust_features')  # the training methods compared
   # PGD-AT and CCAT each at a small and a large budget, so that correlations within a method
   # mean something (PAPER.md claim 4; the within-method columns of summary.md): 6 grid points
   # x 4 seeds = 24 students. Measured (2026-11-26, idle, with the 1,000-step robust features):
@@ -110,24 +110,24 @@ def get_config(preset: str = 'mnist') -> ml_collections.ConfigDict:
   # and CCAT 255 s, evaluation 697 s); PGD-AT at 0.15 and 0.3 gave the same robust accuracy
   # (0.405 / 0.400 at 0.1), so the middle budgets went to keep the run under 30 min.
   c.at_eps = (0.05, 0.3)      # PGD-AT budgets (L-inf)
-  c.at_steps = 3
+  c.at_steps = 3              # PGD steps per training batch
   c.at_label = 'oracle'       # oracle: teacher at the perturbed point; fixed: at the clean point
   c.at_fraction = 1.0         # fraction of each batch replaced by PGD points
-  c.ccat_eps = (0.1, 0.3)
-  c.ccat_steps = 3
-  c.ccat_rho = 10.0
+  c.ccat_eps = (0.1, 0.3)     # CCAT training budgets
+  c.ccat_steps = 3            # PGD steps of CCAT's attack
+  c.ccat_rho = 10.0           # lam = (1 - min(1, ||delta|| / eps))^rho
   c.aug_scales = (0.5,)       # orth / iso: noise std per pixel
-  c.aug_fraction = 0.5
+  c.aug_fraction = 0.5        # fraction of each batch replaced by noisy points
 
   # Evaluation: specialization on the test set; the L-inf attack ensemble on the first
   # num_attack test images.
-  c.eps_denominator = 1.0
+  c.eps_denominator = 1.0     # budgets are in units of 1 / eps_denominator (CIFAR-10: 255)
   c.attack_norm = 'linf'      # linf | l2: evaluation attacks, PGD-AT and CCAT (not the teacher's)
   # Whose labels judge the students' attacks: oracle (the teacher at x + delta, the paper's
   # robustness) and/or true (the dataset's labels). The default is oracle only: true doubles
   # the evaluation (~45% of it on MNIST) and put the default run over 30 min on 2 cores. The
   # teacher's (and robust model's) true-label robust accuracy is always reported.
-  c.attack_labels = ('oracle',)
+  c.attack_labels = ('oracle',)  # whose labels judge the attacks: oracle and / or true
   c.probe_scale = 0.15        # lowrank_rank > 0: spec_off on x + P_perp xi, xi ~ N(0, s^2 I)
   # L-inf budgets. The teacher is a standard (non-robust) CNN, so it is itself broken at
   # 0.2 on most points (true-label robust accuracy 0.29 at 0.1, 0.00 at 0.2 and 0.3 with
@@ -136,20 +136,18 @@ def get_config(preset: str = 'mnist') -> ml_collections.ConfigDict:
   # true-label robust accuracy is 0.000 and every student's oracle robust accuracy <= 0.03
   # (32 students, 2026-11-26): 0.05 / 0.1 span from mostly robust to mostly broken, and
   # dropping 0.15 saved a third of the evaluation.
-  c.eps = (0.05, 0.1)
+  c.eps = (0.05, 0.1)         # evaluation attack budgets (see above)
   attacks.add_attack_fields(c, oracle_tolerance=0.0, convergence_points=25)
-  # apgd_pair on the teacher's nearest class only (2 pairs x 100 iterations): on a CNN each
-  # pair costs about 3 APGD runs of the default's 30 iterations.
-  c.pair_targets = 1
+  c.pair_targets = 1          # apgd_pair: the nearest class only (each pair costs ~3 APGD runs)
   # 100 attacked images per student: the ensemble costs ~16 s per student and budget per 200
   # images on 2 CPU cores (PGD-KL 1.5 s, APGD 1.7, APGD-T 2.6, Square 2.9 for oracle labels;
   # 0.9 / 1.5 / 2.8 / 2.3 for true labels), so 200 would put the default run over 30 min.
   # Per method the Wilson intervals pool seeds x 100 images (n = 400 at 4 seeds).
-  c.num_attack = 100
-  c.tau = 0.9
+  c.num_attack = 100          # test images attacked per student (see above)
+  c.tau = 0.9                 # a teacher node is specialized when max_k rho_jk >= tau
   c.eval_batch = 250          # streaming batch of the specialization statistics (divides the test size)
-  c.ccat_pass_rate = 0.99
-  c.bootstrap_resamples = 2000
+  c.ccat_pass_rate = 0.99     # CCAT evaluation: threshold passing this fraction of correct points
+  c.bootstrap_resamples = 2000  # bootstrap resamples (of seeds) of the correlation intervals
 
   if preset == 'cifar10':
     # All 50,000 training images: they are shared by the students, not copied per student
@@ -201,7 +199,7 @@ def get_config(preset: str = 'mnist') -> ml_collections.ConfigDict:
     # spec_off use 0.15, the real digits' own spread.
     c.aug_scales = (0.15, 0.5)
     c.probe_scale = 0.15
-    # Time (2-core CPU, target < 30 min, see README): the standard ensemble costs ~8 s per
+    # Time (2-core CPU, target < 30 min, see docs/real.md): the standard ensemble costs ~8 s per
     # student, budget, subspace and 100 images for oracle labels; here 24 students x 2 budgets
     # x 3 subspaces (in, off, full) x 50 images, plus the teacher's own true-label robustness
     # (one network, unconstrained). Students judged by oracle labels only (the true error in
