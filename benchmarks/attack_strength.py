@@ -68,6 +68,7 @@ import numpy as np
 
 from benchmarks import hardware
 from benchmarks import setting
+from experiments import common
 from experiments import real
 from experiments.configs import real as real_config
 from tsrobust import attacks
@@ -75,9 +76,14 @@ from tsrobust import cnn
 from tsrobust import data
 from tsrobust import datasets
 from tsrobust import evaluate
+from tsrobust import methods
 from tsrobust import train
 
-_NETWORKS = flags.DEFINE_list('networks', ['mlp', 'cnn'], 'which networks: mlp, cnn')
+_NETWORKS = flags.DEFINE_list('networks', ['mlp', 'cnn'], 'which networks: mlp, mlp_at, cnn')
+_AT_EPS = flags.DEFINE_float('at_eps', 0.5, 'mlp_at: the L2 budget of its PGD adversarial '
+                             'training (the robustness study: 0.5 / 1 / 2)')
+_AT_TRAIN_STEPS = flags.DEFINE_integer('at_train_steps', 10000,
+                                       'mlp_at: training steps (the robustness study: 10,000)')
 _NUM_POINTS = flags.DEFINE_integer('num_points', 500, 'attacked points (MLP)')
 _CNN_POINTS = flags.DEFINE_integer('cnn_points', 100,
                                    'attacked test images of the CNN (0: --num_points)')
@@ -221,12 +227,28 @@ def _square_side(d: int) -> int:
     side += 1
 
 
-def mlp_network(num_points: int, train_steps: int, eps: Sequence[float], seed: int) -> Network:
+def mlp_network(num_points: int, train_steps: int, eps: Sequence[float], seed: int,
+                at_eps: float = 0.0) -> Network:
+  """The default low-rank student of seed 0; with ``at_eps > 0`` trained by PGD-AT instead.
+
+  PGD-AT as the robustness study trains it (``experiments/configs/robustness.py``: L2, 5
+  steps, oracle labels, the whole batch attacked, unconstrained), at budget ``at_eps``.
+  """
   import torch  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
   p = setting.jax_problem(1)
-  state, losses = train.train_seeds(p.loss_fn, p.optimizer, p.state, p.teacher_params,
-                                    p.data_args, p.keys, num_steps=train_steps,
+  loss_fn, data_args, how = p.loss_fn, p.data_args, 'standard training'
+  if at_eps > 0:
+    settings = methods.Settings(loss=p.config.loss, batch_size=p.config.batch_size,
+                                at_norm='l2', at_steps=5, at_label='oracle', at_fraction=1.0)
+    points = [('at', {'at_eps': at_eps, 'at_where': 'full', 'at_label': 'oracle'})]
+    loss_fn = methods.make_loss('at', p.student.apply, p.teacher.apply,
+                                common.sampler(p.config.num_train), settings)
+    data_args = {**p.data_args, **methods.student_args(points, 1, settings),
+                 **methods.subspace_args(points, p.projector)}
+    how = f'PGD-AT (L2, eps {at_eps:g}, 5 steps, oracle labels)'
+  state, losses = train.train_seeds(loss_fn, p.optimizer, p.state, p.teacher_params,
+                                    data_args, p.keys, num_steps=train_steps,
                                     chunk_steps=min(1000, max(train_steps, 1)))
   sp = setting.seed_slice(state.params, 0)
   tp = setting.seed_slice(p.teacher_params, 0)
@@ -256,11 +278,12 @@ def mlp_network(num_points: int, train_steps: int, eps: Sequence[float], seed: i
 
   widths = ' -> '.join(str(w) for w in (d,) + tuple(p.student.hidden_widths)
                        + (p.student.out_dim,))
-  info = (f'MLP student {widths} trained '
+  info = (f'MLP student {widths} trained by {how} for '
           f'{train_steps} steps on its teacher (final chunk loss {float(losses[0, -1]):.2e}, '
           f'{time.perf_counter() - t0:.0f} s); torchattacks view x = {lo:.3f} + {scale:.3f} u; '
           f'Square / AutoAttack on [N, 1, {side}, {side}] ({side * side - d} padding entries)')
-  return Network('mlp', p.student.apply, sp, x, labels, 'fixed', 'l2', tuple(eps), None,
+  return Network('mlp_at' if at_eps > 0 else 'mlp', p.student.apply, sp, x, labels, 'fixed',
+                 'l2', tuple(eps), None,
                  _unit_view(student, d, None, lo, scale), to_torch, from_torch,
                  lambda e: e / scale, _unit_view(student, d, side, lo, scale), to_padded,
                  from_torch, info)
@@ -546,8 +569,8 @@ def main(argv):
   import torch  # pylint: disable=g-import-not-at-top
   default_threads = torch.get_num_threads()
   for name in _NETWORKS.value:
-    if name not in ('mlp', 'cnn'):
-      raise ValueError(f"--networks must hold 'mlp' and / or 'cnn', got {name!r}")
+    if name not in ('mlp', 'mlp_at', 'cnn'):
+      raise ValueError(f"--networks must hold mlp, mlp_at and / or cnn, got {name!r}")
   for s in _STRENGTHS.value:
     evaluate.preset(s)
   t_start = time.perf_counter()
@@ -566,6 +589,13 @@ def main(argv):
     print(f'MLP, L2, fixed labels, N = {_NUM_POINTS.value}', flush=True)
     table, notes = strength_table(mlp, _STRENGTHS.value, seed)
     out.append((f'MLP (L2, fixed labels, no clipping), N = {_NUM_POINTS.value}', table, notes))
+  if 'mlp_at' in _NETWORKS.value:
+    net = mlp_network(_NUM_POINTS.value, _AT_TRAIN_STEPS.value,
+                      [float(e) for e in _MLP_EPS.value], seed, at_eps=_AT_EPS.value)
+    print(f'MLP PGD-AT {_AT_EPS.value:g}, L2, fixed labels, N = {_NUM_POINTS.value}', flush=True)
+    table, notes = strength_table(net, _STRENGTHS.value, seed)
+    out.append((f'MLP trained by PGD-AT at eps {_AT_EPS.value:g} (L2, fixed labels, no '
+                f'clipping), N = {_NUM_POINTS.value}', table, notes))
   if 'cnn' in _NETWORKS.value:
     n = _CNN_POINTS.value or _NUM_POINTS.value
     net = cnn_network(n, _CNN_TRAIN_STEPS.value, [float(e) for e in _CNN_EPS.value], seed)

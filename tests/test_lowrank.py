@@ -69,8 +69,10 @@ def test_writes_files_that_parse(tiny_run):
   for group in checks['groups'].values():
     assert group['final'] == {'non_monotone_in_eps': 0, 'subspace_not_in_full': 0,
                               'row_violations': 0}
-    assert set(group['per_attack']) == {'pgd', 'apgd', 'apgd_t', 'square'}
+    assert set(group['per_attack']) == {'pgd', 'apgd', 'apgd_t', 'square', 'apgd_pair'}
     assert set(group['convergence']) == {'oracle', 'fixed'}
+    assert group['doubling']['points'] == 16 and group['doubling']['students'] == 2
+  assert '### Convergence: the ensemble with every iteration count doubled' in table
 
 
 @pytest.mark.slow

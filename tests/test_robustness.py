@@ -107,10 +107,22 @@ def test_summary_and_figure(tiny_run):
   assert '## Attack checks (`attack_strength = fast`)' in text
   with open(os.path.join(workdir, 'attack_checks.json')) as f:
     checks = json.load(f)
-  assert list(checks['groups']) == ['standard', 'at', 'ccat', 'orth', 'iso']
-  assert checks['groups']['at']['students'] == 8
+  # Per grid point (a method and its hyper-parameters), each with its convergence check.
+  assert list(checks['groups']) == ['standard', 'at 0.5 full', 'at 1.0 full', 'at 0.5 in',
+                                    'at 1.0 in', 'ccat 1.0', 'orth 1.0', 'iso 1.0']
+  assert checks['groups']['at 0.5 in']['students'] == 2
   for group in checks['groups'].values():
     assert group['final']['row_violations'] == 0
+    doubling = group['doubling']
+    assert doubling['points'] == 16 and doubling['students'] == 2  # min(128, num_attack)
+    assert set(doubling['cells']) == {f'{l}_{w}_{e:g}' for l in ('oracle', 'fixed')
+                                      for w in ('in', 'off', 'full') for e in (0.5, 1.0, 2.0)}
+    for before, after in doubling['cells'].values():
+      assert 0 <= before <= after <= 1  # the doubled run's successes are added, never removed
+    assert doubling['converged'] == (doubling['max_gain'] <= doubling['threshold'])
+  assert '### Convergence: the ensemble with every iteration count doubled' in text
+  unconverged = [k for k, g in checks['groups'].items() if not g['doubling']['converged']]
+  assert (f'**Not converged: {", ".join(unconverged)}.**' in text) == bool(unconverged)
   with open(os.path.join(workdir, 'robustness.png'), 'rb') as f:
     assert f.read(4) == b'\x89PNG'
 
