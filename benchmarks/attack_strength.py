@@ -79,7 +79,9 @@ from tsrobust import evaluate
 from tsrobust import methods
 from tsrobust import train
 
-_NETWORKS = flags.DEFINE_list('networks', ['mlp', 'cnn'], 'which networks: mlp, mlp_at, cnn')
+_NETWORKS = flags.DEFINE_list('networks', ['mlp', 'cnn'],
+                              'which networks: mlp, mlp_at, cnn, cnn_at')
+_CNN_AT_EPS = flags.DEFINE_float('cnn_at_eps', 0.1, 'cnn_at: the L-inf budget of its PGD-AT')
 _AT_EPS = flags.DEFINE_float('at_eps', 0.5, 'mlp_at: the L2 budget of its PGD adversarial '
                              'training (the robustness study: 0.5 / 1 / 2)')
 _AT_TRAIN_STEPS = flags.DEFINE_integer('at_train_steps', 10000,
@@ -289,7 +291,11 @@ def mlp_network(num_points: int, train_steps: int, eps: Sequence[float], seed: i
                  from_torch, info)
 
 
-def cnn_network(num_points: int, train_steps: int, eps: Sequence[float], seed: int) -> Network:
+def cnn_network(num_points: int, train_steps: int, eps: Sequence[float], seed: int,
+                at_eps: float = 0.0) -> Network:
+  """The real study's teacher architecture on MNIST; with ``at_eps > 0`` trained by L-inf
+  PGD-AT (5 steps, the budget ramped up over the first fifth of training, as the image
+  study's robust models are)."""
   import torch  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
   c = real_config.get_config('mnist')
@@ -299,14 +305,15 @@ def cnn_network(num_points: int, train_steps: int, eps: Sequence[float], seed: i
                      f'got {num_points}')
   model = real.teacher_model(c, ds.num_classes)
   n = ds.train_x.shape[0]
-  loss_fn = real.supervised_loss(model.apply, n, c.teacher_batch, pgd_steps=0)
+  loss_fn = real.supervised_loss(model.apply, n, c.teacher_batch, pgd_steps=5 if at_eps else 0,
+                                 eps_warmup=train_steps // 5 if at_eps else 0)
   optimizer = train.make_optimizer('adam', c.teacher_lr)
   k_init, k_train = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), 2))
   params = cnn.init_params(k_init, model, ds.image_shape)
   add_axis = lambda tree: jax.tree_util.tree_map(lambda v: jnp.asarray(v)[None], tree)
   state = add_axis(train.init_state(params, optimizer))
   data_args = add_axis({'train_x': ds.train_x, 'train_y': ds.train_y,
-                        'at_eps': jnp.float32(0.0)})
+                        'at_eps': jnp.float32(at_eps)})
   state, losses = train.train_seeds(loss_fn, optimizer, state, jnp.zeros((1,)), data_args,
                                     k_train[None], num_steps=train_steps,
                                     chunk_steps=min(250, max(train_steps, 1)))
@@ -317,12 +324,14 @@ def cnn_network(num_points: int, train_steps: int, eps: Sequence[float], seed: i
                     == ds.test_y).mean())
   to_torch = lambda v: torch.from_numpy(np.ascontiguousarray(np.asarray(v).transpose(0, 3, 1, 2)))
   from_torch = lambda u: u.detach().cpu().numpy().transpose(0, 2, 3, 1).astype(np.float32)
+  how = f', L-inf PGD-AT at {at_eps:g} (5 steps)' if at_eps else ''
   info = (f'CNN conv {tuple(c.teacher_conv)} dense {tuple(c.teacher_dense)} on {ds.name} '
-          f'({n} train images), Adam lr {c.teacher_lr} batch {c.teacher_batch}, '
+          f'({n} train images{how}), Adam lr {c.teacher_lr} batch {c.teacher_batch}, '
           f'{train_steps} steps (final chunk loss {float(losses[0, -1]):.3f}, '
           f'{time.perf_counter() - t0:.0f} s); test accuracy {test_acc:.3f} '
           f'({ds.test_x.shape[0]} images)')
-  return Network('cnn', model.apply, params, x, labels, 'true', 'linf', tuple(eps), (0.0, 1.0),
+  return Network('cnn_at' if at_eps else 'cnn', model.apply, params, x, labels, 'true', 'linf',
+                 tuple(eps), (0.0, 1.0),
                  torch_cnn(model, params), to_torch, from_torch, lambda e: e, info=info)
 
 
@@ -352,7 +361,7 @@ def ours(net: Network, strength: str, seed: int) -> Tuple[Dict[str, np.ndarray],
   """``{row: [E, N] bool}`` of our ensemble at ``strength`` and of each attack; wall seconds."""
   ev = evaluate.Evaluator(net.apply, net.apply, norm=net.norm, config=evaluate.preset(strength),
                           clip_range=net.clip_range, shared_teacher=True, shared_data=True,
-                          batching='vmap' if net.name == 'mlp' else 'map')
+                          batching='map' if net.name.startswith('cnn') else 'vmap')
   sp = jax.tree_util.tree_map(lambda v: jnp.asarray(v)[None], net.params)
   keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), 3), 1)
   t0 = time.perf_counter()
@@ -360,7 +369,7 @@ def ours(net: Network, strength: str, seed: int) -> Tuple[Dict[str, np.ndarray],
                   labels_kinds=(net.label_kind,), labels=jnp.asarray(net.labels))
   wall = time.perf_counter() - t0
   rows = {f'ours {strength}: ensemble': evaluate.combine(result)[(net.label_kind, 'full')][0]}
-  for attack in ev.config.attacks:
+  for attack in ev.config.attacks_for(net.label_kind):
     rows[f'ours {strength}: {attack}'] = result.success[(net.label_kind, 'full', attack)][0]
   return rows, wall
 
@@ -569,8 +578,8 @@ def main(argv):
   import torch  # pylint: disable=g-import-not-at-top
   default_threads = torch.get_num_threads()
   for name in _NETWORKS.value:
-    if name not in ('mlp', 'mlp_at', 'cnn'):
-      raise ValueError(f"--networks must hold mlp, mlp_at and / or cnn, got {name!r}")
+    if name not in ('mlp', 'mlp_at', 'cnn', 'cnn_at'):
+      raise ValueError(f"--networks must hold mlp, mlp_at, cnn and / or cnn_at, got {name!r}")
   for s in _STRENGTHS.value:
     evaluate.preset(s)
   t_start = time.perf_counter()
@@ -602,6 +611,14 @@ def main(argv):
     print(f'CNN, L-inf, true labels, N = {n}', flush=True)
     table, notes = strength_table(net, _STRENGTHS.value, seed)
     out.append((f'MNIST CNN (L-inf, true labels, clip [0, 1]), N = {n}', table, notes))
+  if 'cnn_at' in _NETWORKS.value:
+    n = _CNN_POINTS.value or _NUM_POINTS.value
+    net = cnn_network(n, _CNN_TRAIN_STEPS.value, [float(e) for e in _CNN_EPS.value], seed,
+                      at_eps=_CNN_AT_EPS.value)
+    print(f'CNN PGD-AT {_CNN_AT_EPS.value:g}, L-inf, true labels, N = {n}', flush=True)
+    table, notes = strength_table(net, _STRENGTHS.value, seed)
+    out.append((f'MNIST CNN trained by PGD-AT at {_CNN_AT_EPS.value:g} (L-inf, true labels, '
+                f'clip [0, 1]), N = {n}', table, notes))
   strength_others = meter.cores()
   thr = None
   if _THROUGHPUT.value:
