@@ -46,8 +46,8 @@ along the boundary towards where the student's error is largest. The exact
 gradient of a ReLU unit that is off is 0, so the units that turn on only away
 from the training data are invisible to it; the surrogate gradient sees them.
 On the robustness study's adversarially trained students this finds several
-times the errors the other attacks find (README, "How robust error is
-measured").
+times the errors the other attacks find (``docs/evaluation.md``, "Why the pair
+attack"; ``docs/robustness.md``).
 
 ``t`` is the teacher's argmax at the perturbed point. Target classes of
 ``apgd_t`` are the student's largest clean logits other than the label at
