@@ -453,6 +453,14 @@ def test_doubling_known_answer():
   assert out['groups']['a']['max_gain'] == 0.5 and not out['groups']['a']['converged']
   assert out['groups']['b']['max_gain'] == 0.0 and out['groups']['b']['converged']
   assert out['groups']['both']['cells']['oracle_full_1'] == [0.25, 0.5]
+  # A gain of exactly the threshold (one point of 100: 0.68 - 0.67 > 0.01 in floating point)
+  # has converged.
+  one_more = _result({('full', 'apgd'): np.arange(100)[None, None] < np.array([[67], [67]])},
+                     np.zeros((1, 100)))
+  again = _result({('full', 'apgd'): np.arange(100)[None, None] < np.array([[68], [68]])},
+                  np.zeros((1, 100)))
+  check = evaluate.doubling(one_more, again, {'g': np.array([True])})['groups']['g']
+  assert check['cells']['oracle_full_1'] == [0.67, 0.68] and check['converged']
   merged = evaluate.merge(evaluate.first_points(base, 2), doubled)
   assert set(merged.success) == {('oracle', 'full', 'apgd'), ('oracle', 'full', 'apgd+')}
   with pytest.raises(ValueError, match='same students and points'):

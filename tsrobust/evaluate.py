@@ -958,8 +958,10 @@ def doubling(base: Result, doubled: Result, groups: Mapping[str, np.ndarray],
         cells[f'{label}_{where}_{e:g}'] = [b, a]
         if best_cell is None or a - b > best:
           best, best_cell = a - b, f'{label}_{where}_{e:g}'
+    # (1e-9: a gain of exactly the threshold, e.g. one point of 100, is 0.010000000000000009.)
     out['groups'][name] = {'students': int(sel.sum()), 'cells': cells, 'max_gain': best,
-                           'max_gain_cell': best_cell, 'converged': bool(best <= threshold)}
+                           'max_gain_cell': best_cell,
+                           'converged': bool(best <= threshold + 1e-9)}
   return out
 
 
