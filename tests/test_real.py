@@ -284,6 +284,13 @@ class _Projected:
   def __init__(self, model, projector, mean):
     self.model, self.projector, self.mean = model, projector, mean
 
+  @property
+  def relu_grad_temperature(self):
+    return self.model.relu_grad_temperature
+
+  def clone(self, **updates):  # what models.surrogate calls: the evaluator's attack gradients
+    return _Projected(self.model.clone(**updates), self.projector, self.mean)
+
   def apply(self, params, x):
     flat = x.reshape(x.shape[0], -1) - self.mean
     return self.model.apply(params, (self.mean + flat @ self.projector).reshape(x.shape))
