@@ -336,13 +336,15 @@ def test_a_marker_without_a_block_is_an_error():
 DOC_BLOCKS = {
     'README.md': [],
     'docs/lowrank.md': ['lowrank-summary', 'lowrank_strict-summary', 'lowrank_linf-summary',
-                        'lowrank-attack-checks'],
+                        'lowrank-attack-checks', 'lowrank-attack-checks-2'],
     'docs/real.md': ['real-summary', 'real-wilson', 'real-correlation-spec_mean',
-                     'real-attack-checks', 'real_lowrank-summary', 'real_lowrank-subspaces',
+                     'real-attack-checks', 'real-attack-checks-2', 'real_lowrank-summary',
+                     'real_lowrank-subspaces',
                      'real_lowrank-correlation-spec_off', 'fashion_mnist-summary',
                      'fashion_mnist-subspaces', 'fashion_mnist-correlation-spec_mean'],
     'docs/robustness.md': ['robustness-summary', 'robustness-correlation-spec_off',
-                           'robustness-correlation-spec_in', 'robustness-attack-checks'],
+                           'robustness-correlation-spec_in', 'robustness-attack-checks',
+                           'robustness-attack-checks-2'],
 }
 DOC_FIGURES = {'README.md': ['docs/lowrank.png', 'docs/robustness.png'],
                'docs/lowrank.md': ['docs/lowrank.png'],
