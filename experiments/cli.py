@@ -29,6 +29,7 @@ import re
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
@@ -471,6 +472,7 @@ class RunStatus:
     self.num_steps: Optional[int] = None
     self.checkpoint: Optional[int] = None
     self.evaluating: Optional[str] = None
+    self.evaluation_token: Optional[object] = None  # identifies the evaluation_progress in use
 
   def training(self, stage: str, step: Optional[int] = None, num_steps: Optional[int] = None,
                checkpoint: Optional[int] = None) -> None:
@@ -561,7 +563,8 @@ def progress_logger(stage: str, max_lines: int = 10, stream=None):
 
 
 def evaluation_progress(what: str, max_gap_sec: float = 60.0, stream=None,
-                        clock: Callable[[], float] = time.monotonic):
+                        clock: Callable[[], float] = time.monotonic,
+                        heartbeat_poll_sec: float = 5.0):
   """An ``on_progress`` callback of ``tsrobust.evaluate.Evaluator.run``: attack runs done of
   all, the last one, and an ETA; it also keeps ``STATUS`` (``evaluating what``).
 
@@ -570,32 +573,69 @@ def evaluation_progress(what: str, max_gap_sec: float = 60.0, stream=None,
   next run took 1.5 times the longest so far: runs differ, Square's are the longest), so a
   long evaluation says where it is at least about once a minute, not at every short run;
   and a last line when it ends, if it logged before (a short evaluation stays silent).
+  A single attack run can outlast ``max_gap_sec`` (the pair attack on 24 image students
+  takes ~100 s on 2 cores), so with the real clock a daemon thread also looks every
+  ``heartbeat_poll_sec`` and logs that the next run is still going once ``max_gap_sec -
+  2 * heartbeat_poll_sec`` have passed without a line; it stops at the last run, or when
+  another evaluation or a training stage starts.
   """
   stream = sys.stderr if stream is None else stream
   live = hasattr(stream, 'isatty') and stream.isatty()
   start = clock()
-  state = {'last': start, 'lines': 0, 'previous': start, 'longest': 0.0}
+  state = {'last': start, 'lines': 0, 'previous': start, 'longest': 0.0, 'done': 0,
+           'total': None}
+  lock = threading.Lock()
+  stop = threading.Event()
   STATUS.evaluating = what
+  token = STATUS.evaluation_token = object()
+
+  def log_line(text: str, now: float) -> None:
+    state['last'] = now
+    state['lines'] += 1
+    logging.info('%s', text)
+
+  def eta(now: float, done: int, total: int) -> str:
+    return _format_eta((now - start) / max(done, 1) * (total - done))
+
+  def heartbeat() -> None:
+    while not stop.wait(heartbeat_poll_sec):
+      if STATUS.evaluation_token is not token or STATUS.evaluating != what:
+        return  # another evaluation or a training stage took over (or this one failed)
+      with lock:
+        now = clock()
+        if now - state['last'] < max_gap_sec - 2 * heartbeat_poll_sec:
+          continue
+        done, total = state['done'], state['total']
+        if total is None:
+          log_line(f'evaluating {what}: the first attack run is still going (compiling '
+                   f'and attacking)  {now - start:.0f}s', now)
+        else:
+          log_line(f'evaluating {what}: {done}/{total} attack runs done, the next one still '
+                   f'going  {now - start:.0f}s  {eta(now, done, total)}', now)
+
+  if not live and clock is time.monotonic and heartbeat_poll_sec:
+    threading.Thread(target=heartbeat, name=f'progress: {what}', daemon=True).start()
 
   def on_progress(info: Mapping[str, Any]) -> None:
-    now = clock()
-    done, total = int(info['done']), int(info['total'])
-    state['longest'] = max(state['longest'], now - state['previous'])
-    state['previous'] = now
-    eta = (now - start) / max(done, 1) * (total - done)
-    attack = '/'.join(str(info[k]) for k in ('attack', 'label', 'where', 'eps') if k in info)
-    text = (f'evaluating {what}: {done}/{total} attack runs ({attack})  '
-            f'{now - start:.0f}s  {_format_eta(eta)}')
-    last = done >= total
-    if live:
-      stream.write('\r' + text + ('\n' if last else ''))
-      stream.flush()
-      return
-    next_line_late = now - state['last'] + 1.5 * state['longest'] > max_gap_sec
-    if (last and state['lines']) or (not last and next_line_late):
-      state['last'] = now
-      state['lines'] += 1
-      logging.info('%s', text)
+    with lock:
+      now = clock()
+      done, total = int(info['done']), int(info['total'])
+      state['done'], state['total'] = done, total
+      state['longest'] = max(state['longest'], now - state['previous'])
+      state['previous'] = now
+      attack = '/'.join(str(info[k]) for k in ('attack', 'label', 'where', 'eps') if k in info)
+      text = (f'evaluating {what}: {done}/{total} attack runs ({attack})  '
+              f'{now - start:.0f}s  {eta(now, done, total)}')
+      last = done >= total
+      if last:
+        stop.set()
+      if live:
+        stream.write('\r' + text + ('\n' if last else ''))
+        stream.flush()
+        return
+      next_line_late = now - state['last'] + 1.5 * state['longest'] > max_gap_sec
+      if (last and state['lines']) or (not last and next_line_late):
+        log_line(text, now)
   return on_progress
 
 

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 from absl import flags
 from absl import logging as absl_logging
@@ -409,6 +410,29 @@ def test_evaluation_progress_with_runs_of_uneven_length(caplog):
         logged.append(now)
   gaps = [b - a for a, b in zip([0.0] + logged, logged)]
   assert logged[-1] == ends[-1] and max(gaps) <= 60, logged
+
+
+def test_an_attack_run_longer_than_the_gap_still_gets_lines(caplog):
+  """With the real clock, a run that outlasts max_gap_sec is reported while it goes (no two
+  lines further apart than the gap), and the lines stop with the last run."""
+  with caplog.at_level(logging_lib.INFO):
+    on_progress = cli.evaluation_progress('8 students', max_gap_sec=0.6,
+                                          heartbeat_poll_sec=0.05)
+    time.sleep(0.8)  # the first run: compiling and attacking
+    on_progress({'done': 1, 'total': 2, 'attack': 'pgd'})
+    time.sleep(1.3)  # the second, long one
+    on_progress({'done': 2, 'total': 2, 'attack': 'apgd_pair'})
+    lines = [(r.created, r.getMessage()) for r in caplog.records]
+    time.sleep(0.7)  # the heartbeat has stopped
+    assert len(caplog.records) == len(lines)
+  texts = [t for _, t in lines]
+  assert texts[0].startswith('evaluating 8 students: the first attack run is still going')
+  assert any(t.startswith('evaluating 8 students: 1/2 attack runs done, the next one still '
+                          'going') for t in texts), texts
+  assert texts[-1].startswith('evaluating 8 students: 2/2 attack runs (apgd_pair)'), texts
+  stamps = [c for c, _ in lines]
+  # <= the gap, plus slack for a thread woken late on a loaded machine
+  assert max(b - a for a, b in zip(stamps, stamps[1:])) <= 0.6 + 0.2, lines
 
 
 def test_a_short_evaluation_logs_nothing(caplog):
