@@ -171,7 +171,10 @@ def main(argv):
   del argv
   if not _RUNS.value or len(_RUNS.value) < 2:
     raise app.UsageError('--runs needs at least two run folders, weakest attack first')
-  runs = [_read(p) for p in _RUNS.value]
+  try:
+    runs = [_read(p) for p in _RUNS.value]
+  except ValueError as e:  # a folder without a finished run: one line, not a traceback
+    raise app.UsageError(str(e)) from None
   result = compare(runs, _TOLERANCE.value)
   if result['differing_columns']:
     print(f'WARNING: not the same students: columns {result["differing_columns"]} differ')
