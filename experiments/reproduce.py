@@ -87,8 +87,8 @@ class Study(NamedTuple):
   data_hint: str = ''
 
 
-# The quick runs are compile-bound: the fast attack ensemble without its two costliest
-# attacks to compile, APGD-T and Square (each binary then compiles PGD and APGD only).
+# The quick runs are compile-bound: the fast attack ensemble without APGD-T and Square
+# (each binary then compiles PGD, APGD and, for oracle labels, the pair attack).
 _QUICK_ATTACKS = ('attack_strength=fast', 'apgd_t_steps=0', 'square_queries=0')
 # Tiny synthetic configs (the binaries' tests use the same sizes): 2 seeds (one per core),
 # d = 6, a few dozen steps, 16 attacked points.
