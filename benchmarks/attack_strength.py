@@ -79,8 +79,8 @@ from tsrobust import evaluate
 from tsrobust import methods
 from tsrobust import train
 
-_NETWORKS = flags.DEFINE_list('networks', ['mlp', 'cnn'],
-                              'which networks: mlp, mlp_at, cnn, cnn_at')
+NETWORKS = ('mlp', 'mlp_at', 'cnn', 'cnn_at')
+_NETWORKS = flags.DEFINE_list('networks', ['mlp', 'cnn'], f'which networks: {", ".join(NETWORKS)}')
 _CNN_AT_EPS = flags.DEFINE_float('cnn_at_eps', 0.1, 'cnn_at: the L-inf budget of its PGD-AT')
 _AT_EPS = flags.DEFINE_float('at_eps', 0.5, 'mlp_at: the L2 budget of its PGD adversarial '
                              'training (the robustness study: 0.5 / 1 / 2)')
@@ -578,8 +578,8 @@ def main(argv):
   import torch  # pylint: disable=g-import-not-at-top
   default_threads = torch.get_num_threads()
   for name in _NETWORKS.value:
-    if name not in ('mlp', 'mlp_at', 'cnn', 'cnn_at'):
-      raise ValueError(f"--networks must hold mlp, mlp_at, cnn and / or cnn_at, got {name!r}")
+    if name not in NETWORKS:
+      raise ValueError(f"--networks must hold some of {', '.join(NETWORKS)}, got {name!r}")
   for s in _STRENGTHS.value:
     evaluate.preset(s)
   t_start = time.perf_counter()
@@ -591,34 +591,30 @@ def main(argv):
   out = []
   mlp = None
   meter = hardware.OtherLoad()
-  if 'mlp' in _NETWORKS.value or _THROUGHPUT.value:
-    mlp = mlp_network(_NUM_POINTS.value, _MLP_TRAIN_STEPS.value,
-                      [float(e) for e in _MLP_EPS.value], seed)
-  if 'mlp' in _NETWORKS.value:
-    print(f'MLP, L2, fixed labels, N = {_NUM_POINTS.value}', flush=True)
-    table, notes = strength_table(mlp, _STRENGTHS.value, seed)
-    out.append((f'MLP (L2, fixed labels, no clipping), N = {_NUM_POINTS.value}', table, notes))
-  if 'mlp_at' in _NETWORKS.value:
-    net = mlp_network(_NUM_POINTS.value, _AT_TRAIN_STEPS.value,
-                      [float(e) for e in _MLP_EPS.value], seed, at_eps=_AT_EPS.value)
-    print(f'MLP PGD-AT {_AT_EPS.value:g}, L2, fixed labels, N = {_NUM_POINTS.value}', flush=True)
-    table, notes = strength_table(net, _STRENGTHS.value, seed)
-    out.append((f'MLP trained by PGD-AT at eps {_AT_EPS.value:g} (L2, fixed labels, no '
-                f'clipping), N = {_NUM_POINTS.value}', table, notes))
-  if 'cnn' in _NETWORKS.value:
-    n = _CNN_POINTS.value or _NUM_POINTS.value
-    net = cnn_network(n, _CNN_TRAIN_STEPS.value, [float(e) for e in _CNN_EPS.value], seed)
-    print(f'CNN, L-inf, true labels, N = {n}', flush=True)
-    table, notes = strength_table(net, _STRENGTHS.value, seed)
-    out.append((f'MNIST CNN (L-inf, true labels, clip [0, 1]), N = {n}', table, notes))
-  if 'cnn_at' in _NETWORKS.value:
-    n = _CNN_POINTS.value or _NUM_POINTS.value
-    net = cnn_network(n, _CNN_TRAIN_STEPS.value, [float(e) for e in _CNN_EPS.value], seed,
-                      at_eps=_CNN_AT_EPS.value)
-    print(f'CNN PGD-AT {_CNN_AT_EPS.value:g}, L-inf, true labels, N = {n}', flush=True)
-    table, notes = strength_table(net, _STRENGTHS.value, seed)
-    out.append((f'MNIST CNN trained by PGD-AT at {_CNN_AT_EPS.value:g} (L-inf, true labels, '
-                f'clip [0, 1]), N = {n}', table, notes))
+  n, n_cnn = _NUM_POINTS.value, _CNN_POINTS.value or _NUM_POINTS.value
+  mlp_eps, cnn_eps = [float(e) for e in _MLP_EPS.value], [float(e) for e in _CNN_EPS.value]
+  if 'mlp' in _NETWORKS.value or _THROUGHPUT.value:  # also the throughput benchmark's
+    mlp = mlp_network(n, _MLP_TRAIN_STEPS.value, mlp_eps, seed)
+  networks = {  # name -> (build, title), in the order they run
+      'mlp': (lambda: mlp, f'MLP (L2, fixed labels, no clipping), N = {n}'),
+      'mlp_at': (lambda: mlp_network(n, _AT_TRAIN_STEPS.value, mlp_eps, seed,
+                                     at_eps=_AT_EPS.value),
+                 f'MLP trained by PGD-AT at eps {_AT_EPS.value:g} (L2, fixed labels, no '
+                 f'clipping), N = {n}'),
+      'cnn': (lambda: cnn_network(n_cnn, _CNN_TRAIN_STEPS.value, cnn_eps, seed),
+              f'MNIST CNN (L-inf, true labels, clip [0, 1]), N = {n_cnn}'),
+      'cnn_at': (lambda: cnn_network(n_cnn, _CNN_TRAIN_STEPS.value, cnn_eps, seed,
+                                     at_eps=_CNN_AT_EPS.value),
+                 f'MNIST CNN trained by PGD-AT at {_CNN_AT_EPS.value:g} (L-inf, true labels, '
+                 f'clip [0, 1]), N = {n_cnn}'),
+  }
+  assert tuple(networks) == NETWORKS
+  for name, (build, title) in networks.items():
+    if name in _NETWORKS.value:
+      net = build()
+      print(title, flush=True)
+      table, notes = strength_table(net, _STRENGTHS.value, seed)
+      out.append((title, table, notes))
   strength_others = meter.cores()
   thr = None
   if _THROUGHPUT.value:

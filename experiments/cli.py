@@ -477,7 +477,7 @@ class RunStatus:
   def training(self, stage: str, step: Optional[int] = None, num_steps: Optional[int] = None,
                checkpoint: Optional[int] = None) -> None:
     self.stage, self.step, self.num_steps = stage, step, num_steps
-    self.checkpoint, self.evaluating = checkpoint, None
+    self.checkpoint, self.evaluating, self.evaluation_token = checkpoint, None, None
 
   def saved_checkpoint(self, step: Optional[int]) -> None:
     """A checkpoint at ``step`` was written (after the last progress report)."""
@@ -599,7 +599,7 @@ def evaluation_progress(what: str, max_gap_sec: float = 60.0, stream=None,
 
   def heartbeat() -> None:
     while not stop.wait(heartbeat_poll_sec):
-      if STATUS.evaluation_token is not token or STATUS.evaluating != what:
+      if STATUS.evaluation_token is not token:
         return  # another evaluation or a training stage took over (or this one failed)
       with lock:
         now = clock()
