@@ -334,11 +334,18 @@ def check_lowrank_rules(config) -> None:
   check_attack_rules(config)
 
 
-def check_ccat_batch(config) -> None:
-  """Cross-field rule: CCAT needs ``batch_size >= 2``."""
-  if 'ccat' in as_tuple(config.methods) and config.batch_size < 2:
-    raise ConfigError(f'config.batch_size must be >= 2 when config.methods has ccat, '
-                      f'got {config.batch_size}')
+def check_batch_size(config) -> None:
+  """Cross-field rule: ``batch_size`` >= each method's ``min_batch_size`` (CCAT: 2)."""
+  for name in as_tuple(config.methods):
+    least = methods.METHODS[name].min_batch_size
+    if config.batch_size < least:
+      raise ConfigError(f'config.batch_size must be >= {least} when config.methods has '
+                        f'{name}, got {config.batch_size}')
+
+
+def has_ccat_evaluation(config) -> bool:
+  """Whether a method of ``config.methods`` is also evaluated by CCAT's criterion."""
+  return any(methods.METHODS[m].ccat_evaluation for m in as_tuple(config.methods))
 
 
 def spec_columns(config) -> List[str]:

@@ -109,11 +109,10 @@ def method_args(config, points, num_seeds: int, train_x, robust_x,
   images (and robust features, projector) are shared: one copy per device,
   not one per student (``train.train_seeds(shared_args=...)``).
   """
+  available = {'robust_x': robust_x, 'projector': projector}
   shared = {'train_x': jnp.asarray(train_x)}
-  if points[0][0] == 'robust_features':
-    shared['robust_x'] = jnp.asarray(robust_x)
-  if points[0][0] == 'orth':
-    shared['projector'] = jnp.asarray(projector)
+  shared.update({k: jnp.asarray(available[k])
+                 for k in methods_lib.METHODS[points[0][0]].shared_data})
   return (methods_lib.student_args(points, num_seeds, real_eval.method_settings(config)),
           shared)
 
@@ -178,7 +177,7 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
                'reused' if teacher_info['reused'] else 'trained', teacher_eval)
 
   robust_x, rf_info = None, None
-  if any(m == 'robust_features' for m, _ in points):
+  if any(methods_lib.METHODS[m].robust_dataset for m, _ in points):
     t0 = time.perf_counter()
     r_spec = teachers.teacher_spec(config, 'robust_model')
     if r_spec == t_spec:
@@ -217,7 +216,7 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
                                      init_params, one_teacher, k_train, timings)
 
   t0 = time.perf_counter()
-  ccat_mask = np.repeat([m == 'ccat' for m, _ in points], s)
+  ccat_mask = np.repeat([methods_lib.METHODS[m].ccat_evaluation for m, _ in points], s)
   # Students laid over the devices: each device maps the attacks over its own students.
   rows, ev = evaluator.students(common.shard(params),
                                 common.shard(methods_lib.tile(k_eval, len(points))), ccat_mask,

@@ -18,8 +18,6 @@ from tsrobust import methods as methods_lib
 from tsrobust import robust_dataset
 from tsrobust import teachers
 
-METHODS = methods_lib.METHODS
-LOWRANK_METHODS = tuple(methods_lib.AUGMENTATIONS)  # noise augmentations: need a PCA subspace
 TEACHER_TRAININGS = teachers.TEACHER_TRAININGS
 # Pixels per image of each dataset: lowrank_rank is checked against them before any work.
 IMAGE_SIZES = {name: int(np.prod(shape)) for name, shape in datasets.IMAGE_SHAPES.items()}
@@ -57,7 +55,7 @@ CONFIG_FIELDS = {
     'teacher_lr': validation.Float(lo=0, lo_open=True),
     'teacher_pgd_steps': validation.Int(lo=1),
     'pgd_warmup': validation.Float(lo=0, hi=1),
-    'methods': validation.Names(METHODS),
+    'methods': validation.Names(methods_lib.names),
     'rf_model_init': validation.Choice(teachers.RF_MODEL_INITS),
     'rf_model_eps': validation.Float(lo=0, lo_open=True),
     'rf_model_steps': validation.Int(lo=1),
@@ -96,14 +94,15 @@ def validate_config(config) -> None:
   if config.teacher_training == 'pgd' and config.teacher_eps <= 0:
     raise common.ConfigError(f'config.teacher_eps must be > 0 for a PGD-trained teacher '
                              f'(config.teacher_training = pgd), got {config.teacher_eps}')
-  methods = common.as_tuple(config.methods)
-  if 'robust_features' in methods and not (config.teacher_dense or len(config.teacher_conv)):
-    raise common.ConfigError('config.methods: robust_features needs a hidden layer')
-  for m in LOWRANK_METHODS:
-    if m in methods and config.lowrank_rank == 0:
-      raise common.ConfigError(f'config.methods: {m} (noise augmentation out of the PCA '
-                               f'subspace) needs config.lowrank_rank > 0')
-  common.check_ccat_batch(config)
+  methods = [methods_lib.METHODS[m] for m in common.as_tuple(config.methods)]
+  for m in methods:
+    if m.robust_dataset and not (config.teacher_dense or len(config.teacher_conv)):
+      raise common.ConfigError(f'config.methods: {m.name} needs a hidden layer (its robust-'
+                               f'feature dataset matches a penultimate layer)')
+    if m.needs_subspace and config.lowrank_rank == 0:
+      raise common.ConfigError(f'config.methods: {m.name} (trained with a data subspace: the '
+                               f'PCA one) needs config.lowrank_rank > 0')
+  common.check_batch_size(config)
   common.check_attack_rules(config)
 
 
@@ -134,5 +133,6 @@ def validate_sizes(config, dataset: datasets.Dataset) -> None:
     raise common.ConfigError(f'config.num_attack must be <= the number of test images {m}, '
                              f'got {config.num_attack}')
   _check_rank(config, int(np.prod(dataset.image_shape)), n)
-  if 'robust_features' in common.as_tuple(config.methods) and n < 2:
-    raise common.ConfigError('config.num_train must be >= 2 for robust_features')
+  for m in common.as_tuple(config.methods):
+    if methods_lib.METHODS[m].robust_dataset and n < 2:
+      raise common.ConfigError(f'config.num_train must be >= 2 for {m}')

@@ -424,7 +424,7 @@ def summary_markdown(config, records, teacher_eval, corr, sizes,
   cols += ['clean_acc', 'clean_agree']
   for label in labels:
     cols += [f'robust_acc_{label}_{n}' for n in names]
-  if 'ccat' in common.as_tuple(config.methods):
+  if common.has_ccat_evaluation(config):
     cols += [f'ccat_accepted_wrong_{n}' for n in names] + [f'ccat_err_{n}' for n in names]
   teacher_line = (f'Teacher: clean test accuracy {teacher_eval["clean_acc"]:.3f}'
                   '; true-label robust accuracy '

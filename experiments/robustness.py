@@ -38,7 +38,6 @@ from tsrobust import plotting
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'robustness.py')
 
-METHODS = ('standard', 'at', 'ccat', 'orth', 'iso')  # methods_lib.METHODS on synthetic data
 HPARAM_COLUMNS = methods_lib.hparam_columns(with_at_where=True)
 
 
@@ -47,7 +46,7 @@ CONFIG_FIELDS = {
     **common.LOWRANK_FIELDS,
     **common.METHOD_GRID_FIELDS,
     'rank': validation.Int(lo=1),
-    'methods': validation.Names(METHODS),
+    'methods': validation.Names(lambda: methods_lib.names(synthetic=True)),
     'at_where': validation.Names(methods_lib.AT_WHERES),
     'at_norm': validation.Choice(attacks.NORMS),
     'ccat_norm': validation.Choice(attacks.NORMS),
@@ -58,7 +57,7 @@ def validate_config(config) -> None:
   """Checks every field at start; raises ``common.ConfigError`` naming the field.
 
   The table ``CONFIG_FIELDS``, then the cross-field rules: ``rank < d``,
-  ``batch_size >= 2`` with CCAT, and ``common.check_lowrank_rules``
+  each method's smallest ``batch_size`` (CCAT: 2), and ``common.check_lowrank_rules``
   (``eval_batch`` divides ``num_eval``; a valid attack ensemble).
   """
   validation.check_config(config, CONFIG_FIELDS)
@@ -66,7 +65,7 @@ def validate_config(config) -> None:
     raise common.ConfigError(
         f'config.rank must satisfy 1 <= rank < d = {config.d} (the study needs an '
         f'off-subspace), got {config.rank}')
-  common.check_ccat_batch(config)
+  common.check_batch_size(config)
   common.check_lowrank_rules(config)
 
 
@@ -79,7 +78,7 @@ def grid(config) -> List[methods_lib.GridPoint]:
 
 def columns(config) -> List[str]:
   cols = ['method', *HPARAM_COLUMNS, 'seed'] + common.metric_columns(config)
-  if 'ccat' in common.as_tuple(config.methods):
+  if common.has_ccat_evaluation(config):
     cols += ['ccat_threshold'] + [f'ccat_err_{common.eps_name(e)}' for e in config.eps]
     cols += [f'ccat_accepted_wrong_{common.eps_name(e)}' for e in config.eps]
   return cols
@@ -166,7 +165,8 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   rows, ev = evaluator.evaluate(params, tparams, proj_all, held_all, full_rank=False,
                                 progress=lambda what: cli.evaluation_progress(
                                     f'the students, {what}'))
-  sel = np.flatnonzero(np.repeat([m == 'ccat' for m, _ in points], s))
+  sel = np.flatnonzero(np.repeat([methods_lib.METHODS[m].ccat_evaluation for m, _ in points],
+                                 s))
   if sel.size:
     # CCAT's own evaluation: threshold passing ccat_pass_rate of the correctly classified
     # held-out points, the ensemble plus CCAT's objective judged by acceptance and the oracle.

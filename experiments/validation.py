@@ -15,7 +15,7 @@ what is allowed, e.g. ``config.momentum must be <= 0.999, got 1.5``.
 import dataclasses
 import difflib
 import numbers
-from typing import Any, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -35,7 +35,9 @@ class Field:
     kind: ``int``, ``float``, ``bool`` or ``str`` (of the value, or of each item
       of a sequence).
     lo, hi: inclusive bounds of numbers (``lo`` exclusive if ``lo_open``).
-    choices: the allowed strings (``kind=str``); ``None``: any string.
+    choices: the allowed strings (``kind=str``), or a function returning them when the
+      field is checked (a registry that can grow, e.g. ``methods.names``); ``None``: any
+      string.
     sequence: a tuple / list of ``kind`` (a single item is taken as a 1-tuple).
     min_len: the fewest items of a sequence.
     unique: a sequence's items must be distinct.
@@ -47,7 +49,7 @@ class Field:
   lo: Optional[float] = None
   hi: Optional[float] = None
   lo_open: bool = False
-  choices: Optional[Tuple[str, ...]] = None
+  choices: Optional[Union[Tuple[str, ...], Callable[[], Sequence[str]]]] = None
   sequence: bool = False
   min_len: int = 1
   unique: bool = False
@@ -65,7 +67,7 @@ class Field:
     ``"int >= 1, or -1 (the preset's)"``, ``'one of sgd | momentum | adam'``,
     ``'floats in [0, 1], distinct'``."""
     if self.kind is str and self.choices is not None:
-      text = ('names from ' if self.sequence else 'one of ') + ' | '.join(self.choices)
+      text = ('names from ' if self.sequence else 'one of ') + ' | '.join(self.allowed())
     elif self.kind is str:
       text = self.what
     elif self.kind is bool:
@@ -86,6 +88,10 @@ class Field:
     for value, meaning in self.special:
       text += f', or {value!r} ({meaning})'
     return text
+
+  def allowed(self) -> Optional[Tuple[str, ...]]:
+    """The allowed strings now (``choices``, called when it is a function)."""
+    return tuple(self.choices()) if callable(self.choices) else self.choices
 
   def check(self, name: str, value: Any) -> Any:
     """``value`` as the field holds it (a tuple for a sequence); raises ``ConfigError``."""
@@ -122,19 +128,21 @@ class Field:
       if not isinstance(value, str):
         raise ConfigError(f'config.{name} must be {self.what}, got {value!r}')
       return value
-    if not isinstance(value, str) or value not in self.choices:
-      raise ConfigError(f'config.{name} must be one of {tuple(self.choices)}, got {value!r}'
-                        + _did_you_mean(value, self.choices))
+    choices = self.allowed()
+    if not isinstance(value, str) or value not in choices:
+      raise ConfigError(f'config.{name} must be one of {choices}, got {value!r}'
+                        + _did_you_mean(value, choices))
     return value
 
   def _check_sequence(self, name: str, value: Any) -> tuple:
     if self.kind is str:  # distinct names from ``choices``
+      choices = self.allowed()
       items = (value,) if isinstance(value, str) else value
       listed = items if isinstance(items, (list, tuple)) else None
-      bad = [x for x in listed or () if not isinstance(x, str) or x not in self.choices]
+      bad = [x for x in listed or () if not isinstance(x, str) or x not in choices]
       if listed is None or len(listed) < self.min_len or bad or len(set(listed)) != len(listed):
-        hint = _did_you_mean(bad[0], self.choices) if bad else ''
-        raise ConfigError(f'config.{name} must be distinct names from {tuple(self.choices)}, '
+        hint = _did_you_mean(bad[0], choices) if bad else ''
+        raise ConfigError(f'config.{name} must be distinct names from {choices}, '
                           f'got {value!r}{hint}')
       return tuple(items)
     items = (value,) if _is_number(value, float) else value
@@ -171,9 +179,13 @@ def Bool() -> Field:  # pylint: disable=invalid-name
   return Field(bool)
 
 
+def _choices(choices):
+  return choices if callable(choices) else tuple(choices)
+
+
 def Choice(choices: Sequence[str]) -> Field:  # pylint: disable=invalid-name
-  """One string of ``choices``."""
-  return Field(str, choices=tuple(choices))
+  """One string of ``choices`` (or of what the function ``choices()`` returns)."""
+  return Field(str, choices=_choices(choices))
 
 
 def Str(what: str = 'a string') -> Field:  # pylint: disable=invalid-name
@@ -194,8 +206,9 @@ def Floats(lo: Optional[float] = None, hi: Optional[float] = None,  # pylint: di
 
 
 def Names(choices: Sequence[str]) -> Field:  # pylint: disable=invalid-name
-  """A non-empty sequence of distinct strings of ``choices`` (one string: a 1-tuple)."""
-  return Field(str, choices=tuple(choices), sequence=True)
+  """A non-empty sequence of distinct strings of ``choices`` (one string: a 1-tuple); a
+  function ``choices()`` is called at each check."""
+  return Field(str, choices=_choices(choices), sequence=True)
 
 
 def check_config(config: Mapping[str, Any], table: Mapping[str, Field]) -> None:

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import common
 from experiments import real
 from experiments import robustness
 from experiments.configs import real as real_config
@@ -91,6 +92,45 @@ class TestBinariesUseTheRegistry:
     assert args == (('ccat', 'robust_features'),)
     assert tuple(kwargs['ccat_eps']) == (0.2,) and 'at_where' not in kwargs
     assert real.grid(config) == [('ccat', {'ccat_eps': 0.2}), ('robust_features', {})]
+
+
+class TestANewMethod:
+  """A method is one registry entry: registered here, the robustness binary runs it unchanged."""
+
+  @pytest.mark.slow  # trains and evaluates 4 students end to end (about 30 s of CPU)
+  def test_registered_method_runs_through_the_robustness_binary(self, tmp_path, monkeypatch):
+    def copy_loss(student_apply, teacher_apply, sample, settings):
+      # Standard training's loss, written as a user would for a new method.
+      return train.teacher_regression_loss(student_apply, teacher_apply, settings.loss, sample,
+                                           settings.batch_size)
+    monkeypatch.setattr(methods, 'METHODS', dict(methods.METHODS))  # the registry restored
+    methods.register(methods.Method('copy_of_standard', copy_loss))
+    assert methods.names(synthetic=True)[-1] == 'copy_of_standard'
+    with pytest.raises(ValueError, match='registered already'):
+      methods.register(methods.Method('copy_of_standard', copy_loss))
+
+    config = robustness_config.get_config()
+    config.update(methods=('standard', 'copy_of_standard'), num_seeds=2, d=6, rank=2,
+                  teacher_hidden=(3,), out_dim=3, width_mult=2, num_steps=20, chunk_steps=20,
+                  batch_size=16, num_eval=32, eval_batch=32, num_attack=8,
+                  attack_strength='fast', apgd_t_steps=0, square_queries=0,
+                  convergence_points=0, bootstrap_resamples=10)
+    records = robustness.train_and_evaluate(config, str(tmp_path))
+    assert [r['method'] for r in records] == ['standard'] * 2 + ['copy_of_standard'] * 2
+    # Known answer: the same loss on the same seeds' keys trains and evaluates the same
+    # students, so every column but the name is equal.
+    for std, new in zip(records[:2], records[2:]):
+      assert {k: v for k, v in new.items() if k != 'method'} == \
+          {k: v for k, v in std.items() if k != 'method'}
+    assert records[0] != records[1]  # two seeds, two students
+    with pytest.raises(common.ConfigError, match="did you mean 'copy_of_standard'"):
+      robustness.validate_config(_with(config, methods=('copy_of_standrd',)))
+
+
+def _with(config, **overrides):
+  out = config.copy_and_resolve_references()
+  out.update(overrides)
+  return out
 
 
 class TestStudentArgs:

@@ -2,17 +2,28 @@
 
 One place holds what a training method is, for the synthetic low-rank study
 (``experiments/robustness.py``) and the image study (``experiments/real.py``):
+``METHODS[name]`` is a ``Method``, which carries
 
-* its name (``METHODS``) and hyper-parameters (``HPARAM_COLUMNS``);
-* the grid of ``(method, hyper-parameters)`` points a study trains
-  (``grid``), grouped by method so that each method compiles once, its grid
-  points and seeds forming one vmapped students axis (grid-major: student
-  ``p * S + s`` is grid point ``p``, seed ``s``; ``tile``, ``student_index``);
-* its loss (``make_loss``), from the networks' apply functions, a minibatch
-  sampler and the methods' ``Settings``;
-* its per-student ``data_args`` (``student_args``: budgets, noise scales and
-  fractions, one value per student; ``subspace_args``: the synthetic study's
-  subspace-restricted attacks).
+* its grid: the hyper-parameter it is swept over (``Method.hparam``, one of
+  ``HPARAM_COLUMNS``) and how the grid's options expand into points
+  (``Method.expand``; ``grid``), grouped by method so that each method
+  compiles once, its grid points and seeds forming one vmapped students axis
+  (grid-major: student ``p * S + s`` is grid point ``p``, seed ``s``;
+  ``tile``, ``student_index``);
+* its loss (``Method.loss``; ``make_loss``), from the networks' apply
+  functions, a minibatch sampler and the methods' ``Settings``;
+* its per-student ``data_args`` (``Method.student_args``: budgets, noise
+  scales and fractions, one value per student; ``Method.subspace_args``: the
+  synthetic study's subspace-restricted attacks) and the data every student
+  reads (``Method.shared_data``);
+* what a study must provide or add for it: a data subspace
+  (``needs_subspace``), a robust-feature dataset (``robust_dataset``), CCAT's
+  own evaluation (``ccat_evaluation``), a smallest batch (``min_batch_size``),
+  and whether the synthetic study can run it (``synthetic``).
+
+A new method is one ``register(Method(...))``: the studies take their grids,
+losses, data and extra evaluations from the registry, and none branches on a
+method's name.
 
 Methods (``data_args`` each reads):
 
@@ -31,7 +42,7 @@ Methods (``data_args`` each reads):
 """
 
 import dataclasses
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import chex
 import jax
@@ -42,14 +53,11 @@ from tsrobust import attacks
 from tsrobust import robust_dataset
 from tsrobust import train
 
-__all__ = ['METHODS', 'AUGMENTATIONS', 'HPARAM_COLUMNS', 'NUMERIC_HPARAMS', 'AT_WHERES',
-           'GridPoint', 'grid', 'hparam_columns', 'variant_name', 'group_by_method',
+__all__ = ['METHODS', 'HPARAM_COLUMNS', 'NUMERIC_HPARAMS', 'AT_WHERES', 'Method', 'register',
+           'names', 'GridPoint', 'grid', 'hparam_columns', 'variant_name', 'group_by_method',
            'student_index', 'tile', 'record_head', 'Settings', 'make_loss',
            'student_args', 'subspace_args', 'student_mask', 'records']
 
-METHODS = ('standard', 'at', 'ccat', 'robust_features', 'orth', 'iso')
-# Noise augmentations: method -> train.noise_augmentation's kind.
-AUGMENTATIONS = {'orth': 'orthogonal', 'iso': 'isotropic'}
 # Every hyper-parameter a grid point can carry, in the order of the result columns.
 HPARAM_COLUMNS = ('at_eps', 'at_where', 'at_label', 'ccat_eps', 'aug_scale')
 # The numeric ones: a grid point's variant name (``variant_name``) shows the first it has.
@@ -59,23 +67,146 @@ AT_WHERES = ('full', 'in')
 GridPoint = Tuple[str, Dict[str, Any]]
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The methods' settings that are not grid hyper-parameters.
+
+  Attributes:
+    loss: the regression loss to the teacher (``train.LOSSES``).
+    batch_size: examples per step.
+    at_norm, at_steps, at_label, at_fraction: PGD-AT's attack norm, steps,
+      label (``oracle``: the teacher at the perturbed point; ``fixed``: at the
+      clean one) and the fraction of each batch replaced by attacked points.
+    ccat_norm, ccat_steps, ccat_rho: CCAT's attack norm, steps and the
+      sharpness of its target's transition to uniform.
+    aug_fraction: fraction of each batch that gets noise (``orth`` / ``iso``).
+    step_factor: attack step size ``step_factor * eps / steps``.
+    clip_range: valid input range of the attacks (None: unbounded).
+    budget_scale: ``at_eps`` / ``ccat_eps`` are multiplied by it (image
+      budgets in units of ``1 / eps_denominator``).
+  """
+  loss: str = 'mse'
+  batch_size: int = 32
+  at_norm: str = 'linf'
+  at_steps: int = 3
+  at_label: str = 'oracle'
+  at_fraction: float = 1.0
+  ccat_norm: str = 'linf'
+  ccat_steps: int = 3
+  ccat_rho: float = 10.0
+  aug_fraction: float = 0.5
+  step_factor: float = 2.5
+  clip_range: Optional[Tuple[float, float]] = None
+  budget_scale: float = 1.0
+
+
+# (student_apply, teacher_apply, sample, settings) -> train.LossFn
+LossBuilder = Callable[[Callable, Callable, Callable, Settings], train.LossFn]
+
+
+def _no_args(points, num_seeds, settings):  # pylint: disable=unused-argument
+  return {}
+
+
+def _no_subspace_args(points, projector):  # pylint: disable=unused-argument
+  return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One training method: everything a study needs to train and evaluate its students.
+
+  Attributes:
+    name: the method's name in configs and results (``config.methods``, ``method``).
+    loss: ``(student_apply, teacher_apply, sample, settings) -> loss_fn``
+      (``make_loss``).
+    hparam: the hyper-parameter its grid sweeps (a ``HPARAM_COLUMNS`` entry), or
+      None: one grid point.
+    grid_option: the ``grid`` option holding ``hparam``'s values (``'at_eps'``,
+      ``'aug_scales'``).
+    expand: ``options -> [hyper-parameters]`` of its grid points, replacing the
+      default (one point per value of ``grid_option``); ``at``'s adds ``at_where``.
+    student_args: ``(points, num_seeds, settings) -> data_args`` per student
+      (``student_args``).
+    subspace_args: ``(points, projector) -> data_args`` of the synthetic study's
+      subspace-restricted attacks (``subspace_args``).
+    shared_data: what every student reads besides the training inputs, by name:
+      ``'projector'`` (the data subspace's), ``'robust_x'`` (the robust-feature
+      images); the image study passes them once, not per student.
+    needs_subspace: needs a data subspace (the image study: ``lowrank_rank > 0``).
+    robust_dataset: trains on a robust-feature dataset, which the image study
+      builds from a robust model's penultimate layer (a hidden layer needed).
+    ccat_evaluation: evaluated also by CCAT's criterion (``evaluate.ccat_threshold``,
+      ``merge_ccat``, ``ccat_records``): its results get the ``ccat_*`` columns.
+    min_batch_size: the smallest ``batch_size`` it trains with.
+    synthetic: the synthetic study can run it (it has no robust-feature data).
+  """
+  name: str
+  loss: LossBuilder
+  hparam: Optional[str] = None
+  grid_option: Optional[str] = None
+  expand: Optional[Callable[[Mapping[str, Any]], List[Dict[str, Any]]]] = None
+  student_args: Callable[[Sequence[GridPoint], int, Settings], Dict[str, jax.Array]] = _no_args
+  subspace_args: Callable[[Sequence[GridPoint], chex.Array], Dict[str, jax.Array]] = (
+      _no_subspace_args)
+  shared_data: Tuple[str, ...] = ()
+  needs_subspace: bool = False
+  robust_dataset: bool = False
+  ccat_evaluation: bool = False
+  min_batch_size: int = 1
+  synthetic: bool = True
+
+  def points(self, options: Mapping[str, Any]) -> List[GridPoint]:
+    """Its grid points for ``grid``'s ``options``."""
+    if self.expand is not None:
+      return [(self.name, hp) for hp in self.expand(options)]
+    if self.hparam is None:
+      return [(self.name, {})]
+    return [(self.name, {self.hparam: v}) for v in options.get(self.grid_option, ())]
+
+
+METHODS: Dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+  """Adds ``method`` to ``METHODS`` (after the others: grids keep the config's order).
+
+  Raises:
+    ValueError: a method of that name exists, or ``hparam`` is not a result column.
+  """
+  if method.name in METHODS:
+    raise ValueError(f'a method named {method.name!r} is registered already')
+  if method.hparam is not None and method.hparam not in HPARAM_COLUMNS:
+    raise ValueError(f'Method.hparam must be one of {HPARAM_COLUMNS} (the result columns), '
+                     f'got {method.hparam!r}')
+  METHODS[method.name] = method
+  return method
+
+
+def names(synthetic: bool = False) -> Tuple[str, ...]:
+  """The registered methods' names (``synthetic``: only those the synthetic study runs).
+
+  >>> names()[:3], 'robust_features' in names(synthetic=True)
+  (('standard', 'at', 'ccat'), False)
+  """
+  return tuple(m.name for m in METHODS.values() if m.synthetic or not synthetic)
+
+
 def _check_methods(methods: Sequence[str]) -> None:
   unknown = [m for m in methods if m not in METHODS]
   if unknown:
-    raise ValueError(f'unknown methods {unknown}; the methods are {METHODS}')
+    raise ValueError(f'unknown methods {unknown}; the methods are {names()}')
 
 
-def grid(methods: Sequence[str], *, at_eps: Sequence[float] = (),
-         ccat_eps: Sequence[float] = (), aug_scales: Sequence[float] = (),
-         at_where: Optional[Sequence[str]] = None,
-         at_label: Optional[str] = None) -> List[GridPoint]:
+def grid(methods: Sequence[str], **options) -> List[GridPoint]:
   """``(method, hyper-parameters)`` of every grid point, grouped by method.
 
-  In the order of ``methods``: ``standard`` and ``robust_features`` one point
-  each (no hyper-parameter); ``at`` one per budget of ``at_eps`` - with
-  ``at_where`` (the synthetic study), one per ``(where, eps)``, where-major,
-  each also carrying ``at_label``; ``ccat`` one per ``ccat_eps``; ``orth`` /
-  ``iso`` one per noise scale of ``aug_scales``.
+  In the order of ``methods``, each method's ``Method.points(options)``; for
+  the registered ones: ``standard`` and ``robust_features`` one point each (no
+  hyper-parameter); ``at`` one per budget of ``at_eps`` - with ``at_where``
+  (the synthetic study), one per ``(where, eps)``, where-major, each also
+  carrying ``at_label``; ``ccat`` one per ``ccat_eps``; ``orth`` / ``iso``
+  one per noise scale of ``aug_scales``.
 
   Raises:
     ValueError: an unknown method or ``at_where`` value.
@@ -84,21 +215,9 @@ def grid(methods: Sequence[str], *, at_eps: Sequence[float] = (),
   [('standard', {}), ('at', {'at_eps': 0.5}), ('at', {'at_eps': 1.0}), ('orth', {'aug_scale': 1.0})]
   """
   _check_methods(methods)
-  if at_where is not None and any(w not in AT_WHERES for w in at_where):
-    raise ValueError(f'at_where values must be in {AT_WHERES}, got {tuple(at_where)}')
   points = []
   for method in methods:
-    if method == 'at' and at_where is None:
-      points += [(method, {'at_eps': e}) for e in at_eps]
-    elif method == 'at':
-      points += [(method, {'at_eps': e, 'at_where': w, 'at_label': at_label})
-                 for w in at_where for e in at_eps]
-    elif method == 'ccat':
-      points += [(method, {'ccat_eps': e}) for e in ccat_eps]
-    elif method in AUGMENTATIONS:
-      points += [(method, {'aug_scale': s}) for s in aug_scales]
-    else:
-      points.append((method, {}))
+    points += METHODS[method].points(options)
   return points
 
 
@@ -167,45 +286,12 @@ def record_head(method: str, hp: Dict[str, Any], seed: int, columns: Sequence[st
   return head
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
-  """The methods' settings that are not grid hyper-parameters.
-
-  Attributes:
-    loss: the regression loss to the teacher (``train.LOSSES``).
-    batch_size: examples per step.
-    at_norm, at_steps, at_label, at_fraction: PGD-AT's attack norm, steps,
-      label (``oracle``: the teacher at the perturbed point; ``fixed``: at the
-      clean one) and the fraction of each batch replaced by attacked points.
-    ccat_norm, ccat_steps, ccat_rho: CCAT's attack norm, steps and the
-      sharpness of its target's transition to uniform.
-    aug_fraction: fraction of each batch that gets noise (``orth`` / ``iso``).
-    step_factor: attack step size ``step_factor * eps / steps``.
-    clip_range: valid input range of the attacks (None: unbounded).
-    budget_scale: ``at_eps`` / ``ccat_eps`` are multiplied by it (image
-      budgets in units of ``1 / eps_denominator``).
-  """
-  loss: str = 'mse'
-  batch_size: int = 32
-  at_norm: str = 'linf'
-  at_steps: int = 3
-  at_label: str = 'oracle'
-  at_fraction: float = 1.0
-  ccat_norm: str = 'linf'
-  ccat_steps: int = 3
-  ccat_rho: float = 10.0
-  aug_fraction: float = 0.5
-  step_factor: float = 2.5
-  clip_range: Optional[Tuple[float, float]] = None
-  budget_scale: float = 1.0
-
-
 def make_loss(method: str, student_apply: Callable, teacher_apply: Callable,
               sample: Callable, settings: Settings) -> train.LossFn:
   """The loss function of ``method``, compiled once for all its grid points and seeds.
 
   Args:
-    method: one of ``METHODS``.
+    method: a registered method's name (``METHODS``).
     student_apply, teacher_apply: ``(params, x) -> (outputs, activations)``.
     sample: ``(key, data_args, n) -> [n, ...]`` a minibatch of inputs (not
       used by ``robust_features``, which pairs ``robust_x`` with ``train_x``).
@@ -217,30 +303,7 @@ def make_loss(method: str, student_apply: Callable, teacher_apply: Callable,
     docstring).
   """
   _check_methods([method])
-  s = settings
-  if method == 'standard':
-    return train.teacher_regression_loss(student_apply, teacher_apply, s.loss, sample,
-                                         s.batch_size)
-  if method == 'at':
-    if s.at_label not in attacks.LABELS:
-      raise ValueError(f'at_label must be one of {attacks.LABELS}, got {s.at_label!r}')
-    transform = train.pgd_augmentation(student_apply, teacher_apply, s.loss, norm=s.at_norm,
-                                       steps=s.at_steps, step_factor=s.step_factor,
-                                       label=s.at_label, clip_range=s.clip_range)
-    return train.teacher_regression_loss(
-        student_apply, teacher_apply, s.loss, sample, s.batch_size, transform=transform,
-        label_at='transformed' if s.at_label == 'oracle' else 'clean')
-  if method == 'ccat':
-    return train.ccat_loss(student_apply, teacher_apply, sample, s.batch_size,
-                           norm=s.ccat_norm, steps=s.ccat_steps, step_factor=s.step_factor,
-                           rho=s.ccat_rho, clip_range=s.clip_range)
-  if method == 'robust_features':
-    return robust_dataset.paired_regression_loss(student_apply, teacher_apply, s.loss,
-                                                 s.batch_size)
-  return train.teacher_regression_loss(student_apply, teacher_apply, s.loss, sample,
-                                       s.batch_size,
-                                       transform=train.noise_augmentation(
-                                           AUGMENTATIONS[method]))
+  return METHODS[method].loss(student_apply, teacher_apply, sample, settings)
 
 
 def _one_method(points: Sequence[GridPoint]) -> str:
@@ -264,22 +327,9 @@ def student_args(points: Sequence[GridPoint], num_seeds: int,
   float32.
   """
   method = _one_method(points)
-  num = len(points) * num_seeds
-
-  def per_point(name, scale=1.0):
-    return jnp.repeat(jnp.array([hp[name] * scale for _, hp in points], jnp.float32),
-                      num_seeds)
-  args = {}
-  if method == 'at':
-    args['at_eps'] = per_point('at_eps', settings.budget_scale)
-    args['at_fraction'] = jnp.full((num,), settings.at_fraction, jnp.float32)
-  elif method == 'ccat':
-    args['ccat_eps'] = per_point('ccat_eps', settings.budget_scale)
-  elif method in AUGMENTATIONS:
-    args['aug_scale'] = per_point('aug_scale')
-    args['aug_fraction'] = jnp.full((num,), settings.aug_fraction, jnp.float32)
+  args = METHODS[method].student_args(points, num_seeds, settings)
   for v in args.values():
-    chex.assert_shape(v, (num,))
+    chex.assert_shape(v, (len(points) * num_seeds,))
   return args
 
 
@@ -297,13 +347,7 @@ def subspace_args(points: Sequence[GridPoint], projector: chex.Array) -> Dict[st
   """
   method = _one_method(points)
   chex.assert_rank(projector, 3)
-  eye = jnp.broadcast_to(jnp.eye(projector.shape[-1]), projector.shape)
-  if method == 'at':
-    return {'at_projector': jnp.concatenate(
-        [projector if hp['at_where'] == 'in' else eye for _, hp in points])}
-  if method == 'ccat':
-    return {'ccat_projector': tile(eye, len(points))}
-  return {}
+  return METHODS[method].subspace_args(points, projector)
 
 
 def student_mask(points: Sequence[GridPoint], method: str, num_seeds: int,
@@ -348,3 +392,104 @@ def records(points: Sequence[GridPoint], num_seeds: int, num_padded: int,
       out.append({**record_head(method, hp, seed, columns, variant),
                   'train_loss': float(train_loss[i]), **rows[i]})
   return out
+
+
+# ----------------------------------------------------------------------------
+# The registered methods.
+# ----------------------------------------------------------------------------
+
+def _per_point(points, num_seeds, name, scale=1.0):
+  """``[P * num_seeds]`` float32: grid point ``p``'s ``hp[name] * scale`` for each seed."""
+  return jnp.repeat(jnp.array([hp[name] * scale for _, hp in points], jnp.float32), num_seeds)
+
+
+def _constant(points, num_seeds, value):
+  return jnp.full((len(points) * num_seeds,), value, jnp.float32)
+
+
+def _identities(projector):
+  return jnp.broadcast_to(jnp.eye(projector.shape[-1]), projector.shape)
+
+
+def _standard_loss(student_apply, teacher_apply, sample, s: Settings):
+  return train.teacher_regression_loss(student_apply, teacher_apply, s.loss, sample,
+                                       s.batch_size)
+
+
+def _at_loss(student_apply, teacher_apply, sample, s: Settings):
+  if s.at_label not in attacks.LABELS:
+    raise ValueError(f'at_label must be one of {attacks.LABELS}, got {s.at_label!r}')
+  transform = train.pgd_augmentation(student_apply, teacher_apply, s.loss, norm=s.at_norm,
+                                     steps=s.at_steps, step_factor=s.step_factor,
+                                     label=s.at_label, clip_range=s.clip_range)
+  return train.teacher_regression_loss(
+      student_apply, teacher_apply, s.loss, sample, s.batch_size, transform=transform,
+      label_at='transformed' if s.at_label == 'oracle' else 'clean')
+
+
+def _at_points(options):
+  """One point per budget; with ``at_where`` (the synthetic study) per (where, eps),
+  where-major, each carrying ``at_label``."""
+  at_eps, at_where = options.get('at_eps', ()), options.get('at_where')
+  if at_where is None:
+    return [{'at_eps': e} for e in at_eps]
+  if any(w not in AT_WHERES for w in at_where):
+    raise ValueError(f'at_where values must be in {AT_WHERES}, got {tuple(at_where)}')
+  return [{'at_eps': e, 'at_where': w, 'at_label': options.get('at_label')}
+          for w in at_where for e in at_eps]
+
+
+def _at_args(points, num_seeds, s: Settings):
+  return {'at_eps': _per_point(points, num_seeds, 'at_eps', s.budget_scale),
+          'at_fraction': _constant(points, num_seeds, s.at_fraction)}
+
+
+def _at_subspace(points, projector):
+  eye = _identities(projector)
+  return {'at_projector': jnp.concatenate(
+      [projector if hp['at_where'] == 'in' else eye for _, hp in points])}
+
+
+def _ccat_loss(student_apply, teacher_apply, sample, s: Settings):
+  return train.ccat_loss(student_apply, teacher_apply, sample, s.batch_size, norm=s.ccat_norm,
+                         steps=s.ccat_steps, step_factor=s.step_factor, rho=s.ccat_rho,
+                         clip_range=s.clip_range)
+
+
+def _ccat_args(points, num_seeds, s: Settings):
+  return {'ccat_eps': _per_point(points, num_seeds, 'ccat_eps', s.budget_scale)}
+
+
+def _ccat_subspace(points, projector):
+  return {'ccat_projector': tile(_identities(projector), len(points))}
+
+
+def _robust_features_loss(student_apply, teacher_apply, sample, s: Settings):  # pylint: disable=unused-argument
+  return robust_dataset.paired_regression_loss(student_apply, teacher_apply, s.loss,
+                                               s.batch_size)
+
+
+def _noise_loss(kind: str) -> LossBuilder:
+  def loss(student_apply, teacher_apply, sample, s: Settings):
+    return train.teacher_regression_loss(student_apply, teacher_apply, s.loss, sample,
+                                         s.batch_size, transform=train.noise_augmentation(kind))
+  return loss
+
+
+def _noise_args(points, num_seeds, s: Settings):
+  return {'aug_scale': _per_point(points, num_seeds, 'aug_scale'),
+          'aug_fraction': _constant(points, num_seeds, s.aug_fraction)}
+
+
+register(Method('standard', _standard_loss))
+register(Method('at', _at_loss, hparam='at_eps', grid_option='at_eps', expand=_at_points,
+                student_args=_at_args, subspace_args=_at_subspace))
+register(Method('ccat', _ccat_loss, hparam='ccat_eps', grid_option='ccat_eps',
+                student_args=_ccat_args, subspace_args=_ccat_subspace, ccat_evaluation=True,
+                min_batch_size=2))
+register(Method('robust_features', _robust_features_loss, shared_data=('robust_x',),
+                robust_dataset=True, synthetic=False))
+register(Method('orth', _noise_loss('orthogonal'), hparam='aug_scale', grid_option='aug_scales',
+                student_args=_noise_args, shared_data=('projector',), needs_subspace=True))
+register(Method('iso', _noise_loss('isotropic'), hparam='aug_scale', grid_option='aug_scales',
+                student_args=_noise_args, needs_subspace=True))
