@@ -21,8 +21,14 @@ Measuring
   ``specialization``  teacher-student correlations, per-layer summaries, weight alignment
   ``metrics``         one student's in/off-subspace specialization in one call
   ``attacks``         PGD, APGD, objectives (fixed label, oracle), CCAT's criterion
+  ``objectives``      the attacks' objectives and success criteria (re-exported by ``attacks``)
+  ``projections``     the attacks' feasible sets: norm balls, subspaces, input range (likewise)
   ``square``          the Square attack (gradient-free)
   ``evaluate``        the attack ensemble every study uses; worst case per example
+  ``ensemble``        the ensemble's attacks, label kinds, presets; one attack on one student
+                      (re-exported by ``evaluate``)
+  ``outcomes``        an evaluation's ``Result``: worst case per example, invariants,
+                      diagnostics, convergence check, records (re-exported by ``evaluate``)
   ``stats``           correlations, bootstrap and Wilson intervals
   ``check_results``   the invariants of robust errors in a ``results.csv``
                       (``python -m tsrobust.check_results RUN/results.csv``)

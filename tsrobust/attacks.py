@@ -1,10 +1,10 @@
-"""Gradient attacks (PGD, APGD), projections and attack objectives.
+"""Gradient attacks (PGD, APGD) and the per-example errors they measure.
 
 ``pgd`` (Madry et al. 2018) and ``apgd`` (Croce & Hein, ICML 2020) maximize a
 per-example objective over perturbations ``delta`` in a norm ball (L-inf or
 L2), optionally restricted to a linear subspace given by its orthogonal
 projector (the data subspace S, or its complement S_perp), and optionally
-keeping ``x + delta`` in an input range:
+keeping ``x + delta`` in an input range (the feasible sets: ``projections``):
 
 * random start inside the feasible set (``_random_start``: L-inf uniform in
   the box; L2 a uniform direction in the feasible subspace, radius
@@ -21,22 +21,14 @@ keeping ``x + delta`` in an input range:
   the larger objective. ``apgd`` can also return when a success was first
   found (error vs iterations).
 
-Objectives map ``x_adv [N, ...] -> [N]`` (to maximize) and are built from
-``student_fn`` / ``teacher_fn`` (maps ``[N, ...] -> [N, C]`` logits):
-
-* *fixed label* (the teacher's label at the clean point): cross-entropy
-  (``fixed_label_objective``), margin (``margin_objective``), DLR
-  (``dlr_objective``), and targeted margin / DLR toward classes picked by
-  ``top_other_classes``;
-* *oracle* (the teacher at the perturbed point): KL / MSE to the teacher
-  (``oracle_objective``, differentiating through both networks), the
-  oracle margin (``oracle_margin_objective``, through the student only) and
-  the pair margin (``oracle_pair_objective``: the student on class ``b`` and
-  the teacher on class ``a``, through both; pairs from ``oracle_pairs``);
-* CCAT's largest non-label confidence (``ccat_objective``).
+The objectives they maximize (``x_adv [N, ...] -> [N]``: fixed label, oracle, pair,
+CCAT) and the success criteria are in ``objectives``. This module re-exports the public
+names of ``objectives`` and ``projections`` (and the latter's private helpers), so
+``attacks.X`` reaches all of them.
 
 ``robust_error`` / ``ccat_robust_error`` run PGD and return per-example
-errors.
+errors; ``ccat_lambda``, ``ccat_target`` and ``confidence_threshold`` are CCAT's
+training targets and rejection threshold.
 """
 
 import math
@@ -47,10 +39,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tsrobust import numerics
+# The objectives and the feasible sets, in modules of their own: used here and re-exported,
+# so ``attacks.X`` reaches them as before.
+from tsrobust.objectives import (ORACLE_LOSSES, Fn, ccat_objective, cross_entropy, dlr_objective,
+                                 fixed_label_objective, fixed_label_success, margin,
+                                 margin_objective, oracle_margin_objective, oracle_objective,
+                                 oracle_pair_objective, oracle_pairs, oracle_success,
+                                 oracle_targeted_margin_objective, targeted_dlr_objective,
+                                 targeted_margin_objective, top_other_classes, top_values)
+from tsrobust.projections import (NORMS, _broadcast, _check_norm, _clip_inputs,
+                                  _per_example_norm, _random_start, project,
+                                  project_onto_subspace)
 
-NORMS = ('linf', 'l2')
-ORACLE_LOSSES = ('kl', 'mse')
 LABELS = ('oracle', 'fixed')
 
 __all__ = ['NORMS', 'ORACLE_LOSSES', 'LABELS', 'project_onto_subspace', 'project', 'pgd',
@@ -61,124 +61,6 @@ __all__ = ['NORMS', 'ORACLE_LOSSES', 'LABELS', 'project_onto_subspace', 'project
            'oracle_targeted_margin_objective', 'oracle_pairs', 'oracle_pair_objective',
            'oracle_success', 'robust_error', 'ccat_objective', 'ccat_lambda', 'ccat_target',
            'confidence_threshold', 'ccat_robust_error']
-
-Fn = Callable[[chex.Array], chex.Array]
-
-
-def _check_norm(norm: str) -> None:
-  if norm not in NORMS:
-    raise ValueError(f'norm must be one of {NORMS}, got {norm!r}')
-
-
-def _flat(v: chex.Array) -> chex.Array:
-  return v.reshape(v.shape[0], -1)
-
-
-def _per_example_norm(v: chex.Array, norm: str) -> chex.Array:
-  f = _flat(v)
-  if norm == 'l2':
-    return jnp.sqrt((f * f).sum(-1))
-  return jnp.abs(f).max(-1)
-
-
-def _broadcast(per_example: chex.Array, like: chex.Array) -> chex.Array:
-  return per_example.reshape((-1,) + (1,) * (like.ndim - 1))
-
-
-def project_onto_subspace(v: chex.Array, projector: Optional[chex.Array]) -> chex.Array:
-  """``P v`` per example; ``v`` is ``[N, ...]`` and ``P`` is ``[D, D]`` with ``D = prod(...)``."""
-  if projector is None:
-    return v
-  return numerics.matmul(_flat(v), projector).reshape(v.shape)
-
-
-def project(delta: chex.Array, eps: chex.Numeric, norm: str,
-            projector: Optional[chex.Array] = None) -> chex.Array:
-  """Maps ``delta`` into ``{||delta|| <= eps} (intersected with the subspace of projector)``.
-
-  * no subspace: the Euclidean projection (L-inf: clip; L2: rescale);
-  * L2 in a subspace: project onto the subspace, then rescale - exact, since
-    the feasible set is a ball inside the subspace;
-  * L-inf in a subspace: project onto the subspace, then scale down until it
-    fits the box. The result is feasible but *not* the Euclidean projection
-    onto the (subspace x box) intersection. (So pass ``projector=None``, not
-    the identity, for the unconstrained attack: the identity would scale
-    rather than clip.)
-
-  Args:
-    delta: ``[N, ...]`` perturbations.
-    eps: budget (>= 0), scalar.
-    norm: ``'linf'`` or ``'l2'``.
-    projector: ``[D, D]`` orthogonal projector or ``None``.
-
-  Returns:
-    Feasible ``[N, ...]`` perturbations.
-  """
-  _check_norm(norm)
-  if norm == 'linf' and projector is None:
-    return jnp.clip(delta, -eps, eps)
-  delta = project_onto_subspace(delta, projector)
-  size = _per_example_norm(delta, norm)
-  factor = jnp.minimum(1.0, eps / jnp.maximum(size, 1e-12))
-  return delta * _broadcast(factor, delta)
-
-
-def _random_start(key: chex.PRNGKey, x: chex.Array, eps: chex.Numeric, norm: str,
-                  projector: Optional[chex.Array]) -> chex.Array:
-  """A random feasible perturbation ``[N, ...]`` (before any input-range clipping).
-
-  L-inf: uniform in the box ``[-eps, eps]^D``, then ``project`` (in a
-  subspace: projected, then scaled into the box).
-
-  L2: direction uniform on the unit sphere of the feasible subspace (a
-  standard normal vector, projected with ``P`` when given, normalized), radius
-  ``eps * U`` with ``U ~ Uniform[0, 1]``: the radius is uniform on
-  ``[0, eps]`` (mean ``eps / 2``) rather than that of a uniform point of the
-  ball (``eps * U^(1/dim)``, within a few percent of ``eps`` in high
-  dimension), so the restarts also explore the inside of the ball.
-  """
-  # A single flat draw each (one threefry, no split): less for XLA to compile.
-  if norm == 'linf':
-    box = jax.random.uniform(key, (x.size,), x.dtype, -1.0, 1.0).reshape(x.shape)
-    return project(eps * box, eps, norm, projector)
-  # D + 1 standard normals per example: the first D give the direction, the
-  # last the radius, through the normal CDF (Phi(z) ~ Uniform[0, 1]).
-  n, d = x.shape[0], math.prod(x.shape[1:])
-  z = jax.random.normal(key, (n * (d + 1),), x.dtype).reshape(n, d + 1)
-  direction = project_onto_subspace(z[:, :d].reshape(x.shape), projector)
-  direction = direction / _broadcast(jnp.maximum(_per_example_norm(direction, 'l2'), 1e-12),
-                                     direction)
-  radius = eps * jax.scipy.special.ndtr(z[:, d])
-  return direction * _broadcast(radius, direction)
-
-
-def _clip_inputs(x: chex.Array, delta: chex.Array,
-                 clip_range: Optional[Tuple[float, float]],
-                 projector: Optional[chex.Array] = None) -> chex.Array:
-  """Keeps ``x + delta`` in ``clip_range``.
-
-  Without a subspace, ``x + delta`` is clipped coordinate-wise. With one,
-  clipping would leave the subspace, so ``delta`` is instead scaled down along
-  its own direction until ``x + delta`` fits (it stays in the subspace and in
-  the ball; ``x`` itself is assumed to be in range).
-
-  In floating point, ``x + delta * ((hi - x) / delta)`` lands one ulp past ``hi`` in
-  about 1% of cases (float32, random ``x`` and ``delta``), so a factor that binds (or
-  nearly: within ``8 eps`` of 1) is shrunk by ``8 eps`` relative (``eps`` the dtype's
-  machine epsilon; ~1e-6 for float32): ``x + delta`` then never leaves the range. A
-  ``delta`` that fits with more room than that is returned unchanged.
-  """
-  if clip_range is None:
-    return delta
-  lo, hi = clip_range
-  if projector is None:
-    return jnp.clip(x + delta, lo, hi) - x
-  safe = jnp.where(delta == 0, 1.0, delta)
-  room = jnp.where(delta > 0, (hi - x) / safe, jnp.where(delta < 0, (lo - x) / safe, jnp.inf))
-  room = _flat(room).min(-1)
-  margin = 8 * jnp.finfo(delta.dtype).eps
-  factor = jnp.where(room < 1 + margin, jnp.clip(room, 0.0, 1.0) * (1 - margin), 1.0)
-  return delta * _broadcast(factor, delta)
 
 
 # ----------------------------------------------------------------------------
@@ -521,255 +403,6 @@ def apgd(objective_fn: Fn, x: chex.Array, key: chex.PRNGKey, *, eps: chex.Numeri
   return delta
 
 
-# ----------------------------------------------------------------------------
-# Objectives and success criteria.
-# ----------------------------------------------------------------------------
-
-
-def _check_logits(logits: chex.Array, labels: chex.Array, min_classes: int, what: str) -> None:
-  """``logits [N, C]`` with ``C >= min_classes`` and ``labels [N]`` (checked at trace time)."""
-  chex.assert_rank(logits, 2)
-  chex.assert_shape(labels, (logits.shape[0],))
-  if logits.shape[-1] < min_classes:
-    raise ValueError(f'{what} needs logits with at least {min_classes} classes, '
-                     f'got shape {logits.shape}')
-
-
-def _other_max(logits: chex.Array, labels: chex.Array) -> chex.Array:
-  """``max_{k != y} z_k`` ``[N]``."""
-  is_label = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
-  return jnp.where(is_label, -jnp.inf, logits).max(-1)
-
-
-def top_values(logits: chex.Array, k: int) -> chex.Array:
-  """``[N, k]`` the ``k`` largest logits per row, descending (with repeats, as ``lax.top_k``).
-
-  Equal to ``jax.lax.top_k(logits, k)[0]``, computed by ``k`` max-reductions
-  (each masks one position of the previous maximum): for the few values the
-  attack objectives need this is ~20-50x faster than ``top_k`` on XLA:CPU,
-  which runs inside every attack iteration.
-  """
-  if not 1 <= k <= logits.shape[-1]:
-    raise ValueError(f'k must be in [1, {logits.shape[-1]}], got {k}')
-  classes = jnp.arange(logits.shape[-1])
-  values, z = [], logits
-  for i in range(k):
-    values.append(z.max(-1))
-    if i + 1 < k:
-      z = jnp.where(classes == z.argmax(-1)[..., None], -jnp.inf, z)
-  return jnp.stack(values, -1)
-
-
-def _at(logits: chex.Array, labels: chex.Array) -> chex.Array:
-  """``z_y`` ``[N]``."""
-  return jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
-
-
-def cross_entropy(logits: chex.Array, labels: chex.Array) -> chex.Array:
-  """``[N]`` cross-entropy ``-log softmax(z)_y`` of ``[N, C]`` logits against int labels ``[N]``."""
-  logp = jax.nn.log_softmax(logits)
-  return -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
-
-
-def margin(logits: chex.Array, labels: chex.Array) -> chex.Array:
-  """``max_{k != y} z_k - z_y`` ``[N]`` of ``[N, C]`` logits (``C >= 2``) and int labels ``[N]``.
-
-  Positive exactly when the argmax is not the label (ties aside).
-  """
-  _check_logits(logits, labels, 2, 'margin')
-  return _other_max(logits, labels) - _at(logits, labels)
-
-
-def top_other_classes(logits: chex.Array, labels: chex.Array, k: int) -> chex.Array:
-  """The ``k`` classes other than the label with the largest logits, descending.
-
-  Targets for the targeted attacks (AutoAttack picks them from the clean
-  logits). Ties go to the lower class index.
-
-  Args:
-    logits: ``[N, C]``.
-    labels: ``[N]`` int.
-    k: how many, ``1 <= k <= C - 1`` (static).
-
-  Returns:
-    ``[N, k]`` int32.
-  """
-  _check_logits(logits, labels, 2, 'top_other_classes')
-  if not 1 <= k <= logits.shape[-1] - 1:
-    raise ValueError(f'k must be in [1, C - 1] = [1, {logits.shape[-1] - 1}], got {k}')
-  is_label = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.int32)
-  # Primary key (last): not the label first; then the larger logit first.
-  order = jnp.lexsort((-logits, is_label), axis=-1)
-  return order[:, :k].astype(jnp.int32)
-
-
-def fixed_label_objective(student_fn: Fn, labels: chex.Array) -> Fn:
-  """``cross_entropy(student(x_adv), y)`` ``[N]``, labels ``y`` fixed at the clean points."""
-  return lambda xa: cross_entropy(student_fn(xa), labels)
-
-
-def fixed_label_success(student_fn: Fn, labels: chex.Array) -> Fn:
-  """``argmax student(x_adv) != y`` ``[N]`` bool."""
-  return lambda xa: student_fn(xa).argmax(-1) != labels
-
-
-def margin_objective(student_fn: Fn, labels: chex.Array) -> Fn:
-  """``max_{k != y} s_k - s_y`` ``[N]`` with ``s = student(x_adv)`` (``margin``)."""
-  return lambda xa: margin(student_fn(xa), labels)
-
-
-def dlr_objective(student_fn: Fn, labels: chex.Array) -> Fn:
-  """The DLR loss of Croce & Hein (2020), ``[N]``, invariant to shifting and scaling the logits.
-
-  ``-(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12)`` with ``z =
-  student(x_adv)`` and ``z_pi1 >= z_pi2 >= ...`` the logits sorted
-  descending. Needs at least 3 classes (``ValueError`` when called otherwise).
-  """
-  def objective(xa):
-    z = student_fn(xa)
-    _check_logits(z, labels, 3, 'dlr_objective')
-    top = top_values(z, 3)
-    return (_other_max(z, labels) - _at(z, labels)) / (top[:, 0] - top[:, 2] + 1e-12)
-  return objective
-
-
-def targeted_dlr_objective(student_fn: Fn, labels: chex.Array, targets: chex.Array) -> Fn:
-  """Targeted DLR loss (Croce & Hein 2020) toward ``targets`` ``[N]``, ``[N]``.
-
-  ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)`` with ``z =
-  student(x_adv)``, ``t`` the target and ``pi`` sorting descending. Needs at
-  least 4 classes (``ValueError`` when called otherwise).
-  """
-  def objective(xa):
-    z = student_fn(xa)
-    _check_logits(z, labels, 4, 'targeted_dlr_objective')
-    chex.assert_equal_shape([labels, targets])
-    top = top_values(z, 4)
-    return ((_at(z, targets) - _at(z, labels))
-            / (top[:, 0] - (top[:, 2] + top[:, 3]) / 2 + 1e-12))
-  return objective
-
-
-def targeted_margin_objective(student_fn: Fn, labels: chex.Array, targets: chex.Array) -> Fn:
-  """``s_t - s_y`` ``[N]`` with ``s = student(x_adv)``, ``t = targets`` ``[N]``, ``y = labels``."""
-  def objective(xa):
-    s = student_fn(xa)
-    _check_logits(s, labels, 2, 'targeted_margin_objective')
-    chex.assert_equal_shape([labels, targets])
-    return _at(s, targets) - _at(s, labels)
-  return objective
-
-
-def oracle_objective(student_fn: Fn, teacher_fn: Fn, loss: str = 'kl') -> Fn:
-  """Disagreement between student and teacher, both at the perturbed point, ``[N]``.
-
-  ``'kl'``: ``KL(softmax(teacher) || softmax(student))``; ``'mse'``:
-  ``sum_c (student_c - teacher_c)^2``. Gradients flow through both networks.
-  """
-  if loss not in ORACLE_LOSSES:
-    raise ValueError(f'oracle loss must be one of {ORACLE_LOSSES}, got {loss!r}')
-
-  def objective(xa):
-    s, t = student_fn(xa), teacher_fn(xa)
-    if loss == 'mse':
-      return ((s - t) ** 2).sum(-1)
-    logp_t = jax.nn.log_softmax(t)
-    return (jnp.exp(logp_t) * (logp_t - jax.nn.log_softmax(s))).sum(-1)
-  return objective
-
-
-def _teacher_label(teacher_fn: Fn, xa: chex.Array) -> chex.Array:
-  """``argmax teacher(x_adv)`` ``[N]``, carrying no gradient."""
-  return jax.lax.stop_gradient(teacher_fn(xa)).argmax(-1)
-
-
-def oracle_margin_objective(student_fn: Fn, teacher_fn: Fn) -> Fn:
-  """Oracle margin ``max_{k != t} s_k - s_t`` ``[N]``, ``t = argmax teacher(x_adv)``.
-
-  ``s = student(x_adv)``; the teacher's label is taken at the perturbed point
-  and carries no gradient, which flows through the student only. Positive
-  exactly when the student disagrees with the teacher there (ties aside).
-  """
-  return lambda xa: margin(student_fn(xa), _teacher_label(teacher_fn, xa))
-
-
-def oracle_targeted_margin_objective(student_fn: Fn, teacher_fn: Fn,
-                                     targets: chex.Array) -> Fn:
-  """``s_target - s_t`` ``[N]``, ``s = student(x_adv)``, ``t = argmax teacher(x_adv)``.
-
-  The teacher's label carries no gradient; it flows through the student only.
-  """
-  def objective(xa):
-    s = student_fn(xa)
-    t = _teacher_label(teacher_fn, xa)
-    _check_logits(s, t, 2, 'oracle_targeted_margin_objective')
-    chex.assert_equal_shape([t, targets])
-    return _at(s, targets) - _at(s, t)
-  return objective
-
-
-def oracle_pairs(teacher_logits: chex.Array, k: int) -> Tuple[chex.Array, chex.Array]:
-  """``(teacher_class, student_class)`` ``[2k, N]`` each: the pairs ``oracle_pair_objective`` tries.
-
-  With ``y`` the teacher's argmax and ``c_1..c_k`` its next ``k`` classes
-  (``top_other_classes``), all at the clean point: ``(y, c_i)`` (the teacher
-  keeps ``y``, the student moves to ``c_i``) for ``i = 1..k``, then ``(c_i, y)``
-  (the teacher moves to ``c_i``, the student keeps ``y``). Near a boundary of
-  the teacher between ``y`` and ``c_i``, a student that approximates the teacher
-  disagrees with it on one side or the other, depending on the sign of its error.
-
-  >>> t = jnp.array([[0.0, 3.0, 1.0, 2.0]])
-  >>> a, b = oracle_pairs(t, 2)
-  >>> a[:, 0].tolist(), b[:, 0].tolist()
-  ([1, 1, 3, 2], [3, 2, 1, 1])
-  """
-  chex.assert_rank(teacher_logits, 2)
-  y = teacher_logits.argmax(-1).astype(jnp.int32)
-  others = top_other_classes(teacher_logits, y, k).T  # [k, N]
-  ys = jnp.broadcast_to(y, others.shape)
-  return jnp.concatenate([ys, others]), jnp.concatenate([others, ys])
-
-
-def oracle_pair_objective(student_fn: Fn, teacher_fn: Fn, teacher_class: chex.Array,
-                          student_class: chex.Array, *, tolerance: float = 0.0,
-                          smoothing: chex.Array = 0.0) -> Fn:
-  """Disagreement on one pair of classes ``(a, b)``, through both networks, ``[N]``.
-
-  With ``s = student(x_adv)``, ``t = teacher(x_adv)``, ``a = teacher_class``,
-  ``b = student_class`` (``[N]`` int, ``a != b``)::
-
-    f = s_b - max_{j != b} s_j                  (the student's argmax is b)
-    g = t_a - max_{j != a} t_j - tolerance      (the teacher's is a, by >= tolerance)
-
-  and the objective is ``min(f, g)``, or with ``smoothing`` ``tau > 0`` (``[N]``
-  or a scalar, in logit units) the soft minimum ``-tau log(exp(-f / tau) +
-  exp(-g / tau))``. ``min(f, g) > 0`` implies an oracle error (the argmaxes
-  differ where the teacher's top-2 gap is >= ``tolerance``). Unlike
-  ``oracle_margin_objective``, whose label ``t`` jumps when the teacher's
-  argmax changes (where a student that follows the teacher changes too), the
-  pair is fixed, so the objective is continuous across the teacher's
-  boundaries; and its gradient flows through the teacher as well, so ascent can
-  move *along* a boundary of the teacher towards where the student's error is
-  largest. The soft minimum blends the two gradients where ``f ~ g``, the
-  ridge along which the two margins trade off (a plain minimum zig-zags there).
-  """
-  def objective(xa):
-    s, t = student_fn(xa), teacher_fn(xa)
-    _check_logits(s, student_class, 2, 'oracle_pair_objective')
-    chex.assert_equal_shape([teacher_class, student_class])
-    f = _at(s, student_class) - _other_max(s, student_class)
-    g = _at(t, teacher_class) - _other_max(t, teacher_class) - tolerance
-    tau = jnp.broadcast_to(jnp.asarray(smoothing, f.dtype), f.shape)
-    soft = -tau * jnp.logaddexp(-f / jnp.maximum(tau, 1e-12), -g / jnp.maximum(tau, 1e-12))
-    return jnp.where(tau > 0, soft, jnp.minimum(f, g))
-  return objective
-
-
-def oracle_success(student_fn: Fn, teacher_fn: Fn) -> Fn:
-  """The student's argmax differs from the teacher's, both at the perturbed point."""
-  return lambda xa: student_fn(xa).argmax(-1) != teacher_fn(xa).argmax(-1)
-
-
 def robust_error(student_fn: Fn, teacher_fn: Fn, x: chex.Array, key: chex.PRNGKey, *,
                  eps: chex.Numeric, alpha: chex.Numeric, steps: int, label: str = 'oracle',
                  norm: str = 'l2', restarts: int = 1,
@@ -807,15 +440,6 @@ def robust_error(student_fn: Fn, teacher_fn: Fn, x: chex.Array, key: chex.PRNGKe
 # ----------------------------------------------------------------------------
 # Confidence-calibrated adversarial training (Stutz, Hein, Schiele 2020).
 # ----------------------------------------------------------------------------
-
-
-def ccat_objective(student_fn: Fn, labels: chex.Array) -> Fn:
-  """CCAT's attack objective: the largest non-label confidence ``max_{k != y} softmax_k``."""
-  def objective(xa):
-    probs = jax.nn.softmax(student_fn(xa))
-    return jnp.where(jax.nn.one_hot(labels, probs.shape[-1], dtype=bool), -jnp.inf,
-                     probs).max(-1)
-  return objective
 
 
 def ccat_lambda(delta: chex.Array, eps: chex.Numeric, norm: str, rho: float = 10.0):
