@@ -24,67 +24,71 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import cli
-from experiments import common
+from experiments import study
+from experiments import summaries
 from experiments import validation
+from experiments.configs import lowrank as lowrank_config
 from tsrobust import evaluate
 from tsrobust import io
+from tsrobust import lowrank
+from tsrobust import lowrank_eval
 from tsrobust import plotting
 from tsrobust import train
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'lowrank.py')
 
 
-# Every config field: type, range, choices (validation.check_config).
-CONFIG_FIELDS = {**common.LOWRANK_FIELDS, 'ranks': validation.Ints(lo=1, unique=True)}
+# Every config field: type, range, choices (validation.check_config), beside the defaults.
+CONFIG_FIELDS = lowrank_config.FIELDS
 
 
 def validate_config(config) -> None:
-  """Checks every field at start; raises ``common.ConfigError`` naming the field.
+  """Checks every field at start; raises ``validation.ConfigError`` naming the field.
 
   The table ``CONFIG_FIELDS``, then the cross-field rules: every rank <= ``d``,
-  and ``common.check_lowrank_rules`` (``eval_batch`` divides ``num_eval``; a
+  and ``study.check_lowrank_rules`` (``eval_batch`` divides ``num_eval``; a
   valid attack ensemble).
   """
   validation.check_config(config, CONFIG_FIELDS)
   for r in config.ranks:
     if r > config.d:
-      raise common.ConfigError(f'config.ranks must satisfy 1 <= r <= d = {config.d}, '
+      raise validation.ConfigError(f'config.ranks must satisfy 1 <= r <= d = {config.d}, '
                                f'got r = {r}')
-  common.check_lowrank_rules(config)
+  study.check_lowrank_rules(config)
 
 
 def columns(config) -> List[str]:
   """The CSV columns, in order."""
-  return ['rank', 'seed'] + common.metric_columns(config)
+  return ['rank', 'seed'] + study.metric_columns(config)
 
 
 class Run(NamedTuple):
   """What every rank of a run uses (``build``)."""
-  keys: common.SeedKeys
-  problem: common.Problem
+  keys: lowrank.SeedKeys
+  problem: lowrank.Problem
   optimizer: Any
   loss_fn: Any
-  evaluator: common.LowRankEvaluator
+  evaluator: lowrank_eval.LowRankEvaluator
 
 
 def build(config) -> Run:
   """The run's seed keys, teachers / bases / students, optimizer, loss and evaluator."""
-  keys = common.seed_keys(config)
-  problem = common.build_problem(config, keys)
-  optimizer = common.make_optimizer(config)
+  keys = study.seed_keys(config)
+  problem = lowrank.build_problem(study.setting(config), keys)
+  optimizer = study.make_optimizer(config)
   loss_fn = train.teacher_regression_loss(problem.student.apply, problem.teacher.apply,
-                                          config.loss, common.sampler(config.num_train),
+                                          config.loss, lowrank.sampler(config.num_train),
                                           config.batch_size)
   return Run(keys, problem, optimizer, loss_fn,
-             common.LowRankEvaluator(config, problem.teacher, problem.student))
+             study.lowrank_evaluator(config, problem))
 
 
 def rank_inputs(config, run: Run, r: int):
   """``(data_args, held, state)`` at rank ``r``: the training data's arguments (with the
   projector), the held-out data, and the students' initial optimizer state."""
-  s = common.num_padded_seeds(config)  # >= num_seeds; the padded seeds are dropped
-  scales = jnp.full((s,), common.data_scale(config, r))
-  data_args = common.lowrank_args(run.problem.bases, r, scales)
+  s = study.num_padded_seeds(config)  # >= num_seeds; the padded seeds are dropped
+  scales = jnp.full((s,), lowrank.data_scale(study.setting(config), r))
+  data_args = lowrank.lowrank_args(run.problem.bases, r, scales)
   held = run.evaluator.held_out(data_args['projector'], scales, run.keys.eval)
   if config.num_train:
     data_args['train_x'] = held['train_x']
@@ -95,7 +99,7 @@ def rank_inputs(config, run: Run, r: int):
 def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   """Runs the experiment and writes the result files; returns the records."""
   validate_config(config)
-  common.prepare_workdir(workdir, config)
+  cli.prepare_workdir(workdir, config)
   d = config.d
   run = build(config)
   keys, problem, optimizer, loss_fn, evaluator = run
@@ -109,9 +113,9 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
     if r == config.ranks[0] and jax.process_count() == 1:
       # The evaluation's programs, compiled while the students train (in a single-process
       # run; with several processes each compiles them at their first call, as before).
-      warm = common.Background('evaluation programs', evaluator.prepare, state.params,
+      warm = study.Background('evaluation programs', evaluator.prepare, state.params,
                                problem.teacher_params, projector, held, full_rank=r == d)
-    state, losses = common.train_or_keep_last_good(
+    state, losses = study.train_or_keep_last_good(
         loss_fn, optimizer, state, problem.teacher_params, data_args, keys.train, config,
         workdir, f'rank{r}')
     prepared = warm.wait() if warm is not None else None
@@ -125,7 +129,7 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
     rows = rows[:config.num_seeds]
     kept = np.arange(len(ev.final[('oracle', 'full')])) < config.num_seeds
     checks[f'rank_{r}'] = evaluate.attack_checks(
-        ev.result, ev.final, headline=common.headline_eps(config),
+        ev.result, ev.final, headline=study.headline_eps(config),
         attacks_run=evaluator.attack_config.attacks,
         convergence_points=evaluator.attack_config.convergence_points(), rows=kept,
         doubled=ev.doubled)
@@ -133,20 +137,20 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
       records.append({'rank': r, 'seed': i, 'train_loss': float(losses[i, -1])
                       if losses.size else None, **row})
     logging.info('rank %d done in %.1fs: %s clean_agree %.3f', r, time.perf_counter() - t0,
-                 common.spec_log_text(rows, len(config.teacher_hidden)),
+                 study.spec_log_text(rows, len(config.teacher_hidden)),
                  np.mean([x['clean_agree'] for x in rows]))
 
-  common.write_results(workdir, config, records, columns(config))
-  mid = common.eps_name(common.headline_eps(config))
-  checks = common.attack_checks_summary(config, checks)
-  common.log_unconverged(checks)
+  study.write_results(workdir, config, records, columns(config))
+  mid = study.eps_name(study.headline_eps(config))
+  checks = summaries.attack_checks_summary(config, checks)
+  summaries.log_unconverged(checks)
   if jax.process_index() == 0:
     io.write_json(os.path.join(workdir, 'attack_checks.json'), checks)
     io.atomic_write_text(os.path.join(workdir, 'summary.md'), io.markdown_summary(
-        records, ['rank'], common.spec_columns(config) + [
+        records, ['rank'], study.spec_columns(config) + [
             'wcos_in', 'wcos_off', 'wcos_off_random', 'clean_agree', f'adv_oracle_in_{mid}',
             f'adv_oracle_off_{mid}', f'adv_oracle_full_{mid}', f'adv_fixed_full_{mid}'])
-        + '\n' + common.attack_checks_markdown(checks))
+        + '\n' + summaries.attack_checks_markdown(checks))
     plotting.plot_lowrank(os.path.join(workdir, 'results.csv'),
                           os.path.join(workdir, 'lowrank.png'), eps=mid,
                           norm=config.attack_norm)

@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from experiments import common
+from experiments import study
 from tsrobust import attacks
 from tsrobust import evaluate
+from tsrobust import lowrank
 from tsrobust import train
 
 flags.DEFINE_string('workdir', None, 'A finished experiments.lowrank run.')
@@ -47,21 +48,21 @@ def main(argv):
     raise app.UsageError(f'--rank must be one of the run\'s ranks below d: {config.ranks}')
   if not 0 <= i < config.num_seeds:
     raise app.UsageError(f'--seed_index must be in [0, {config.num_seeds})')
-  keys = common.seed_keys(config)
-  problem = common.build_problem(config, keys)
-  optimizer = common.make_optimizer(config)
-  scales = jnp.full((keys.eval.shape[0],), common.data_scale(config, r))
-  data_args = common.lowrank_args(problem.bases, r, scales)
+  keys = study.seed_keys(config)
+  problem = lowrank.build_problem(study.setting(config), keys)
+  optimizer = study.make_optimizer(config)
+  scales = jnp.full((keys.eval.shape[0],), lowrank.data_scale(study.setting(config), r))
+  data_args = lowrank.lowrank_args(problem.bases, r, scales)
   projector = data_args['projector']
-  evaluator = common.LowRankEvaluator(config, problem.teacher, problem.student)
+  evaluator = study.lowrank_evaluator(config, problem)
   held = evaluator.held_out(projector, scales, keys.eval)
   if config.num_train:
     data_args['train_x'] = held['train_x']
   state = jax.vmap(lambda p: train.init_state(p, optimizer))(problem.student_params)
   loss_fn = train.teacher_regression_loss(problem.student.apply, problem.teacher.apply,
-                                          config.loss, common.sampler(config.num_train),
+                                          config.loss, lowrank.sampler(config.num_train),
                                           config.batch_size)
-  state, _ = common.train_or_keep_last_good(loss_fn, optimizer, state, problem.teacher_params,
+  state, _ = study.train_or_keep_last_good(loss_fn, optimizer, state, problem.teacher_params,
                                             data_args, keys.train, config, workdir, f'rank{r}')
   pick = lambda tree: jax.tree_util.tree_map(lambda v: np.asarray(v)[i], tree)
   sp, tp = pick(state.params), pick(problem.teacher_params)

@@ -34,7 +34,7 @@ student), ``summary.json`` (teacher accuracy, dataset sizes, correlations
 with bootstrap intervals, timings), ``summary.md``, ``specialization_layers.png``
 and ``spec_vs_robust.png`` (low rank: also ``spec_off_vs_robust.png``);
 ``config.json`` holds the run's config, and a workdir holding a different
-config is refused (``common.prepare_workdir``). Student checkpoints live in
+config is refused (``cli.prepare_workdir``). Student checkpoints live in
 ``checkpoints/<method>``, so rerunning the same command resumes an
 interrupted run.
 """
@@ -49,15 +49,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import cli
-from experiments import common
 from experiments import real_checks
 from experiments import real_eval
+from experiments import study
+from experiments import summaries
 from experiments.real_checks import validate_config, validate_sizes
 from experiments.real_eval import budget, budget_name, clip_range
 from experiments.real_eval import teacher_model  # benchmarks/attack_strength.py uses it too
 from tsrobust import cnn
 from tsrobust import datasets
+from tsrobust import lowrank
 from tsrobust import methods as methods_lib
+from tsrobust import rng
 from tsrobust import robust_dataset
 from tsrobust import teachers
 from tsrobust.teachers import supervised_loss  # noqa: F401 (benchmarks/attack_strength.py)
@@ -97,7 +100,7 @@ def load_data(config) -> Tuple[datasets.Dataset, Optional[datasets.PCA], Dict[st
 
 def grid(config) -> List[methods_lib.GridPoint]:
   """``(method, hyper-parameters)`` of every grid point (``methods_lib.grid``)."""
-  return methods_lib.grid(common.as_tuple(config.methods), at_eps=config.at_eps,
+  return methods_lib.grid(study.as_tuple(config.methods), at_eps=config.at_eps,
                           ccat_eps=config.ccat_eps, aug_scales=config.aug_scales)
 
 
@@ -129,10 +132,10 @@ def build_robust_features(config, model: cnn.CNN, params, dataset: datasets.Data
   rep = robust_dataset.penultimate(model.apply, params)
   x = jnp.asarray(dataset.train_x)
   x_r, x0 = robust_dataset.robust_feature_dataset(
-      rep, x, jax.random.fold_in(jax.random.PRNGKey(config.seed), 2 ** 31 - 3),
+      rep, x, jax.random.fold_in(jax.random.PRNGKey(config.seed), rng.ROBUST_FEATURES),
       steps=config.rf_steps, step_size=config.rf_step_size, start=config.rf_start,
       batch_size=config.rf_batch, clip_range=clip_range(config),
-      on_batch=common.progress_logger('robust_features (images)'), mesh=common.mesh())
+      on_batch=cli.progress_logger('robust_features (images)'), mesh=study.mesh())
   if pca is not None:  # keep the images in the affine PCA set m + S
     x_r = datasets.project_pca(x_r, pca)
   return np.asarray(x_r), robust_dataset.matching_report(rep, x, x_r, x0)
@@ -144,8 +147,8 @@ def pretrain(config, model: cnn.CNN, dataset: datasets.Dataset, workdir: str,
   spec = teachers.teacher_spec(config, role)
   params, info = teachers.pretrain_teacher(
       spec, model, dataset, teachers.teachers_root(config.teacher_dir, workdir), role,
-      init=init, on_chunk=common.progress_logger(role),
-      checkpoint_every_sec=common.checkpoint_every_sec())
+      init=init, on_chunk=cli.progress_logger(role),
+      checkpoint_every_sec=cli.checkpoint_every_sec())
   return spec, params, info
 
 
@@ -154,7 +157,7 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   validate_config(config)
   timings = {}
   t_all = time.perf_counter()
-  common.prepare_workdir(workdir, config)
+  cli.prepare_workdir(workdir, config)
   points = grid(config)
 
   t0 = time.perf_counter()
@@ -171,7 +174,7 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   timings['teacher'] = time.perf_counter() - t0
   projector = None if pca is None else pca.projector
   evaluator = real_eval.Evaluator(config, teacher, student, teacher_params, dataset, projector)
-  teacher_eval = evaluator.teacher(jax.random.fold_in(jax.random.PRNGKey(config.seed), 7),
+  teacher_eval = evaluator.teacher(jax.random.fold_in(jax.random.PRNGKey(config.seed), rng.TEACHER_EVALUATION),
                                    on_progress=cli.evaluation_progress('the teacher'))
   logging.info('teacher (%s, %s): %s', teacher_info['hash'],
                'reused' if teacher_info['reused'] else 'trained', teacher_eval)
@@ -191,19 +194,17 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
                    robust_model_is_teacher=same,
                    robust_model_reused=r_info['reused'])
     rf_info['robust_model_eval'] = evaluator.teacher(  # the teacher's compiled attacks
-        jax.random.fold_in(jax.random.PRNGKey(config.seed), 8), params=r_params,
+        jax.random.fold_in(jax.random.PRNGKey(config.seed), rng.ROBUST_MODEL_EVALUATION), params=r_params,
         on_progress=cli.evaluation_progress('the robust model'))
     timings['robust_features'] = time.perf_counter() - t0
     logging.info('robust-feature dataset: %s', rf_info)
 
-  s = common.num_padded_seeds(config)
-  master = jax.random.PRNGKey(config.seed)
-  seed_keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(master, i), 3))(
-      jnp.arange(s))
-  k_init, k_train, k_eval = seed_keys[:, 0], seed_keys[:, 1], seed_keys[:, 2]
+  s = study.num_padded_seeds(config)
+  keys = rng.per_seed(jax.random.PRNGKey(config.seed), s, rng.IMAGE_STREAMS)
+  k_init, k_train, k_eval = keys['init'], keys['train'], keys['eval']
   init_params = jax.vmap(lambda k: cnn.init_params(k, student, dataset.image_shape))(k_init)
   settings = real_eval.method_settings(config)
-  sample = common.sampler(n_train)
+  sample = lowrank.sampler(n_train)
 
   def make_loss(method):
     return methods_lib.make_loss(method, student.apply, teacher.apply, sample, settings)
@@ -212,19 +213,19 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
                                                   robust_x, projector)
   one_teacher = jax.tree_util.tree_map(
       lambda v: jnp.broadcast_to(jnp.asarray(v), (s,) + jnp.shape(v)), teacher_params)
-  params, losses = common.train_grid(config, workdir, points, make_loss, make_args,
+  params, losses = study.train_grid(config, workdir, points, make_loss, make_args,
                                      init_params, one_teacher, k_train, timings)
 
   t0 = time.perf_counter()
   ccat_mask = np.repeat([methods_lib.METHODS[m].ccat_evaluation for m, _ in points], s)
   # Students laid over the devices: each device maps the attacks over its own students.
-  rows, ev = evaluator.students(common.shard(params),
-                                common.shard(methods_lib.tile(k_eval, len(points))), ccat_mask,
+  rows, ev = evaluator.students(study.shard(params),
+                                study.shard(methods_lib.tile(k_eval, len(points))), ccat_mask,
                                 progress=cli.evaluation_progress)
   timings['evaluate'] = time.perf_counter() - t0
   logging.info('evaluated %d students in %.1fs', len(rows), timings['evaluate'])
-  checks = common.method_attack_checks(config, points, ev, evaluator.attack_config,
-                                       budget(config, common.headline_eps(config)))
+  checks = summaries.method_attack_checks(config, points, ev, evaluator.attack_config,
+                                       budget(config, study.headline_eps(config)))
   records = methods_lib.records(points, config.num_seeds, s, real_eval.HPARAM_COLUMNS, losses,
                                 rows, variant=True)
   sizes = {'dataset': dataset.name, 'num_train': int(n_train),

@@ -3,13 +3,16 @@
 ``validate_config`` checks the fields' types, ranges and choices
 (``CONFIG_FIELDS``) and the cross-field rules at start; ``validate_sizes``
 the rules that need the loaded data's sizes (before any PCA is fitted).
-Both raise ``common.ConfigError`` naming the field.
+Both raise ``validation.ConfigError`` naming the field.
 """
 
 import numpy as np
 
-from experiments import common
+from experiments import study
 from experiments import validation
+from experiments.configs import attacks as attack_fields
+from experiments.configs import lowrank as lowrank_config
+from experiments.configs import robustness as robustness_config
 from experiments.real_eval import LABEL_KINDS
 from tsrobust import attacks
 from tsrobust import cnn
@@ -29,14 +32,14 @@ def _check_data_dir(config) -> None:
   try:
     datasets.check_data_dir(config.dataset, config.data_dir, field='config.data_dir')
   except ValueError as e:
-    raise common.ConfigError(str(e)) from e
+    raise validation.ConfigError(str(e)) from e
 
 
 # Every config field: type, range, choices (validation.check_config).
 CONFIG_FIELDS = {
-    **common.TRAINING_FIELDS,
-    **common.METHOD_GRID_FIELDS,
-    **common.ATTACK_FIELDS,
+    **lowrank_config.TRAINING_FIELDS,
+    **robustness_config.METHOD_GRID_FIELDS,
+    **attack_fields.FIELDS,
     'dataset': validation.Choice(datasets.DATASETS),
     'data_dir': validation.Str('a path (a string)'),
     'num_train': validation.Int(lo=0),
@@ -75,7 +78,7 @@ CONFIG_FIELDS = {
 
 
 def validate_config(config) -> None:
-  """Checks every field at start; raises ``common.ConfigError`` naming the field.
+  """Checks every field at start; raises ``validation.ConfigError`` naming the field.
 
   The table ``CONFIG_FIELDS``, then the cross-field rules: ``data_dir`` holds
   the dataset's files (CIFAR-10 needs one); ``teacher_eps > 0`` for a PGD
@@ -92,18 +95,18 @@ def validate_config(config) -> None:
               config.num_train or (BUNDLED_MNIST_TRAIN if config.dataset == 'mnist'
                                    and not config.data_dir else 0))
   if config.teacher_training == 'pgd' and config.teacher_eps <= 0:
-    raise common.ConfigError(f'config.teacher_eps must be > 0 for a PGD-trained teacher '
+    raise validation.ConfigError(f'config.teacher_eps must be > 0 for a PGD-trained teacher '
                              f'(config.teacher_training = pgd), got {config.teacher_eps}')
-  methods = [methods_lib.METHODS[m] for m in common.as_tuple(config.methods)]
+  methods = [methods_lib.METHODS[m] for m in study.as_tuple(config.methods)]
   for m in methods:
     if m.robust_dataset and not (config.teacher_dense or len(config.teacher_conv)):
-      raise common.ConfigError(f'config.methods: {m.name} needs a hidden layer (its robust-'
+      raise validation.ConfigError(f'config.methods: {m.name} needs a hidden layer (its robust-'
                                f'feature dataset matches a penultimate layer)')
     if m.needs_subspace and config.lowrank_rank == 0:
-      raise common.ConfigError(f'config.methods: {m.name} (trained with a data subspace: the '
+      raise validation.ConfigError(f'config.methods: {m.name} (trained with a data subspace: the '
                                f'PCA one) needs config.lowrank_rank > 0')
-  common.check_batch_size(config)
-  common.check_attack_rules(config)
+  study.check_batch_size(config)
+  study.check_attack_rules(config)
 
 
 def _check_rank(config, image_size: int, num_train: int) -> None:
@@ -114,10 +117,10 @@ def _check_rank(config, image_size: int, num_train: int) -> None:
   """
   r = config.lowrank_rank
   if r > image_size:
-    raise common.ConfigError(f'config.lowrank_rank must be <= the number of pixels per image '
+    raise validation.ConfigError(f'config.lowrank_rank must be <= the number of pixels per image '
                              f'{image_size} ({config.dataset}), got {r}')
   if num_train and r > num_train - 1:
-    raise common.ConfigError(f'config.lowrank_rank must be < the number of training images '
+    raise validation.ConfigError(f'config.lowrank_rank must be < the number of training images '
                              f'{num_train} (the centered training set spans at most '
                              f'{num_train - 1} directions), got {r}')
 
@@ -127,12 +130,12 @@ def validate_sizes(config, dataset: datasets.Dataset) -> None:
   m = dataset.test_x.shape[0]
   n = dataset.train_x.shape[0]
   if m % config.eval_batch:
-    raise common.ConfigError(f'config.eval_batch must divide the number of test images {m}, '
+    raise validation.ConfigError(f'config.eval_batch must divide the number of test images {m}, '
                              f'got {config.eval_batch}')
   if config.num_attack > m:
-    raise common.ConfigError(f'config.num_attack must be <= the number of test images {m}, '
+    raise validation.ConfigError(f'config.num_attack must be <= the number of test images {m}, '
                              f'got {config.num_attack}')
   _check_rank(config, int(np.prod(dataset.image_shape)), n)
-  for m in common.as_tuple(config.methods):
+  for m in study.as_tuple(config.methods):
     if methods_lib.METHODS[m].robust_dataset and n < 2:
-      raise common.ConfigError(f'config.num_train must be >= 2 for {m}')
+      raise validation.ConfigError(f'config.num_train must be >= 2 for {m}')

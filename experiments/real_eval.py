@@ -18,23 +18,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import common
+from experiments import study
+from experiments import summaries
 from tsrobust import cnn
 from tsrobust import data
 from tsrobust import datasets
 from tsrobust import evaluate
 from tsrobust import io
+from tsrobust import lowrank_eval
 from tsrobust import methods
 from tsrobust import plotting
+from tsrobust import rng
 from tsrobust import specialization
 from tsrobust import stats
-from tsrobust import teachers
 from tsrobust import sweep
+from tsrobust import teachers
 
 HPARAM_COLUMNS = methods.hparam_columns(with_at_where=False)
 LABEL_KINDS = ('oracle', 'true')  # evaluate.LABEL_KINDS the image study can attack with
 WHERES = ('in', 'off', 'full')    # attack subspaces with lowrank_rank > 0 (PCA S, S_perp, all)
-PROBE_KEY = 2 ** 31 - 4           # fold_in(PRNGKey(seed), .) of the off-subspace probes
+PROBE_KEY = rng.IMAGE_PROBES      # fold_in(PRNGKey(seed), .) of the off-subspace probes
 
 
 def budget(config, eps) -> float:
@@ -46,8 +49,8 @@ def budget_name(config, eps) -> str:
   """Column suffix of a budget: ``0.1`` (denominator 1) or ``8_255`` (8/255)."""
   denom = float(config.eps_denominator)
   if denom == 1:
-    return common.eps_name(eps)
-  return f'{common.eps_name(eps)}_{int(denom) if denom.is_integer() else denom}'
+    return study.eps_name(eps)
+  return f'{study.eps_name(eps)}_{int(denom) if denom.is_integer() else denom}'
 
 
 def clip_range(config) -> Optional[Tuple[float, float]]:
@@ -57,7 +60,7 @@ def clip_range(config) -> Optional[Tuple[float, float]]:
 
 def attack_labels(config) -> Tuple[str, ...]:
   """The label kinds of the students' attacks, in ``LABEL_KINDS`` order."""
-  chosen = common.as_tuple(config.attack_labels)
+  chosen = study.as_tuple(config.attack_labels)
   return tuple(k for k in LABEL_KINDS if k in chosen)
 
 
@@ -164,10 +167,10 @@ class Evaluator:
       chex.assert_shape(p, (d, d))
       self.projector = p
       self.x_probe = off_subspace_probes(config, self.x_test, p)
-    self.attack_config = common.attack_config(config)
+    self.attack_config = study.attack_config(config)
     kw = dict(norm=c.attack_norm, clip_range=clip_range(config), shared_teacher=True,
               shared_data=True, batching='map')
-    surrogate = common.surrogate_apply(config, student, teacher)
+    surrogate = lowrank_eval.surrogate_apply(student, teacher, config.surrogate_temperature)
     self.attacks = evaluate.Evaluator(s_apply, t_apply, config=self.attack_config,
                                       surrogate_apply=surrogate, **kw)
     self.doubled_attacks = None
@@ -197,10 +200,10 @@ class Evaluator:
     p = self.projector
     projs = {'in': p, 'off': jnp.eye(p.shape[0], dtype=p.dtype) - p}
     if self.config.attack_norm == 'l2':
-      projs = {w: common.shard(jnp.broadcast_to(v, (num,) + v.shape)) for w, v in projs.items()}
+      projs = {w: study.shard(jnp.broadcast_to(v, (num,) + v.shape)) for w, v in projs.items()}
     return projs
 
-  def _rows(self, ev: common.Evaluation, kinds) -> List[Dict[str, Any]]:
+  def _rows(self, ev: lowrank_eval.Evaluation, kinds) -> List[Dict[str, Any]]:
     """``robust_acc_{label}_{eps}`` (ensemble) and ``..._{attack}`` (each attack alone)."""
     acc = evaluate.error_rates(ev.final)
     num = next(iter(acc.values())).shape[0]
@@ -232,11 +235,11 @@ class Evaluator:
     result = self.teacher_attacks.run(add_axis(params), self.teacher_params, self.x_att,
                                       key[None], eps=self.budgets, labels_kinds=('true',),
                                       labels=self.y_att, on_progress=on_progress)
-    ev = common.Evaluation(result, evaluate.combine(result))
+    ev = lowrank_eval.Evaluation(result, evaluate.combine(result))
     out.update({k: v for k, v in self._rows(ev, ('true',))[0].items()})
     return out
 
-  def _adv_rows(self, ev: common.Evaluation) -> List[Dict[str, Any]]:
+  def _adv_rows(self, ev: lowrank_eval.Evaluation) -> List[Dict[str, Any]]:
     """``adv_{label}_{where}_{eps}`` (ensemble, consistent) and ``..._{attack}`` (raw)."""
     return evaluate.records(ev.result, ev.final, self.names)
 
@@ -268,11 +271,12 @@ class Evaluator:
                               on_progress=progress(f'{num} students'), **kwargs)
     doubled = None
     if self.doubled_attacks is not None:  # the convergence check (evaluate.doubling)
-      x_check, keys_check = common.doubling_args(c, self.x_att, keys, shared=True)
+      x_check, keys_check = lowrank_eval.doubling_args(
+          self.x_att, keys, min(int(c.convergence_points), int(c.num_attack)), shared=True)
       doubled = self.doubled_attacks.run(
           params, self.teacher_params, x_check, keys_check, labels=self.y_att[:x_check.shape[0]],
           on_progress=progress(f'convergence check, {num} students'), **kwargs)
-    ev = common.Evaluation(result, evaluate.combine(result), doubled)
+    ev = lowrank_eval.Evaluation(result, evaluate.combine(result), doubled)
     sel = np.flatnonzero(ccat_mask)
     for i in range(num):
       for b in sorted(self.budgets):
@@ -290,7 +294,7 @@ class Evaluator:
                                on_progress=progress(f"{sel.size} CCAT students by CCAT's "
                                                     f'criterion'))
       fin_c = evaluate.combine(res_c)
-      ev = common.Evaluation(result, evaluate.merge_ccat(ev.final, fin_c, sel), doubled)
+      ev = lowrank_eval.Evaluation(result, evaluate.merge_ccat(ev.final, fin_c, sel), doubled)
       for i, c_row, threshold in zip(sel, evaluate.ccat_records(res_c, fin_c, self.names),
                                      thresholds):
         rows[i].update(c_row, ccat_threshold=float(threshold))
@@ -314,7 +318,7 @@ def columns(config) -> List[str]:
   labels = attack_labels(config)
   lowrank = config.lowrank_rank > 0
   names = [budget_name(config, e) for e in config.eps]
-  attacks_run = common.attack_config(config).attacks
+  attacks_run = study.attack_config(config).attacks
   cols = ['method', 'variant', *HPARAM_COLUMNS, 'seed', 'train_loss']
   cols += [f'spec_l{l + 1}' for l in range(n_layers)] + ['spec_mean']
   if lowrank:
@@ -339,7 +343,7 @@ def correlations(config, records) -> Dict[str, Any]:
   """Pearson / Spearman of ``spec_mean`` vs robust accuracy per budget: pooled, within methods.
 
   Intervals bootstrap seeds (all methods of a seed share its initial student
-  and data order), see ``common.correlation``. With ``lowrank_rank > 0``,
+  and data order), see ``summaries.correlation``. With ``lowrank_rank > 0``,
   ``out['spec_off']`` holds the same for ``spec_off`` (off-subspace probes).
   """
   key = jax.random.PRNGKey(config.seed)
@@ -355,7 +359,7 @@ def correlations(config, records) -> Dict[str, Any]:
         j = LABEL_KINDS.index(label)
         column = f'robust_acc_{label}_{name}'
         acc = np.array([r[column] for r in records], np.float64)
-        out[column] = common.correlation(x, acc, methods, seeds,
+        out[column] = summaries.correlation(x, acc, methods, seeds,
                                          jax.random.fold_in(key, offset + 10 * i + j),
                                          config.bootstrap_resamples)
     return out
@@ -424,7 +428,7 @@ def summary_markdown(config, records, teacher_eval, corr, sizes,
   cols += ['clean_acc', 'clean_agree']
   for label in labels:
     cols += [f'robust_acc_{label}_{n}' for n in names]
-  if common.has_ccat_evaluation(config):
+  if study.has_ccat_evaluation(config):
     cols += [f'ccat_accepted_wrong_{n}' for n in names] + [f'ccat_err_{n}' for n in names]
   teacher_line = (f'Teacher: clean test accuracy {teacher_eval["clean_acc"]:.3f}'
                   '; true-label robust accuracy '
@@ -449,14 +453,14 @@ def summary_markdown(config, records, teacher_eval, corr, sizes,
   lines += ['Students (mean +- sample std over seeds):', '',
             io.markdown_summary(records, ['method', *HPARAM_COLUMNS], cols),
             wilson_table(config, records),
-            common.correlation_markdown(reports, 'spec_mean', config.bootstrap_resamples)]
+            summaries.correlation_markdown(reports, 'spec_mean', config.bootstrap_resamples)]
   if config.lowrank_rank:
-    lines += [common.SUBSPACE_TABLE_TITLE + ' (delta in S, in S_perp, unconstrained; mean +- '
+    lines += [summaries.SUBSPACE_TABLE_TITLE + ' (delta in S, in S_perp, unconstrained; mean +- '
               'sample std over seeds):', '',
               io.markdown_summary(records, ['method', *HPARAM_COLUMNS],
                                   [f'adv_{label}_{w}_{n}' for label in labels for n in names
                                    for w in WHERES]),
-              common.correlation_markdown(corr['spec_off'], 'spec_off',
+              summaries.correlation_markdown(corr['spec_off'], 'spec_off',
                                           config.bootstrap_resamples)]
   return '\n'.join(lines) + '\n'
 
@@ -478,12 +482,12 @@ def write_reports(config, workdir: str, records: List[Dict[str, Any]], summary: 
   summary = {k: corr if k == 'correlation' else summary[k] for k in order}
   summary['versions'] = io.library_versions()
   if jax.process_index() == 0:
-    common.write_results(workdir, config, records, columns(config))
+    study.write_results(workdir, config, records, columns(config))
     io.write_json(os.path.join(workdir, 'summary.json'), summary)
     io.atomic_write_text(os.path.join(workdir, 'summary.md'),
                          summary_markdown(config, records, summary['teacher'], corr,
                                           summary['dataset'], summary['robust_features'])
-                         + '\n' + common.attack_checks_markdown(summary['attack_checks']))
+                         + '\n' + summaries.attack_checks_markdown(summary['attack_checks']))
     results = os.path.join(workdir, 'results.csv')
     mid = budget_name(config, config.eps[len(config.eps) // 2])
     plotting.plot_spec_per_layer(results, os.path.join(workdir, 'specialization_layers.png'))

@@ -28,11 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import cli
-from experiments import common
+from experiments import study
+from experiments import summaries
 from experiments import validation
-from tsrobust import attacks
+from experiments.configs import robustness as robustness_config
 from tsrobust import evaluate
 from tsrobust import io
+from tsrobust import lowrank
+from tsrobust import lowrank_eval
 from tsrobust import methods as methods_lib
 from tsrobust import plotting
 
@@ -41,46 +44,38 @@ _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'robustness
 HPARAM_COLUMNS = methods_lib.hparam_columns(with_at_where=True)
 
 
-# Every config field: type, range, choices (validation.check_config).
-CONFIG_FIELDS = {
-    **common.LOWRANK_FIELDS,
-    **common.METHOD_GRID_FIELDS,
-    'rank': validation.Int(lo=1),
-    'methods': validation.Names(lambda: methods_lib.names(synthetic=True)),
-    'at_where': validation.Names(methods_lib.AT_WHERES),
-    'at_norm': validation.Choice(attacks.NORMS),
-    'ccat_norm': validation.Choice(attacks.NORMS),
-}
+# Every config field: type, range, choices (validation.check_config), beside the defaults.
+CONFIG_FIELDS = robustness_config.FIELDS
 
 
 def validate_config(config) -> None:
-  """Checks every field at start; raises ``common.ConfigError`` naming the field.
+  """Checks every field at start; raises ``validation.ConfigError`` naming the field.
 
   The table ``CONFIG_FIELDS``, then the cross-field rules: ``rank < d``,
-  each method's smallest ``batch_size`` (CCAT: 2), and ``common.check_lowrank_rules``
+  each method's smallest ``batch_size`` (CCAT: 2), and ``study.check_lowrank_rules``
   (``eval_batch`` divides ``num_eval``; a valid attack ensemble).
   """
   validation.check_config(config, CONFIG_FIELDS)
   if config.rank >= config.d:
-    raise common.ConfigError(
+    raise validation.ConfigError(
         f'config.rank must satisfy 1 <= rank < d = {config.d} (the study needs an '
         f'off-subspace), got {config.rank}')
-  common.check_batch_size(config)
-  common.check_lowrank_rules(config)
+  study.check_batch_size(config)
+  study.check_lowrank_rules(config)
 
 
 def grid(config) -> List[methods_lib.GridPoint]:
   """``(method, hyper-parameters)`` of every grid point (``methods_lib.grid``, with at_where)."""
-  return methods_lib.grid(common.as_tuple(config.methods), at_eps=config.at_eps,
+  return methods_lib.grid(study.as_tuple(config.methods), at_eps=config.at_eps,
                           ccat_eps=config.ccat_eps, aug_scales=config.aug_scales,
-                          at_where=common.as_tuple(config.at_where), at_label=config.at_label)
+                          at_where=study.as_tuple(config.at_where), at_label=config.at_label)
 
 
 def columns(config) -> List[str]:
-  cols = ['method', *HPARAM_COLUMNS, 'seed'] + common.metric_columns(config)
-  if common.has_ccat_evaluation(config):
-    cols += ['ccat_threshold'] + [f'ccat_err_{common.eps_name(e)}' for e in config.eps]
-    cols += [f'ccat_accepted_wrong_{common.eps_name(e)}' for e in config.eps]
+  cols = ['method', *HPARAM_COLUMNS, 'seed'] + study.metric_columns(config)
+  if study.has_ccat_evaluation(config):
+    cols += ['ccat_threshold'] + [f'ccat_err_{study.eps_name(e)}' for e in config.eps]
+    cols += [f'ccat_accepted_wrong_{study.eps_name(e)}' for e in config.eps]
   return cols
 
 
@@ -104,10 +99,10 @@ def correlations(config, records) -> Dict[str, Any]:
   methods = [r['method'] for r in records]
   seeds = [r['seed'] for r in records]
   for i, eps in enumerate(config.eps):
-    name = common.eps_name(eps)
+    name = study.eps_name(eps)
     acc = 1.0 - np.array([r[f'adv_oracle_full_{name}'] for r in records])
     out[f'eps_{name}'] = {
-        s_name: common.correlation(s_val, acc, methods, seeds,
+        s_name: summaries.correlation(s_val, acc, methods, seeds,
                                    jax.random.fold_in(key, 10 * i + j),
                                    config.bootstrap_resamples)
         for j, (s_name, s_val) in enumerate(spec.items())}
@@ -118,28 +113,28 @@ def correlation_markdown(config, corr) -> str:
   """Per specialization measure, the correlation table over budgets."""
   parts = []
   for s_name in ('spec_off', 'spec_in', 'spec_mean'):
-    names = [common.eps_name(e) for e in config.eps]
+    names = [study.eps_name(e) for e in config.eps]
     reports = {f'1 - adv_oracle_full_{n}': corr[f'eps_{n}'][s_name] for n in names}
-    parts.append(common.correlation_markdown(reports, s_name, config.bootstrap_resamples))
+    parts.append(summaries.correlation_markdown(reports, s_name, config.bootstrap_resamples))
   return '\n'.join(parts)
 
 
 def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   """Runs the study and writes the result files; returns the records."""
   validate_config(config)
-  common.prepare_workdir(workdir, config)
+  cli.prepare_workdir(workdir, config)
   points = grid(config)
   r = config.rank
-  s = common.num_padded_seeds(config)  # >= num_seeds; the padded seeds are dropped
-  keys = common.seed_keys(config)
-  problem = common.build_problem(config, keys)
-  evaluator = common.LowRankEvaluator(config, problem.teacher, problem.student)
-  scales = jnp.full((s,), common.data_scale(config, r))
-  lowrank_args = common.lowrank_args(problem.bases, r, scales)
+  s = study.num_padded_seeds(config)  # >= num_seeds; the padded seeds are dropped
+  keys = study.seed_keys(config)
+  problem = lowrank.build_problem(study.setting(config), keys)
+  evaluator = study.lowrank_evaluator(config, problem)
+  scales = jnp.full((s,), lowrank.data_scale(study.setting(config), r))
+  lowrank_args = lowrank.lowrank_args(problem.bases, r, scales)
   projector = lowrank_args['projector']
   held = evaluator.held_out(projector, scales, keys.eval)
   settings = method_settings(config)
-  sample = common.sampler(config.num_train)
+  sample = lowrank.sampler(config.num_train)
 
   def make_loss(method):
     return methods_lib.make_loss(method, problem.student.apply, problem.teacher.apply, sample,
@@ -153,7 +148,7 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
     if config.num_train:
       args['train_x'] = methods_lib.tile(held['train_x'], g)
     return args, None
-  params, losses = common.train_grid(config, workdir, points, make_loss, make_args,
+  params, losses = study.train_grid(config, workdir, points, make_loss, make_args,
                                      problem.student_params, problem.teacher_params, keys.train)
 
   # Evaluate every student at once: one compilation for the whole study.
@@ -171,29 +166,29 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
     # CCAT's own evaluation: threshold passing ccat_pass_rate of the correctly classified
     # held-out points, the ensemble plus CCAT's objective judged by acceptance and the oracle.
     pick = lambda tree: jax.tree_util.tree_map(lambda v: v[sel], tree)
-    c_params, c_tparams, c_held, c_proj = common.shard(
+    c_params, c_tparams, c_held, c_proj = study.shard(
         (pick(params), pick(tparams), pick(held_all), pick(proj_all)))
     thresholds = evaluator.ccat_thresholds(c_params, c_tparams, c_held)
     ev_c = evaluator.attack(c_params, c_tparams, c_proj, c_held, full_rank=False,
                             labels_kinds=('ccat',), thresholds=thresholds, check=False,
                             progress=lambda what: cli.evaluation_progress(
                                 f"CCAT students by CCAT's criterion, {what}"))
-    ev = common.Evaluation(ev.result, evaluate.merge_ccat(ev.final, ev_c.final, sel), ev.doubled)
-    for row, a in zip(rows, common.attack_rows(config, ev, full_rank=False)):
+    ev = lowrank_eval.Evaluation(ev.result, evaluate.merge_ccat(ev.final, ev_c.final, sel), ev.doubled)
+    for row, a in zip(rows, study.attack_rows(config, ev, full_rank=False)):
       row.update(a)
-    names = {float(e): common.eps_name(e) for e in config.eps}
+    names = {float(e): study.eps_name(e) for e in config.eps}
     for i, c_row, threshold in zip(sel, evaluate.ccat_records(ev_c.result, ev_c.final, names),
                                    thresholds):
       rows[i].update(c_row, ccat_threshold=float(threshold))
   logging.info('evaluated %d students in %.1fs', len(rows), time.perf_counter() - t0)
-  checks = common.method_attack_checks(config, points, ev, evaluator.attack_config,
-                                       common.headline_eps(config))
+  checks = summaries.method_attack_checks(config, points, ev, evaluator.attack_config,
+                                       study.headline_eps(config))
   records = methods_lib.records(points, config.num_seeds, s, HPARAM_COLUMNS, losses, rows)
 
-  mid = common.eps_name(common.headline_eps(config))
+  mid = study.eps_name(study.headline_eps(config))
   corr = correlations(config, records)
-  common.write_results(workdir, config, records, columns(config))
-  summary_cols = common.spec_columns(config) + [
+  study.write_results(workdir, config, records, columns(config))
+  summary_cols = study.spec_columns(config) + [
       'wcos_off', 'clean_agree', f'adv_oracle_in_{mid}', f'adv_oracle_off_{mid}',
       f'adv_oracle_full_{mid}']
   if sel.size:
@@ -204,7 +199,7 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
     io.atomic_write_text(os.path.join(workdir, 'summary.md'), io.markdown_summary(
         records, ['method', 'at_eps', 'at_where', 'ccat_eps', 'aug_scale'], summary_cols)
         + '\n' + correlation_markdown(config, corr) + '\n'
-        + common.attack_checks_markdown(checks))
+        + summaries.attack_checks_markdown(checks))
     plotting.plot_spec_vs_robustness(os.path.join(workdir, 'results.csv'),
                                      os.path.join(workdir, 'robustness.png'), eps=mid,
                                      norm=config.attack_norm)

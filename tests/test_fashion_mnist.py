@@ -10,8 +10,9 @@ from absl import flags
 import numpy as np
 import pytest
 
-from experiments import common
+from experiments import cli
 from experiments import real
+from experiments import validation
 from experiments.configs import real as real_config
 from tsrobust import datasets
 
@@ -58,7 +59,7 @@ def test_preset_validates_with_the_files(tmp_path):
 def test_missing_data_names_the_install_line(tmp_path, make, message):
   c = real_config.get_config('fashion_mnist')
   c.data_dir = make(tmp_path)
-  with pytest.raises(common.ConfigError, match=message + '.*; install Fashion-MNIST with: '
+  with pytest.raises(validation.ConfigError, match=message + '.*; install Fashion-MNIST with: '
                                                          'apt-get install dataset-fashion-mnist'):
     real.validate_config(c)
 
@@ -67,7 +68,7 @@ def test_empty_data_dir_means_the_debian_folder(tmp_path, monkeypatch):
   monkeypatch.setattr(datasets, 'FASHION_MNIST_DIR', str(tmp_path / 'absent'))
   c = real_config.get_config()
   c.dataset, c.data_dir = 'fashion_mnist', ''
-  with pytest.raises(common.ConfigError, match="config.data_dir '.*absent' does not exist.*"
+  with pytest.raises(validation.ConfigError, match="config.data_dir '.*absent' does not exist.*"
                                                'apt-get install dataset-fashion-mnist'):
     real.validate_config(c)
   data_dir, arrays = _idx_folder(tmp_path / 'absent')
@@ -94,7 +95,7 @@ def test_cli_missing_folder_is_one_line(tmp_path, capfd):
   capfd.readouterr()
   workdir = tmp_path / 'work'
   with pytest.raises(SystemExit) as info:
-    common.run_binary(real.validate_config, real.train_and_evaluate, real._DEFAULT_CONFIG,
+    cli.run_binary(real.validate_config, real.train_and_evaluate, real._DEFAULT_CONFIG,
                       ('results.csv',),
                       argv=['real', f'--workdir={workdir}',
                             '--config=experiments/configs/real.py:fashion_mnist',

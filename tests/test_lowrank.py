@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from experiments import cli
-from experiments import common
 from experiments import lowrank
+from experiments import validation
 from experiments.configs import lowrank as lowrank_config
 from tsrobust import check_results
 from tsrobust import data
 from tsrobust import io
+from tsrobust import lowrank as lowrank_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -190,7 +191,7 @@ def test_full_rank_off_subspace_columns_are_empty(tiny_run):
     ('square_queries', -3, 'config.square_queries must be >= -1'),
 ])
 def test_bad_config_fails_at_start(tmp_path, field, value, message):
-  with pytest.raises(common.ConfigError) as info:
+  with pytest.raises(validation.ConfigError) as info:
     lowrank.train_and_evaluate(tiny_config(**{field: value}), str(tmp_path))
   assert message in str(info.value)
   assert not os.listdir(tmp_path)  # nothing was started
@@ -200,7 +201,7 @@ def _run_binary(args, capfd):
   """The binary's entry point, in-process on private flags: (exit code, stderr)."""
   capfd.readouterr()
   with pytest.raises(SystemExit) as info:
-    common.run_binary(lowrank.validate_config, lowrank.train_and_evaluate,
+    cli.run_binary(lowrank.validate_config, lowrank.train_and_evaluate,
                       lowrank._DEFAULT_CONFIG, ('results.csv',), argv=['lowrank', *args],
                       flag_values=flags.FlagValues())
   return info.value.code, capfd.readouterr().err
@@ -220,13 +221,13 @@ def test_command_line_names_a_bad_value(tmp_path, capfd):
 
 
 def test_online_sampler_draws_in_each_seeds_subspace():
-  # common.lowrank_args + common.sampler(0): the training inputs of seed i lie in the
+  # lowrank_lib.lowrank_args + lowrank_lib.sampler(0): the training inputs of seed i lie in the
   # span of its own first r basis columns, with the energy-matched scale.
   d, r, n = 6, 2, 4000
   bases = jnp.stack([data.random_orthonormal(jax.random.PRNGKey(i), d, d) for i in range(2)])
-  args = common.lowrank_args(bases, r, jnp.array([1.0, 3.0]))
+  args = lowrank_lib.lowrank_args(bases, r, jnp.array([1.0, 3.0]))
   assert args['basis'].shape == (2, d, r) and args['projector'].shape == (2, d, d)
-  sample = common.sampler(0)
+  sample = lowrank_lib.sampler(0)
   for i in range(2):
     seed = jax.tree_util.tree_map(lambda v, i=i: v[i], args)
     x = np.asarray(sample(jax.random.PRNGKey(9), seed, n), np.float64)

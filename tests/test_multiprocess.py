@@ -20,7 +20,6 @@ from absl import flags
 import pytest
 
 from experiments import cli
-from experiments import common
 from experiments import lowrank
 from tsrobust import io
 from tsrobust import sweep
@@ -157,7 +156,6 @@ import jax.numpy as jnp
 import numpy as np
 folder, port, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
 jax.distributed.initialize(f'localhost:{port}', 2, pid)
-from tsrobust import sweep
 mesh = sweep.seed_mesh()
 n = mesh.devices.size
 assert n == 2 and jax.process_count() == 2
@@ -214,11 +212,11 @@ def test_distributed_flag_mistakes_end_in_one_line(tmp_path, capfd, args, messag
   """Refused before joining anything (no coordinator is contacted), as other user mistakes."""
   capfd.readouterr()
   with pytest.raises(SystemExit) as info:
-    common.run_binary(lowrank.validate_config, _never, lowrank._DEFAULT_CONFIG,
+    cli.run_binary(lowrank.validate_config, _never, lowrank._DEFAULT_CONFIG,
                       ('results.csv',), argv=['prog', f'--workdir={tmp_path}', *args],
                       flag_values=flags.FlagValues())
   err = capfd.readouterr().err
-  assert info.value.code == common.USAGE_EXIT_CODE, err
+  assert info.value.code == cli.USAGE_EXIT_CODE, err
   lines = err.splitlines()
   assert len(lines) == 1 and lines[0].startswith(f'error: {message}'), err
 

@@ -13,11 +13,11 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import common
 from tsrobust import attacks
 from tsrobust import cnn
 from tsrobust import data
 from tsrobust import datasets
+from tsrobust import lowrank as lowrank_lib
 from tsrobust import models
 from tsrobust import numerics
 from tsrobust import specialization
@@ -110,7 +110,7 @@ def test_data_and_projectors():
   _assert_all_highest(lambda x, k: data.off_subspace_probe(k, x, projector, 0.5),
                       jnp.ones((5, D)), key)
   bases = jnp.stack([data.random_orthonormal(jax.random.PRNGKey(i), D, D) for i in range(2)])
-  _assert_all_highest(lambda b: common.rank_projector(b, R), bases)
+  _assert_all_highest(lambda b: lowrank_lib.rank_projector(b, R), bases)
 
 
 @pytest.mark.parametrize('attack', ['pgd', 'apgd', 'square'])

@@ -10,11 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import common
+from experiments import cli
 from experiments import real
 from experiments import real_checks
 from experiments import real_eval
 from experiments import reproduce
+from experiments import validation
 from experiments.configs import real as real_config
 from tsrobust import check_results
 from tsrobust import cnn
@@ -77,26 +78,26 @@ class TestConfig:
       (dict(probe_scale=0.0), 'config.probe_scale must be > 0'),
   ])
   def test_bad_fields_are_named(self, overrides, message):
-    with pytest.raises(common.ConfigError, match=message):
+    with pytest.raises(validation.ConfigError, match=message):
       real.validate_config(tiny_config(**overrides))
 
   def test_data_dir_without_the_files(self, tmp_path):
     (tmp_path / 'train-images-idx3-ubyte.gz').write_bytes(b'')
-    with pytest.raises(common.ConfigError, match=r"lacks the mnist files \['train-labels"):
+    with pytest.raises(validation.ConfigError, match=r"lacks the mnist files \['train-labels"):
       real.validate_config(tiny_config(data_dir=str(tmp_path)))
-    with pytest.raises(common.ConfigError, match=r"lacks the cifar10 files \['data_batch_1.bin"):
+    with pytest.raises(validation.ConfigError, match=r"lacks the cifar10 files \['data_batch_1.bin"):
       real.validate_config(tiny_config(dataset='cifar10', data_dir=str(tmp_path)))
 
   def test_sizes_checked_after_loading(self):
-    with pytest.raises(common.ConfigError, match='config.eval_batch must divide the number of '
+    with pytest.raises(validation.ConfigError, match='config.eval_batch must divide the number of '
                                                  'test images 10'):
       real_checks.validate_sizes(tiny_config(eval_batch=3, num_attack=4), _toy_dataset())
     # Sizes known only from the files (an IDX folder): checked before the PCA is fitted.
-    with pytest.raises(common.ConfigError, match='config.lowrank_rank must be < the number of '
+    with pytest.raises(validation.ConfigError, match='config.lowrank_rank must be < the number of '
                                                  'training images 32'):
       real_checks.validate_sizes(tiny_config(lowrank_rank=32, eval_batch=5, num_attack=4),
                                  _toy_dataset())
-    with pytest.raises(common.ConfigError, match='config.lowrank_rank must be <= the number of '
+    with pytest.raises(validation.ConfigError, match='config.lowrank_rank must be <= the number of '
                                                  'pixels per image 16'):
       real_checks.validate_sizes(tiny_config(lowrank_rank=17, eval_batch=5, num_attack=4),
                                  _toy_dataset(n=40, hw=4))
@@ -160,7 +161,7 @@ class TestConfig:
 
   def test_cifar_preset_and_budget_names(self):
     c = real_config.get_config('cifar10')
-    with pytest.raises(common.ConfigError, match='config.data_dir must name the folder'):
+    with pytest.raises(validation.ConfigError, match='config.data_dir must name the folder'):
       real.validate_config(c)
     assert real_eval.budget_name(c, 8.0) == '8.0_255'
     assert real_eval.budget(c, 8.0) == pytest.approx(8 / 255)
@@ -420,7 +421,7 @@ def test_binary_writes_files_that_parse(tiny_run):
 @pytest.mark.slow
 def test_changed_config_is_refused_and_teachers_can_be_shared(tiny_run, tmp_path):
   workdir, _ = tiny_run
-  with pytest.raises(common.ConfigError, match=r"different config \(fields \['num_steps'\]"):
+  with pytest.raises(validation.ConfigError, match=r"different config \(fields \['num_steps'\]"):
     real.train_and_evaluate(tiny_config(num_steps=5), workdir)
   # The run's teacher sits in <workdir>/teachers/<hash of its spec> ...
   config = tiny_config()
@@ -437,7 +438,7 @@ def test_cli_validates_before_work(tmp_path, capfd):
   tests/test_validation.py) stops with one line naming the field, before any work."""
   capfd.readouterr()
   with pytest.raises(SystemExit) as info:
-    common.run_binary(real.validate_config, real.train_and_evaluate, real._DEFAULT_CONFIG,
+    cli.run_binary(real.validate_config, real.train_and_evaluate, real._DEFAULT_CONFIG,
                       ('results.csv',), argv=['real', f'--workdir={tmp_path}',
                                               "--config.methods=('standard','bogus')"],
                       flag_values=flags.FlagValues())

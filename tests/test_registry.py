@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import common
 from experiments import real
 from experiments import robustness
+from experiments import validation
 from experiments.configs import real as real_config
 from experiments.configs import robustness as robustness_config
 from tsrobust import methods
@@ -123,7 +123,7 @@ class TestANewMethod:
       assert {k: v for k, v in new.items() if k != 'method'} == \
           {k: v for k, v in std.items() if k != 'method'}
     assert records[0] != records[1]  # two seeds, two students
-    with pytest.raises(common.ConfigError, match="did you mean 'copy_of_standard'"):
+    with pytest.raises(validation.ConfigError, match="did you mean 'copy_of_standard'"):
       robustness.validate_config(_with(config, methods=('copy_of_standrd',)))
 
 

@@ -9,11 +9,11 @@ import sys
 from absl import flags
 import pytest
 
-from experiments import common
 from experiments import lowrank
 from experiments import real
 from experiments import reproduce
 from experiments import robustness
+from experiments import validation
 from tsrobust import datasets
 from tsrobust import io
 
@@ -128,7 +128,7 @@ def test_is_finished(tmp_path):
   _finish(folder, config, study.done)
   assert R.is_finished(folder, config, study.done)
   full = R.load_config(study, R.study_args(study, 'full', folder))
-  with pytest.raises(common.ConfigError, match=r'holds a run with a different config '
+  with pytest.raises(validation.ConfigError, match=r'holds a run with a different config '
                      r'\(fields \[.*\'num_steps\''):
     R.is_finished(folder, full, study.done)
 
@@ -163,7 +163,7 @@ def test_reproduce_reuses_finished_studies_and_runs_the_others(tmp_path, monkeyp
   assert [o.status for o in R.reproduce(workdir, 'quick', studies=studies,
                                         log=lambda _: None)] == ['reused', 'reused']
   assert not ran
-  with pytest.raises(common.ConfigError, match='^study lowrank: .* holds a run with a '
+  with pytest.raises(validation.ConfigError, match='^study lowrank: .* holds a run with a '
                      'different config'):
     R.reproduce(workdir, 'full', studies=studies, log=lambda _: None)
   assert not ran
@@ -464,7 +464,7 @@ def test_update_documents_errors_change_nothing(tmp_path, blocks, preset, page, 
   (root / 'docs').mkdir(parents=True)
   (root / 'README.md').write_text(README)
   (root / 'docs' / 'page.md').write_text(page)
-  with pytest.raises(common.ConfigError) as info:
+  with pytest.raises(validation.ConfigError) as info:
     R.update_documents(workdir, str(root))
   assert message in str(info.value)
   assert (root / 'README.md').read_text() == README  # untouched

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from experiments import common
 from experiments import robustness
+from experiments import validation
 from experiments.configs import robustness as robustness_config
 from tsrobust import check_results
 from tsrobust import io
@@ -143,7 +143,7 @@ def test_grid_is_grouped_by_method():
     ('num_seeds', 0, 'config.num_seeds must be >= 1'),
 ])
 def test_bad_config_fails_at_start(tmp_path, field, value, message):
-  with pytest.raises(common.ConfigError) as info:
+  with pytest.raises(validation.ConfigError) as info:
     robustness.train_and_evaluate(tiny_config(**{field: value}), str(tmp_path))
   assert message in str(info.value)
   assert not os.listdir(tmp_path)

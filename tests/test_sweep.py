@@ -13,10 +13,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from experiments import common
+from experiments import cli
 from experiments import lowrank
 from experiments import real
 from experiments import robustness
+from experiments import validation
 from experiments.configs import lowrank as lowrank_config
 from experiments.configs import real as real_config
 from experiments.configs import robustness as robustness_config
@@ -212,7 +213,6 @@ def test_use_all_cpu_cores_makes_the_devices_it_returns(num_devices):
 _KEEPS_THE_USERS_COUNT = """
 import warnings
 import jax
-from tsrobust import sweep
 before = jax.config.jax_num_cpu_devices
 jax.config.update('jax_platforms', 'tpu')  # another platform first: nothing to do
 assert sweep.use_all_cpu_cores() == 0 and jax.config.jax_num_cpu_devices == before
@@ -296,7 +296,6 @@ _THREEFRY_DRAWS = """
 import hashlib, sys
 import jax
 import numpy as np
-from tsrobust import sweep
 if sys.argv[1] == 'unrolled':
   assert sweep.use_unrolled_threefry_on_cpu() and sweep.use_unrolled_threefry_on_cpu()
 key = jax.random.PRNGKey(3)
@@ -338,11 +337,11 @@ def test_changed_config_in_existing_workdir_is_refused(tmp_path):
   """A workdir records its config at the start of a run (``prepare_workdir``); a run of
   another config there stops before any work."""
   config = _tiny_config(num_steps=20, ranks=(2,))
-  common.prepare_workdir(str(tmp_path), config)
-  common.prepare_workdir(str(tmp_path), config)  # the same config: accepted
+  cli.prepare_workdir(str(tmp_path), config)
+  cli.prepare_workdir(str(tmp_path), config)  # the same config: accepted
   assert os.listdir(tmp_path) == ['config.json']
   config.learning_rate = 0.01
-  with pytest.raises(common.ConfigError, match=r"different config \(fields \['learning_rate'\]"):
+  with pytest.raises(validation.ConfigError, match=r"different config \(fields \['learning_rate'\]"):
     lowrank.train_and_evaluate(config, str(tmp_path))
   assert os.listdir(tmp_path) == ['config.json']
 
@@ -352,7 +351,7 @@ def test_progress_on_a_terminal_is_one_live_line():
     def isatty(self):
       return True
   stream = Tty()
-  report = common.progress_logger('stage', stream=stream)
+  report = cli.progress_logger('stage', stream=stream)
   for step in range(10, 101, 10):
     report({'step': step, 'num_steps': 100, 'loss': 1.0, 'steps_per_sec': 5.0,
             'eta_sec': (100 - step) / 5.0})
@@ -361,7 +360,7 @@ def test_progress_on_a_terminal_is_one_live_line():
 
 
 def test_progress_off_a_terminal_is_bounded(caplog):
-  report = common.progress_logger('stage', max_lines=5, stream=_io.StringIO())
+  report = cli.progress_logger('stage', max_lines=5, stream=_io.StringIO())
   with caplog.at_level('INFO'):
     for step in range(1, 1001):
       report({'step': step, 'num_steps': 1000, 'loss': 1.0, 'steps_per_sec': 5.0,
@@ -386,14 +385,14 @@ def _every_field_rejects_garbage(module, get_config, garbage=None):
     bad[field] = garbage.get(field, '???')
     try:
       module.validate_config(ml_collections.ConfigDict(bad))
-    except common.ConfigError as e:
+    except validation.ConfigError as e:
       assert f'config.{field}' in str(e), (field, str(e))
     else:
       unchecked.append(field)
   assert not unchecked, f'fields not validated: {unchecked}'
   missing = dict(base)
   missing.pop('batch_size')
-  with pytest.raises(common.ConfigError, match='config.batch_size is missing'):
+  with pytest.raises(validation.ConfigError, match='config.batch_size is missing'):
     module.validate_config(ml_collections.ConfigDict(missing))
   return len(base) - len(unchecked)
 

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 
 from experiments import cli
-from experiments import common
 from experiments import lowrank
 from experiments import real
 from experiments import real_checks
 from experiments import robustness
+from experiments import study
 from experiments import validation
+from experiments.configs import attacks as attack_fields
 from experiments.configs import attacks as attacks_config
 from experiments.configs import lowrank as lowrank_config
 from experiments.configs import real as real_config
@@ -149,8 +150,8 @@ def test_tables_cover_exactly_the_default_configs(module, get_config):
 def test_attack_table_covers_exactly_the_shared_attack_fields():
   c = ml_collections.ConfigDict()
   attacks_config.add_attack_fields(c, oracle_tolerance=0.0, convergence_points=0)
-  assert set(common.ATTACK_FIELDS) == set(c)
-  assert set(common.ATTACK_OVERRIDES) <= set(common.ATTACK_FIELDS)
+  assert set(attack_fields.FIELDS) == set(c)
+  assert set(study.ATTACK_OVERRIDES) <= set(attack_fields.FIELDS)
 
 
 @pytest.mark.parametrize('module, get_config', [
@@ -169,24 +170,24 @@ def test_default_configs_are_valid(module, get_config):
 def test_cross_field_rules():
   c = lowrank_config.get_config()
   c.eval_batch = 1000
-  with pytest.raises(common.ConfigError, match='config.eval_batch must divide config.num_eval'):
+  with pytest.raises(validation.ConfigError, match='config.eval_batch must divide config.num_eval'):
     lowrank.validate_config(c)
   c = robustness_config.get_config()
   c.update(methods=('ccat',), batch_size=1)
-  with pytest.raises(common.ConfigError, match='config.batch_size must be >= 2 when '
+  with pytest.raises(validation.ConfigError, match='config.batch_size must be >= 2 when '
                                                'config.methods has ccat, got 1'):
     robustness.validate_config(c)
   c = real_config.get_config()
   c.update(teacher_training='pgd', teacher_eps=0.0)
-  with pytest.raises(common.ConfigError, match='config.teacher_eps must be > 0 for a '
+  with pytest.raises(validation.ConfigError, match='config.teacher_eps must be > 0 for a '
                                                'PGD-trained teacher'):
     real.validate_config(c)
   c = lowrank_config.get_config()
   c.update(attack_steps=0, apgd_steps=0, apgd_t_steps=0, square_queries=0, pair_steps=0)
-  with pytest.raises(common.ConfigError, match='config.attack_strength / its overrides'):
+  with pytest.raises(validation.ConfigError, match='config.attack_strength / its overrides'):
     lowrank.validate_config(c)
   c.update(pair_steps=10)  # apgd_pair alone: nothing for the fixed labels
-  with pytest.raises(common.ConfigError, match='the clean-label evaluations need another'):
+  with pytest.raises(validation.ConfigError, match='the clean-label evaluations need another'):
     lowrank.validate_config(c)
 
 
@@ -198,14 +199,14 @@ def _run(module, args, capfd, train_and_evaluate=None):
   """Runs ``module``'s entry point in-process on private flags; returns (exit code, stderr)."""
   capfd.readouterr()
   with pytest.raises(SystemExit) as info:
-    common.run_binary(module.validate_config, train_and_evaluate or module.train_and_evaluate,
+    cli.run_binary(module.validate_config, train_and_evaluate or module.train_and_evaluate,
                       module._DEFAULT_CONFIG, ('results.csv',), argv=['prog', *args],
                       flag_values=flags.FlagValues())
   return info.value.code, capfd.readouterr().err
 
 
 def _assert_one_line(code, err, *needles):
-  assert code == common.USAGE_EXIT_CODE, err
+  assert code == cli.USAGE_EXIT_CODE, err
   assert 'Traceback' not in err, err
   lines = err.splitlines()
   assert len(lines) == 1, err
@@ -225,7 +226,7 @@ def test_workdir_holding_another_config(tmp_path, capfd):
   config = lowrank_config.get_config()
   config.update(d=6, ranks=(2,), num_steps=0, num_eval=64, eval_batch=32, num_attack=8,
                 attack_strength='fast', learning_rate=0.01)
-  common.prepare_workdir(str(tmp_path), config)
+  cli.prepare_workdir(str(tmp_path), config)
   before = os.listdir(tmp_path)
   code, err = _run(lowrank, [f'--workdir={tmp_path}', *tiny], capfd)
   line = _assert_one_line(code, err, "different config (fields ['learning_rate'] differ",
@@ -299,7 +300,7 @@ def test_checkpoint_interval_flag_reaches_the_checkpointers(tmp_path, monkeypatc
     seen.append(cli.checkpoint_every_sec())
   for args, want in (([], 60.0), (['--checkpoint_every_sec=0'], 0.0),
                      (['--checkpoint_every_sec=2.5'], 2.5)):
-    common.run_binary(lowrank.validate_config, record, lowrank._DEFAULT_CONFIG, ('ck',),
+    cli.run_binary(lowrank.validate_config, record, lowrank._DEFAULT_CONFIG, ('ck',),
                       argv=['prog', f'--workdir={tmp_path}', '--cpu_devices=1', *args],
                       flag_values=flags.FlagValues())
     assert seen[-1] == want, (args, seen)
@@ -312,7 +313,7 @@ def test_check_needing_the_loaded_data(tmp_path, capfd):
   """``real_checks.validate_sizes`` runs inside ``train_and_evaluate``, after the data loads."""
   code, err = _run(real, [f'--workdir={tmp_path}', '--cpu_devices=1', '--config.num_test=40',
                           '--config.eval_batch=7'], capfd)
-  assert code == common.USAGE_EXIT_CODE and 'Traceback' not in err, err
+  assert code == cli.USAGE_EXIT_CODE and 'Traceback' not in err, err
   errors = [line for line in err.splitlines() if line.startswith('error: ')]
   assert errors == ['error: config.eval_batch must divide the number of test images 40, got 7']
   assert err.splitlines()[-1] == errors[0]
@@ -320,17 +321,17 @@ def test_check_needing_the_loaded_data(tmp_path, capfd):
 
 def test_run_error_is_one_line_with_exit_code_1(tmp_path, capfd):
   def diverged(config, workdir):
-    raise common.RunError('training diverged at step 40 (rank2); lower config.learning_rate')
+    raise cli.RunError('training diverged at step 40 (rank2); lower config.learning_rate')
   code, err = _run(lowrank, [f'--workdir={tmp_path}', '--cpu_devices=1'], capfd, diverged)
-  assert code == common.RUN_EXIT_CODE
+  assert code == cli.RUN_EXIT_CODE
   assert err.splitlines()[-1] == ('error: training diverged at step 40 (rank2); lower '
                                   'config.learning_rate')
   assert 'Traceback' not in err
 
 
 def test_one_line():
-  assert common.one_line('a\n  b\n') == 'a b'
-  assert common.one_line('flag --config=x: failed:\n  Traceback\n  File y\nValueError: bad') == (
+  assert cli.one_line('a\n  b\n') == 'a b'
+  assert cli.one_line('flag --config=x: failed:\n  Traceback\n  File y\nValueError: bad') == (
       'flag --config=x: failed: ... ValueError: bad')
 
 
@@ -342,11 +343,11 @@ def test_backend_info_lines_are_hidden_unless_verbose(monkeypatch):
   logger = logging_lib.getLogger('jax._src.xla_bridge')
   monkeypatch.setattr(logger, 'level', logger.level)  # restored after the test
   monkeypatch.setattr(absl_logging, 'get_verbosity', lambda: absl_logging.INFO)
-  common.quiet_library_logs()
+  cli.quiet_library_logs()
   assert not logger.isEnabledFor(logging_lib.INFO)
   assert logger.isEnabledFor(logging_lib.WARNING)
   monkeypatch.setattr(absl_logging, 'get_verbosity', lambda: absl_logging.DEBUG)
-  common.quiet_library_logs()
+  cli.quiet_library_logs()
   assert logger.isEnabledFor(logging_lib.INFO)
   filters = [f for f in absl_logging.get_absl_handler().filters
              if isinstance(f, cli._DropLibraryInfo)]
@@ -355,11 +356,11 @@ def test_backend_info_lines_are_hidden_unless_verbose(monkeypatch):
 
 def test_spec_columns_per_layer():
   c = lowrank_config.get_config()
-  assert common.spec_columns(c) == ['spec_in', 'spec_off']
+  assert study.spec_columns(c) == ['spec_in', 'spec_off']
   c.teacher_hidden = (10, 10)
-  assert common.spec_columns(c) == ['spec_in', 'spec_in_l1', 'spec_in_l2', 'spec_off',
+  assert study.spec_columns(c) == ['spec_in', 'spec_in_l1', 'spec_in_l2', 'spec_off',
                                     'spec_off_l1', 'spec_off_l2']
-  assert set(common.spec_columns(c)) <= set(common.metric_columns(c))
+  assert set(study.spec_columns(c)) <= set(study.metric_columns(c))
 
 
 def test_spec_log_text_per_layer():
@@ -367,11 +368,11 @@ def test_spec_log_text_per_layer():
            'spec_off_l1': 0.6, 'spec_off_l2': 0.4},
           {'spec_in': 0.7, 'spec_in_l1': 0.9, 'spec_in_l2': 0.5, 'spec_off': 0.3,
            'spec_off_l1': 0.4, 'spec_off_l2': 0.2}]
-  assert common.spec_log_text(rows, 2) == ('spec_in 0.800 (layers 0.950 / 0.650) '
+  assert study.spec_log_text(rows, 2) == ('spec_in 0.800 (layers 0.950 / 0.650) '
                                            'spec_off 0.400 (layers 0.500 / 0.300)')
-  assert common.spec_log_text(rows, 1) == 'spec_in 0.800 spec_off 0.400'
+  assert study.spec_log_text(rows, 1) == 'spec_in 0.800 spec_off 0.400'
   full_rank = [dict(r, spec_off=None, spec_off_l1=None, spec_off_l2=None) for r in rows]
-  assert common.spec_log_text(full_rank, 2) == 'spec_in 0.800 (layers 0.950 / 0.650) spec_off n/a'
+  assert study.spec_log_text(full_rank, 2) == 'spec_in 0.800 (layers 0.950 / 0.650) spec_off n/a'
 
 
 @pytest.mark.slow

@@ -34,6 +34,7 @@ from tsrobust import attacks
 from tsrobust import cnn
 from tsrobust import datasets
 from tsrobust import io
+from tsrobust import rng
 from tsrobust import sweep
 from tsrobust import train
 
@@ -58,7 +59,7 @@ TEACHER_FIELDS = ('seed', 'dataset', 'data_dir', 'num_train', 'lowrank_rank', 't
                   'teacher_pgd_steps', 'eps_denominator')
 # The PRNG stream of pretraining: fold_in(PRNGKey(seed), TRAIN_KEY); a spec with a ``stream``
 # (the independent robust model) folds in STREAMS[stream] after that.
-TRAIN_KEY = 2 ** 31 - 2
+TRAIN_KEY = rng.TEACHER_PRETRAINING
 STREAMS = {'robust_model': 1}
 
 

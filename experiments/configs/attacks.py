@@ -1,11 +1,41 @@
-"""The attack ensemble's config fields, shared by every experiment config."""
+"""The attack ensemble's config fields, shared by every experiment config: defaults
+(``add_attack_fields``) and schema (``FIELDS``)."""
 
 import ml_collections
+
+from experiments import validation
+from tsrobust import attacks
+from tsrobust import evaluate
+
+_PRESETS = {-1: "the preset's"}
+
+# Every field ``add_attack_fields`` adds: type, range, choices (validation.check_config).
+FIELDS = {
+    'attack_strength': validation.Choice(evaluate.STRENGTHS),
+    'attack_steps': validation.Int(lo=-1),
+    'attack_restarts': validation.Int(lo=1, special=_PRESETS),
+    'apgd_steps': validation.Int(lo=-1),
+    'apgd_restarts': validation.Int(lo=1, special=_PRESETS),
+    'apgd_t_steps': validation.Int(lo=-1),
+    'attack_targets': validation.Int(lo=-1),
+    'square_queries': validation.Int(lo=-1),
+    'pair_steps': validation.Int(lo=-1),
+    'pair_targets': validation.Int(lo=-1),
+    'pair_restarts': validation.Int(lo=1, special=_PRESETS),
+    'pair_smoothing': validation.Float(lo=0, special={-1.0: "the preset's"}),
+    'surrogate_temperature': validation.Float(lo=0),
+    'convergence_points': validation.Int(lo=0),
+    'attack_step_factor': validation.Float(lo=0, lo_open=True),
+    'oracle_loss': validation.Choice(attacks.ORACLE_LOSSES),
+    'oracle_tolerance': validation.Float(lo=0),
+}
+
+
 
 
 def add_attack_fields(c: ml_collections.ConfigDict, oracle_tolerance: float,
                       convergence_points: int) -> None:
-  """Adds the ensemble's fields (``experiments/common.py`` validates and reads them)."""
+  """Adds the ensemble's fields (``FIELDS`` validates them, ``study.attack_config`` reads them)."""
   c.attack_strength = 'standard'  # fast | standard | strong | reference (evaluate.PRESETS)
   # Overrides of the preset (-1: the preset's value; 0 iterations: that attack is off).
   c.attack_steps = -1         # PGD steps

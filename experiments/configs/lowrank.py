@@ -12,7 +12,55 @@ and break off it) but are not the manual's.
 
 import ml_collections
 
-from experiments.configs import attacks
+from experiments import validation
+from experiments.configs import attacks as attack_fields
+from tsrobust import attacks
+from tsrobust import train
+
+# Student training, shared by every binary.
+TRAINING_FIELDS = {
+    'seed': validation.Int(lo=0),
+    'num_seeds': validation.Int(lo=1),
+    'width_mult': validation.Int(lo=1),
+    'student_init_scale': validation.Float(lo=0, lo_open=True),
+    'loss': validation.Choice(train.LOSSES),
+    'optimizer': validation.Choice(train.OPTIMIZERS),
+    'learning_rate': validation.Float(lo=0, lo_open=True),
+    'momentum': validation.Float(lo=0, hi=0.999),
+    'weight_decay': validation.Float(lo=0),
+    'schedule': validation.Choice(train.SCHEDULES),
+    'batch_size': validation.Int(lo=1),
+    'num_steps': validation.Int(lo=0),
+    'chunk_steps': validation.Int(lo=1),
+}
+
+# The low-rank synthetic setting's fields (this config's and robustness.py's): task, teacher,
+# training, evaluation.
+SETTING_FIELDS = {
+    **TRAINING_FIELDS,
+    'd': validation.Int(lo=1),
+    'data_scale': validation.Float(lo=0, lo_open=True),
+    'energy_matched': validation.Bool(),
+    'num_train': validation.Int(lo=0),
+    'teacher_hidden': validation.Ints(lo=1),
+    'out_dim': validation.Int(lo=2),
+    'use_bias': validation.Bool(),
+    'teacher_bias_scale': validation.Float(lo=0),
+    'strength_decay': validation.Float(lo=0),
+    'teacher_per_seed': validation.Bool(),
+    'num_eval': validation.Int(lo=2),
+    'eval_batch': validation.Int(lo=1),
+    'probe_scale': validation.Float(lo=0, lo_open=True),
+    'tau': validation.Float(lo=-1, hi=1),
+    'attack_norm': validation.Choice(attacks.NORMS),
+    'eps': validation.Floats(lo=0, unique=True),
+    **attack_fields.FIELDS,
+    'num_attack': validation.Int(lo=1),
+}
+
+
+# Every field of this config: type, range, choices (validation.check_config).
+FIELDS = {**SETTING_FIELDS, 'ranks': validation.Ints(lo=1, unique=True)}
 
 PRESETS = ('default', 'smoke')
 
@@ -64,7 +112,7 @@ def get_config(preset: str = 'default') -> ml_collections.ConfigDict:
   # example, judged by the oracle and by the teacher's clean label.
   c.attack_norm = 'l2'        # norm of the attack budgets
   c.eps = (0.5, 1.0, 2.0)     # attack budgets; columns are named with these as written
-  attacks.add_attack_fields(c, oracle_tolerance=0.05, convergence_points=128)
+  attack_fields.add_attack_fields(c, oracle_tolerance=0.05, convergence_points=128)
   c.num_attack = 512          # held-out in-subspace points attacked
 
   if preset == 'smoke':

@@ -5,7 +5,36 @@ and evaluation fields) at one rank, and adds the grid of training methods.
 Every field can be overridden on the command line.
 """
 
+from experiments import validation
 from experiments.configs import lowrank
+from tsrobust import attacks
+from tsrobust import methods
+
+# The training methods' grids and the correlation's bootstrap (robustness.py, real.py).
+METHOD_GRID_FIELDS = {
+    'at_eps': validation.Floats(lo=0, unique=True),
+    'at_steps': validation.Int(lo=1),
+    'at_label': validation.Choice(attacks.LABELS),
+    'at_fraction': validation.Float(lo=0, hi=1),
+    'ccat_eps': validation.Floats(lo=0, unique=True),
+    'ccat_steps': validation.Int(lo=1),
+    'ccat_rho': validation.Float(lo=0, lo_open=True),
+    'ccat_pass_rate': validation.Float(lo=0, hi=1, lo_open=True),
+    'aug_scales': validation.Floats(lo=0, unique=True),
+    'aug_fraction': validation.Float(lo=0, hi=1),
+    'bootstrap_resamples': validation.Int(lo=10),
+}
+
+# Every field of this config: type, range, choices (validation.check_config).
+FIELDS = {
+    **lowrank.SETTING_FIELDS,
+    **METHOD_GRID_FIELDS,
+    'rank': validation.Int(lo=1),
+    'methods': validation.Names(lambda: methods.names(synthetic=True)),
+    'at_where': validation.Names(methods.AT_WHERES),
+    'at_norm': validation.Choice(attacks.NORMS),
+    'ccat_norm': validation.Choice(attacks.NORMS),
+}
 
 
 def get_config():

@@ -1,0 +1,173 @@
+"""What the binaries report besides results: the attack checks and correlations, as tables.
+
+``method_attack_checks`` runs ``evaluate.attack_checks`` per grid point and logs the
+groups whose attack has not converged; ``attack_checks_summary`` /
+``attack_checks_markdown`` write them (``attack_checks.json``, summary.md's "Attack
+checks" and "Convergence" tables); ``correlation`` / ``correlation_markdown`` the
+correlations of specialization with robust accuracy, bootstrapped over seeds.
+"""
+
+from typing import Any, Dict, Mapping
+
+from absl import logging
+import numpy as np
+
+from experiments import study
+from tsrobust import evaluate
+from tsrobust import lowrank_eval
+from tsrobust import stats
+
+# The paragraph before a summary.md table of adversarial error per subspace and budget
+# (experiments.reproduce names its generated block '<study>-subspaces').
+SUBSPACE_TABLE_TITLE = 'Adversarial error by subspace and budget'
+
+
+def method_attack_checks(config, points, ev: lowrank_eval.Evaluation, attack_cfg: evaluate.AttackConfig,
+                         headline: float) -> Dict[str, Any]:
+  """``evaluate.attack_checks`` per grid point (its kept students), summarized.
+
+  Per grid point, not per method: the variants of a method (AT at 0.5 and at 2,
+  say) differ in how hard they are to attack, and the convergence check
+  (``Evaluation.doubled``) must hold for each.
+  """
+  s = study.num_padded_seeds(config)
+  checks = {}
+  for p, (method, hp) in enumerate(points):
+    rows = np.zeros(len(points) * s, bool)
+    rows[p * s:p * s + config.num_seeds] = True
+    checks[study.grid_point_name(method, hp)] = evaluate.attack_checks(
+        ev.result, ev.final, headline=headline, attacks_run=attack_cfg.attacks,
+        convergence_points=attack_cfg.convergence_points(), rows=rows, doubled=ev.doubled)
+  summary = attack_checks_summary(config, checks)
+  log_unconverged(summary)
+  return summary
+
+
+def log_unconverged(checks: Mapping[str, Any]) -> None:
+  """A warning per group whose attack has not converged (``evaluate.doubling``)."""
+  for name, g in checks['groups'].items():
+    d = g.get('doubling')
+    if d is not None and not d['converged']:
+      before, after = d['cells'][d['max_gain_cell']]
+      logging.warning('%s: the attack has not converged: doubling its iterations raises %s '
+                      'from %.3f to %.3f on the first %d points (its errors are lower bounds)',
+                      name, d['max_gain_cell'], before, after, d['points'])
+
+
+def attack_checks_summary(config, checks: Mapping[str, Any]) -> Dict[str, Any]:
+  """``attack_checks.json``: the ensemble's settings and the per-group checks."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  return {'attack_strength': config.attack_strength,
+          'attack_config': dataclasses.asdict(study.attack_config(config)),
+          'surrogate_temperature': float(config.surrogate_temperature),
+          'headline_eps': study.headline_eps(config), 'groups': dict(checks)}
+
+
+def attack_checks_markdown(summary: Mapping[str, Any]) -> str:
+  """A markdown section of ``attack_checks_summary``: is the evaluation trustworthy?"""
+  groups = summary['groups']
+  if not groups:
+    return ''
+  first = next(iter(groups.values()))
+  attacks_run = list(first['per_attack'])
+  head = first['headline_eps']
+  labels = list(first['convergence'])
+  lines = [f'## Attack checks (`attack_strength = {summary["attack_strength"]}`)', '',
+           'Per-example violations of the invariants by each raw attack and by their union '
+           '(before the evaluation enforces them: `full` includes `in` / `off`, errors '
+           'non-decreasing in eps), summed over students; points only Square broke; '
+           f'untargeted APGD\'s error after k iterations (full space, eps {head:g}) beside the '
+           'ensemble\'s error.', '']
+  cols = ['group', 'students'] + [f'viol. {a}' for a in attacks_run] + ['viol. union',
+                                                                      'viol. final']
+  for label in labels:
+    cols += [f'only Square ({label}, full, {head:g})', f'APGD error vs iterations ({label})',
+             f'ensemble ({label})']
+  lines += ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
+  total = lambda d: d['non_monotone_in_eps'] + d['subspace_not_in_full']
+  for name, g in groups.items():
+    cells = [name, str(g['students'])]
+    cells += [str(total(g['per_attack'][a])) for a in attacks_run]
+    cells += [str(total(g['raw_ensemble'])), str(total(g['final']))]
+    for label in labels:
+      sq = g['only_square'].get(f'{label}_full_{head:g}')
+      cells.append('-' if sq is None else f'{sq:.4f}')
+      conv = g['convergence'][label]
+      cells.append(' / '.join(f'{k}: {v:.3f}' for k, v in
+                              conv['apgd_error_after_iterations'].items()))
+      cells.append(f"{conv['ensemble_error']:.3f}")
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n' + doubling_markdown(summary)
+
+
+def doubling_markdown(summary: Mapping[str, Any]) -> str:
+  """The convergence check per group (``evaluate.doubling``): '' when it did not run."""
+  groups = {k: g['doubling'] for k, g in summary['groups'].items() if 'doubling' in g}
+  if not groups:
+    return ''
+  first = next(iter(groups.values()))
+  threshold = first['threshold']
+  head = next(iter(summary['groups'].values()))['headline_eps']  # as the attacks' budgets
+  bad = [k for k, d in groups.items() if not d['converged']]
+  lines = ['', '### Convergence: the ensemble with every iteration count doubled', '',
+           f'On the first {first["points"]} attacked points of each student, the ensemble '
+           f'with twice the iterations and queries (other random starts) attacks again; a '
+           f'group has converged when that raises no error cell (label, subspace, budget) by '
+           f'more than {threshold:g}. Errors are combined as in the evaluation (the doubled '
+           f'run\'s successes added to the run\'s).', '']
+  if bad:
+    lines += [f'**Not converged: {", ".join(bad)}.** Their errors are lower bounds; a '
+              f'stronger `attack_strength` (or more iterations) would find more.', '']
+  else:
+    lines += ['Every group has converged.', '']
+  cols = ['group', 'students', f'oracle, full, {head:g}: run / doubled',
+          'largest gain: cell', 'run / doubled', 'converged']
+  lines += ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
+  for name, d in groups.items():
+    key = f'oracle_full_{head:g}'
+    main = d['cells'].get(key)
+    before, after = d['cells'][d['max_gain_cell']]
+    lines.append('| ' + ' | '.join([
+        name, str(d['students']),
+        '-' if main is None else f'{main[0]:.3f} / {main[1]:.3f}',
+        f'`{d["max_gain_cell"]}`', f'{before:.3f} / {after:.3f}',
+        'yes' if d['converged'] else '**no**']) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def correlation(x, y, groups, seeds, key, num_resamples: int) -> Dict[str, Any]:
+  """Pooled correlation of ``x`` and ``y`` across students, with within-method ones.
+
+  Intervals are bootstrapped over seeds (``seeds``: the seed id of each
+  student; all methods of a seed share its teacher, initial student and data
+  stream, so students are resampled in seed clusters). Returns the pooled
+  ``stats.correlation_report`` keys at the top level, plus ``'pooled_within'``
+  (the correlation of the deviations from each method's mean) and
+  ``'by_method'`` (one report per method).
+  """
+  rep = stats.within_group_correlations(np.asarray(x, np.float64), np.asarray(y, np.float64),
+                                        np.asarray(groups), np.asarray(seeds), key,
+                                        num_resamples)
+  return {**rep['pooled'], 'pooled_within': rep['pooled_within'], 'by_method': rep['groups']}
+
+
+def correlation_markdown(reports: Mapping[str, Mapping[str, Any]], x_name: str,
+                         num_resamples: int) -> str:
+  """A markdown table of ``correlation`` reports, one row per robust-accuracy column."""
+  fmt = lambda v: '-' if v is None or not np.isfinite(v) else f'{v:.3f}'
+  ci = lambda r, k: (f'{fmt(r[k])} [{fmt((r.get(k + "_ci") or [None])[0])}, '
+                     f'{fmt((r.get(k + "_ci") or [None, None])[1])}]')
+  first = next(iter(reports.values()))
+  methods = list(first['by_method'])
+  lines = [f'Correlation across students of `{x_name}` with robust accuracy (95% intervals, '
+           f'{num_resamples} bootstrap resamples of seeds: all methods of a seed move together). '
+           '*Pooled*: all students; *within*: deviations from each method\'s mean, pooled; '
+           'then Pearson within each method (`-`: too few students or constant).', '',
+           '| robust accuracy | n | Pearson pooled | Spearman pooled | Pearson within | '
+           + ' | '.join(methods) + ' |', '|' + '---|' * (5 + len(methods))]
+  for name, r in reports.items():
+    cells = [f'`{name}`', str(r['n']), ci(r, 'pearson'), ci(r, 'spearman'),
+             ci(r['pooled_within'], 'pearson')]
+    cells += [fmt(r['by_method'][m]['pearson']) for m in methods]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'

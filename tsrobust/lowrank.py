@@ -1,0 +1,169 @@
+"""The low-rank teacher-student setting (PAPER.md sections 1-3), built from explicit arguments.
+
+Inputs ``x = U z`` lie in an r-dimensional subspace S of R^d (``U`` the leading
+r columns of a random orthonormal basis); a random ReLU MLP teacher labels
+them; over-realized students of the same family (widths x ``width_mult``)
+learn from its outputs. Everything is per seed, on a leading seeds axis:
+
+* ``Setting``: the setting's arguments, defaults the paper's (d = 40, a
+  40 -> 10 -> 10 teacher, students 5x as wide, online data);
+* ``seed_keys``: the named key streams of every seed (``rng.LOWRANK_STREAMS``);
+* ``build_problem``: teachers, nested subspace bases and initial students;
+* ``rank_projector``, ``lowrank_args``, ``data_scale``, ``sampler``: the
+  training data at rank r, as ``train.train_seeds``' ``data_args``.
+
+The experiment binaries build a ``Setting`` from their config (its fields
+have the same names); a user builds one directly:
+
+>>> setting = Setting(d=6, teacher_hidden=(3,), out_dim=3, width_mult=2)
+>>> keys = seed_keys(seed=0, num_seeds=2)
+>>> problem = build_problem(setting, keys)
+>>> problem.bases.shape, lowrank_args(problem.bases, 2, jnp.ones(2))['basis'].shape
+((2, 6, 6), (2, 6, 2))
+"""
+
+import dataclasses
+import functools
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from tsrobust import data
+from tsrobust import models
+from tsrobust import rng
+from tsrobust import sweep
+
+__all__ = ['Setting', 'SeedKeys', 'seed_keys', 'Problem', 'build_problem', 'rank_projector',
+           'lowrank_args', 'data_scale', 'sampler', 'from_mapping']
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """The low-rank setting's arguments (``experiments/configs/lowrank.py`` documents each).
+
+  Attributes:
+    d: input dimension.
+    teacher_hidden: the teacher's hidden widths.
+    out_dim: outputs (classes).
+    use_bias: teacher and student layers have biases.
+    teacher_bias_scale: teacher biases ~ N(0, scale^2).
+    strength_decay: fan-out of teacher hidden node j scaled by (j + 1)^-decay.
+    teacher_per_seed: each seed draws its own teacher and basis (False: one shared).
+    width_mult: student widths = width_mult x the teacher's.
+    student_init_scale: student kernels start as N(0, scale^2 / fan_in).
+    data_scale: per-coordinate std of full-rank data.
+    energy_matched: ``z ~ N(0, s^2 I_r)`` with ``s = data_scale * sqrt(d / r)``.
+    num_train: 0: fresh samples every step; N > 0: a fixed training set of N points.
+  """
+  d: int = 40
+  teacher_hidden: Tuple[int, ...] = (10,)
+  out_dim: int = 10
+  use_bias: bool = True
+  teacher_bias_scale: float = 0.5
+  strength_decay: float = 0.0
+  teacher_per_seed: bool = True
+  width_mult: int = 5
+  student_init_scale: float = 1.0
+  data_scale: float = 1.0
+  energy_matched: bool = True
+  num_train: int = 0
+
+
+def from_mapping(cls, values: Mapping[str, Any]):
+  """``cls(**...)`` from the entries of ``values`` named as ``cls``'s fields (a config).
+
+  Sequences become tuples (a config holds tuples or lists).
+
+  >>> from_mapping(Setting, {'d': 6, 'teacher_hidden': [3], 'other': 1}).teacher_hidden
+  (3,)
+  """
+  names = [f.name for f in dataclasses.fields(cls)]
+  plain = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v
+  return cls(**{n: plain(values[n]) for n in names if n in values})
+
+
+class SeedKeys(NamedTuple):
+  """``[S]`` keys per stream (``rng.LOWRANK_STREAMS``); a shared problem uses one teacher /
+  basis key for every seed."""
+  teacher: jax.Array
+  basis: jax.Array
+  student: jax.Array
+  train: jax.Array
+  eval: jax.Array
+
+
+def seed_keys(seed: int, num_seeds: int, teacher_per_seed: bool = True) -> SeedKeys:
+  """Keys of ``num_seeds`` seeds; seed ``s`` splits ``fold_in(PRNGKey(seed), s)``.
+
+  With ``teacher_per_seed=False`` every seed's teacher and basis keys are the
+  two halves of ``fold_in(PRNGKey(seed), rng.SHARED_PROBLEM)``.
+  """
+  def draw():  # integer work: exact at any optimization level
+    master = jax.random.PRNGKey(seed)
+    keys = SeedKeys(**rng.per_seed(master, num_seeds, rng.LOWRANK_STREAMS))
+    if not teacher_per_seed:
+      shared = jax.random.split(jax.random.fold_in(master, rng.SHARED_PROBLEM), 2)
+      keys = keys._replace(teacher=jnp.broadcast_to(shared[0], keys.teacher.shape),
+                           basis=jnp.broadcast_to(shared[1], keys.basis.shape))
+    return keys
+  return sweep.jit_once(draw)()
+
+
+class Problem(NamedTuple):
+  teacher: models.MLP
+  student: models.MLP
+  teacher_params: Any   # [S, ...]
+  bases: jax.Array      # [S, d, d]; rank r uses the leading r columns
+  student_params: Any   # [S, ...] initial student parameters
+
+
+def build_problem(setting: Setting, keys: SeedKeys) -> Problem:
+  """Teachers, nested subspace bases and initial students, one per seed of ``keys``."""
+  d = setting.d
+  teacher = models.MLP(tuple(setting.teacher_hidden), setting.out_dim, setting.use_bias)
+  student = models.student_of(teacher, setting.width_mult, setting.student_init_scale)
+
+  def draw(keys):
+    teacher_params = jax.vmap(functools.partial(
+        models.random_teacher_params, model=teacher, in_dim=d,
+        bias_scale=setting.teacher_bias_scale, strength_decay=setting.strength_decay))(
+            keys.teacher)
+    bases = jax.vmap(lambda k: data.random_orthonormal(k, d, d))(keys.basis)
+    student_params = jax.vmap(lambda k: student.init(k, jnp.zeros((1, d))))(keys.student)
+    return teacher_params, bases, student_params
+  return Problem(teacher, student, *sweep.jit_once(draw)(keys))
+
+
+def rank_projector(bases: jax.Array, r: int) -> jax.Array:
+  """``[S, d, d]`` projectors onto the span of the leading ``r`` basis columns."""
+  return jax.vmap(lambda u: data.projectors(u)[0])(bases[:, :, :r])
+
+
+def lowrank_args(bases: jax.Array, r: int, scales: jax.Array) -> Dict[str, jax.Array]:
+  """Per-seed ``data_args`` of the online sampler at rank ``r`` (see ``sampler``).
+
+  ``basis`` ``[S, d, r]`` (what the sampler reads), ``projector`` ``[S, d, d]``
+  (what the orthogonal augmentation reads) and ``scale`` ``[S]``.
+  """
+  return {'basis': bases[:, :, :r], 'projector': rank_projector(bases, r), 'scale': scales}
+
+
+def data_scale(setting: Setting, r: int) -> float:
+  """Per-coordinate std ``s`` of ``z`` at rank ``r`` (see ``Setting.energy_matched``)."""
+  if setting.energy_matched:
+    return data.energy_matched_scale(setting.d, r, setting.data_scale)
+  return setting.data_scale
+
+
+def sampler(num_train: int) -> Callable[[jax.Array, Dict[str, jax.Array], int], jax.Array]:
+  """``(key, data_args, n) -> x``: online low-rank samples, or a fixed training set.
+
+  Online (``num_train = 0``): ``data.sample_subspace`` from ``data_args['basis']``
+  (``[d, r]``, ``r`` normals per example) and ``data_args['scale']``; the
+  training chunk is compiled once per rank. Fixed: ``num_train`` rows of
+  ``data_args['train_x']``, drawn with replacement.
+  """
+  if num_train == 0:
+    return lambda key, a, n: data.sample_subspace(key, a['basis'], n, a['scale'])
+  return lambda key, a, n: a['train_x'][jax.random.randint(key, (n,), 0, num_train)]
