@@ -9,6 +9,8 @@ Setting and networks
   ``models``          ReLU MLP teachers and students, random teachers (Tian 2019)
   ``cnn``             CNN teachers and students for images
   ``datasets``        MNIST, Fashion-MNIST, CIFAR-10 from files or bundled; PCA projection
+  ``lowrank``         the low-rank setting from explicit arguments: keys, problem, sampler
+  ``rng``             the named key streams of every study
 
 Training
   ``train``           losses, optimizers, jitted chunks of steps, vmapped seeds
@@ -20,6 +22,7 @@ Training
 Measuring
   ``specialization``  teacher-student correlations, per-layer summaries, weight alignment
   ``metrics``         one student's in/off-subspace specialization in one call
+  ``lowrank_eval``    the low-rank evaluation: specialization and the ensemble in S, S_perp, all
   ``attacks``         PGD, APGD, objectives (fixed label, oracle), CCAT's criterion
   ``objectives``      the attacks' objectives and success criteria (re-exported by ``attacks``)
   ``projections``     the attacks' feasible sets: norm balls, subspaces, input range (likewise)
