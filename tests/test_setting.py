@@ -1,0 +1,72 @@
+"""The low-rank setting in the library (tsrobust.lowrank, lowrank_eval) and the key streams."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import study
+from experiments.configs import lowrank as lowrank_config
+from experiments.configs import robustness as robustness_config
+from tsrobust import lowrank
+from tsrobust import lowrank_eval
+from tsrobust import rng
+
+
+def test_per_seed_known_keys():
+  master = jax.random.PRNGKey(3)
+  keys = rng.per_seed(master, 4, rng.LOWRANK_STREAMS)
+  for s in range(4):
+    want = jax.random.split(jax.random.fold_in(master, s), 5)
+    for i, name in enumerate(rng.LOWRANK_STREAMS):
+      np.testing.assert_array_equal(keys[name][s], want[i])
+  # The image study's three streams: the split it has always used (results unchanged).
+  image = rng.per_seed(master, 2, rng.IMAGE_STREAMS)
+  old = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(master, i), 3))(jnp.arange(2))
+  for i, name in enumerate(rng.IMAGE_STREAMS):
+    np.testing.assert_array_equal(image[name], old[:, i])
+
+
+def test_reserved_constants_are_distinct_and_far_from_seeds():
+  reserved = [rng.SHARED_PROBLEM, rng.TEACHER_PRETRAINING, rng.ROBUST_FEATURES,
+              rng.IMAGE_PROBES, rng.CONVERGENCE_CHECK]
+  assert len(set(reserved)) == len(reserved)
+  assert min(reserved) > 2 ** 30
+  assert rng.TEACHER_EVALUATION != rng.ROBUST_MODEL_EVALUATION
+
+
+def test_seed_keys_per_seed_and_shared():
+  per_seed = lowrank.seed_keys(0, 3)
+  assert len({tuple(np.asarray(k)) for k in per_seed.teacher}) == 3
+  shared = lowrank.seed_keys(0, 3, teacher_per_seed=False)
+  halves = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(0), rng.SHARED_PROBLEM), 2)
+  for s in range(3):
+    np.testing.assert_array_equal(shared.teacher[s], halves[0])
+    np.testing.assert_array_equal(shared.basis[s], halves[1])
+    # The students' own streams do not depend on sharing the teacher.
+    np.testing.assert_array_equal(shared.student[s], per_seed.student[s])
+    np.testing.assert_array_equal(shared.train[s], per_seed.train[s])
+
+
+def test_problem_from_explicit_arguments():
+  setting = lowrank.Setting(d=6, teacher_hidden=(3,), out_dim=3, width_mult=2)
+  problem = lowrank.build_problem(setting, lowrank.seed_keys(1, 2))
+  assert problem.bases.shape == (2, 6, 6)
+  np.testing.assert_allclose(problem.bases[0].T @ problem.bases[0], np.eye(6), atol=1e-5)
+  assert tuple(problem.student.hidden_widths) == (6,)
+  args = lowrank.lowrank_args(problem.bases, 2, jnp.full((2,), 1.5))
+  np.testing.assert_allclose(np.trace(np.asarray(args['projector'][1])), 2.0, atol=1e-5)
+  x = lowrank.sampler(0)(jax.random.PRNGKey(0), jax.tree_util.tree_map(lambda v: v[0], args), 8)
+  np.testing.assert_allclose(x @ args['projector'][0], x, atol=1e-5)  # in S
+  # Energy matched: s = data_scale * sqrt(d / r).
+  assert np.isclose(lowrank.data_scale(setting, 2), np.sqrt(6 / 2))
+  assert lowrank.data_scale(dataclasses.replace(setting, energy_matched=False), 2) == 1.0
+
+
+def test_library_defaults_are_the_default_configs():
+  """The library's settings and the binaries' configs state the same defaults."""
+  config = lowrank_config.get_config()
+  assert study.setting(config) == lowrank.Setting()
+  evaluation = lowrank.from_mapping(lowrank_eval.EvalSetting, robustness_config.get_config())
+  assert evaluation == lowrank_eval.EvalSetting()
