@@ -6,8 +6,9 @@ through this module, so that every binary behaves alike:
 - ``--help`` (exit 0): the binary's docstring, its run flags and every config field with
   its value, what it may hold (the binary's ``validation`` table) and its one-line meaning
   (the comment beside the field's default in ``experiments/configs/*.py``: one schema, read
-  where it is written). ``--helpfull`` adds absl's own flags (logging, debugging), never
-  the test-only flags that chex and absltest define on import.
+  where it is written; ``experiments/field_docs.py``). ``--helpfull`` adds absl's own
+  flags (logging, debugging), never the test-only flags that chex and absltest define on
+  import.
 - ``--print_config`` (exit 0): validates the config and prints it resolved (the config
   file, its preset, the overrides), as the run's ``config.json`` would hold it; computes
   nothing.
@@ -18,10 +19,13 @@ through this module, so that every binary behaves alike:
   it comes is finished first (``tsrobust.sweep.Checkpointer``).
 - Log lines are ``HH:MM:SS LEVEL message``; training and evaluation report progress with
   an ETA (one live line on a terminal, a few throttled lines elsewhere: about one a minute
-  during a long evaluation).
+  during a long evaluation): ``experiments/progress.py``, which also keeps where the run is.
+
+This module owns the flags, ``--help``, the one-line errors, the workdir checks, the
+multi-process set-up and ``run_binary``; it re-exports the names of ``progress`` and
+``field_docs`` that the binaries use (``cli.progress_logger``, ``cli.STATUS``...).
 """
 
-import ast
 import json
 import logging as logging_lib
 import os
@@ -29,9 +33,7 @@ import re
 import sys
 import tempfile
 import textwrap
-import threading
-import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 from absl import app
 from absl import flags
@@ -39,6 +41,8 @@ from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
+from experiments import field_docs
+from experiments import progress
 from experiments import validation
 from tsrobust import io
 from tsrobust import sweep
@@ -195,112 +199,10 @@ def define_distributed_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Non
 # --help: the run flags and every config field, from one schema.
 # ----------------------------------------------------------------------------
 
-def _comments(source: str) -> Dict[int, tuple]:
-  """Line number (1-based) -> ``(comment text, whether the line holds code before it)``."""
-  import io as io_lib  # pylint: disable=g-import-not-at-top
-  import tokenize  # pylint: disable=g-import-not-at-top
-  out = {}
-  code_lines = set()
-  for tok in tokenize.generate_tokens(io_lib.StringIO(source).readline):
-    if tok.type == tokenize.COMMENT:
-      out[tok.start[0]] = (tok.string.lstrip('#').strip(), tok.start[0] in code_lines)
-    elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
-                          tokenize.ENCODING, tokenize.ENDMARKER):
-      code_lines.update(range(tok.start[0], tok.end[0] + 1))
-  return out
-
-
-def _comment_of(comments: Mapping[int, tuple], lineno: int, end_lineno: int) -> str:
-  """The comment documenting the assignment on lines ``lineno..end_lineno`` (1-based).
-
-  Its trailing comment (``c.x = 1  # meaning``), else the comment lines directly above it
-  (no blank line between), joined; ``''`` when there is neither.
-  """
-  text, after_code = comments.get(end_lineno, ('', False))
-  if after_code:
-    return text
-  block = []
-  i = lineno - 1
-  while i in comments and not comments[i][1]:
-    block.insert(0, comments[i][0])
-    i -= 1
-  return ' '.join(block)
-
-
-def _first_sentence(text: str) -> str:
-  """``text`` up to the end of its first sentence (a period followed by a space)."""
-  m = re.search(r'(?<!\be\.g)(?<!\bi\.e)(?<!\bcf)(?<!\bvs)(?<!\bal)\.\s', text)
-  return text[:m.start() + 1] if m else text
-
-
-def _config_module_path(module: str, root: str) -> str:
-  return os.path.join(root, *module.split('.')) + '.py'
-
-
-def field_meanings(config_file: str) -> Dict[str, str]:
-  """Field -> its one-line meaning, read from the config file's comments.
-
-  A field's meaning is the comment beside its default in the file that first sets it
-  (``c.FIELD = value  # meaning``, or the comment lines right above the assignment, cut
-  at the end of their first sentence): ``config_file`` first, then the config modules it
-  imports (``from experiments.configs import attacks``), depth first. The config files
-  are the one place a field's default and meaning are written (``--help`` shows both).
-  """
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  meanings: Dict[str, str] = {}
-  seen = set()
-
-  def visit(path: str) -> None:
-    if path in seen or not os.path.isfile(path):
-      return
-    seen.add(path)
-    with open(path) as f:
-      source = f.read()
-    comments = _comments(source)
-    tree = ast.parse(source)
-    imported = []
-    for node in ast.walk(tree):
-      if isinstance(node, ast.ImportFrom) and node.module == 'experiments.configs':
-        imported += [_config_module_path(f'experiments.configs.{a.name}', root)
-                     for a in node.names]
-    assigns = sorted((n for n in ast.walk(tree) if isinstance(n, ast.Assign)),
-                     key=lambda n: n.lineno)
-    for node in assigns:  # the first assignment of a field documents it (a preset's later)
-      for target in node.targets:
-        if (isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name)
-            and target.attr not in meanings):
-          meanings[target.attr] = _first_sentence(_comment_of(comments, node.lineno,
-                                                              node.end_lineno))
-    for path_ in imported:
-      visit(path_)
-
-  visit(os.path.abspath(config_file.split(':', 1)[0]))
-  return meanings
-
-
-def _value_text(value: Any) -> str:
-  if isinstance(value, (list, tuple)):
-    inner = ', '.join(_value_text(v) for v in value)
-    return f'({inner},)' if len(value) == 1 else f'({inner})'
-  return repr(value)
-
-
-def config_help(config: ml_collections.ConfigDict, config_file: str,
-                fields: Mapping[str, validation.Field], width: int = 100) -> str:
-  """The config section of ``--help``: every field, its value, what it may hold, its meaning."""
-  meanings = field_meanings(config_file)
-  out = []
-  # The fields in the order the config file sets them (ConfigDict.keys() sorts them).
-  names = list(getattr(config, '_fields', None) or config.keys())
-  for name in names:
-    head = f'  --config.{name}={_value_text(config[name])}'
-    field = fields.get(name)
-    body = meanings.get(name, '')
-    if field is not None:
-      body = (body + ' ' if body else '') + f'[{field.describe()}]'
-    out.append(head)
-    out += textwrap.wrap(body, width, initial_indent=' ' * 6, subsequent_indent=' ' * 6)
-  return '\n'.join(out)
+# The config fields' lines (each field's meaning read from its config file's comments):
+# experiments/field_docs.py.
+field_meanings = field_docs.field_meanings
+config_help = field_docs.config_help
 
 
 def _flag_help(flag_values: flags.FlagValues, names: Sequence[str], width: int = 100) -> str:
@@ -425,218 +327,21 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 # ----------------------------------------------------------------------------
-# Logs and progress.
+# Logs and progress: experiments/progress.py. Re-exported here, where the binaries and
+# their training loop look them up (``cli.progress_logger``: a test patching it there
+# reaches the training loop).
 # ----------------------------------------------------------------------------
 
-class _DropLibraryInfo(logging_lib.Filter):
-  """Drops INFO records of checkpointing internals (orbax logs every file it writes)."""
-
-  def filter(self, record):
-    return record.levelno >= logging_lib.WARNING or '/orbax/' not in record.pathname
-
-
-# Loggers whose INFO records are noise to a user (e.g. jax's "Unable to initialize backend
-# 'tpu'" on every machine without one): shown from WARNING up unless --verbosity >= 1.
-QUIET_LOGGERS = ('jax._src.xla_bridge',)
-
-LOG_FORMAT = '%(asctime)s %(levelname)s %(message)s'
-LOG_DATE_FORMAT = '%H:%M:%S'
-
-
-def quiet_library_logs() -> None:
-  """Keeps a binary's log to its own progress lines (and every warning), each line
-  ``HH:MM:SS LEVEL message`` (instead of absl's ~50-character prefix).
-
-  Call before JAX starts its backends (the TPU INFO line is logged then).
-  With ``--verbosity=1`` (DEBUG) or more, the libraries' INFO lines stay.
-  """
-  handler = logging.get_absl_handler()
-  if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
-    handler.addFilter(_DropLibraryInfo())
-  handler.setFormatter(logging_lib.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
-  level = logging_lib.INFO if logging.get_verbosity() >= logging.DEBUG else logging_lib.WARNING
-  for name in QUIET_LOGGERS:
-    logging_lib.getLogger(name).setLevel(level)
-
-
-class RunStatus:
-  """Where a binary's run is (for the one line Ctrl-C prints): the training stage, its step
-  and last checkpoint, or the evaluation running. The progress callbacks keep it."""
-
-  def __init__(self):
-    self.reset()
-
-  def reset(self) -> None:
-    self.stage: Optional[str] = None
-    self.step: Optional[int] = None
-    self.num_steps: Optional[int] = None
-    self.checkpoint: Optional[int] = None
-    self.evaluating: Optional[str] = None
-    self.evaluation_token: Optional[object] = None  # identifies the evaluation_progress in use
-
-  def training(self, stage: str, step: Optional[int] = None, num_steps: Optional[int] = None,
-               checkpoint: Optional[int] = None) -> None:
-    self.stage, self.step, self.num_steps = stage, step, num_steps
-    self.checkpoint, self.evaluating, self.evaluation_token = checkpoint, None, None
-
-  def saved_checkpoint(self, step: Optional[int]) -> None:
-    """A checkpoint at ``step`` was written (after the last progress report)."""
-    if step is not None:
-      self.checkpoint = step
-      self.step = max(self.step or 0, step)
-
-  def interrupted_message(self) -> str:
-    """``interrupted at rank 5, step 1200 of 20000; last checkpoint: step 1000; rerun the
-    same command to resume``."""
-    resume = 'rerun the same command to resume'
-    if self.evaluating is not None:
-      return (f'interrupted while evaluating {self.evaluating}; {resume} (finished training '
-              f'stages load from their checkpoints)')
-    if self.stage is None:
-      return f'interrupted before training started; {resume}'
-    where = f'interrupted at {stage_label(self.stage)}'
-    if self.step is not None:
-      where += f', step {self.step}' + (f' of {self.num_steps}' if self.num_steps else '')
-    else:
-      where += ' (starting)'
-    ckpt = 'none' if self.checkpoint is None else f'step {self.checkpoint}'
-    return f'{where}; last checkpoint: {ckpt}; {resume}'
-
-
-STATUS = RunStatus()
-
-
-def stage_label(stage: str) -> str:
-  """A training stage as a reader says it: ``rank5`` -> ``rank 5``, ``at`` -> ``method at``."""
-  m = re.fullmatch(r'rank(\d+)', stage)
-  if m:
-    return f'rank {m.group(1)}'
-  from tsrobust import methods  # pylint: disable=g-import-not-at-top
-  if stage in methods.METHODS:
-    return f'method {stage}'
-  return stage
-
-
-def _format_eta(seconds: float) -> str:
-  """``ETA 42s``, ``ETA 3m05s``, ``ETA 1h02m``."""
-  s = int(round(max(seconds, 0.0)))
-  if s < 60:
-    return f'ETA {s}s'
-  if s < 3600:
-    return f'ETA {s // 60}m{s % 60:02d}s'
-  return f'ETA {s // 3600}h{(s % 3600) // 60:02d}m'
-
-
-def progress_logger(stage: str, max_lines: int = 10, stream=None):
-  """An ``on_chunk`` callback reporting steps/s and ETA, and keeping ``STATUS``.
-
-  On a terminal: one live line, rewritten in place (``\\r``), ended when the
-  stage ends. Elsewhere (CI, files): at most ``max_lines`` log lines per stage,
-  evenly spaced, the last one always included. A stage resumed from a checkpoint
-  (``info['resumed_from']``) says so first.
-  """
-  stream = sys.stderr if stream is None else stream
-  live = hasattr(stream, 'isatty') and stream.isatty()
-  logged = [0]
-  first = [True]
-  STATUS.training(stage)
-
-  def on_chunk(info: Mapping[str, float]) -> None:
-    STATUS.training(stage, int(info['step']), int(info['num_steps']),
-                    info.get('last_checkpoint'))
-    if first[0] and info.get('resumed_from') is not None:
-      logging.info('%s: resumed from its checkpoint at step %d', stage_label(stage),
-                   info['resumed_from'])
-    first[0] = False
-    text = (f"{stage}: step {info['step']}/{info['num_steps']}  loss {info['loss']:.3e}  "
-            f"{info['steps_per_sec']:.0f} steps/s  {_format_eta(info['eta_sec'])}")
-    last = info['step'] >= info['num_steps']
-    if live:
-      stream.write('\r' + text + ('\n' if last else ''))
-      stream.flush()
-      return
-    due = info['step'] * max_lines >= (logged[0] + 1) * info['num_steps']
-    if (due or last) and (logged[0] < max_lines or last):
-      logged[0] += 1
-      logging.info('%s', text)
-  return on_chunk
-
-
-def evaluation_progress(what: str, max_gap_sec: float = 60.0, stream=None,
-                        clock: Callable[[], float] = time.monotonic,
-                        heartbeat_poll_sec: float = 5.0):
-  """An ``on_progress`` callback of ``tsrobust.evaluate.Evaluator.run``: attack runs done of
-  all, the last one, and an ETA; it also keeps ``STATUS`` (``evaluating what``).
-
-  On a terminal: one live line. Elsewhere: a log line when waiting for the next attack run
-  could leave more than ``max_gap_sec`` seconds since the start or the last line (if the
-  next run took 1.5 times the longest so far: runs differ, Square's are the longest), so a
-  long evaluation says where it is at least about once a minute, not at every short run;
-  and a last line when it ends, if it logged before (a short evaluation stays silent).
-  A single attack run can outlast ``max_gap_sec`` (the pair attack on 24 image students
-  takes ~100 s on 2 cores), so with the real clock a daemon thread also looks every
-  ``heartbeat_poll_sec`` and logs that the next run is still going once ``max_gap_sec -
-  2 * heartbeat_poll_sec`` have passed without a line; it stops at the last run, or when
-  another evaluation or a training stage starts.
-  """
-  stream = sys.stderr if stream is None else stream
-  live = hasattr(stream, 'isatty') and stream.isatty()
-  start = clock()
-  state = {'last': start, 'lines': 0, 'previous': start, 'longest': 0.0, 'done': 0,
-           'total': None}
-  lock = threading.Lock()
-  stop = threading.Event()
-  STATUS.evaluating = what
-  token = STATUS.evaluation_token = object()
-
-  def log_line(text: str, now: float) -> None:
-    state['last'] = now
-    state['lines'] += 1
-    logging.info('%s', text)
-
-  def eta(now: float, done: int, total: int) -> str:
-    return _format_eta((now - start) / max(done, 1) * (total - done))
-
-  def heartbeat() -> None:
-    while not stop.wait(heartbeat_poll_sec):
-      if STATUS.evaluation_token is not token:
-        return  # another evaluation or a training stage took over (or this one failed)
-      with lock:
-        now = clock()
-        if now - state['last'] < max_gap_sec - 2 * heartbeat_poll_sec:
-          continue
-        done, total = state['done'], state['total']
-        if total is None:
-          log_line(f'evaluating {what}: the first attack run is still going (compiling '
-                   f'and attacking)  {now - start:.0f}s', now)
-        else:
-          log_line(f'evaluating {what}: {done}/{total} attack runs done, the next one still '
-                   f'going  {now - start:.0f}s  {eta(now, done, total)}', now)
-
-  if not live and clock is time.monotonic and heartbeat_poll_sec:
-    threading.Thread(target=heartbeat, name=f'progress: {what}', daemon=True).start()
-
-  def on_progress(info: Mapping[str, Any]) -> None:
-    with lock:
-      now = clock()
-      done, total = int(info['done']), int(info['total'])
-      state['done'], state['total'] = done, total
-      state['longest'] = max(state['longest'], now - state['previous'])
-      state['previous'] = now
-      attack = '/'.join(str(info[k]) for k in ('attack', 'label', 'where', 'eps') if k in info)
-      text = (f'evaluating {what}: {done}/{total} attack runs ({attack})  '
-              f'{now - start:.0f}s  {eta(now, done, total)}')
-      last = done >= total
-      if last:
-        stop.set()
-      if live:
-        stream.write('\r' + text + ('\n' if last else ''))
-        stream.flush()
-        return
-      next_line_late = now - state['last'] + 1.5 * state['longest'] > max_gap_sec
-      if (last and state['lines']) or (not last and next_line_late):
-        log_line(text, now)
-  return on_progress
+_DropLibraryInfo = progress._DropLibraryInfo  # pylint: disable=protected-access
+QUIET_LOGGERS = progress.QUIET_LOGGERS
+LOG_FORMAT = progress.LOG_FORMAT
+LOG_DATE_FORMAT = progress.LOG_DATE_FORMAT
+quiet_library_logs = progress.quiet_library_logs
+RunStatus = progress.RunStatus
+STATUS = progress.STATUS
+stage_label = progress.stage_label
+progress_logger = progress.progress_logger
+evaluation_progress = progress.evaluation_progress
 
 
 # ----------------------------------------------------------------------------
