@@ -19,7 +19,7 @@ import re
 import subprocess
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
-from experiments import common
+from experiments import summaries
 from tsrobust import io
 from tsrobust import sweep
 
@@ -54,7 +54,7 @@ def _table_kind(header: str, context: str) -> str:
     return 'attack-checks'
   if first == 'variant':
     return 'wilson'
-  if context.startswith(common.SUBSPACE_TABLE_TITLE):
+  if context.startswith(summaries.SUBSPACE_TABLE_TITLE):
     return 'subspaces'
   if first == 'robust accuracy':
     m = re.search(r'Correlation across students of `([^`]+)`', context)
@@ -68,7 +68,7 @@ def mark_tables(study: str, markdown: str, heading_shift: int = 2) -> Tuple[str,
   A table is a run of lines starting with ``|``. Its name is ``<study>-<kind>``: ``summary``
   (the per-group means), ``attack-checks`` (first header cell ``group``), ``wilson``
   (``variant``), ``subspaces`` (the paragraph before it starts with
-  ``common.SUBSPACE_TABLE_TITLE``), ``correlation-<x>`` (``robust accuracy``; ``x`` from the
+  ``summaries.SUBSPACE_TABLE_TITLE``), ``correlation-<x>`` (``robust accuracy``; ``x`` from the
   paragraph before it), with ``-2``, ``-3``... on repeats. Headings go ``heading_shift``
   levels down, to sit under the report's study heading. Returns the text and the names, in
   order.

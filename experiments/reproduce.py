@@ -54,7 +54,8 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 from absl import app
 from absl import flags
 
-from experiments import common
+from experiments import cli
+from experiments import validation
 from experiments import report as report_lib  # update_documents' text is `report`
 from tsrobust import datasets
 from tsrobust import io
@@ -190,7 +191,7 @@ def preset_error(config_arg: Optional[str], root: str = ROOT) -> Optional[str]:
   try:
     module.get_config(preset)
   except (TypeError, ValueError, KeyError) as e:
-    return common.one_line(str(e))
+    return cli.one_line(str(e))
   return None
 
 
@@ -198,19 +199,19 @@ def load_config(study: Study, args: Sequence[str], root: str = ROOT):
   """The config ``experiments.<binary>`` would run with ``args``, parsed as the binary does.
 
   Raises:
-    common.ConfigError: the config file or an override fails to load.
+    validation.ConfigError: the config file or an override fails to load.
   """
   config_arg = study.config or f'experiments/configs/{study.binary}.py'
   path = os.path.join(root, config_arg)
   argv = [study.binary] + [a if not a.startswith('--config=') else f'--config={path}'
                            for a in args]
   flag_values = flags.FlagValues()
-  common.define_flags(os.path.join(root, f'experiments/configs/{study.binary}.py'),
+  cli.define_flags(os.path.join(root, f'experiments/configs/{study.binary}.py'),
                       flag_values, argv)
   try:
     flag_values(argv)
   except flags.Error as e:
-    raise common.ConfigError(common.one_line(str(e))) from e
+    raise validation.ConfigError(cli.one_line(str(e))) from e
   return flag_values.config
 
 
@@ -218,12 +219,12 @@ def is_finished(study_dir: str, config, done: Sequence[str]) -> bool:
   """Whether ``study_dir`` holds a finished run of ``config``.
 
   Finished: every file of ``done`` and a ``config.json`` exist. A ``config.json`` of
-  another config is refused (``common.check_workdir``), as the binary would refuse it.
+  another config is refused (``cli.check_workdir``), as the binary would refuse it.
 
   Raises:
-    common.ConfigError: ``study_dir`` holds a run of a different config, or is a file.
+    validation.ConfigError: ``study_dir`` holds a run of a different config, or is a file.
   """
-  common.check_workdir(study_dir, config)
+  cli.check_workdir(study_dir, config)
   names = ('config.json',) + tuple(done)
   return all(os.path.isfile(os.path.join(study_dir, n)) for n in names)
 
@@ -317,7 +318,7 @@ def reproduce(workdir: str, preset: str, cifar10_dir: Optional[str] = None,
   workdir holding another config stops the run at once.
 
   Raises:
-    common.ConfigError: a study's config fails to load or its workdir holds another config.
+    validation.ConfigError: a study's config fails to load or its workdir holds another config.
   """
   os.makedirs(workdir, exist_ok=True)
   shown = display_path(workdir, root)
@@ -341,8 +342,8 @@ def reproduce(workdir: str, preset: str, cifar10_dir: Optional[str] = None,
     try:
       config = load_config(study, args, root)
       finished = is_finished(os.path.join(workdir, study.name), config, study.done)
-    except common.ConfigError as e:
-      raise common.ConfigError(f'study {study.name}: {e}') from e
+    except validation.ConfigError as e:
+      raise validation.ConfigError(f'study {study.name}: {e}') from e
     plan.append((study, args, command, finished, ''))
 
   lock = threading.Lock()
@@ -430,21 +431,21 @@ def update_documents(workdir: str, root: str = ROOT,
   names and figures updated, in order, once each.
 
   Raises:
-    common.ConfigError: naming the document and what is wrong.
+    validation.ConfigError: naming the document and what is wrong.
   """
   report = _read(os.path.join(workdir, REPORT))
   if report is None:
-    raise common.ConfigError(f'--update_readme: {os.path.join(workdir, REPORT)} does not exist; '
+    raise validation.ConfigError(f'--update_readme: {os.path.join(workdir, REPORT)} does not exist; '
                              f'run python -m experiments.reproduce --workdir={workdir} '
                              f'--preset=full first')
   preset = report_preset(report)
   if preset != 'full':
-    raise common.ConfigError(f'--update_readme needs a report of --preset=full; '
+    raise validation.ConfigError(f'--update_readme needs a report of --preset=full; '
                              f'{os.path.join(workdir, REPORT)} is from --preset={preset}')
   try:
     blocks = generated_blocks(report)
   except ValueError as e:
-    raise common.ConfigError(f'--update_readme: {REPORT}: {e}') from e
+    raise validation.ConfigError(f'--update_readme: {REPORT}: {e}') from e
   sources = figure_sources(workdir, studies)
   plan, done = [], []
   for rel in documents(root):
@@ -455,11 +456,11 @@ def update_documents(workdir: str, root: str = ROOT,
     try:
       updated = replace_generated_blocks(text, blocks)
     except ValueError as e:
-      raise common.ConfigError(f'--update_readme: {rel}: {e}') from e
+      raise validation.ConfigError(f'--update_readme: {rel}: {e}') from e
     figures = linked_figures(text, in_docs=rel.startswith('docs/'))
     missing = [f for f in figures if f not in sources]
     if missing:
-      raise common.ConfigError(f'--update_readme: {rel} links {missing}, which no study of '
+      raise validation.ConfigError(f'--update_readme: {rel} links {missing}, which no study of '
                                f'{workdir} wrote (it has {sorted(sources)})')
     plan.append((path, text, updated, figures))
     done += list(generated_blocks(text)) + figures
@@ -528,21 +529,21 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS,
     if os.path.exists(f.workdir) and not os.path.isdir(f.workdir):
       raise app.UsageError(f'--workdir {f.workdir} is a file, not a folder; use another '
                            f'--workdir')
-    common.quiet_library_logs()
+    cli.quiet_library_logs()
     jobs = f.jobs or (1 if f.preset == 'full' else sweep.cpu_cores())
     outcomes = reproduce(f.workdir, f.preset, f.cifar10_dir, root, studies, jobs=jobs)
-  except (common.ConfigError, app.UsageError) as e:
-    common.exit_with_error(e)
+  except (validation.ConfigError, app.UsageError) as e:
+    cli.exit_with_error(e)
   except KeyboardInterrupt:
-    common.exit_with_error('interrupted; the same command resumes (finished studies are '
+    cli.exit_with_error('interrupted; the same command resumes (finished studies are '
                            'reused, an interrupted one resumes from its checkpoints)',
                            code=130)
   print(f'wrote {os.path.join(f.workdir, REPORT)}')
   failed = [o.name for o in outcomes if o.status == 'failed']
   if failed:
-    common.exit_with_error(f'studies failed: {", ".join(failed)} (logs: '
+    cli.exit_with_error(f'studies failed: {", ".join(failed)} (logs: '
                            + ', '.join(os.path.join(f.workdir, f'{n}.log') for n in failed)
-                           + ')', code=common.RUN_EXIT_CODE)
+                           + ')', code=cli.RUN_EXIT_CODE)
 
 
 def run(argv: Optional[Sequence[str]] = None,
@@ -553,10 +554,10 @@ def run(argv: Optional[Sequence[str]] = None,
   if flag_values is None:
     define_flags(flags.FLAGS)
     app.run(lambda a: main(a, flags.FLAGS, root, studies), argv=args,
-            flags_parser=lambda a: common.parse_flags(a, flags.FLAGS))
+            flags_parser=lambda a: cli.parse_flags(a, flags.FLAGS))
   else:
     define_flags(flag_values)
-    main(common.parse_flags(args, flag_values), flag_values, root, studies)
+    main(cli.parse_flags(args, flag_values), flag_values, root, studies)
 
 
 if __name__ == '__main__':
