@@ -1,7 +1,7 @@
 r"""Has the evaluation converged? One study's students under attack ensembles of growing strength.
 
 Compares the ``results.csv`` of runs of the same study and config that differ only in the
-attack ensemble (``--config.attack_strength`` and its overrides): the same students, so
+attack ensemble (``--config.attack.strength`` and the section's other fields): the same students, so
 every column that is not an attack's (specialization, clean agreement, training loss) must
 be identical, and this is checked first. Per group of students (a grid point of the
 robustness / image study, a rank of the low-rank study) and per error cell (the ensemble's
@@ -10,7 +10,7 @@ prints the mean error of each run and flags every group where the last run (the 
 exceeds the first (the default) by more than ``--tolerance`` in some cell:
 
     python -m experiments.robustness --workdir=runs/rob
-    python -m experiments.robustness --workdir=runs/rob_ref --config.attack_strength=reference
+    python -m experiments.robustness --workdir=runs/rob_ref --config.attack.strength=reference
     python -m benchmarks.convergence --runs=runs/rob,runs/rob_ref [--json=PATH]
 
 It reads result files only (no JAX work), so it can compare runs made on other machines.

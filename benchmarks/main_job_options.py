@@ -44,11 +44,11 @@ from benchmarks import main_job_floor
 # (name, flags of experiments.lowrank) measured by default.
 DEFAULT_OPTIONS = (
     ('steps_10k', ('--config.num_steps=10000',)),
-    ('square_30', ('--config.square_queries=30',)),
-    ('steps_10k+square_30', ('--config.num_steps=10000', '--config.square_queries=30')),
+    ('square_30', ('--config.attack.square_queries=30',)),
+    ('steps_10k+square_30', ('--config.num_steps=10000', '--config.attack.square_queries=30')),
     ('attack_256', ('--config.num_attack=256',)),
-    ('fast_attacks', ('--config.attack_strength=fast',)),
-    ('steps_10k+fast_attacks', ('--config.num_steps=10000', '--config.attack_strength=fast')),
+    ('fast_attacks', ('--config.attack.strength=fast',)),
+    ('steps_10k+fast_attacks', ('--config.num_steps=10000', '--config.attack.strength=fast')),
 )
 # The job's reported metrics (per-attack columns excluded: they change by construction
 # when the attacks do; the ensemble's columns are what the manual reports (docs/)).

@@ -95,9 +95,11 @@ def _config_overrides(argv: Sequence[str]) -> List[str]:
 def _flag_error_message(error: Exception, argv: Sequence[str]) -> str:
   """A one-line message for a failure of absl / ml_collections to read the flags."""
   nested = [f for f in _config_overrides(argv) if '.' in f]
-  if nested:  # the configs are flat: --config.d.x or a misspelled --config.foo.bar
-    return (f'--config.{nested[0]}: config fields are not nested; write --config.FIELD=VALUE '
-            f'with a field of the config')
+  if nested:  # --config.d.x (d is not a section) or a misspelled --config.foo.bar
+    head = nested[0].split('.', 1)[0]
+    return (f'--config.{nested[0]}: config.{head} is not a section of fields; write '
+            f'--config.FIELD=VALUE with a field of the config, or --config.SECTION.FIELD=VALUE '
+            f'with a section such as config.attack')
   if isinstance(error, KeyError) and error.args:  # KeyError quotes its message
     return one_line(str(error.args[0]))
   return one_line(str(error))

@@ -112,14 +112,18 @@ def config_help(config: ml_collections.ConfigDict, config_file: str,
   """The config section of ``--help``: every field, its value, what it may hold, its meaning."""
   meanings = field_meanings(config_file)
   out = []
-  # The fields in the order the config file sets them (ConfigDict.keys() sorts them).
-  names = list(getattr(config, '_fields', None) or config.keys())
-  for name in names:
-    head = f'  --config.{name}={_value_text(config[name])}'
-    field = fields.get(name)
-    body = meanings.get(name, '')
-    if field is not None:
-      body = (body + ' ' if body else '') + f'[{field.describe()}]'
-    out.append(head)
-    out += textwrap.wrap(body, width, initial_indent=' ' * 6, subsequent_indent=' ' * 6)
+
+  def add(section, table, prefix):
+    # The fields in the order the config file sets them (ConfigDict.keys() sorts them).
+    for name in list(getattr(section, '_fields', None) or section.keys()):
+      value, field = section[name], table.get(name)
+      if hasattr(value, 'keys'):  # a section (config.attack): its fields, by their path
+        add(value, field if isinstance(field, Mapping) else {}, f'{prefix}{name}.')
+        continue
+      body = meanings.get(name, '')
+      if isinstance(field, validation.Field):
+        body = (body + ' ' if body else '') + f'[{field.describe()}]'
+      out.append(f'  --config.{prefix}{name}={_value_text(value)}')
+      out.extend(textwrap.wrap(body, width, initial_indent=' ' * 6, subsequent_indent=' ' * 6))
+  add(config, fields, '')
   return '\n'.join(out)

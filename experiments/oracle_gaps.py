@@ -6,7 +6,7 @@ margin, *strict* oracle (any disagreement counts), in the data subspace S and
 in its complement, and prints the teacher's top-2 logit gap at the successes
 next to its gap at the clean points, and the student's logit error on them.
 Successes whose gap is ~0 sit on the teacher's own decision boundary: the
-slivers that ``config.oracle_tolerance`` excludes.
+slivers that ``config.attack.oracle_tolerance`` excludes.
 
     python -m experiments.oracle_gaps --workdir=runs/lowrank --rank=5 --seed_index=0
 """

@@ -174,7 +174,8 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   timings['teacher'] = time.perf_counter() - t0
   projector = None if pca is None else pca.projector
   evaluator = real_eval.Evaluator(config, teacher, student, teacher_params, dataset, projector)
-  teacher_eval = evaluator.teacher(jax.random.fold_in(jax.random.PRNGKey(config.seed), rng.TEACHER_EVALUATION),
+  master = jax.random.PRNGKey(config.seed)
+  teacher_eval = evaluator.teacher(jax.random.fold_in(master, rng.TEACHER_EVALUATION),
                                    on_progress=cli.evaluation_progress('the teacher'))
   logging.info('teacher (%s, %s): %s', teacher_info['hash'],
                'reused' if teacher_info['reused'] else 'trained', teacher_eval)
@@ -194,13 +195,13 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
                    robust_model_is_teacher=same,
                    robust_model_reused=r_info['reused'])
     rf_info['robust_model_eval'] = evaluator.teacher(  # the teacher's compiled attacks
-        jax.random.fold_in(jax.random.PRNGKey(config.seed), rng.ROBUST_MODEL_EVALUATION), params=r_params,
+        jax.random.fold_in(master, rng.ROBUST_MODEL_EVALUATION), params=r_params,
         on_progress=cli.evaluation_progress('the robust model'))
     timings['robust_features'] = time.perf_counter() - t0
     logging.info('robust-feature dataset: %s', rf_info)
 
   s = study.num_padded_seeds(config)
-  keys = rng.per_seed(jax.random.PRNGKey(config.seed), s, rng.IMAGE_STREAMS)
+  keys = rng.per_seed(master, s, rng.IMAGE_STREAMS)
   k_init, k_train, k_eval = keys['init'], keys['train'], keys['eval']
   init_params = jax.vmap(lambda k: cnn.init_params(k, student, dataset.image_shape))(k_init)
   settings = real_eval.method_settings(config)

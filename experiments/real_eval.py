@@ -78,7 +78,7 @@ def method_settings(config) -> methods.Settings:
       loss=config.loss, batch_size=config.batch_size, at_norm=config.attack_norm,
       at_steps=config.at_steps, at_label=config.at_label, at_fraction=config.at_fraction,
       ccat_norm=config.attack_norm, ccat_steps=config.ccat_steps, ccat_rho=config.ccat_rho,
-      aug_fraction=config.aug_fraction, step_factor=config.attack_step_factor,
+      aug_fraction=config.aug_fraction, step_factor=config.attack.pgd_step_factor,
       clip_range=clip_range(config), budget_scale=1.0 / config.eps_denominator)
 
 

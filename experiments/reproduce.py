@@ -94,7 +94,7 @@ class Study(NamedTuple):
 
 # The quick runs are compile-bound: the fast attack ensemble without APGD-T and Square
 # (each binary then compiles PGD, APGD and, for oracle labels, the pair attack).
-_QUICK_ATTACKS = ('attack_strength=fast', 'apgd_t_steps=0', 'square_queries=0')
+_QUICK_ATTACKS = ('attack.strength=fast', 'attack.apgd_t_steps=0', 'attack.square_queries=0')
 # Tiny synthetic configs (the binaries' tests use the same sizes): 2 seeds (one per core),
 # d = 6, a few dozen steps, 16 attacked points.
 _QUICK_LOWRANK = ('num_seeds=2', 'd=6', 'teacher_hidden=(3,)', 'out_dim=3', 'width_mult=2',
@@ -121,7 +121,7 @@ STUDIES = (
     # The default run with the strict oracle (any disagreement counts) and with L-inf budgets.
     Study('lowrank_strict', 'lowrank', None,
           _QUICK_LOWRANK_RANKS, _LOWRANK_DONE,
-          overrides=('oracle_tolerance=0',)),
+          overrides=('attack.oracle_tolerance=0',)),
     Study('lowrank_linf', 'lowrank', None,
           _QUICK_LOWRANK_RANKS, _LOWRANK_DONE,
           overrides=('attack_norm=linf', 'eps=(0.05,0.1,0.2)')),
@@ -435,7 +435,8 @@ def update_documents(workdir: str, root: str = ROOT,
   """
   report = _read(os.path.join(workdir, REPORT))
   if report is None:
-    raise validation.ConfigError(f'--update_readme: {os.path.join(workdir, REPORT)} does not exist; '
+    raise validation.ConfigError(
+        f'--update_readme: {os.path.join(workdir, REPORT)} does not exist; '
                              f'run python -m experiments.reproduce --workdir={workdir} '
                              f'--preset=full first')
   preset = report_preset(report)

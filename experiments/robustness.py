@@ -85,7 +85,7 @@ def method_settings(config) -> methods_lib.Settings:
       loss=config.loss, batch_size=config.batch_size, at_norm=config.at_norm,
       at_steps=config.at_steps, at_label=config.at_label, at_fraction=config.at_fraction,
       ccat_norm=config.ccat_norm, ccat_steps=config.ccat_steps, ccat_rho=config.ccat_rho,
-      aug_fraction=config.aug_fraction, step_factor=config.attack_step_factor)
+      aug_fraction=config.aug_fraction, step_factor=config.attack.pgd_step_factor)
 
 
 def correlations(config, records) -> Dict[str, Any]:
@@ -173,7 +173,8 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
                             labels_kinds=('ccat',), thresholds=thresholds, check=False,
                             progress=lambda what: cli.evaluation_progress(
                                 f"CCAT students by CCAT's criterion, {what}"))
-    ev = lowrank_eval.Evaluation(ev.result, evaluate.merge_ccat(ev.final, ev_c.final, sel), ev.doubled)
+    ev = lowrank_eval.Evaluation(ev.result, evaluate.merge_ccat(ev.final, ev_c.final, sel),
+                                 ev.doubled)
     for row, a in zip(rows, study.attack_rows(config, ev, full_rank=False)):
       row.update(a)
     names = {float(e): study.eps_name(e) for e in config.eps}

@@ -31,14 +31,6 @@ from tsrobust import methods
 from tsrobust import sweep
 from tsrobust import train
 
-# config field -> AttackConfig field; -1 takes the preset's value.
-ATTACK_OVERRIDES = {'attack_steps': 'pgd_steps', 'attack_restarts': 'pgd_restarts',
-                    'apgd_steps': 'apgd_steps', 'apgd_restarts': 'apgd_restarts',
-                    'apgd_t_steps': 'apgd_t_steps', 'attack_targets': 'targets',
-                    'square_queries': 'square_queries', 'pair_steps': 'pair_steps',
-                    'pair_targets': 'pair_targets', 'pair_restarts': 'pair_restarts'}
-
-
 def as_tuple(v) -> tuple:
   """A config value that may be a single item or a sequence, as a tuple."""
   return (v,) if isinstance(v, (str, int, float)) else tuple(v)
@@ -71,22 +63,16 @@ def check_attack_rules(config) -> None:
   try:
     cfg = attack_config(config)
   except ValueError as e:
-    raise ConfigError(f'config.attack_strength / its overrides: {e}') from e
+    raise ConfigError(f'config.attack: {e}') from e
   if not cfg.attacks_for('fixed'):
-    raise ConfigError(f'config.attack_strength / its overrides: only {cfg.attacks} would run, '
+    raise ConfigError(f'config.attack: only {cfg.attacks} would run, '
                       f'for oracle labels only; the clean-label evaluations need another attack '
                       f'(pgd, apgd, apgd_t or square)')
 
 
 def attack_config(config) -> evaluate.AttackConfig:
-  """The ``evaluate.AttackConfig`` of ``config``: the preset, then every override != -1."""
-  overrides = {dst: int(config[src]) for src, dst in ATTACK_OVERRIDES.items()
-               if int(config[src]) != -1}
-  if float(config.pair_smoothing) != -1:
-    overrides['pair_smoothing'] = float(config.pair_smoothing)
-  return evaluate.preset(config.attack_strength, pgd_step_factor=float(config.attack_step_factor),
-                         oracle_loss=config.oracle_loss,
-                         oracle_tolerance=float(config.oracle_tolerance), **overrides)
+  """The ``evaluate.AttackConfig`` of ``config.attack`` (its keys are ``evaluate.preset``'s)."""
+  return evaluate.preset(**config.attack)
 
 
 def headline_eps(config) -> float:

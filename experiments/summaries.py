@@ -22,7 +22,8 @@ from tsrobust import stats
 SUBSPACE_TABLE_TITLE = 'Adversarial error by subspace and budget'
 
 
-def method_attack_checks(config, points, ev: lowrank_eval.Evaluation, attack_cfg: evaluate.AttackConfig,
+def method_attack_checks(config, points, ev: lowrank_eval.Evaluation,
+                         attack_cfg: evaluate.AttackConfig,
                          headline: float) -> Dict[str, Any]:
   """``evaluate.attack_checks`` per grid point (its kept students), summarized.
 
@@ -57,7 +58,7 @@ def log_unconverged(checks: Mapping[str, Any]) -> None:
 def attack_checks_summary(config, checks: Mapping[str, Any]) -> Dict[str, Any]:
   """``attack_checks.json``: the ensemble's settings and the per-group checks."""
   import dataclasses  # pylint: disable=g-import-not-at-top
-  return {'attack_strength': config.attack_strength,
+  return {'attack_strength': config.attack.strength,
           'attack_config': dataclasses.asdict(study.attack_config(config)),
           'surrogate_temperature': float(config.surrogate_temperature),
           'headline_eps': study.headline_eps(config), 'groups': dict(checks)}
@@ -72,7 +73,7 @@ def attack_checks_markdown(summary: Mapping[str, Any]) -> str:
   attacks_run = list(first['per_attack'])
   head = first['headline_eps']
   labels = list(first['convergence'])
-  lines = [f'## Attack checks (`attack_strength = {summary["attack_strength"]}`)', '',
+  lines = [f'## Attack checks (`attack.strength = {summary["attack_strength"]}`)', '',
            'Per-example violations of the invariants by each raw attack and by their union '
            '(before the evaluation enforces them: `full` includes `in` / `off`, errors '
            'non-decreasing in eps), summed over students; points only Square broke; '
@@ -117,7 +118,7 @@ def doubling_markdown(summary: Mapping[str, Any]) -> str:
            f'run\'s successes added to the run\'s).', '']
   if bad:
     lines += [f'**Not converged: {", ".join(bad)}.** Their errors are lower bounds; a '
-              f'stronger `attack_strength` (or more iterations) would find more.', '']
+              f'stronger `attack.strength` (or more iterations) would find more.', '']
   else:
     lines += ['Every group has converged.', '']
   cols = ['group', 'students', f'oracle, full, {head:g}: run / doubled',

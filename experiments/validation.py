@@ -15,7 +15,7 @@ what is allowed, e.g. ``config.momentum must be <= 0.999, got 1.5``.
 import dataclasses
 import difflib
 import numbers
-from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -44,6 +44,8 @@ class Field:
     special: values allowed besides the range, with their meaning (e.g.
       ``{-1: "the preset's"}``).
     what: how a plain string field is described in messages (e.g. ``'a path'``).
+    none: the meaning of None where the field may hold it (e.g. ``"the preset's"``);
+      None: it may not.
   """
   kind: type
   lo: Optional[float] = None
@@ -55,6 +57,7 @@ class Field:
   unique: bool = False
   special: Tuple[Tuple[Any, str], ...] = ()
   what: str = 'a string'
+  none: Optional[str] = None
 
   def __post_init__(self):
     if self.kind not in _KINDS:
@@ -87,6 +90,8 @@ class Field:
         text += ', distinct'
     for value, meaning in self.special:
       text += f', or {value!r} ({meaning})'
+    if self.none is not None:
+      text += f', or None ({self.none})'
     return text
 
   def allowed(self) -> Optional[Tuple[str, ...]]:
@@ -95,6 +100,8 @@ class Field:
 
   def check(self, name: str, value: Any) -> Any:
     """``value`` as the field holds it (a tuple for a sequence); raises ``ConfigError``."""
+    if value is None and self.none is not None:
+      return None
     if self.sequence:
       return self._check_sequence(name, value)
     if self.kind is str:
@@ -109,8 +116,9 @@ class Field:
       raise ConfigError(f'config.{name} must be {_a_number(self.kind)}, got {value!r}')
     problem = self._range_problem(value)
     if problem:
-      if self.special:
-        allowed = ', '.join(f'{v!r} ({meaning})' for v, meaning in self.special)
+      special = self.special + ((None, self.none),) if self.none is not None else self.special
+      if special:
+        allowed = ', '.join(f'{v!r} ({meaning})' for v, meaning in special)
         raise ConfigError(f'config.{name} must be {allowed} or {problem}, got {value!r}')
       raise ConfigError(f'config.{name} must be {problem}, got {value!r}')
     return self.kind(value)
@@ -164,15 +172,19 @@ class Field:
 # Constructors of the field kinds the configs use.
 
 def Int(lo: Optional[int] = None, hi: Optional[int] = None,  # pylint: disable=invalid-name
-        special: Mapping[int, str] = None) -> Field:
-  """An integer in ``[lo, hi]`` (or one of ``special``, e.g. ``{-1: "the preset's"}``)."""
-  return Field(int, lo=lo, hi=hi, special=tuple((special or {}).items()))
+        special: Mapping[int, str] = None, none: Optional[str] = None) -> Field:
+  """An integer in ``[lo, hi]`` (or one of ``special``, e.g. ``{-1: "the preset's"}``; or None
+  where ``none`` says what it means)."""
+  return Field(int, lo=lo, hi=hi, special=tuple((special or {}).items()), none=none)
 
 
 def Float(lo: Optional[float] = None, hi: Optional[float] = None,  # pylint: disable=invalid-name
-          lo_open: bool = False, special: Mapping[float, str] = None) -> Field:
-  """A finite number in ``[lo, hi]`` (``(lo, hi]`` if ``lo_open``), or one of ``special``."""
-  return Field(float, lo=lo, hi=hi, lo_open=lo_open, special=tuple((special or {}).items()))
+          lo_open: bool = False, special: Mapping[float, str] = None,
+          none: Optional[str] = None) -> Field:
+  """A finite number in ``[lo, hi]`` (``(lo, hi]`` if ``lo_open``), or one of ``special``; or
+  None where ``none`` says what it means."""
+  return Field(float, lo=lo, hi=hi, lo_open=lo_open, special=tuple((special or {}).items()),
+               none=none)
 
 
 def Bool() -> Field:  # pylint: disable=invalid-name
@@ -211,19 +223,50 @@ def Names(choices: Sequence[str]) -> Field:  # pylint: disable=invalid-name
   return Field(str, choices=_choices(choices), sequence=True)
 
 
-def check_config(config: Mapping[str, Any], table: Mapping[str, Field]) -> None:
+# A config's table: field -> Field, or section -> the section's table (``config.attack``).
+Table = Mapping[str, Union[Field, Mapping[str, Any]]]
+
+
+def field_paths(table: Table, prefix: str = '') -> List[str]:
+  """Every field of ``table`` by its path (``'d'``, ``'attack.pgd_steps'``).
+
+  >>> field_paths({'d': Int(), 'attack': {'strength': Str(), 'pgd_steps': Int()}})
+  ['d', 'attack.strength', 'attack.pgd_steps']
+  """
+  out = []
+  for name, field in table.items():
+    if isinstance(field, Field):
+      out.append(prefix + name)
+    else:
+      out += field_paths(field, f'{prefix}{name}.')
+  return out
+
+
+def check_config(config: Mapping[str, Any], table: Table, _prefix: str = '',
+                 _root: Optional[Table] = None) -> None:
   """Checks ``config`` against ``table``: no unknown field, none missing, every value allowed.
+
+  A section (a table as a field's entry) is checked field by field, its fields named by
+  their path (``config.attack.pgd_steps``).
 
   Raises:
     ConfigError: naming the first offending field and what it may hold.
   """
+  root = table if _root is None else _root
   for name in config:
     if name not in table:
-      raise ConfigError(unknown_field_message(name, table))
+      raise ConfigError(unknown_field_message(_prefix + name, field_paths(root)))
   for name, field in table.items():
+    path = _prefix + name
     if name not in config:
-      raise ConfigError(f'config.{name} is missing')
-    field.check(name, config[name])
+      raise ConfigError(f'config.{path} is missing')
+    if isinstance(field, Field):
+      field.check(path, config[name])
+    elif not hasattr(config[name], 'keys'):
+      raise ConfigError(f'config.{path} is a section of fields ({", ".join(field)}): set '
+                        f'them as --config.{path}.FIELD=VALUE, got {config[name]!r}')
+    else:
+      check_config(config[name], field, f'{path}.', root)
 
 
 def unknown_field_message(name: str, known: Sequence[str]) -> str:

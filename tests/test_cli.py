@@ -71,15 +71,19 @@ def test_help_lists_every_field_with_its_meaning(module, fields, get_config, pre
   config = get_config()
   meanings = cli.field_meanings(config_file)
   lines = out.splitlines()
-  for name in config:
-    head = f'  --config.{name}='
+  leaves = [(name, name, fields[name]) for name in config if name != 'attack']
+  # The attack section's fields, by their path (--config.attack.strength=...).
+  leaves += [(f'attack.{name}', name, fields['attack'][name]) for name in config.attack]
+  assert 'attack' in config
+  for path, name, field in leaves:
+    head = f'  --config.{path}='
     at = [i for i, line in enumerate(lines) if line.startswith(head)]
-    assert len(at) == 1, name
-    assert meanings[name], f'config.{name} has no comment beside its default'
+    assert len(at) == 1, path
+    assert meanings[name], f'config.{path} has no comment beside its default'
     body = ' '.join(line.strip() for line in lines[at[0] + 1:at[0] + 4])
-    assert body.startswith(' '.join(meanings[name].split()[:3])), (name, body)
-    assert f'[{fields[name].describe()}]' in ' '.join(
-        line.strip() for line in lines[at[0] + 1:at[0] + 6]), name
+    assert body.startswith(' '.join(meanings[name].split()[:3])), (path, body)
+    assert f'[{field.describe()}]' in ' '.join(
+        line.strip() for line in lines[at[0] + 1:at[0] + 6]), path
   assert 'chex' not in out and '--test_' not in out  # no test-only flags
 
 
@@ -147,7 +151,7 @@ def test_the_smoke_preset_is_small_and_valid():
   smoke = lowrank_config.get_config('smoke')
   lowrank.validate_config(smoke)
   default = lowrank_config.get_config()
-  assert (smoke.d, smoke.ranks, smoke.num_seeds, smoke.attack_strength) == (
+  assert (smoke.d, smoke.ranks, smoke.num_seeds, smoke.attack.strength) == (
       20, (5, 20), 2, 'fast')
   students = lambda c: len(c.ranks) * c.num_seeds * c.num_steps * c.num_attack
   assert students(smoke) * 100 < students(default)
@@ -292,8 +296,8 @@ def test_a_ctrl_c_inside_finish_before_interrupt_comes_after_it(monkeypatch):
 _TINY = ['--cpu_devices=1', '--checkpoint_every_sec=0', '--config.num_seeds=2', '--config.d=6',
          '--config.ranks=(2,)', '--config.teacher_hidden=(3,)', '--config.out_dim=3',
          '--config.width_mult=2', '--config.batch_size=16', '--config.num_eval=64',
-         '--config.eval_batch=32', '--config.num_attack=16', '--config.attack_strength=fast',
-         '--config.apgd_t_steps=0', '--config.square_queries=0',
+         '--config.eval_batch=32', '--config.num_attack=16', '--config.attack.strength=fast',
+         '--config.attack.apgd_t_steps=0', '--config.attack.square_queries=0',
          '--config.num_steps=60000', '--config.chunk_steps=2000']
 
 

@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = dict(num_seeds=2, d=6, ranks=(2, 6), teacher_hidden=(3,), out_dim=3, width_mult=2,
             num_steps=60, chunk_steps=30, batch_size=16, num_eval=64, eval_batch=32,
-            num_attack=16, attack_strength='fast', eps=(0.5, 1.0, 2.0))
+            num_attack=16, attack=dict(strength='fast'), eps=(0.5, 1.0, 2.0))
 
 
 def tiny_config(**overrides):
@@ -62,7 +62,7 @@ def test_writes_files_that_parse(tiny_run):
     table = f.read()
   assert table.startswith('| rank | n | spec_in')
   assert len(table.split('\n\n')[0].strip().splitlines()) == 4  # header, rule, two ranks
-  assert '## Attack checks (`attack_strength = fast`)' in table
+  assert '## Attack checks (`attack.strength = fast`)' in table
   with open(os.path.join(workdir, 'attack_checks.json')) as f:
     checks = json.load(f)
   assert checks['attack_config']['pgd_steps'] == 5  # the fast preset
@@ -185,10 +185,10 @@ def test_full_rank_off_subspace_columns_are_empty(tiny_run):
     ('eval_batch', 30, 'config.eval_batch must divide config.num_eval'),
     ('learning_rate', -0.1, 'config.learning_rate must be > 0'),
     ('attack_norm', 'l1', 'config.attack_norm must be one of'),
-    ('attack_strength', 'medium', 'config.attack_strength must be one of'),
-    ('apgd_steps', -2, 'config.apgd_steps must be >= -1'),
-    ('attack_restarts', 0, "config.attack_restarts must be -1 (the preset's) or >= 1"),
-    ('square_queries', -3, 'config.square_queries must be >= -1'),
+    ('attack', {'strength': 'medium'}, 'config.attack.strength must be one of'),
+    ('attack', {'apgd_steps': -2}, "config.attack.apgd_steps must be None (the preset's) or >= 0"),
+    ('attack', {'pgd_restarts': 0}, "config.attack.pgd_restarts must be None (the preset's) or >= 1"),
+    ('attack', {'targets': -1}, "config.attack.targets must be None (the preset's) or >= 0"),
 ])
 def test_bad_config_fails_at_start(tmp_path, field, value, message):
   with pytest.raises(validation.ConfigError) as info:

@@ -31,8 +31,8 @@ TIMEOUT_S = 600  # all three runs together (cold compilation cache, 2 busy cores
 # path on last-bit differences between batch shapes), with 2 seeds: one per process.
 CONFIG = {'num_seeds': 2, 'd': 6, 'ranks': '(2,6)', 'teacher_hidden': '(3,)', 'out_dim': 3,
           'width_mult': 2, 'num_steps': 60, 'chunk_steps': 20, 'batch_size': 16,
-          'num_eval': 64, 'eval_batch': 32, 'num_attack': 16, 'attack_strength': 'fast',
-          'eps': '(0.5,1.0,2.0)', 'square_queries': 0}
+          'num_eval': 64, 'eval_batch': 32, 'num_attack': 16, 'attack.strength': 'fast',
+          'eps': '(0.5,1.0,2.0)', 'attack.square_queries': 0}
 
 RESULT_FILES = ('config.json', 'results.csv', 'results.json', 'summary.md',
                 'attack_checks.json', 'lowrank.png')

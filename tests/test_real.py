@@ -32,7 +32,7 @@ TINY = dict(num_seeds=2, num_train=64, num_test=40, teacher_conv=(2,), teacher_d
             methods=('standard', 'at', 'ccat', 'robust_features'),
             at_eps=(0.1,), ccat_eps=(0.3,), at_steps=1, ccat_steps=1, num_steps=4, chunk_steps=4,
             batch_size=8,
-            eps=(0.1, 0.3), attack_strength='fast', num_attack=8, eval_batch=20,
+            eps=(0.1, 0.3), attack=dict(strength='fast'), num_attack=8, eval_batch=20,
             attack_labels=('oracle', 'true'),  # both kinds (the default is oracle only)
             bootstrap_resamples=20)
 
@@ -306,7 +306,7 @@ class TestLowRankEvaluation:
     ds = ds._replace(test_x=np.asarray(datasets.project_pca(ds.test_x, pca)))
     config = tiny_config(lowrank_rank=4, attack_norm='l2', attack_labels=('oracle',),
                          eps=(0.5, 3.0), num_attack=10, eval_batch=5, probe_scale=0.5,
-                         apgd_t_steps=0, square_queries=0, **overrides)
+                         attack=dict(apgd_t_steps=0, square_queries=0), **overrides)
     teacher = real_eval.teacher_model(config)
     tp = cnn.init_params(jax.random.PRNGKey(0), teacher, (6, 6, 1))
     # Two students of the teacher's shape near the teacher: they agree with it on most clean
@@ -455,7 +455,7 @@ def test_lowrank_binary_end_to_end(tmp_path):
   oracle errors in S, in S_perp and unconstrained, consistent by construction."""
   config = tiny_config(lowrank_rank=5, methods=('standard', 'orth', 'iso'), aug_scales=(0.3,),
                        teacher_training='standard', attack_norm='l2', attack_labels=('oracle',),
-                       eps=(0.5, 2.0), apgd_t_steps=0, square_queries=10)
+                       eps=(0.5, 2.0), attack=dict(apgd_t_steps=0, square_queries=10))
   workdir = str(tmp_path)
   records = real.train_and_evaluate(config, workdir)
   rows = io.read_csv(os.path.join(workdir, 'results.csv'))

@@ -113,7 +113,7 @@ class TestANewMethod:
     config.update(methods=('standard', 'copy_of_standard'), num_seeds=2, d=6, rank=2,
                   teacher_hidden=(3,), out_dim=3, width_mult=2, num_steps=20, chunk_steps=20,
                   batch_size=16, num_eval=32, eval_batch=32, num_attack=8,
-                  attack_strength='fast', apgd_t_steps=0, square_queries=0,
+                  attack=dict(strength='fast', apgd_t_steps=0, square_queries=0),
                   convergence_points=0, bootstrap_resamples=10)
     records = robustness.train_and_evaluate(config, str(tmp_path))
     assert [r['method'] for r in records] == ['standard'] * 2 + ['copy_of_standard'] * 2

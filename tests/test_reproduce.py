@@ -32,12 +32,12 @@ def test_studies_in_order_and_commands():
   lowrank_study, strict, linf, _, _, real_lowrank, _, cifar10 = R.STUDIES
   assert R.study_args(lowrank_study, 'full', 'runs/x/lowrank') == ['--workdir=runs/x/lowrank']
   # Variants of a default config: their overrides in both presets, before the quick ones.
-  assert R.study_args(strict, 'full', 'w') == ['--workdir=w', '--config.oracle_tolerance=0']
+  assert R.study_args(strict, 'full', 'w') == ['--workdir=w', '--config.attack.oracle_tolerance=0']
   assert R.command_line(linf, R.study_args(linf, 'full', 'w')) == (
       "python -m experiments.lowrank --workdir=w --config.attack_norm=linf "
       "'--config.eps=(0.05,0.1,0.2)'")
   quick_strict = R.study_args(strict, 'quick', 'w')
-  assert quick_strict[:2] == ['--workdir=w', '--config.oracle_tolerance=0']
+  assert quick_strict[:2] == ['--workdir=w', '--config.attack.oracle_tolerance=0']
   assert quick_strict[2:] == R.study_args(lowrank_study, 'quick', 'w')[1:]
   assert R.command_line(lowrank_study, ['--workdir=runs/x/lowrank']) == (
       'python -m experiments.lowrank --workdir=runs/x/lowrank')
@@ -47,7 +47,7 @@ def test_studies_in_order_and_commands():
       '--workdir=w', '--config=experiments/configs/real.py:cifar10',
       '--config.data_dir=/data/c10']
   quick = R.study_args(lowrank_study, 'quick', 'w')
-  assert '--config.attack_strength=fast' in quick and '--config.ranks=(2,6)' in quick
+  assert '--config.attack.strength=fast' in quick and '--config.ranks=(2,6)' in quick
   assert R.command_line(lowrank_study, quick).count("'--config.ranks=(2,6)'") == 1  # quoted
   with pytest.raises(ValueError, match="preset must be one of"):
     R.study_args(lowrank_study, 'medium', 'w')
@@ -89,11 +89,12 @@ def test_every_study_config_loads_and_is_valid(preset, tmp_path):
     else:  # real.validate_config looks for the CIFAR-10 files
       _VALIDATE[study.binary](config)
     if preset == 'quick':
-      assert config.attack_strength == 'fast' and config.num_seeds == 2
+      assert config.attack.strength == 'fast' and config.num_seeds == 2
       assert config.num_steps < default.num_steps
     else:  # the binary's defaults (except a variant's overrides), the manual's numbers
       changed = {k: v for k, v in config.to_dict().items() if default.to_dict()[k] != v}
-      assert changed == {'lowrank_strict': {'oracle_tolerance': 0.0},
+      assert changed == {'lowrank_strict': {'attack': {**default.to_dict()['attack'],
+                                                    'oracle_tolerance': 0.0}},
                          'lowrank_linf': {'attack_norm': 'linf', 'eps': (0.05, 0.1, 0.2)},
                          }.get(study.name, {})
 
@@ -229,7 +230,7 @@ Adversarial error by subspace and budget (delta in S, in S_perp, unconstrained):
 |---|---|---|
 | standard | 2 | 0.1 +- 0.0 |
 
-## Attack checks (`attack_strength = fast`)
+## Attack checks (`attack.strength = fast`)
 
 | group | students |
 |---|---|

@@ -15,7 +15,7 @@ from tsrobust import io
 
 TINY = dict(num_seeds=2, d=6, rank=2, teacher_hidden=(3,), out_dim=3, width_mult=2,
             num_steps=40, chunk_steps=40, batch_size=16, num_eval=64, eval_batch=32,
-            num_attack=16, attack_strength='fast', at_steps=2, ccat_steps=2, at_eps=(0.5, 1.0),
+            num_attack=16, attack=dict(strength='fast'), at_steps=2, ccat_steps=2, at_eps=(0.5, 1.0),
             at_where=('full', 'in'), aug_scales=(1.0,), bootstrap_resamples=50)
 
 
@@ -104,7 +104,7 @@ def test_summary_and_figure(tiny_run):
   assert len(lines) == 2 + 8
   # The correlation tables (pooled, within methods, per method) and the attack checks.
   assert '| robust accuracy | n | Pearson pooled | Spearman pooled | Pearson within |' in text
-  assert '## Attack checks (`attack_strength = fast`)' in text
+  assert '## Attack checks (`attack.strength = fast`)' in text
   with open(os.path.join(workdir, 'attack_checks.json')) as f:
     checks = json.load(f)
   # Per grid point (a method and its hyper-parameters), each with its convergence check.

@@ -28,13 +28,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = dict(num_seeds=3, d=6, ranks=(2, 6), teacher_hidden=(3,), out_dim=3, width_mult=2,
             num_steps=60, chunk_steps=20, batch_size=16, num_eval=64, eval_batch=32,
-            num_attack=16, attack_strength='fast', eps=(0.5, 1.0, 2.0))
+            num_attack=16, attack=dict(strength='fast'), eps=(0.5, 1.0, 2.0))
 
 
-def _flags(overrides):
+def _flags(overrides, prefix=''):
   out = []
   for k, v in overrides.items():
-    out.append(f'--config.{k}={v}')
+    if isinstance(v, dict):  # a section: --config.attack.strength=fast
+      out += _flags(v, f'{prefix}{k}.')
+    else:
+      out.append(f'--config.{prefix}{k}={v}')
   return out
 
 
@@ -118,7 +121,7 @@ def _devices_used(log):
 # last-bit differences between the batch shapes of one and two devices (a different
 # GEMM blocking) can change its path; it is off here, where what is compared is the
 # sharding. (On one device a seed's results do not depend on the other seeds.)
-SHARDED = TINY | {'ranks': '(2,6)', 'square_queries': 0}
+SHARDED = TINY | {'ranks': '(2,6)', 'attack': {'strength': 'fast', 'square_queries': 0}}
 
 
 @pytest.mark.slow
@@ -270,7 +273,8 @@ def test_binary_fills_the_default_compilation_cache_and_a_rerun_loads_it(tmp_pat
   test above; a third run to show it would compile everything again.)"""
   env = {k: v for k, v in _child_env({'XDG_CACHE_HOME': str(tmp_path / 'xdg')}).items()
          if k not in ('JAX_COMPILATION_CACHE_DIR', 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS')}
-  tiny = TINY | {'ranks': '(2,)', 'num_steps': 20, 'apgd_t_steps': 0, 'square_queries': 0}
+  tiny = TINY | {'ranks': '(2,)', 'num_steps': 20,
+                 'attack': {'strength': 'fast', 'apgd_t_steps': 0, 'square_queries': 0}}
   cache = tmp_path / 'xdg' / 'tsrobust' / 'jax'
 
   def run(name):

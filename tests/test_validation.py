@@ -19,11 +19,11 @@ from experiments import real_checks
 from experiments import robustness
 from experiments import study
 from experiments import validation
-from experiments.configs import attacks as attack_fields
 from experiments.configs import attacks as attacks_config
 from experiments.configs import lowrank as lowrank_config
 from experiments.configs import real as real_config
 from experiments.configs import robustness as robustness_config
+from tsrobust import evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = validation
@@ -150,8 +150,10 @@ def test_tables_cover_exactly_the_default_configs(module, get_config):
 def test_attack_table_covers_exactly_the_shared_attack_fields():
   c = ml_collections.ConfigDict()
   attacks_config.add_attack_fields(c, oracle_tolerance=0.0, convergence_points=0)
-  assert set(attack_fields.FIELDS) == set(c)
-  assert set(study.ATTACK_OVERRIDES) <= set(attack_fields.FIELDS)
+  assert set(attacks_config.FIELDS) == set(c)
+  assert set(attacks_config.FIELDS['attack']) == set(c.attack)
+  # The section's keys are evaluate.preset's arguments: it takes the section whole.
+  assert study.attack_config(c) == evaluate.preset('standard', oracle_tolerance=0.0)
 
 
 @pytest.mark.parametrize('module, get_config', [
@@ -183,10 +185,10 @@ def test_cross_field_rules():
                                                'PGD-trained teacher'):
     real.validate_config(c)
   c = lowrank_config.get_config()
-  c.update(attack_steps=0, apgd_steps=0, apgd_t_steps=0, square_queries=0, pair_steps=0)
-  with pytest.raises(validation.ConfigError, match='config.attack_strength / its overrides'):
+  c.attack.update(pgd_steps=0, apgd_steps=0, apgd_t_steps=0, square_queries=0, pair_steps=0)
+  with pytest.raises(validation.ConfigError, match='config.attack: '):
     lowrank.validate_config(c)
-  c.update(pair_steps=10)  # apgd_pair alone: nothing for the fixed labels
+  c.attack.update(pair_steps=10)  # apgd_pair alone: nothing for the fixed labels
   with pytest.raises(validation.ConfigError, match='the clean-label evaluations need another'):
     lowrank.validate_config(c)
 
@@ -222,10 +224,10 @@ def _never(config, workdir):
 
 def test_workdir_holding_another_config(tmp_path, capfd):
   tiny = ['--config.d=6', '--config.ranks=(2,)', '--config.num_steps=0', '--config.num_eval=64',
-          '--config.eval_batch=32', '--config.num_attack=8', '--config.attack_strength=fast']
+          '--config.eval_batch=32', '--config.num_attack=8', '--config.attack.strength=fast']
   config = lowrank_config.get_config()
   config.update(d=6, ranks=(2,), num_steps=0, num_eval=64, eval_batch=32, num_attack=8,
-                attack_strength='fast', learning_rate=0.01)
+                attack=dict(strength='fast'), learning_rate=0.01)
   cli.prepare_workdir(str(tmp_path), config)
   before = os.listdir(tmp_path)
   code, err = _run(lowrank, [f'--workdir={tmp_path}', *tiny], capfd)
@@ -248,8 +250,8 @@ def test_workdir_that_is_a_file(tmp_path, capfd):
     ('--config.optimiser=adam', ['config.optimiser is not a field', 'did you mean '
                                  'config.optimizer?']),
     ('--config.numseeds=3', ['config.numseeds is not a field', 'config.num_seeds']),
-    ('--config.optimizer.lr=1', ['--config.optimizer.lr: config fields are not nested']),
-    ('--config.foo.bar=1', ['--config.foo.bar: config fields are not nested']),
+    ('--config.optimizer.lr=1', ['--config.optimizer.lr: config.optimizer is not a section']),
+    ('--config.foo.bar=1', ['--config.foo.bar: config.foo is not a section']),
 ])
 def test_unknown_field(tmp_path, capfd, arg, needles):
   code, err = _run(lowrank, [f'--workdir={tmp_path / "w"}', arg], capfd, _never)
@@ -380,7 +382,7 @@ def test_deeper_teacher_summary_and_log_show_each_layer(tmp_path, caplog):
   config = lowrank_config.get_config()
   config.update(num_seeds=2, d=6, ranks=(2,), teacher_hidden=(3, 3), out_dim=3, width_mult=2,
                 num_steps=30, chunk_steps=30, batch_size=16, num_eval=64, eval_batch=32,
-                num_attack=8, attack_strength='fast', eps=(0.5, 1.0, 2.0))
+                num_attack=8, attack=dict(strength='fast'), eps=(0.5, 1.0, 2.0))
   with caplog.at_level('INFO'):
     records = lowrank.train_and_evaluate(config, str(tmp_path))
 

@@ -194,6 +194,14 @@ PRESETS = {
 def preset(strength: str, **overrides) -> AttackConfig:
   """The ``AttackConfig`` of a strength preset, with fields overridden.
 
+  An override of None keeps the preset's value, so a config section holding every
+  field (None where it keeps the preset's) is passed whole: ``preset(**config.attack)``.
+
+  >>> preset('fast', apgd_steps=50, square_queries=None).apgd_steps
+  50
+  >>> preset('fast', square_queries=None).square_queries == preset('fast').square_queries
+  True
+
   Raises:
     ValueError: unknown strength or field, or an invalid value.
   """
@@ -203,7 +211,8 @@ def preset(strength: str, **overrides) -> AttackConfig:
   unknown = sorted(set(overrides) - fields)
   if unknown:
     raise ValueError(f'unknown attack config fields {unknown}; allowed: {sorted(fields)}')
-  return dataclasses.replace(PRESETS[strength], **overrides)
+  return dataclasses.replace(PRESETS[strength],
+                             **{k: v for k, v in overrides.items() if v is not None})
 
 
 # ----------------------------------------------------------------------------

@@ -117,5 +117,6 @@ def get_config(preset: str = 'default') -> ml_collections.ConfigDict:
 
   if preset == 'smoke':
     c.update(d=20, ranks=(5, 20), num_seeds=2, num_steps=3000, chunk_steps=1000,
-             num_eval=1024, eval_batch=512, num_attack=128, attack_strength='fast')
+             num_eval=1024, eval_batch=512, num_attack=128)
+    c.attack.strength = 'fast'
   return c

@@ -138,7 +138,7 @@ def get_config(preset: str = 'mnist') -> ml_collections.ConfigDict:
   # dropping 0.15 saved a third of the evaluation.
   c.eps = (0.05, 0.1)         # evaluation attack budgets (see above)
   attacks.add_attack_fields(c, oracle_tolerance=0.0, convergence_points=25)
-  c.pair_targets = 1          # apgd_pair: the nearest class only (each pair costs ~3 APGD runs)
+  c.attack.pair_targets = 1   # apgd_pair: the nearest class only (each pair costs ~3 APGD runs)
   # 100 attacked images per student: the ensemble costs ~16 s per student and budget per 200
   # images on 2 CPU cores (PGD-KL 1.5 s, APGD 1.7, APGD-T 2.6, Square 2.9 for oracle labels;
   # 0.9 / 1.5 / 2.8 / 2.3 for true labels), so 200 would put the default run over 30 min.
