@@ -9,10 +9,10 @@ points and on every adversarial point torchattacks returns):
   ``--mlp_train_steps`` steps of the default trainer; points ``s P g`` from
   the rank-10 data subspace; L2 attacks on the student with *fixed* labels
   (the teacher's argmax at the clean point), no input range;
-* ``cnn``: the real-image teacher's architecture
-  (``experiments/configs/real.py``: conv (8, 16), dense (32,), 3 x 3 kernels,
-  2 x 2 max pooling), trained by cross-entropy with Adam on the bundled MNIST
-  training set (``--cnn_train_steps`` steps, the config's batch and learning
+* ``cnn``: the real-image teacher's architecture (``experiments/configs/real.py``, as
+  ``benchmarks/setting.py``'s ``ImageJob`` declares it: conv (8, 16), dense (32,),
+  3 x 3 kernels, 2 x 2 max pooling), trained by cross-entropy with Adam on the bundled
+  MNIST training set (``--cnn_train_steps`` steps, the config's batch and learning
   rate); the first ``--cnn_points`` test images; L-inf attacks with the true
   labels, inputs clipped to [0, 1].
 
@@ -68,15 +68,14 @@ import numpy as np
 
 from benchmarks import hardware
 from benchmarks import setting
-from experiments import common
-from experiments import real
-from experiments.configs import real as real_config
 from tsrobust import attacks
 from tsrobust import cnn
 from tsrobust import data
 from tsrobust import datasets
 from tsrobust import evaluate
+from tsrobust import lowrank
 from tsrobust import methods
+from tsrobust import teachers
 from tsrobust import train
 
 NETWORKS = ('mlp', 'mlp_at', 'cnn', 'cnn_at')
@@ -245,7 +244,7 @@ def mlp_network(num_points: int, train_steps: int, eps: Sequence[float], seed: i
                                 at_norm='l2', at_steps=5, at_label='oracle', at_fraction=1.0)
     points = [('at', {'at_eps': at_eps, 'at_where': 'full', 'at_label': 'oracle'})]
     loss_fn = methods.make_loss('at', p.student.apply, p.teacher.apply,
-                                common.sampler(p.config.num_train), settings)
+                                lowrank.sampler(p.config.num_train), settings)
     data_args = {**p.data_args, **methods.student_args(points, 1, settings),
                  **methods.subspace_args(points, p.projector)}
     how = f'PGD-AT (L2, eps {at_eps:g}, 5 steps, oracle labels)'
@@ -298,15 +297,16 @@ def cnn_network(num_points: int, train_steps: int, eps: Sequence[float], seed: i
   study's robust models are)."""
   import torch  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
-  c = real_config.get_config('mnist')
+  c = setting.ImageJob()  # the image binary's default (MNIST) config
   ds = datasets.load('mnist', None)
   if num_points > ds.test_x.shape[0]:
     raise ValueError(f'--cnn_points must be <= {ds.test_x.shape[0]} (the test set), '
                      f'got {num_points}')
-  model = real.teacher_model(c, ds.num_classes)
+  model = c.teacher_model(ds.num_classes)
   n = ds.train_x.shape[0]
-  loss_fn = real.supervised_loss(model.apply, n, c.teacher_batch, pgd_steps=5 if at_eps else 0,
-                                 eps_warmup=train_steps // 5 if at_eps else 0)
+  loss_fn = teachers.supervised_loss(model.apply, n, c.teacher_batch,
+                                     pgd_steps=5 if at_eps else 0,
+                                     eps_warmup=train_steps // 5 if at_eps else 0)
   optimizer = train.make_optimizer('adam', c.teacher_lr)
   k_init, k_train = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), 2))
   params = cnn.init_params(k_init, model, ds.image_shape)

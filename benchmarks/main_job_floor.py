@@ -2,7 +2,8 @@ r"""The main job's floor: its device work alone, beside the whole job in the sam
 
 ``python -m experiments.lowrank`` (defaults) trains 8 students for 20,000 steps at each
 of the ranks 5, 10, 20, 40 and evaluates them (specialization and the ``standard``
-attack ensemble). This script builds the same problem and, with every program already
+attack ensemble). This script builds the same problem from the library
+(``benchmarks/setting.py``: ``LowRankJob``, ``build``) and, with every program already
 compiled and nothing else in the way (no per-chunk check, checkpoint or log, no
 background compilation, no tracing, no plot), times per rank
 
@@ -59,39 +60,39 @@ def main_job(python: str, workdir: Optional[str] = None, flags: Sequence[str] = 
   return wall, after.ru_utime - before.ru_utime
 
 
-def rank_runner(config):
-  """``one_rank(r) -> ((set-up s, training s, evaluation s), rows)`` for ``config``.
+def rank_runner(job):
+  """``one_rank(r) -> ((set-up s, training s, evaluation s), rows)`` for ``job``.
 
-  ``rows``: ``LowRankEvaluator.evaluate``'s per-student metrics (padded seeds included),
-  which ``python -m experiments.lowrank`` reports for the same config (tested:
-  ``tests/test_benchmarks_floor.py``). Call after the backend is set up.
+  ``job``: a ``setting.LowRankJob`` (a config's: ``tests/test_benchmarks_defaults.job_of``).
+  ``rows``: ``LowRankEvaluator.evaluate``'s per-student metrics (padded
+  seeds included), which ``python -m experiments.lowrank`` reports for the same config
+  (tested: ``tests/test_benchmarks_floor.py``). Call after the backend is set up.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from experiments import common  # pylint: disable=g-import-not-at-top
-  from experiments import lowrank  # pylint: disable=g-import-not-at-top
+  from benchmarks import setting  # pylint: disable=g-import-not-at-top
   from tsrobust import train  # pylint: disable=g-import-not-at-top
-  num_chunks = config.num_steps // config.chunk_steps
-  if num_chunks * config.chunk_steps != config.num_steps or config.num_train:
+  num_chunks = job.num_steps // job.chunk_steps
+  if num_chunks * job.chunk_steps != job.num_steps or job.num_train:
     raise ValueError(f'the floor needs config.num_steps a multiple of config.chunk_steps and '
-                     f'config.num_train = 0 (fresh data every step), got {config.num_steps}, '
-                     f'{config.chunk_steps}, {config.num_train}')
-  run = lowrank.build(config)
+                     f'config.num_train = 0 (fresh data every step), got {job.num_steps}, '
+                     f'{job.chunk_steps}, {job.num_train}')
+  run = setting.build(job)
   # The executable train.train_seeds runs (one per loss, optimizer and chunk length).
   chunk = train._batched_chunk(  # pylint: disable=protected-access
-      run.loss_fn, run.optimizer, config.chunk_steps)
-  teacher_params, train_keys = common.shard((run.problem.teacher_params, run.keys.train))
+      run.loss_fn, run.optimizer, job.chunk_steps)
+  teacher_params, train_keys = run.evaluator.shard((run.problem.teacher_params, run.keys.train))
 
   def one_rank(r):
     t0 = time.perf_counter()
-    data_args, held, state = lowrank.rank_inputs(config, run, r)
-    state, data_args = jax.block_until_ready(common.shard((state, data_args)))
+    data_args, held, state = setting.rank_inputs(job, run, r)
+    state, data_args = jax.block_until_ready(run.evaluator.shard((state, data_args)))
     t1 = time.perf_counter()
     for _ in range(num_chunks):
       state, _ = chunk(state, teacher_params, data_args, train_keys)
     jax.block_until_ready(state)
     t2 = time.perf_counter()
     rows, _ = run.evaluator.evaluate(state.params, run.problem.teacher_params,
-                                     data_args['projector'], held, full_rank=r == config.d)
+                                     data_args['projector'], held, full_rank=r == job.d)
     return (t1 - t0, t2 - t1, time.perf_counter() - t2), rows
   return one_rank
 
@@ -111,11 +112,10 @@ def main():
   sweep.use_compilation_cache(args.compilation_cache)
   sweep.use_unrolled_threefry_on_cpu()
   import jax  # pylint: disable=g-import-not-at-top
-  from experiments import common  # pylint: disable=g-import-not-at-top
-  from experiments.configs import lowrank as lowrank_config  # pylint: disable=g-import-not-at-top
+  from benchmarks import setting  # pylint: disable=g-import-not-at-top
   print(hardware.environment())
 
-  config = lowrank_config.get_config()
+  config = setting.LowRankJob()  # the main job's default config
   one_rank = rank_runner(config)
 
   t0 = time.perf_counter()
@@ -138,7 +138,7 @@ def main():
 
   def med(r, j):
     return statistics.median(p[r][j] for p in passes)
-  print(f'\n{common.num_padded_seeds(config)} students, {config.num_steps} steps in chunks of '
+  print(f'\n{setting.num_padded_seeds(config)} students, {config.num_steps} steps in chunks of '
         f'{config.chunk_steps}, ranks {config.ranks}; seconds, medians of {args.repeats} passes; '
         f'other processes {min(others):.2f}-{max(others):.2f} cores during the passes; '
         f'{jax.device_count()} {jax.devices()[0].platform} devices\n')

@@ -5,11 +5,11 @@ The image binary (``experiments/real.py``) trains its CNN students with
 passed once, unbatched (``vmap`` ``in_axes=None``; one copy per device), not
 copied along the seeds axis. A run's memory should then grow as
 O(devices x data + S x params), not O(S x data). This script trains
-``--seeds`` students of the binary's default config (teacher CNN ``(8, 16)``
-conv + ``(32,)`` dense, students twice as wide, MSE to the teacher's outputs,
-Adam, batch 32; the ``standard`` method's loss, minibatches drawn from the
-shared images) for ``--steps`` steps on ``--num_train`` MNIST-sized images and
-reports, in one line and optionally a JSON record:
+``--seeds`` students of the binary's default config (``benchmarks/setting.py``'s
+``ImageJob``: teacher CNN ``(8, 16)`` conv + ``(32,)`` dense, students twice as wide,
+MSE to the teacher's outputs, Adam, batch 32; the ``standard`` method's loss,
+minibatches drawn from the shared images) for ``--steps`` steps on ``--num_train``
+MNIST-sized images and reports, in one line and optionally a JSON record:
 
 * ``data_mb``: the training images' own size (float32 ``[N, 28, 28, 1]``);
 * ``params_mb``: S x one student's parameters; ``state_mb``: S x (parameters
@@ -99,14 +99,13 @@ def measure(num_seeds: int, num_train: int, steps: int, *, chunk_steps: Optional
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from experiments import common  # pylint: disable=g-import-not-at-top
-  from experiments.configs import real as real_config  # pylint: disable=g-import-not-at-top
+  from benchmarks import setting  # pylint: disable=g-import-not-at-top
   from tsrobust import cnn  # pylint: disable=g-import-not-at-top
   from tsrobust import datasets  # pylint: disable=g-import-not-at-top
   from tsrobust import sweep  # pylint: disable=g-import-not-at-top
   from tsrobust import train  # pylint: disable=g-import-not-at-top
 
-  config = real_config.get_config()
+  config = setting.ImageJob()  # the image binary's default config
   mesh = sweep.seed_mesh()
   devices = mesh.devices.size
   if num_seeds % devices:
@@ -128,9 +127,7 @@ def measure(num_seeds: int, num_train: int, steps: int, *, chunk_steps: Optional
   peak_data = status_mb('VmHWM')
   reset_peak()  # from here: the students (initialization, compilation, training)
 
-  teacher = cnn.make_cnn(tuple(config.teacher_conv), tuple(config.teacher_dense), 10,
-                         kernel_size=config.kernel_size, pool=config.pool,
-                         use_bias=config.use_bias)
+  teacher = config.teacher_model(10)
   student = cnn.student_of(teacher, config.width_mult, config.student_init_scale)
   k_teacher, k_student, k_train = jax.random.split(jax.random.PRNGKey(seed), 3)
   teacher_params = cnn.init_params(k_teacher, teacher, IMAGE_SHAPE)
@@ -139,7 +136,7 @@ def measure(num_seeds: int, num_train: int, steps: int, *, chunk_steps: Optional
   params = jax.vmap(lambda k: cnn.init_params(k, student, IMAGE_SHAPE))(
       jax.random.split(k_student, num_seeds))
   params_mb = _tree_mb(params)
-  optimizer = common.make_optimizer(config)
+  optimizer = setting.make_optimizer(config)
   state = jax.vmap(lambda p: train.init_state(p, optimizer))(params)
   del params
   keys = jax.random.split(k_train, num_seeds)

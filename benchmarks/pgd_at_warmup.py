@@ -1,13 +1,13 @@
 r"""Does PGD-AT from scratch stall on MNIST, and does the budget warm-up prevent it?
 
-Trains the real binary's PGD-AT network (``experiments/configs/real.py``: the
-teacher's CNN on the bundled MNIST digits, L-inf PGD-AT at ``--eps`` with
-``teacher_pgd_steps`` PGD steps, Adam) for ``--steps`` steps from the
-initialization of a PGD teacher of each seed (``--role=teacher``: key
-``fold_in(PRNGKey(seed), TRAIN_KEY)``) or of each seed's robust model
-(``--role=robust_model``: its own stream), once per ``pgd_warmup`` value of
-``--warmups``, and prints the clean test accuracy and the PGD-20 robust
-accuracy at ``--eps`` (true labels, first 1,000 test images) of each.
+Trains the real binary's PGD-AT network (``experiments/configs/real.py``, as
+``benchmarks/setting.py``'s ``ImageJob`` declares it: the teacher's CNN on the bundled
+MNIST digits, L-inf PGD-AT at ``--eps`` with ``teacher_pgd_steps`` PGD steps, Adam) for
+``--steps`` steps from the initialization of a PGD teacher of each seed
+(``--role=teacher``: key ``fold_in(PRNGKey(seed), TRAIN_KEY)``) or of each seed's robust
+model (``--role=robust_model``: its own stream), once per ``pgd_warmup`` value of
+``--warmups``, and prints the clean test accuracy and the PGD-20 robust accuracy at
+``--eps`` (true labels, first 1,000 test images) of each.
 
     python -m benchmarks.pgd_at_warmup --seeds=1,2,3 --warmups=0,0.1 --workdir=/tmp/pgd_at
 
@@ -17,13 +17,13 @@ network on the 2-core CPU.
 """
 
 import argparse
+import dataclasses
 import time
 
 import jax
 import jax.numpy as jnp
 
-from experiments import real
-from experiments.configs import real as real_config
+from benchmarks import setting
 from tsrobust import attacks
 from tsrobust import teachers
 
@@ -42,13 +42,13 @@ def main():
         'PGD-20 robust acc |\n|---|---|---|---|---|---|---|', flush=True)
   for seed in [int(s) for s in args.seeds.split(',')]:
     for warmup in [float(w) for w in args.warmups.split(',')]:
-      c = real_config.get_config()
-      c.seed, c.pgd_warmup = seed, warmup
-      c.teacher_training, c.teacher_eps, c.teacher_steps = 'pgd', args.eps, args.steps
-      c.rf_model_eps, c.rf_model_steps = args.eps, args.steps
-      dataset, _, _ = real.load_data(c)
-      model = real.teacher_model(c, dataset.num_classes)
-      spec = teachers.teacher_spec(c, args.role)
+      c = dataclasses.replace(  # the image binary's default config, PGD-AT at --eps
+          setting.ImageJob(), seed=seed, pgd_warmup=warmup, teacher_training='pgd',
+          teacher_eps=args.eps, teacher_steps=args.steps, rf_model_eps=args.eps,
+          rf_model_steps=args.steps)
+      dataset = c.load_data()
+      model = c.teacher_model(dataset.num_classes)
+      spec = c.teacher_spec(args.role)
       t0 = time.perf_counter()
       params, info = teachers.pretrain_teacher(spec, model, dataset, args.workdir, args.role)
       seconds = time.perf_counter() - t0

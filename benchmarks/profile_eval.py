@@ -1,11 +1,11 @@
 r"""Where the main job's evaluation time goes: the attack ensemble of one rank taken apart.
 
-Builds the default low-rank experiment (``experiments/configs/lowrank.py``:
-``d = 40``, 8 students, the ``standard`` ensemble, 512 attacked points, L2
-budgets 0.5 / 1 / 2) at ``--rank`` and runs ``LowRankEvaluator.evaluate`` as
-``python -m experiments.lowrank`` does, on the students at initialization
-(every attack runs a fixed number of iterations, so the cost does not depend
-on how well they are trained). Prints
+Builds the default low-rank experiment (``benchmarks/setting.py``'s ``LowRankJob``, the
+defaults of ``experiments/configs/lowrank.py``: ``d = 40``, 8 students, the ``standard``
+ensemble, 512 attacked points, L2 budgets 0.5 / 1 / 2) at ``--rank`` and runs
+``LowRankEvaluator.evaluate`` as ``python -m experiments.lowrank`` does, on the students
+at initialization (every attack runs a fixed number of iterations, so the cost does not
+depend on how well they are trained). Prints
 
 * the first evaluation's wall time (tracing, lowering and compiling - or
   loading from the persistent compilation cache, ``--compilation_cache``);
@@ -20,8 +20,8 @@ on how well they are trained). Prints
   patterns, norms, acceptance) and with a student's margin, against the margin
   alone.
 
-The script uses only interfaces that existed before those changes, so it
-runs at older commits too (``--micro=false`` there: ``top_values`` is new).
+At an older commit, run that commit's version of this script (``--micro=false`` where
+``attacks.top_values`` does not exist yet).
 
     python -m benchmarks.profile_eval [--rank=10] [--repeats=3] [--micro=true]
 """
@@ -66,22 +66,19 @@ def main():
     sweep.use_unrolled_threefry_on_cpu()
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from experiments import common  # pylint: disable=g-import-not-at-top
-  from experiments.configs import lowrank as lowrank_config  # pylint: disable=g-import-not-at-top
+  from benchmarks import setting  # pylint: disable=g-import-not-at-top
   from tsrobust import attacks  # pylint: disable=g-import-not-at-top
   from tsrobust import evaluate  # pylint: disable=g-import-not-at-top
   from tsrobust import square as square_lib  # pylint: disable=g-import-not-at-top
   print(hardware.environment())
   meter = hardware.OtherLoad()
 
-  config = lowrank_config.get_config()
-  keys = common.seed_keys(config)
-  problem = common.build_problem(config, keys)
-  ev = common.LowRankEvaluator(config, problem.teacher, problem.student)
-  s = common.num_padded_seeds(config)
-  scales = jnp.full((s,), common.data_scale(config, args.rank))
-  projector = common.rank_projector(problem.bases, args.rank)
-  held = ev.held_out(projector, scales, keys.eval)
+  config = setting.LowRankJob()  # the main job's default config
+  run = setting.build(config)
+  problem, ev = run.problem, run.evaluator
+  s = setting.num_padded_seeds(config)
+  data_args, held, _ = setting.rank_inputs(config, run, args.rank)
+  projector = data_args['projector']
   full_rank = args.rank == config.d
 
   times = collections.defaultdict(list)

@@ -1,16 +1,15 @@
 r"""Speed of the robust-feature matching (the longest stage of the default MNIST run) by batch size.
 
-Runs ``tsrobust.robust_dataset.robust_feature_dataset`` as ``experiments/real.py``
-does (one jitted call per batch, with a progress callback), with the real
-binary's robust model (``experiments/configs/real.py``'s teacher CNN, random
-weights: the cost does not depend on them) on the bundled MNIST training
-images, ``--steps`` normalized L2 steps, for each batch size of
-``--batch_sizes``, once with every batch on one device and once spread over
-all devices (``mesh=sweep.seed_mesh()``; on a CPU one device per core).
-Prints us per image and step, timed from the end of the first batch (which
-compiles: ``robust_feature_dataset`` jits its batch function per call) to the
-end of the last, median of ``--repeats`` runs, and the maximum difference
-between the two layouts' matches.
+Runs ``tsrobust.robust_dataset.robust_feature_dataset`` as ``experiments/real.py`` does
+(one jitted call per batch, with a progress callback), with the real binary's robust
+model (``experiments/configs/real.py``'s teacher CNN, as ``benchmarks/setting.py``'s
+``ImageJob`` declares it; random weights: the cost does not depend on them) on the
+bundled MNIST training images, ``--steps`` normalized L2 steps, for each batch size of
+``--batch_sizes``, once with every batch on one device and once spread over all devices
+(``mesh=sweep.seed_mesh()``; on a CPU one device per core). Prints us per image and
+step, timed from the end of the first batch (which compiles: ``robust_feature_dataset``
+jits its batch function per call) to the end of the last, median of ``--repeats`` runs,
+and the maximum difference between the two layouts' matches.
 
     python -m benchmarks.rf_matching [--batch_sizes=64,128,256,1024] [--steps=50]
 """
@@ -35,16 +34,15 @@ def main():
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from experiments import real  # pylint: disable=g-import-not-at-top
-  from experiments.configs import real as real_config  # pylint: disable=g-import-not-at-top
+  from benchmarks import setting  # pylint: disable=g-import-not-at-top
   from tsrobust import cnn  # pylint: disable=g-import-not-at-top
   from tsrobust import robust_dataset  # pylint: disable=g-import-not-at-top
   print(hardware.environment())
   meter = hardware.OtherLoad()
 
-  config = real_config.get_config()
-  dataset, _, _ = real.load_data(config)
-  model = real.teacher_model(config, dataset.num_classes)
+  config = setting.ImageJob()  # the image binary's default config
+  dataset = config.load_data()
+  model = config.teacher_model(dataset.num_classes)
   params = cnn.init_params(jax.random.PRNGKey(0), model, dataset.train_x.shape[1:])
   rep = robust_dataset.penultimate(model.apply, params)
   x = jnp.asarray(dataset.train_x[:args.num_images])

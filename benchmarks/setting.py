@@ -1,43 +1,229 @@
-"""The benchmarked problem: the default low-rank setting, in JAX and in PyTorch.
+"""The benchmarked problems: the default low-rank setting (in JAX and in PyTorch) and the
+image study's networks, built from the library with the values the benchmarks measure.
 
-JAX side: built exactly as ``experiments/lowrank.py`` builds it, from the
-default config ``experiments/configs/lowrank.py`` (``d = 40``, teacher
-``40 -> 10 -> 10`` ReLU, student ``40 -> 50 -> 10`` (width x5), MSE to the
-teacher's outputs, SGD momentum 0.9, lr 0.05, batch 128, fresh low-rank
-Gaussian inputs ``s U z`` every step, ``r`` normals per example) at one rank
-(10 by default).
+Those values are declared here, once: ``LowRankJob`` (the main job, ``python -m
+experiments.lowrank`` with its default config: ``d = 40``, teacher ``40 -> 10 -> 10``
+ReLU, student ``40 -> 50 -> 10`` (width x5), MSE to the teacher's outputs, SGD momentum
+0.9, lr 0.05, batch 128, fresh low-rank Gaussian inputs ``s U z`` every step, ``r``
+normals per example, the ``standard`` attack ensemble) and ``ImageJob`` (``python -m
+experiments.real``'s default, MNIST: the teacher CNN conv (8, 16), dense (32,), 3 x 3
+kernels, 2 x 2 max pooling, trained with Adam; students twice as wide, Adam, batch 32).
+``tests/test_benchmarks_defaults.py`` checks that they equal the binaries' default
+configs and that ``build`` / ``rank_inputs`` build what ``experiments/lowrank.py`` builds,
+so a benchmark cannot drift from the job it measures. Field names are the configs'.
+
+JAX side (``jax_problem``): the low-rank job at one rank (10 by default).
 
 PyTorch side: the same teacher, projector and initial student of a seed,
 copied from the JAX problem, so both frameworks train literally the same
 networks from the same start; only the data stream's random numbers differ.
 """
 
+import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import common
-from experiments.configs import lowrank as lowrank_config
+from tsrobust import cnn
+from tsrobust import datasets
+from tsrobust import evaluate
+from tsrobust import lowrank
+from tsrobust import lowrank_eval
 from tsrobust import models
+from tsrobust import sweep
+from tsrobust import teachers
 from tsrobust import train
 
 RANK = 10
 
 
-def config(num_seeds: int, rank: int = RANK):
-  """The default low-rank config with ``num_seeds`` students and one rank."""
-  c = lowrank_config.get_config()
-  c.num_seeds = num_seeds
-  c.ranks = (rank,)
-  return c
+@dataclasses.dataclass(frozen=True)
+class LowRankJob:
+  """The main job's values (``experiments/configs/lowrank.py``'s defaults, same names;
+  ``attack`` is the ``evaluate.AttackConfig`` the config's attack fields make)."""
+  seed: int = 0
+  num_seeds: int = 8
+  ranks: Tuple[int, ...] = (5, 10, 20, 40)
+  # The setting (lowrank.Setting).
+  d: int = 40
+  data_scale: float = 1.0
+  energy_matched: bool = True
+  num_train: int = 0
+  teacher_hidden: Tuple[int, ...] = (10,)
+  out_dim: int = 10
+  use_bias: bool = True
+  teacher_bias_scale: float = 0.5
+  strength_decay: float = 0.0
+  teacher_per_seed: bool = True
+  width_mult: int = 5
+  student_init_scale: float = 1.0
+  # Training.
+  loss: str = 'mse'
+  optimizer: str = 'momentum'
+  learning_rate: float = 0.05
+  momentum: float = 0.9
+  weight_decay: float = 0.0
+  schedule: str = 'constant'
+  batch_size: int = 128
+  num_steps: int = 20000
+  chunk_steps: int = 2000
+  # Evaluation (lowrank_eval.EvalSetting; the config has no ccat_pass_rate: the library's).
+  num_eval: int = 4096
+  eval_batch: int = 1024
+  probe_scale: float = 1.0
+  tau: float = 0.9
+  attack_norm: str = 'l2'
+  eps: Tuple[float, ...] = (0.5, 1.0, 2.0)
+  num_attack: int = 512
+  convergence_points: int = 128
+  surrogate_temperature: float = 0.1
+  # The attack ensemble: the standard preset (no per-attack override).
+  attack: evaluate.AttackConfig = evaluate.preset('standard', pgd_step_factor=2.5,
+                                                  oracle_loss='kl', oracle_tolerance=0.05)
+
+  def setting(self) -> lowrank.Setting:
+    return lowrank.from_mapping(lowrank.Setting, dataclasses.asdict(self))
+
+  def eval_setting(self) -> lowrank_eval.EvalSetting:
+    return lowrank.from_mapping(lowrank_eval.EvalSetting, dataclasses.asdict(self))
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageJob:
+  """The image study's values (``experiments/configs/real.py``'s MNIST defaults, same names)."""
+  seed: int = 0
+  # Data.
+  dataset: str = 'mnist'
+  data_dir: str = ''
+  num_train: int = 0
+  num_test: int = 0
+  lowrank_rank: int = 0
+  # The teacher CNN and its pretraining (teachers.teacher_spec's fields).
+  teacher_conv: Tuple[int, ...] = (8, 16)
+  teacher_dense: Tuple[int, ...] = (32,)
+  kernel_size: int = 3
+  pool: str = 'max'
+  use_bias: bool = True
+  teacher_training: str = 'standard'
+  teacher_eps: float = 0.1
+  teacher_steps: int = 2000
+  teacher_batch: int = 64
+  teacher_lr: float = 0.003
+  teacher_pgd_steps: int = 5
+  pgd_warmup: float = 0.1
+  eps_denominator: float = 1.0
+  # The robust model and the robust-feature matching.
+  rf_model_init: str = 'scratch'
+  rf_model_eps: float = 0.1
+  rf_model_steps: int = 1500
+  rf_step_size: float = 0.1
+  # Students.
+  width_mult: int = 2
+  student_init_scale: float = 1.0
+  loss: str = 'mse'
+  optimizer: str = 'adam'
+  learning_rate: float = 0.001
+  momentum: float = 0.9
+  weight_decay: float = 0.0
+  schedule: str = 'constant'
+  batch_size: int = 32
+  num_steps: int = 1000
+
+  def load_data(self) -> datasets.Dataset:
+    """The dataset (its first ``num_train`` / ``num_test`` images; PCA-projected at
+    ``lowrank_rank > 0``), as ``experiments/real.py`` loads it."""
+    ds = datasets.take(datasets.load(self.dataset, self.data_dir or None), self.num_train,
+                       self.num_test)
+    return datasets.lowrank(ds, self.lowrank_rank)[0] if self.lowrank_rank else ds
+
+  def teacher_model(self, num_classes: int = datasets.NUM_CLASSES) -> cnn.CNN:
+    """The teacher's CNN; the students widen it (``cnn.student_of``)."""
+    return cnn.make_cnn(self.teacher_conv, self.teacher_dense, num_classes,
+                        kernel_size=self.kernel_size, pool=self.pool, use_bias=self.use_bias)
+
+  def teacher_spec(self, role: str = 'teacher') -> dict:
+    """``teachers.teacher_spec`` of the teacher (or robust model): its checkpoint's key."""
+    return teachers.teacher_spec(dataclasses.asdict(self), role)
+
+
+def make_optimizer(job):
+  """The students' optimizer of a ``LowRankJob`` or ``ImageJob`` (one object per value)."""
+  return _optimizer(job.optimizer, job.learning_rate, job.momentum, job.weight_decay,
+                    job.schedule, job.num_steps)
+
+
+@functools.lru_cache(maxsize=None)
+def _optimizer(name: str, lr: float, momentum: float, weight_decay: float, schedule: str,
+               total_steps: int):
+  # One object per value, so train.train_seeds reuses its compiled chunk across calls.
+  return train.make_optimizer(name, lr, momentum=momentum, weight_decay=weight_decay,
+                              schedule=schedule, total_steps=total_steps)
+
+
+@functools.lru_cache(maxsize=None)
+def _loss_fn(student: models.MLP, teacher: models.MLP, loss: str, num_train: int,
+             batch_size: int):
+  # One loss function object per setting, so train.train_seeds can reuse its
+  # compiled chunk across calls (it keys its cache on the loss function).
+  return train.teacher_regression_loss(student.apply, teacher.apply, loss,
+                                       lowrank.sampler(num_train), batch_size)
+
+
+def config(num_seeds: int, rank: int = RANK) -> LowRankJob:
+  """The default low-rank job with ``num_seeds`` students and one rank."""
+  return dataclasses.replace(LowRankJob(), num_seeds=num_seeds, ranks=(rank,))
+
+
+class Run(NamedTuple):
+  """What every rank of the job uses, as ``experiments/lowrank.py``'s ``build`` makes it."""
+  keys: lowrank.SeedKeys
+  problem: lowrank.Problem
+  optimizer: Any
+  loss_fn: Any
+  evaluator: lowrank_eval.LowRankEvaluator
+
+
+def num_padded_seeds(job: LowRankJob, mesh=None) -> int:
+  """``num_seeds`` rounded up to a multiple of the device count (the padded seeds are
+  ordinary seeds whose results the job drops)."""
+  return sweep.padded_size(job.num_seeds, sweep.seed_mesh() if mesh is None else mesh)
+
+
+def build(job: LowRankJob, mesh=None) -> Run:
+  """The job's seed keys (padded seeds), teachers / bases / students, optimizer, loss and
+  evaluator, over ``mesh`` (default: every device)."""
+  mesh = sweep.seed_mesh() if mesh is None else mesh
+  keys = lowrank.seed_keys(job.seed, num_padded_seeds(job, mesh), bool(job.teacher_per_seed))
+  problem = lowrank.build_problem(job.setting(), keys)
+  evaluator = lowrank_eval.LowRankEvaluator(job.eval_setting(), job.attack,
+                                            problem.teacher, problem.student,
+                                            num_train=job.num_train, mesh=mesh)
+  loss_fn = _loss_fn(problem.student, problem.teacher, job.loss, job.num_train, job.batch_size)
+  return Run(keys, problem, make_optimizer(job), loss_fn, evaluator)
+
+
+def rank_inputs(job: LowRankJob, run: Run, r: int, held_out: bool = True):
+  """``(data_args, held, state)`` at rank ``r``: the training data's arguments (with the
+  projector), the held-out data (None without ``held_out``), and the students' initial
+  optimizer state."""
+  s = run.keys.train.shape[0]
+  scales = jnp.full((s,), lowrank.data_scale(job.setting(), r))
+  data_args = lowrank.lowrank_args(run.problem.bases, r, scales)
+  held = None
+  if held_out or job.num_train:
+    held = run.evaluator.held_out(data_args['projector'], scales, run.keys.eval)
+  if job.num_train:
+    data_args['train_x'] = held['train_x']
+  state = jax.vmap(lambda p: train.init_state(p, run.optimizer))(run.problem.student_params)
+  return data_args, held, state
 
 
 class Problem(NamedTuple):
   """Everything ``train.train_seeds`` takes, batched over ``[S]`` seeds."""
-  config: Any
+  config: LowRankJob
   teacher: models.MLP
   student: models.MLP
   loss_fn: Any
@@ -49,38 +235,20 @@ class Problem(NamedTuple):
   projector: jax.Array   # [S, d, d]
 
 
-@functools.lru_cache(maxsize=None)
-def _loss_fn(student: models.MLP, teacher: models.MLP, loss: str, batch_size: int):
-  # One loss function object per setting, so train.train_seeds can reuse its
-  # compiled chunk across calls (it keys its cache on the loss function).
-  return train.teacher_regression_loss(student.apply, teacher.apply, loss,
-                                       common.sampler(0), batch_size)
-
-
-@functools.lru_cache(maxsize=None)
-def _optimizer(name: str, lr: float, momentum: float):
-  return train.make_optimizer(name, lr, momentum=momentum)
-
-
 def jax_problem(num_seeds: int, rank: int = RANK) -> Problem:
   """Seeds ``0 .. num_seeds - 1`` of the default setting (seed ``s`` = ``fold_in(0, s)``)."""
   c = config(num_seeds, rank)
   if c.weight_decay or c.schedule != 'constant' or c.num_train:
     raise ValueError('the benchmark assumes the default config (no weight decay, '
                      'constant schedule, online data)')
-  keys = common.seed_keys(c)
-  problem = common.build_problem(c, keys)
-  optimizer = _optimizer(c.optimizer, c.learning_rate, c.momentum)
-  loss_fn = _loss_fn(problem.student, problem.teacher, c.loss, c.batch_size)
-  scales = jnp.full((problem.bases.shape[0],), common.data_scale(c, rank))
-  data_args = common.lowrank_args(problem.bases, rank, scales)
+  run = build(c)
+  data_args, _, state = rank_inputs(c, run, rank, held_out=False)
   projector = data_args['projector']
-  state = jax.vmap(lambda p: train.init_state(p, optimizer))(problem.student_params)
   # Exactly num_seeds seeds (no padding to the device count: one device here).
   cut = lambda tree: jax.tree_util.tree_map(lambda v: v[:num_seeds], tree)
-  return Problem(c, problem.teacher, problem.student, loss_fn, optimizer, cut(state),
-                 cut(problem.teacher_params), cut(data_args),
-                 keys.train[:num_seeds], projector[:num_seeds])
+  return Problem(c, run.problem.teacher, run.problem.student, run.loss_fn, run.optimizer,
+                 cut(state), cut(run.problem.teacher_params), cut(data_args),
+                 run.keys.train[:num_seeds], projector[:num_seeds])
 
 
 def seed_slice(tree: Any, i: int) -> Any:

@@ -12,13 +12,14 @@ import pytest
 from benchmarks import main_job_floor
 from experiments import lowrank
 from tests import test_lowrank
+from tests.test_benchmarks_defaults import job_of
 
 
 @pytest.mark.slow
 def test_floor_computes_what_the_main_job_reports(tmp_path):
   config = test_lowrank.tiny_config()
   records = lowrank.train_and_evaluate(config, str(tmp_path))
-  one_rank = main_job_floor.rank_runner(config)
+  one_rank = main_job_floor.rank_runner(job_of(config))
   checked = 0
   for r in config.ranks:
     seconds, rows = one_rank(r)
@@ -38,4 +39,4 @@ def test_floor_computes_what_the_main_job_reports(tmp_path):
 def test_floor_refuses_a_fixed_training_set():
   config = test_lowrank.tiny_config(num_train=32)
   with pytest.raises(ValueError, match='num_train'):
-    main_job_floor.rank_runner(config)
+    main_job_floor.rank_runner(job_of(config))
