@@ -55,7 +55,7 @@ from experiments import study
 from experiments import summaries
 from experiments.real_checks import validate_config, validate_sizes
 from experiments.real_eval import budget, budget_name, clip_range
-from experiments.real_eval import teacher_model  # benchmarks/attack_strength.py uses it too
+from experiments.real_eval import teacher_model
 from tsrobust import cnn
 from tsrobust import datasets
 from tsrobust import lowrank
@@ -63,7 +63,6 @@ from tsrobust import methods as methods_lib
 from tsrobust import rng
 from tsrobust import robust_dataset
 from tsrobust import teachers
-from tsrobust.teachers import supervised_loss  # noqa: F401 (benchmarks/attack_strength.py)
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'real.py')
 
@@ -173,7 +172,7 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   t_spec, teacher_params, teacher_info = pretrain(config, teacher, dataset, workdir)
   timings['teacher'] = time.perf_counter() - t0
   projector = None if pca is None else pca.projector
-  evaluator = real_eval.Evaluator(config, teacher, student, teacher_params, dataset, projector)
+  evaluator = real_eval.evaluator(config, teacher, student, teacher_params, dataset, projector)
   master = jax.random.PRNGKey(config.seed)
   teacher_eval = evaluator.teacher(jax.random.fold_in(master, rng.TEACHER_EVALUATION),
                                    on_progress=cli.evaluation_progress('the teacher'))

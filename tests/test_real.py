@@ -330,16 +330,16 @@ class TestLowRankEvaluation:
 
   def test_projectors_per_norm(self):
     config, ds, pca, teacher, student, tp, _ = self._setup()
-    ev = real_eval.Evaluator(config, teacher, student, tp, ds, pca.projector)
+    ev = real_eval.evaluator(config, teacher, student, tp, ds, pca.projector)
     projs = ev._projectors(2)
     assert set(projs) == {'in', 'off'}
     chex.assert_shape(projs['in'], (2, 36, 36))  # L2: per student, one compiled attack
     np.testing.assert_allclose(projs['in'][1] + projs['off'][1], np.eye(36), atol=1e-6)
-    linf = real_eval.Evaluator(tiny_config(lowrank_rank=4, eval_batch=5, num_attack=10),
+    linf = real_eval.evaluator(tiny_config(lowrank_rank=4, eval_batch=5, num_attack=10),
                                teacher, student, tp, ds, pca.projector)
     chex.assert_shape(linf._projectors(2)['off'], (36, 36))  # L-inf: shared
-    assert real_eval.Evaluator(config, teacher, student, tp, ds)._projectors(2) == {}
-    assert not hasattr(real_eval.Evaluator(config, teacher, student, tp, ds), 'x_probe')
+    assert real_eval.evaluator(config, teacher, student, tp, ds)._projectors(2) == {}
+    assert not hasattr(real_eval.evaluator(config, teacher, student, tp, ds), 'x_probe')
 
   @pytest.mark.slow
   def test_networks_blind_to_s_perp(self):
@@ -349,7 +349,7 @@ class TestLowRankEvaluation:
     config, ds, pca, teacher, student, tp, sp = self._setup()
     t_blind = _Projected(teacher, pca.projector, pca.mean)
     s_blind = _Projected(student, pca.projector, pca.mean)
-    ev = real_eval.Evaluator(config, t_blind, s_blind, tp, ds, pca.projector)
+    ev = real_eval.evaluator(config, t_blind, s_blind, tp, ds, pca.projector)
     keys = jax.random.split(jax.random.PRNGKey(5), 2)
     rows, _ = ev.students(sp, keys, np.zeros(2, bool))
     x_att = jnp.asarray(ds.test_x[:10])

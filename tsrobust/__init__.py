@@ -23,6 +23,7 @@ Measuring
   ``specialization``  teacher-student correlations, per-layer summaries, weight alignment
   ``metrics``         one student's in/off-subspace specialization in one call
   ``lowrank_eval``    the low-rank evaluation: specialization and the ensemble in S, S_perp, all
+  ``image_eval``      the image study's evaluation, shaped alike (CNN students, PCA subspace)
   ``attacks``         PGD, APGD, objectives (fixed label, oracle), CCAT's criterion
   ``objectives``      the attacks' objectives and success criteria (re-exported by ``attacks``)
   ``projections``     the attacks' feasible sets: norm balls, subspaces, input range (likewise)
