@@ -16,7 +16,6 @@ exceeds the first (the default) by more than ``--tolerance`` in some cell:
 It reads result files only (no JAX work), so it can compare runs made on other machines.
 """
 
-import json
 import math
 import os
 import re

@@ -24,7 +24,6 @@ import functools
 from typing import Any, NamedTuple, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from tsrobust import cnn
@@ -163,27 +162,12 @@ def _optimizer(name: str, lr: float, momentum: float, weight_decay: float, sched
                               schedule=schedule, total_steps=total_steps)
 
 
-@functools.lru_cache(maxsize=None)
-def _loss_fn(student: models.MLP, teacher: models.MLP, loss: str, num_train: int,
-             batch_size: int):
-  # One loss function object per setting, so train.train_seeds can reuse its
-  # compiled chunk across calls (it keys its cache on the loss function).
-  return train.teacher_regression_loss(student.apply, teacher.apply, loss,
-                                       lowrank.sampler(num_train), batch_size)
-
-
 def config(num_seeds: int, rank: int = RANK) -> LowRankJob:
   """The default low-rank job with ``num_seeds`` students and one rank."""
   return dataclasses.replace(LowRankJob(), num_seeds=num_seeds, ranks=(rank,))
 
 
-class Run(NamedTuple):
-  """What every rank of the job uses, as ``experiments/lowrank.py``'s ``build`` makes it."""
-  keys: lowrank.SeedKeys
-  problem: lowrank.Problem
-  optimizer: Any
-  loss_fn: Any
-  evaluator: lowrank_eval.LowRankEvaluator
+Run = lowrank.Run
 
 
 def num_padded_seeds(job: LowRankJob, mesh=None) -> int:
@@ -192,33 +176,18 @@ def num_padded_seeds(job: LowRankJob, mesh=None) -> int:
   return sweep.padded_size(job.num_seeds, sweep.seed_mesh() if mesh is None else mesh)
 
 
-def build(job: LowRankJob, mesh=None) -> Run:
+def build(job: LowRankJob, mesh=None) -> lowrank.Run:
   """The job's seed keys (padded seeds), teachers / bases / students, optimizer, loss and
-  evaluator, over ``mesh`` (default: every device)."""
+  evaluator, over ``mesh`` (default: every device): ``lowrank.build_run``."""
   mesh = sweep.seed_mesh() if mesh is None else mesh
-  keys = lowrank.seed_keys(job.seed, num_padded_seeds(job, mesh), bool(job.teacher_per_seed))
-  problem = lowrank.build_problem(job.setting(), keys)
-  evaluator = lowrank_eval.LowRankEvaluator(job.eval_setting(), job.attack,
-                                            problem.teacher, problem.student,
-                                            num_train=job.num_train, mesh=mesh)
-  loss_fn = _loss_fn(problem.student, problem.teacher, job.loss, job.num_train, job.batch_size)
-  return Run(keys, problem, make_optimizer(job), loss_fn, evaluator)
+  return lowrank.build_run(job.setting(), job.eval_setting(), job.attack, seed=job.seed,
+                           num_seeds=num_padded_seeds(job, mesh), optimizer=make_optimizer(job),
+                           loss=job.loss, batch_size=job.batch_size, mesh=mesh)
 
 
-def rank_inputs(job: LowRankJob, run: Run, r: int, held_out: bool = True):
-  """``(data_args, held, state)`` at rank ``r``: the training data's arguments (with the
-  projector), the held-out data (None without ``held_out``), and the students' initial
-  optimizer state."""
-  s = run.keys.train.shape[0]
-  scales = jnp.full((s,), lowrank.data_scale(job.setting(), r))
-  data_args = lowrank.lowrank_args(run.problem.bases, r, scales)
-  held = None
-  if held_out or job.num_train:
-    held = run.evaluator.held_out(data_args['projector'], scales, run.keys.eval)
-  if job.num_train:
-    data_args['train_x'] = held['train_x']
-  state = jax.vmap(lambda p: train.init_state(p, run.optimizer))(run.problem.student_params)
-  return data_args, held, state
+def rank_inputs(job: LowRankJob, run: lowrank.Run, r: int, held_out: bool = True):
+  """``(data_args, held, state)`` at rank ``r`` (``lowrank.rank_inputs``)."""
+  return lowrank.rank_inputs(run, job.setting(), r, held_out)
 
 
 class Problem(NamedTuple):

@@ -16,11 +16,10 @@ Square broke, APGD's error vs iterations) and ``lowrank.png`` into ``--workdir``
 
 import os
 import time
-from typing import Any, Dict, List, NamedTuple
+from typing import Any, Dict, List
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from experiments import cli
@@ -33,7 +32,6 @@ from tsrobust import io
 from tsrobust import lowrank
 from tsrobust import lowrank_eval
 from tsrobust import plotting
-from tsrobust import train
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'lowrank.py')
 
@@ -62,38 +60,21 @@ def columns(config) -> List[str]:
   return ['rank', 'seed'] + study.metric_columns(config)
 
 
-class Run(NamedTuple):
-  """What every rank of a run uses (``build``)."""
-  keys: lowrank.SeedKeys
-  problem: lowrank.Problem
-  optimizer: Any
-  loss_fn: Any
-  evaluator: lowrank_eval.LowRankEvaluator
+Run = lowrank.Run
 
 
-def build(config) -> Run:
+def build(config) -> lowrank.Run:
   """The run's seed keys, teachers / bases / students, optimizer, loss and evaluator."""
-  keys = study.seed_keys(config)
-  problem = lowrank.build_problem(study.setting(config), keys)
-  optimizer = study.make_optimizer(config)
-  loss_fn = train.teacher_regression_loss(problem.student.apply, problem.teacher.apply,
-                                          config.loss, lowrank.sampler(config.num_train),
-                                          config.batch_size)
-  return Run(keys, problem, optimizer, loss_fn,
-             study.lowrank_evaluator(config, problem))
+  return lowrank.build_run(
+      study.setting(config), lowrank.from_mapping(lowrank_eval.EvalSetting, config),
+      study.attack_config(config), seed=config.seed, num_seeds=study.num_padded_seeds(config),
+      optimizer=study.make_optimizer(config), loss=config.loss, batch_size=config.batch_size,
+      mesh=study.mesh())
 
 
-def rank_inputs(config, run: Run, r: int):
-  """``(data_args, held, state)`` at rank ``r``: the training data's arguments (with the
-  projector), the held-out data, and the students' initial optimizer state."""
-  s = study.num_padded_seeds(config)  # >= num_seeds; the padded seeds are dropped
-  scales = jnp.full((s,), lowrank.data_scale(study.setting(config), r))
-  data_args = lowrank.lowrank_args(run.problem.bases, r, scales)
-  held = run.evaluator.held_out(data_args['projector'], scales, run.keys.eval)
-  if config.num_train:
-    data_args['train_x'] = held['train_x']
-  state = jax.vmap(lambda p: train.init_state(p, run.optimizer))(run.problem.student_params)
-  return data_args, held, state
+def rank_inputs(config, run: lowrank.Run, r: int):
+  """``(data_args, held, state)`` at rank ``r`` (``lowrank.rank_inputs``)."""
+  return lowrank.rank_inputs(run, study.setting(config), r)
 
 
 def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:

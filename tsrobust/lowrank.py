@@ -10,7 +10,9 @@ learn from its outputs. Everything is per seed, on a leading seeds axis:
 * ``seed_keys``: the named key streams of every seed (``rng.LOWRANK_STREAMS``);
 * ``build_problem``: teachers, nested subspace bases and initial students;
 * ``rank_projector``, ``lowrank_args``, ``data_scale``, ``sampler``: the
-  training data at rank r, as ``train.train_seeds``' ``data_args``.
+  training data at rank r, as ``train.train_seeds``' ``data_args``;
+* ``build_run`` / ``rank_inputs``: all of a run (keys, problem, optimizer, loss,
+  evaluator) and its inputs at one rank, as the low-rank binary and the benchmarks build them.
 
 The experiment binaries build a ``Setting`` from their config (its fields
 have the same names); a user builds one directly:
@@ -24,18 +26,22 @@ have the same names); a user builds one directly:
 
 import dataclasses
 import functools
-from typing import Any, Callable, Dict, Mapping, NamedTuple, Tuple
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 
 from tsrobust import data
+from tsrobust import evaluate
+from tsrobust import lowrank_eval
 from tsrobust import models
 from tsrobust import rng
 from tsrobust import sweep
+from tsrobust import train
 
 __all__ = ['Setting', 'SeedKeys', 'seed_keys', 'Problem', 'build_problem', 'rank_projector',
-           'lowrank_args', 'data_scale', 'sampler', 'from_mapping']
+           'lowrank_args', 'data_scale', 'sampler', 'from_mapping', 'Run', 'build_run',
+           'rank_inputs']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,3 +173,59 @@ def sampler(num_train: int) -> Callable[[jax.Array, Dict[str, jax.Array], int], 
   if num_train == 0:
     return lambda key, a, n: data.sample_subspace(key, a['basis'], n, a['scale'])
   return lambda key, a, n: a['train_x'][jax.random.randint(key, (n,), 0, num_train)]
+
+
+class Run(NamedTuple):
+  """What every rank of a low-rank run uses (``build_run``)."""
+  keys: SeedKeys
+  problem: Problem
+  optimizer: Any
+  loss_fn: Any
+  evaluator: lowrank_eval.LowRankEvaluator
+
+
+@functools.lru_cache(maxsize=None)
+def _regression_loss(student: models.MLP, teacher: models.MLP, loss: str, num_train: int,
+                     batch_size: int):
+  # One loss function object per setting: train.train_seeds keys its compiled chunk on it,
+  # so runs built again (a benchmark's repeats) reuse the compiled program.
+  return train.teacher_regression_loss(student.apply, teacher.apply, loss, sampler(num_train),
+                                       batch_size)
+
+
+def build_run(setting: Setting, evaluation: lowrank_eval.EvalSetting,
+              attack_config: evaluate.AttackConfig, *, seed: int, num_seeds: int, optimizer,
+              loss: str = 'mse', batch_size: int = 128, mesh=None) -> Run:
+  """A run's seed keys, teachers / bases / initial students, loss and evaluator.
+
+  Args:
+    setting, evaluation, attack_config: the setting, its evaluation and the ensemble.
+    seed, num_seeds: the master seed and the seeds computed (padded to the devices).
+    optimizer: the students' optax optimizer (``train.make_optimizer``).
+    loss, batch_size: the regression loss to the teacher and the batch per step.
+    mesh: the seeds mesh (default: every device).
+  """
+  keys = seed_keys(seed, num_seeds, bool(setting.teacher_per_seed))
+  problem = build_problem(setting, keys)
+  loss_fn = _regression_loss(problem.student, problem.teacher, loss, setting.num_train,
+                             batch_size)
+  evaluator = lowrank_eval.LowRankEvaluator(evaluation, attack_config, problem.teacher,
+                                            problem.student, num_train=setting.num_train,
+                                            mesh=mesh)
+  return Run(keys, problem, optimizer, loss_fn, evaluator)
+
+
+def rank_inputs(run: Run, setting: Setting, r: int, held_out: bool = True):
+  """``(data_args, held, state)`` at rank ``r``: the training data's arguments (with the
+  projector), the held-out data (None without ``held_out``, unless a fixed training set
+  needs it), and the students' initial optimizer state."""
+  s = run.keys.train.shape[0]
+  scales = jnp.full((s,), data_scale(setting, r))
+  data_args = lowrank_args(run.problem.bases, r, scales)
+  held: Optional[Dict[str, Any]] = None
+  if held_out or setting.num_train:
+    held = run.evaluator.held_out(data_args['projector'], scales, run.keys.eval)
+  if setting.num_train:
+    data_args['train_x'] = held['train_x']
+  state = jax.vmap(lambda p: train.init_state(p, run.optimizer))(run.problem.student_params)
+  return data_args, held, state
