@@ -5,10 +5,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from experiments import real_eval
 from experiments import study
 from experiments.configs import lowrank as lowrank_config
+from experiments.configs import real as real_config
 from experiments.configs import robustness as robustness_config
+from tsrobust import image_eval
 from tsrobust import lowrank
 from tsrobust import lowrank_eval
 from tsrobust import rng
@@ -70,3 +74,12 @@ def test_library_defaults_are_the_default_configs():
   assert study.setting(config) == lowrank.Setting()
   evaluation = lowrank.from_mapping(lowrank_eval.EvalSetting, robustness_config.get_config())
   assert evaluation == lowrank_eval.EvalSetting()
+
+
+def test_image_eval_setting_checks_its_arguments():
+  with pytest.raises(ValueError, match='budget_names must name each of the 2 budgets'):
+    image_eval.ImageEvalSetting(budgets=(0.1, 0.2), budget_names=('0.1',))
+  with pytest.raises(ValueError, match='attack_labels must be in'):
+    image_eval.ImageEvalSetting(attack_labels=('fixed',))
+  # The defaults are the image study's (MNIST) default config's.
+  assert real_eval.setting(real_config.get_config()) == image_eval.ImageEvalSetting()
