@@ -39,6 +39,10 @@ from tsrobust import train
 RANK = 10
 
 
+_SETTING = lowrank.Setting()
+_EVAL = lowrank_eval.EvalSetting()
+
+
 @dataclasses.dataclass(frozen=True)
 class LowRankJob:
   """The main job's values (``experiments/configs/lowrank.py``'s defaults, same names;
@@ -46,19 +50,19 @@ class LowRankJob:
   seed: int = 0
   num_seeds: int = 8
   ranks: Tuple[int, ...] = (5, 10, 20, 40)
-  # The setting (lowrank.Setting).
-  d: int = 40
-  data_scale: float = 1.0
-  energy_matched: bool = True
-  num_train: int = 0
-  teacher_hidden: Tuple[int, ...] = (10,)
-  out_dim: int = 10
-  use_bias: bool = True
-  teacher_bias_scale: float = 0.5
-  strength_decay: float = 0.0
-  teacher_per_seed: bool = True
-  width_mult: int = 5
-  student_init_scale: float = 1.0
+  # The setting: the library's defaults (lowrank.Setting), which are the paper's.
+  d: int = _SETTING.d
+  data_scale: float = _SETTING.data_scale
+  energy_matched: bool = _SETTING.energy_matched
+  num_train: int = _SETTING.num_train
+  teacher_hidden: Tuple[int, ...] = _SETTING.teacher_hidden
+  out_dim: int = _SETTING.out_dim
+  use_bias: bool = _SETTING.use_bias
+  teacher_bias_scale: float = _SETTING.teacher_bias_scale
+  strength_decay: float = _SETTING.strength_decay
+  teacher_per_seed: bool = _SETTING.teacher_per_seed
+  width_mult: int = _SETTING.width_mult
+  student_init_scale: float = _SETTING.student_init_scale
   # Training.
   loss: str = 'mse'
   optimizer: str = 'momentum'
@@ -69,16 +73,16 @@ class LowRankJob:
   batch_size: int = 128
   num_steps: int = 20000
   chunk_steps: int = 2000
-  # Evaluation (lowrank_eval.EvalSetting; the config has no ccat_pass_rate: the library's).
-  num_eval: int = 4096
-  eval_batch: int = 1024
-  probe_scale: float = 1.0
-  tau: float = 0.9
-  attack_norm: str = 'l2'
-  eps: Tuple[float, ...] = (0.5, 1.0, 2.0)
-  num_attack: int = 512
-  convergence_points: int = 128
-  surrogate_temperature: float = 0.1
+  # Evaluation: the library's defaults (lowrank_eval.EvalSetting).
+  num_eval: int = _EVAL.num_eval
+  eval_batch: int = _EVAL.eval_batch
+  probe_scale: float = _EVAL.probe_scale
+  tau: float = _EVAL.tau
+  attack_norm: str = _EVAL.attack_norm
+  eps: Tuple[float, ...] = _EVAL.eps
+  num_attack: int = _EVAL.num_attack
+  convergence_points: int = _EVAL.convergence_points
+  surrogate_temperature: float = _EVAL.surrogate_temperature
   # The attack ensemble: the standard preset (no per-attack override).
   attack: evaluate.AttackConfig = evaluate.preset('standard', pgd_step_factor=2.5,
                                                   oracle_loss='kl', oracle_tolerance=0.05)
