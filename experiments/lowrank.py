@@ -51,7 +51,7 @@ def validate_config(config) -> None:
   for r in config.ranks:
     if r > config.d:
       raise validation.ConfigError(f'config.ranks must satisfy 1 <= r <= d = {config.d}, '
-                               f'got r = {r}')
+                                   f'got r = {r}')
   study.check_lowrank_rules(config)
 
 
@@ -95,7 +95,7 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
       # The evaluation's programs, compiled while the students train (in a single-process
       # run; with several processes each compiles them at their first call, as before).
       warm = study.Background('evaluation programs', evaluator.prepare, state.params,
-                               problem.teacher_params, projector, held, full_rank=r == d)
+                              problem.teacher_params, projector, held, full_rank=r == d)
     state, losses = study.train_or_keep_last_good(
         loss_fn, optimizer, state, problem.teacher_params, data_args, keys.train, config,
         workdir, f'rank{r}')

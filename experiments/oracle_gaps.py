@@ -63,7 +63,7 @@ def main(argv):
                                           config.loss, lowrank.sampler(config.num_train),
                                           config.batch_size)
   state, _ = study.train_or_keep_last_good(loss_fn, optimizer, state, problem.teacher_params,
-                                            data_args, keys.train, config, workdir, f'rank{r}')
+                                           data_args, keys.train, config, workdir, f'rank{r}')
   pick = lambda tree: jax.tree_util.tree_map(lambda v: np.asarray(v)[i], tree)
   sp, tp = pick(state.params), pick(problem.teacher_params)
   s_fn = lambda v: problem.student.apply(sp, v)[0]

@@ -214,7 +214,7 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   one_teacher = jax.tree_util.tree_map(
       lambda v: jnp.broadcast_to(jnp.asarray(v), (s,) + jnp.shape(v)), teacher_params)
   params, losses = study.train_grid(config, workdir, points, make_loss, make_args,
-                                     init_params, one_teacher, k_train, timings)
+                                    init_params, one_teacher, k_train, timings)
 
   t0 = time.perf_counter()
   ccat_mask = np.repeat([methods_lib.METHODS[m].ccat_evaluation for m, _ in points], s)
@@ -225,7 +225,7 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   timings['evaluate'] = time.perf_counter() - t0
   logging.info('evaluated %d students in %.1fs', len(rows), timings['evaluate'])
   checks = summaries.method_attack_checks(config, points, ev, evaluator.attack_config,
-                                       budget(config, study.headline_eps(config)))
+                                          budget(config, study.headline_eps(config)))
   records = methods_lib.records(points, config.num_seeds, s, real_eval.HPARAM_COLUMNS, losses,
                                 rows, variant=True)
   sizes = {'dataset': dataset.name, 'num_train': int(n_train),

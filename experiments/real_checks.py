@@ -96,15 +96,15 @@ def validate_config(config) -> None:
                                    and not config.data_dir else 0))
   if config.teacher_training == 'pgd' and config.teacher_eps <= 0:
     raise validation.ConfigError(f'config.teacher_eps must be > 0 for a PGD-trained teacher '
-                             f'(config.teacher_training = pgd), got {config.teacher_eps}')
+                                 f'(config.teacher_training = pgd), got {config.teacher_eps}')
   methods = [methods_lib.METHODS[m] for m in study.as_tuple(config.methods)]
   for m in methods:
     if m.robust_dataset and not (config.teacher_dense or len(config.teacher_conv)):
       raise validation.ConfigError(f'config.methods: {m.name} needs a hidden layer (its robust-'
-                               f'feature dataset matches a penultimate layer)')
+                                   f'feature dataset matches a penultimate layer)')
     if m.needs_subspace and config.lowrank_rank == 0:
       raise validation.ConfigError(f'config.methods: {m.name} (trained with a data subspace: the '
-                               f'PCA one) needs config.lowrank_rank > 0')
+                                   f'PCA one) needs config.lowrank_rank > 0')
   study.check_batch_size(config)
   study.check_attack_rules(config)
 
@@ -118,11 +118,11 @@ def _check_rank(config, image_size: int, num_train: int) -> None:
   r = config.lowrank_rank
   if r > image_size:
     raise validation.ConfigError(f'config.lowrank_rank must be <= the number of pixels per image '
-                             f'{image_size} ({config.dataset}), got {r}')
+                                 f'{image_size} ({config.dataset}), got {r}')
   if num_train and r > num_train - 1:
     raise validation.ConfigError(f'config.lowrank_rank must be < the number of training images '
-                             f'{num_train} (the centered training set spans at most '
-                             f'{num_train - 1} directions), got {r}')
+                                 f'{num_train} (the centered training set spans at most '
+                                 f'{num_train - 1} directions), got {r}')
 
 
 def validate_sizes(config, dataset: datasets.Dataset) -> None:
@@ -131,10 +131,10 @@ def validate_sizes(config, dataset: datasets.Dataset) -> None:
   n = dataset.train_x.shape[0]
   if m % config.eval_batch:
     raise validation.ConfigError(f'config.eval_batch must divide the number of test images {m}, '
-                             f'got {config.eval_batch}')
+                                 f'got {config.eval_batch}')
   if config.num_attack > m:
     raise validation.ConfigError(f'config.num_attack must be <= the number of test images {m}, '
-                             f'got {config.num_attack}')
+                                 f'got {config.num_attack}')
   _check_rank(config, int(np.prod(dataset.image_shape)), n)
   for m in study.as_tuple(config.methods):
     if methods_lib.METHODS[m].robust_dataset and n < 2:

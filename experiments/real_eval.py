@@ -156,8 +156,8 @@ def correlations(config, records) -> Dict[str, Any]:
         column = f'robust_acc_{label}_{name}'
         acc = np.array([r[column] for r in records], np.float64)
         out[column] = summaries.correlation(x, acc, methods, seeds,
-                                         jax.random.fold_in(key, offset + 10 * i + j),
-                                         config.bootstrap_resamples)
+                                            jax.random.fold_in(key, offset + 10 * i + j),
+                                            config.bootstrap_resamples)
     return out
   out = {'x': 'spec_mean', 'n_students': len(records), 'bootstrap': 'clustered by seed',
          **table('spec_mean', 0)}
@@ -257,7 +257,7 @@ def summary_markdown(config, records, teacher_eval, corr, sizes,
                                   [f'adv_{label}_{w}_{n}' for label in labels for n in names
                                    for w in WHERES]),
               summaries.correlation_markdown(corr['spec_off'], 'spec_off',
-                                          config.bootstrap_resamples)]
+                                             config.bootstrap_resamples)]
   return '\n'.join(lines) + '\n'
 
 

@@ -207,7 +207,7 @@ def load_config(study: Study, args: Sequence[str], root: str = ROOT):
                            for a in args]
   flag_values = flags.FlagValues()
   cli.define_flags(os.path.join(root, f'experiments/configs/{study.binary}.py'),
-                      flag_values, argv)
+                   flag_values, argv)
   try:
     flag_values(argv)
   except flags.Error as e:
@@ -442,7 +442,7 @@ def update_documents(workdir: str, root: str = ROOT,
   preset = report_preset(report)
   if preset != 'full':
     raise validation.ConfigError(f'--update_readme needs a report of --preset=full; '
-                             f'{os.path.join(workdir, REPORT)} is from --preset={preset}')
+                                 f'{os.path.join(workdir, REPORT)} is from --preset={preset}')
   try:
     blocks = generated_blocks(report)
   except ValueError as e:
@@ -462,7 +462,7 @@ def update_documents(workdir: str, root: str = ROOT,
     missing = [f for f in figures if f not in sources]
     if missing:
       raise validation.ConfigError(f'--update_readme: {rel} links {missing}, which no study of '
-                               f'{workdir} wrote (it has {sorted(sources)})')
+                                   f'{workdir} wrote (it has {sorted(sources)})')
     plan.append((path, text, updated, figures))
     done += list(generated_blocks(text)) + figures
   for fig in dict.fromkeys(f for _, _, _, figures in plan for f in figures):
@@ -537,14 +537,14 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS,
     cli.exit_with_error(e)
   except KeyboardInterrupt:
     cli.exit_with_error('interrupted; the same command resumes (finished studies are '
-                           'reused, an interrupted one resumes from its checkpoints)',
-                           code=130)
+                        'reused, an interrupted one resumes from its checkpoints)',
+                        code=130)
   print(f'wrote {os.path.join(f.workdir, REPORT)}')
   failed = [o.name for o in outcomes if o.status == 'failed']
   if failed:
     cli.exit_with_error(f'studies failed: {", ".join(failed)} (logs: '
-                           + ', '.join(os.path.join(f.workdir, f'{n}.log') for n in failed)
-                           + ')', code=cli.RUN_EXIT_CODE)
+                        + ', '.join(os.path.join(f.workdir, f'{n}.log') for n in failed)
+                        + ')', code=cli.RUN_EXIT_CODE)
 
 
 def run(argv: Optional[Sequence[str]] = None,

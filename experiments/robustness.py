@@ -103,8 +103,8 @@ def correlations(config, records) -> Dict[str, Any]:
     acc = 1.0 - np.array([r[f'adv_oracle_full_{name}'] for r in records])
     out[f'eps_{name}'] = {
         s_name: summaries.correlation(s_val, acc, methods, seeds,
-                                   jax.random.fold_in(key, 10 * i + j),
-                                   config.bootstrap_resamples)
+                                      jax.random.fold_in(key, 10 * i + j),
+                                      config.bootstrap_resamples)
         for j, (s_name, s_val) in enumerate(spec.items())}
   return out
 
@@ -149,7 +149,7 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
       args['train_x'] = methods_lib.tile(held['train_x'], g)
     return args, None
   params, losses = study.train_grid(config, workdir, points, make_loss, make_args,
-                                     problem.student_params, problem.teacher_params, keys.train)
+                                    problem.student_params, problem.teacher_params, keys.train)
 
   # Evaluate every student at once: one compilation for the whole study.
   t0 = time.perf_counter()
@@ -183,7 +183,7 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
       rows[i].update(c_row, ccat_threshold=float(threshold))
   logging.info('evaluated %d students in %.1fs', len(rows), time.perf_counter() - t0)
   checks = summaries.method_attack_checks(config, points, ev, evaluator.attack_config,
-                                       study.headline_eps(config))
+                                          study.headline_eps(config))
   records = methods_lib.records(points, config.num_seeds, s, HPARAM_COLUMNS, losses, rows)
 
   mid = study.eps_name(study.headline_eps(config))

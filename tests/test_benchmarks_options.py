@@ -100,7 +100,8 @@ def test_other_load_leaves_out_finished_children():
 
 @pytest.mark.slow
 def test_measure_on_a_tiny_config():
-  tiny = tuple(f'--config.{k}={v}' for k, v in test_lowrank.TINY.items())
+  tiny = tuple(f'--config.{k}={v}' for k, v in test_lowrank.TINY.items() if k != 'attack')
+  tiny += tuple(f'--config.attack.{k}={v}' for k, v in test_lowrank.TINY['attack'].items())
   steps = test_lowrank.TINY['num_steps']
   out = options.measure([('same', (f'--config.num_steps={steps}',)),
                          ('longer', (f'--config.num_steps={steps + 30}',))],

@@ -96,8 +96,8 @@ def test_cli_missing_folder_is_one_line(tmp_path, capfd):
   workdir = tmp_path / 'work'
   with pytest.raises(SystemExit) as info:
     cli.run_binary(real.validate_config, real.train_and_evaluate, real._DEFAULT_CONFIG,
-                      ('results.csv',),
-                      argv=['real', f'--workdir={workdir}',
+                   ('results.csv',),
+                   argv=['real', f'--workdir={workdir}',
                             '--config=experiments/configs/real.py:fashion_mnist',
                             f'--config.data_dir={tmp_path / "absent"}'],
                       flag_values=flags.FlagValues())

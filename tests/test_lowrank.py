@@ -187,7 +187,8 @@ def test_full_rank_off_subspace_columns_are_empty(tiny_run):
     ('attack_norm', 'l1', 'config.attack_norm must be one of'),
     ('attack', {'strength': 'medium'}, 'config.attack.strength must be one of'),
     ('attack', {'apgd_steps': -2}, "config.attack.apgd_steps must be None (the preset's) or >= 0"),
-    ('attack', {'pgd_restarts': 0}, "config.attack.pgd_restarts must be None (the preset's) or >= 1"),
+    ('attack', {'pgd_restarts': 0},
+     "config.attack.pgd_restarts must be None (the preset's) or >= 1"),
     ('attack', {'targets': -1}, "config.attack.targets must be None (the preset's) or >= 0"),
 ])
 def test_bad_config_fails_at_start(tmp_path, field, value, message):
@@ -202,8 +203,8 @@ def _run_binary(args, capfd):
   capfd.readouterr()
   with pytest.raises(SystemExit) as info:
     cli.run_binary(lowrank.validate_config, lowrank.train_and_evaluate,
-                      lowrank._DEFAULT_CONFIG, ('results.csv',), argv=['lowrank', *args],
-                      flag_values=flags.FlagValues())
+                   lowrank._DEFAULT_CONFIG, ('results.csv',), argv=['lowrank', *args],
+                   flag_values=flags.FlagValues())
   return info.value.code, capfd.readouterr().err
 
 

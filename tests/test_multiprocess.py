@@ -156,6 +156,7 @@ import jax.numpy as jnp
 import numpy as np
 folder, port, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
 jax.distributed.initialize(f'localhost:{port}', 2, pid)
+from tsrobust import sweep
 mesh = sweep.seed_mesh()
 n = mesh.devices.size
 assert n == 2 and jax.process_count() == 2
@@ -213,8 +214,8 @@ def test_distributed_flag_mistakes_end_in_one_line(tmp_path, capfd, args, messag
   capfd.readouterr()
   with pytest.raises(SystemExit) as info:
     cli.run_binary(lowrank.validate_config, _never, lowrank._DEFAULT_CONFIG,
-                      ('results.csv',), argv=['prog', f'--workdir={tmp_path}', *args],
-                      flag_values=flags.FlagValues())
+                   ('results.csv',), argv=['prog', f'--workdir={tmp_path}', *args],
+                   flag_values=flags.FlagValues())
   err = capfd.readouterr().err
   assert info.value.code == cli.USAGE_EXIT_CODE, err
   lines = err.splitlines()

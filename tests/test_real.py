@@ -85,7 +85,8 @@ class TestConfig:
     (tmp_path / 'train-images-idx3-ubyte.gz').write_bytes(b'')
     with pytest.raises(validation.ConfigError, match=r"lacks the mnist files \['train-labels"):
       real.validate_config(tiny_config(data_dir=str(tmp_path)))
-    with pytest.raises(validation.ConfigError, match=r"lacks the cifar10 files \['data_batch_1.bin"):
+    with pytest.raises(validation.ConfigError,
+                       match=r"lacks the cifar10 files \['data_batch_1.bin"):
       real.validate_config(tiny_config(dataset='cifar10', data_dir=str(tmp_path)))
 
   def test_sizes_checked_after_loading(self):
@@ -439,7 +440,7 @@ def test_cli_validates_before_work(tmp_path, capfd):
   capfd.readouterr()
   with pytest.raises(SystemExit) as info:
     cli.run_binary(real.validate_config, real.train_and_evaluate, real._DEFAULT_CONFIG,
-                      ('results.csv',), argv=['real', f'--workdir={tmp_path}',
+                   ('results.csv',), argv=['real', f'--workdir={tmp_path}',
                                               "--config.methods=('standard','bogus')"],
                       flag_values=flags.FlagValues())
   assert info.value.code == 2

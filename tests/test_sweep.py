@@ -216,6 +216,7 @@ def test_use_all_cpu_cores_makes_the_devices_it_returns(num_devices):
 _KEEPS_THE_USERS_COUNT = """
 import warnings
 import jax
+from tsrobust import sweep
 before = jax.config.jax_num_cpu_devices
 jax.config.update('jax_platforms', 'tpu')  # another platform first: nothing to do
 assert sweep.use_all_cpu_cores() == 0 and jax.config.jax_num_cpu_devices == before
@@ -300,6 +301,7 @@ _THREEFRY_DRAWS = """
 import hashlib, sys
 import jax
 import numpy as np
+from tsrobust import sweep
 if sys.argv[1] == 'unrolled':
   assert sweep.use_unrolled_threefry_on_cpu() and sweep.use_unrolled_threefry_on_cpu()
 key = jax.random.PRNGKey(3)
@@ -345,7 +347,8 @@ def test_changed_config_in_existing_workdir_is_refused(tmp_path):
   cli.prepare_workdir(str(tmp_path), config)  # the same config: accepted
   assert os.listdir(tmp_path) == ['config.json']
   config.learning_rate = 0.01
-  with pytest.raises(validation.ConfigError, match=r"different config \(fields \['learning_rate'\]"):
+  with pytest.raises(validation.ConfigError,
+                     match=r"different config \(fields \['learning_rate'\]"):
     lowrank.train_and_evaluate(config, str(tmp_path))
   assert os.listdir(tmp_path) == ['config.json']
 

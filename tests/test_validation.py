@@ -202,8 +202,8 @@ def _run(module, args, capfd, train_and_evaluate=None):
   capfd.readouterr()
   with pytest.raises(SystemExit) as info:
     cli.run_binary(module.validate_config, train_and_evaluate or module.train_and_evaluate,
-                      module._DEFAULT_CONFIG, ('results.csv',), argv=['prog', *args],
-                      flag_values=flags.FlagValues())
+                   module._DEFAULT_CONFIG, ('results.csv',), argv=['prog', *args],
+                   flag_values=flags.FlagValues())
   return info.value.code, capfd.readouterr().err
 
 
@@ -303,8 +303,8 @@ def test_checkpoint_interval_flag_reaches_the_checkpointers(tmp_path, monkeypatc
   for args, want in (([], 60.0), (['--checkpoint_every_sec=0'], 0.0),
                      (['--checkpoint_every_sec=2.5'], 2.5)):
     cli.run_binary(lowrank.validate_config, record, lowrank._DEFAULT_CONFIG, ('ck',),
-                      argv=['prog', f'--workdir={tmp_path}', '--cpu_devices=1', *args],
-                      flag_values=flags.FlagValues())
+                   argv=['prog', f'--workdir={tmp_path}', '--cpu_devices=1', *args],
+                   flag_values=flags.FlagValues())
     assert seen[-1] == want, (args, seen)
   for bad in (-1, True, '5'):
     with pytest.raises(ValueError, match='checkpoint_every_sec must be a number >= 0'):
