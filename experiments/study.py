@@ -1,7 +1,8 @@
 """The studies' glue between a config and the library: what every binary builds the same way.
 
-A binary's config is flat (``experiments/configs/*.py``); its fields are named as the
-library's arguments, and this module turns it into them: the attack ensemble
+A binary's config (``experiments/configs/*.py``) names its fields as the library's
+arguments (the attack ensemble is the section ``config.attack``, passed whole to
+``evaluate.preset``), and this module turns it into them: the attack ensemble
 (``attack_config``), the low-rank setting and its evaluator (``setting``,
 ``lowrank_evaluator``), the seeds mesh and its padding (``mesh``, ``shard``,
 ``num_padded_seeds``), the optimizer; the cross-field checks every study shares; the
