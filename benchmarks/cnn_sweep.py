@@ -352,7 +352,6 @@ def _finish(t: _Torch, steps: int, init_state, step, predictor, device, loop=Non
 def make_sequential(problem: Problem, num_seeds: int, steps: int, device='cpu'):
   """(b) A Python loop over S students, each with its own ``torch.optim.Adam``."""
   import torch  # pylint: disable=g-import-not-at-top
-  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   t = _torch_setup(problem, num_seeds, steps, device)
   lr = problem.job.learning_rate
 
@@ -361,12 +360,7 @@ def make_sequential(problem: Problem, num_seeds: int, steps: int, device='cpu'):
     return [(s, torch.optim.Adam(s.parameters(), lr=lr)) for s in students]
 
   def step_one(student, opt, x):
-    with torch.no_grad():
-      target = t.teacher(x)
-    loss = F.mse_loss(student(x), target)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    setting.torch_regression_step(t.teacher, student, opt, x)
 
   def step(state, x):
     for (student, opt), xi in zip(state, x):
@@ -562,11 +556,7 @@ def main():
   parser.add_argument('--unrolled_threefry', action=argparse.BooleanOptionalAction,
                       default=True, help='unrolled threefry on CPU, as the binaries')
   args = parser.parse_args()
-  if args.cpu_devices < 0:
-    raise ValueError(f'--cpu_devices must be >= 0, got {args.cpu_devices}')
-  sweep.use_all_cpu_cores(args.cpu_devices or None)  # before any JAX computation
-  if args.unrolled_threefry:
-    sweep.use_unrolled_threefry_on_cpu()
+  seed_sweep.set_up_jax(args.cpu_devices, args.unrolled_threefry)
   seed_sweep.CLOCK = seed_sweep.CompileClock()
   students = [int(s) for s in args.students.split(',')]
   device = 'cpu'

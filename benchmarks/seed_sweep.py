@@ -209,7 +209,6 @@ def batched_forward(layers, x):
 def make_seq_torch(problem: setting.Problem, num_seeds: int, steps: int, device: str):
   """(c) The sequential PyTorch loop over ``num_seeds`` seeds. State: ``[(student, opt)]``."""
   import torch  # pylint: disable=g-import-not-at-top
-  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   c = problem.config
   seeds = [setting.torch_seed(problem, i, device) for i in range(num_seeds)]
   sync = _torch_sync(device)
@@ -220,12 +219,7 @@ def make_seq_torch(problem: setting.Problem, num_seeds: int, steps: int, device:
                                     momentum=c.momentum)
 
   def step_one(seed, student, opt, x):
-    with torch.no_grad():
-      target = seed.teacher(x)
-    loss = F.mse_loss(student(x), target)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    setting.torch_regression_step(seed.teacher, student, opt, x)
 
   def train_one(seed, student, opt, steps=steps):
     for _ in range(steps):
@@ -447,6 +441,16 @@ def torch_info(device) -> dict:
   return info
 
 
+def set_up_jax(cpu_devices: int, unrolled_threefry: bool) -> None:
+  """Before any JAX computation: ``cpu_devices`` CPU devices (0: one per core, as the
+  binaries) and, as the binaries, the unrolled threefry on CPU."""
+  if cpu_devices < 0:
+    raise ValueError(f'--cpu_devices must be >= 0, got {cpu_devices}')
+  sweep.use_all_cpu_cores(cpu_devices or None)
+  if unrolled_threefry:
+    sweep.use_unrolled_threefry_on_cpu()
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--seeds', default='1,8,32,128,512',
@@ -480,11 +484,7 @@ def main():
                       default=True,
                       help='unrolled threefry on CPU, as the binaries (--unrolled_threefry)')
   args = parser.parse_args()
-  if args.cpu_devices < 0:
-    raise ValueError(f'--cpu_devices must be >= 0, got {args.cpu_devices}')
-  sweep.use_all_cpu_cores(args.cpu_devices or None)  # before any JAX computation
-  if args.unrolled_threefry:
-    sweep.use_unrolled_threefry_on_cpu()
+  set_up_jax(args.cpu_devices, args.unrolled_threefry)
   global CLOCK
   CLOCK = CompileClock()
   seeds = [int(s) for s in args.seeds.split(',')]

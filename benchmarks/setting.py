@@ -266,6 +266,19 @@ def flops_per_student_step(c) -> dict:
 # ----------------------------------------------------------------------------
 
 
+def torch_regression_step(teacher, student, opt, x) -> None:
+  """One PyTorch training step of ``student`` on the MSE to ``teacher``'s outputs at ``x``
+  (the step a PyTorch user writes; every PyTorch peer of the benchmarks takes it)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  with torch.no_grad():
+    target = teacher(x)
+  loss = F.mse_loss(student(x), target)
+  opt.zero_grad(set_to_none=True)
+  loss.backward()
+  opt.step()
+
+
 def torch_mlp(params: Any, device):
   """A ``torch.nn.Sequential`` (Linear, ReLU, ..., Linear) holding Flax MLP ``params``."""
   import torch  # pylint: disable=g-import-not-at-top
