@@ -30,7 +30,6 @@ from experiments.configs import lowrank as lowrank_config
 from tsrobust import evaluate
 from tsrobust import io
 from tsrobust import lowrank
-from tsrobust import lowrank_eval
 from tsrobust import plotting
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'lowrank.py')
@@ -66,7 +65,7 @@ Run = lowrank.Run
 def build(config) -> lowrank.Run:
   """The run's seed keys, teachers / bases / students, optimizer, loss and evaluator."""
   return lowrank.build_run(
-      study.setting(config), lowrank.from_mapping(lowrank_eval.EvalSetting, config),
+      study.setting(config), study.eval_setting(config),
       study.attack_config(config), seed=config.seed, num_seeds=study.num_padded_seeds(config),
       optimizer=study.make_optimizer(config), loss=config.loss, batch_size=config.batch_size,
       mesh=study.mesh())

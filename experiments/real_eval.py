@@ -8,6 +8,7 @@ projector, and the attack ensemble judged by the oracle and / or the true labels
 the result columns, the correlations and the markdown / figure reports.
 """
 
+import dataclasses
 import os
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -23,6 +24,7 @@ from tsrobust import datasets
 from tsrobust import evaluate
 from tsrobust import image_eval
 from tsrobust import io
+from tsrobust import lowrank
 from tsrobust import methods
 from tsrobust import plotting
 from tsrobust import stats
@@ -77,15 +79,12 @@ def method_settings(config) -> methods.Settings:
 
 def setting(config) -> image_eval.ImageEvalSetting:
   """The ``image_eval.ImageEvalSetting`` of ``config`` (budgets in pixel units)."""
-  return image_eval.ImageEvalSetting(
-      budgets=tuple(budget(config, e) for e in config.eps),
+  same_names = lowrank.from_mapping(image_eval.ImageEvalSetting, config)
+  return dataclasses.replace(
+      same_names, budgets=tuple(budget(config, e) for e in config.eps),
       budget_names=tuple(budget_name(config, e) for e in config.eps),
-      attack_labels=attack_labels(config), attack_norm=config.attack_norm,
-      clip_range=clip_range(config), num_attack=config.num_attack,
-      eval_batch=config.eval_batch, tau=config.tau, probe_seed=config.seed,
-      probe_scale=config.probe_scale, convergence_points=config.convergence_points,
-      surrogate_temperature=config.surrogate_temperature,
-      ccat_pass_rate=config.ccat_pass_rate)
+      attack_labels=attack_labels(config), clip_range=clip_range(config),
+      probe_seed=config.seed)
 
 
 def evaluator(config, teacher: cnn.CNN, student: cnn.CNN, teacher_params,

@@ -115,10 +115,15 @@ def setting(config) -> lowrank.Setting:
   return lowrank.from_mapping(lowrank.Setting, config)
 
 
+def eval_setting(config) -> lowrank_eval.EvalSetting:
+  """The ``lowrank_eval.EvalSetting`` of a low-rank config (its fields of the same names)."""
+  return lowrank.from_mapping(lowrank_eval.EvalSetting, config)
+
+
 def lowrank_evaluator(config, problem: lowrank.Problem) -> lowrank_eval.LowRankEvaluator:
-  """The evaluator of a low-rank config's students (``lowrank_eval.EvalSetting`` fields)."""
+  """The evaluator of a low-rank config's students."""
   return lowrank_eval.LowRankEvaluator(
-      lowrank.from_mapping(lowrank_eval.EvalSetting, config), attack_config(config),
+      eval_setting(config), attack_config(config),
       problem.teacher, problem.student, num_train=config.num_train, mesh=mesh())
 
 
