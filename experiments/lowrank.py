@@ -102,17 +102,17 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
     if prepared is not None:
       logging.info('%d evaluation programs prepared in %.1fs beside the training', prepared,
                    warm.seconds)
+    kept = np.arange(projector.shape[0]) < config.num_seeds
     rows, ev = evaluator.evaluate(state.params, problem.teacher_params, projector, held,
-                                  full_rank=r == d,
+                                  full_rank=r == d, groups={'all': kept},
                                   progress=lambda what: cli.evaluation_progress(
                                       f'rank {r}, {what}'))
     rows = rows[:config.num_seeds]
-    kept = np.arange(len(ev.final[('oracle', 'full')])) < config.num_seeds
     checks[f'rank_{r}'] = evaluate.attack_checks(
         ev.result, ev.final, headline=study.headline_eps(config),
         attacks_run=evaluator.attack_config.attacks,
         convergence_points=evaluator.attack_config.convergence_points(), rows=kept,
-        doubled=ev.doubled)
+        convergence=summaries.group_convergence(ev, 'all'))
     for i, row in enumerate(rows):
       records.append({'rank': r, 'seed': i, 'train_loss': float(losses[i, -1])
                       if losses.size else None, **row})

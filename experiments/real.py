@@ -221,7 +221,8 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   # Students laid over the devices: each device maps the attacks over its own students.
   rows, ev = evaluator.students(study.shard(params),
                                 study.shard(methods_lib.tile(k_eval, len(points))), ccat_mask,
-                                progress=cli.evaluation_progress)
+                                progress=cli.evaluation_progress,
+                                groups=summaries.grid_groups(config, points))
   timings['evaluate'] = time.perf_counter() - t0
   logging.info('evaluated %d students in %.1fs', len(rows), timings['evaluate'])
   checks = summaries.method_attack_checks(config, points, ev, evaluator.attack_config,

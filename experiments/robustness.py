@@ -158,6 +158,7 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   held_all = methods_lib.tile(held, n_points)
   proj_all = methods_lib.tile(projector, n_points)
   rows, ev = evaluator.evaluate(params, tparams, proj_all, held_all, full_rank=False,
+                                groups=summaries.grid_groups(config, points),
                                 progress=lambda what: cli.evaluation_progress(
                                     f'the students, {what}'))
   sel = np.flatnonzero(np.repeat([methods_lib.METHODS[m].ccat_evaluation for m, _ in points],
@@ -174,7 +175,7 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
                             progress=lambda what: cli.evaluation_progress(
                                 f"CCAT students by CCAT's criterion, {what}"))
     ev = lowrank_eval.Evaluation(ev.result, evaluate.merge_ccat(ev.final, ev_c.final, sel),
-                                 ev.doubled)
+                                 ev.convergence)
     for row, a in zip(rows, study.attack_rows(config, ev, full_rank=False)):
       row.update(a)
     names = {float(e): study.eps_name(e) for e in config.eps}

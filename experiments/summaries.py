@@ -22,37 +22,66 @@ from tsrobust import stats
 SUBSPACE_TABLE_TITLE = 'Adversarial error by subspace and budget'
 
 
+def grid_groups(config, points) -> Dict[str, np.ndarray]:
+  """``{grid point name: [P * S] bool}``: each grid point's kept students (not the padded
+  seeds), in the order the binaries stack them (grid point, then seed)."""
+  s = study.num_padded_seeds(config)
+  groups = {}
+  for p, (method, hp) in enumerate(points):
+    rows = np.zeros(len(points) * s, bool)
+    rows[p * s:p * s + config.num_seeds] = True
+    groups[study.grid_point_name(method, hp)] = rows
+  return groups
+
+
+def group_convergence(ev: lowrank_eval.Evaluation, name: str):
+  """``evaluate.attack_checks``' ``convergence`` argument for group ``name`` (None: no
+  check ran, or the group had no students)."""
+  c = ev.convergence
+  if c is None or name not in c['groups']:
+    return None
+  return {'points': c['points'], 'threshold': c['threshold'], 'max_level': c['max_level'],
+          'group': c['groups'][name]}
+
+
 def method_attack_checks(config, points, ev: lowrank_eval.Evaluation,
                          attack_cfg: evaluate.AttackConfig,
                          headline: float) -> Dict[str, Any]:
   """``evaluate.attack_checks`` per grid point (its kept students), summarized.
 
   Per grid point, not per method: the variants of a method (AT at 0.5 and at 2,
-  say) differ in how hard they are to attack, and the convergence check
-  (``Evaluation.doubled``) must hold for each.
+  say) differ in how hard they are to attack, and the convergence check, with its
+  escalation (``Evaluation.convergence``, the evaluation run with ``grid_groups``), must
+  hold for each.
   """
-  s = study.num_padded_seeds(config)
   checks = {}
-  for p, (method, hp) in enumerate(points):
-    rows = np.zeros(len(points) * s, bool)
-    rows[p * s:p * s + config.num_seeds] = True
-    checks[study.grid_point_name(method, hp)] = evaluate.attack_checks(
+  for name, rows in grid_groups(config, points).items():
+    checks[name] = evaluate.attack_checks(
         ev.result, ev.final, headline=headline, attacks_run=attack_cfg.attacks,
-        convergence_points=attack_cfg.convergence_points(), rows=rows, doubled=ev.doubled)
+        convergence_points=attack_cfg.convergence_points(), rows=rows,
+        convergence=group_convergence(ev, name))
   summary = attack_checks_summary(config, checks)
   log_unconverged(summary)
   return summary
 
 
 def log_unconverged(checks: Mapping[str, Any]) -> None:
-  """A warning per group whose attack has not converged (``evaluate.doubling``)."""
+  """A warning per group whose attack has not converged (``evaluate.doubling``), and a line
+  per group that was escalated."""
   for name, g in checks['groups'].items():
     d = g.get('doubling')
-    if d is not None and not d['converged']:
+    if d is None:
+      continue
+    level = d.get('level', 0)
+    if level and d['converged']:
+      logging.info('%s: converged after %d escalation(s): the ensemble at %dx on every point',
+                   name, level, 2 ** level)
+    if not d['converged']:
       before, after = d['cells'][d['max_gain_cell']]
-      logging.warning('%s: the attack has not converged: doubling its iterations raises %s '
-                      'from %.3f to %.3f on the first %d points (its errors are lower bounds)',
-                      name, d['max_gain_cell'], before, after, d['points'])
+      logging.warning('%s: the attack has not converged (ensemble at %dx): doubling its '
+                      'iterations raises %s from %.3f to %.3f on the first %d points (its '
+                      'errors are lower bounds)', name, 2 ** level, d['max_gain_cell'],
+                      before, after, d['points'])
 
 
 def attack_checks_summary(config, checks: Mapping[str, Any]) -> Dict[str, Any]:
@@ -110,18 +139,25 @@ def doubling_markdown(summary: Mapping[str, Any]) -> str:
   threshold = first['threshold']
   head = next(iter(summary['groups'].values()))['headline_eps']  # as the attacks' budgets
   bad = [k for k, d in groups.items() if not d['converged']]
+  max_level = first.get('max_level', 0)
   lines = ['', '### Convergence: the ensemble with every iteration count doubled', '',
            f'On the first {first["points"]} attacked points of each student, the ensemble '
            f'with twice the iterations and queries (other random starts) attacks again; a '
            f'group has converged when that raises no error cell (label, subspace, budget) by '
            f'more than {threshold:g}. Errors are combined as in the evaluation (the doubled '
            f'run\'s successes added to the run\'s).', '']
+  if max_level:
+    lines += [f'A group that has not converged is escalated (at most {max_level} times, '
+              '`max_escalations`): the doubled ensemble attacks all its points, its successes '
+              'are added, and the check runs again with the ensemble doubled once more. '
+              '"Ensemble" is the largest run on every point of the group (1x: the '
+              'configured one); the check shown is the last one.', '']
   if bad:
     lines += [f'**Not converged: {", ".join(bad)}.** Their errors are lower bounds; a '
               f'stronger `attack.strength` (or more iterations) would find more.', '']
   else:
     lines += ['Every group has converged.', '']
-  cols = ['group', 'students', f'oracle, full, {head:g}: run / doubled',
+  cols = ['group', 'students', 'ensemble', f'oracle, full, {head:g}: run / doubled',
           'largest gain: cell', 'run / doubled', 'converged']
   lines += ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
   for name, d in groups.items():
@@ -129,7 +165,7 @@ def doubling_markdown(summary: Mapping[str, Any]) -> str:
     main = d['cells'].get(key)
     before, after = d['cells'][d['max_gain_cell']]
     lines.append('| ' + ' | '.join([
-        name, str(d['students']),
+        name, str(d['students']), f'{2 ** d.get("level", 0)}x',
         '-' if main is None else f'{main[0]:.3f} / {main[1]:.3f}',
         f'`{d["max_gain_cell"]}`', f'{before:.3f} / {after:.3f}',
         'yes' if d['converged'] else '**no**']) + ' |')

@@ -33,7 +33,13 @@ Measuring
                       (re-exported by ``evaluate``)
   ``outcomes``        an evaluation's ``Result``: worst case per example, invariants,
                       diagnostics, convergence check, records (re-exported by ``evaluate``)
+  ``escalation``      the convergence check per group of students, attacking harder where
+                      it fails
+  ``mechanism``       claim 3's mechanism: off-subspace weight movement, interventions
+                      (rescale, transplant), specialization snapshots during training
   ``stats``           correlations, bootstrap and Wilson intervals
+  ``clustered``       teacher-level inference: two-stage bootstrap, t-intervals over teachers,
+                      paired differences, pooled within-group correlation, coverage simulation
   ``check_results``   the invariants of robust errors in a ``results.csv``
                       (``python -m tsrobust.check_results RUN/results.csv``)
 

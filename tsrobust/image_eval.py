@@ -5,7 +5,8 @@ specialization per layer on the test set (and on off-subspace probes with a PCA
 subspace), clean accuracy and agreement, and the attack ensemble (``evaluate.Evaluator``,
 ``lax.map`` over students) judged by the oracle and / or the true labels, in the PCA
 subspace, its complement and unconstrained; with ``convergence_points > 0`` the doubled
-ensemble attacks the first points again. It is shaped as ``lowrank_eval.LowRankEvaluator``:
+ensemble attacks the first points again, per group of students, and escalates the groups
+where it finds more (``escalation.escalate``). It is shaped as ``lowrank_eval.LowRankEvaluator``:
 an ``ImageEvalSetting`` (defaults the MNIST study's), an ``evaluate.AttackConfig`` and the
 networks.
 """
@@ -21,6 +22,7 @@ import numpy as np
 from tsrobust import cnn
 from tsrobust import data
 from tsrobust import datasets
+from tsrobust import escalation
 from tsrobust import evaluate
 from tsrobust import lowrank_eval
 from tsrobust import rng
@@ -48,6 +50,7 @@ class ImageEvalSetting:
     probe_seed, probe_scale: the off-subspace probes' key ``fold_in(PRNGKey(probe_seed),
       rng.IMAGE_PROBES)`` and noise std.
     convergence_points: points the doubled ensemble attacks again (0: no check).
+    max_escalations: the most doublings of a group whose check fails (0: the check only).
     surrogate_temperature: ``apgd_pair``'s surrogate ReLU gradients (0: exact).
     ccat_pass_rate: CCAT's threshold passes this fraction of the agreeing clean points.
   """
@@ -62,6 +65,7 @@ class ImageEvalSetting:
   probe_seed: int = 0
   probe_scale: float = 0.15
   convergence_points: int = 25
+  max_escalations: int = 3
   surrogate_temperature: float = 0.1
   ccat_pass_rate: float = 0.99
 
@@ -172,13 +176,10 @@ class ImageEvaluator:
     kw = dict(norm=c.attack_norm, clip_range=c.clip_range, shared_teacher=True,
               shared_data=True, batching='map')
     surrogate = lowrank_eval.surrogate_apply(student, teacher, c.surrogate_temperature)
-    self.attacks = evaluate.Evaluator(s_apply, t_apply, config=self.attack_config,
-                                      surrogate_apply=surrogate, **kw)
-    self.doubled_attacks = None
-    if c.convergence_points:
-      self.doubled_attacks = evaluate.Evaluator(s_apply, t_apply,
-                                                config=self.attack_config.scaled(2),
-                                                surrogate_apply=surrogate, **kw)
+    make = lambda cfg: evaluate.Evaluator(s_apply, t_apply, config=cfg,
+                                          surrogate_apply=surrogate, **kw)
+    self.attacks = make(self.attack_config)
+    self.level_attacks = lowrank_eval.level_evaluators(make, self.attack_config)
     self.teacher_attacks = evaluate.Evaluator(t_apply, t_apply, config=self.attack_config, **kw)
     # Test-set predictions of a teacher-shaped network (the teacher, the robust model):
     # compiled once, streamed in eval_batch chunks.
@@ -245,13 +246,33 @@ class ImageEvaluator:
     """``adv_{label}_{where}_{eps}`` (ensemble, consistent) and ``..._{attack}`` (raw)."""
     return evaluate.records(ev.result, ev.final, self.names)
 
-  def students(self, params, keys, ccat_mask: np.ndarray, progress=None):
+  def _level_run(self, params, keys, progress):
+    """``escalation.escalate``'s ``run``: level ``L``'s ensemble on some students' points."""
+    multiple = self.mesh.devices.size
+
+    def run(level, students, start, stop):
+      idx = lowrank_eval.padded_students(students, multiple)
+      sp = sweep.shard_seeds(jax.tree_util.tree_map(lambda v: v[idx], params), self.mesh)
+      what = (f'convergence check at {2 ** level}x, {len(students)} students' if start == 0
+              else f'{len(students)} students attacked at {2 ** level}x (not converged)')
+      out = self.level_attacks(level).run(
+          sp, self.teacher_params, self.x_att[start:stop],
+          escalation.escalation_keys(jnp.asarray(keys)[idx], level),
+          labels=self.y_att[start:stop], eps=self.budgets, labels_kinds=self.labels,
+          projectors=self._projectors(len(idx)) or None, on_progress=progress(what))
+      return escalation.take_students(out, np.arange(len(students)))
+    return run
+
+  def students(self, params, keys, ccat_mask: np.ndarray, progress=None,
+               groups: Optional[Dict[str, np.ndarray]] = None):
     """Metrics of students ``params [P, ...]`` (``keys [P]`` attack keys).
 
     Returns ``(rows, Evaluation)``; CCAT students (``ccat_mask``) are also
     evaluated by CCAT's criterion (``ccat_err_*``, ``ccat_accepted_wrong_*``),
     and their accepted-and-wrong points count as oracle errors. ``progress``:
     ``what -> on_progress`` (``evaluate.Evaluator.run``), called once per evaluation.
+    ``groups``: ``{name: [P] bool}`` of the convergence check and its escalation
+    (``escalation.escalate``; default one group of all).
     """
     progress = progress or (lambda what: None)
     c = self.setting
@@ -271,14 +292,13 @@ class ImageEvaluator:
                   projectors=self._projectors(num) or None)
     result = self.attacks.run(params, self.teacher_params, self.x_att, keys, labels=self.y_att,
                               on_progress=progress(f'{num} students'), **kwargs)
-    doubled = None
-    if self.doubled_attacks is not None:  # the convergence check (evaluate.doubling)
-      x_check, keys_check = lowrank_eval.doubling_args(
-          self.x_att, keys, min(int(c.convergence_points), int(c.num_attack)), shared=True)
-      doubled = self.doubled_attacks.run(
-          params, self.teacher_params, x_check, keys_check, labels=self.y_att[:x_check.shape[0]],
-          on_progress=progress(f'convergence check, {num} students'), **kwargs)
-    ev = lowrank_eval.Evaluation(result, evaluate.combine(result), doubled)
+    convergence = None
+    if c.convergence_points:  # the convergence check, escalated where it fails
+      groups = {'all': np.ones(num, bool)} if groups is None else groups
+      result, convergence = escalation.escalate(
+          self._level_run(params, keys, progress), result, groups, c.convergence_points,
+          c.max_escalations)
+    ev = lowrank_eval.Evaluation(result, evaluate.combine(result), convergence)
     sel = np.flatnonzero(ccat_mask)
     for i in range(num):
       for b in sorted(self.budgets):
@@ -296,7 +316,8 @@ class ImageEvaluator:
                                on_progress=progress(f"{sel.size} CCAT students by CCAT's "
                                                     f'criterion'))
       fin_c = evaluate.combine(res_c)
-      ev = lowrank_eval.Evaluation(result, evaluate.merge_ccat(ev.final, fin_c, sel), doubled)
+      ev = lowrank_eval.Evaluation(result, evaluate.merge_ccat(ev.final, fin_c, sel),
+                                   convergence)
       for i, c_row, threshold in zip(sel, evaluate.ccat_records(res_c, fin_c, self.names),
                                      thresholds):
         rows[i].update(c_row, ccat_threshold=float(threshold))

@@ -5,8 +5,9 @@ specialization measures in and off the data subspace (``metrics.lowrank_speciali
 and the attack ensemble (``evaluate.Evaluator``) in S (``in``), in S_perp (``off``) and
 unconstrained (``full``), judged by the oracle and by the teacher's clean label; with
 ``convergence_points > 0`` the ensemble doubled (``AttackConfig.scaled(2)``) attacks the
-first points again (``evaluate.doubling``). ``metric_columns`` lists a student's columns;
-``attack_rows`` builds their ``adv_*`` part.
+first points again, per group of students, and groups where that still finds more are
+attacked harder, up to ``max_escalations`` doublings (``escalation.escalate``).
+``metric_columns`` lists a student's columns; ``attack_rows`` builds their ``adv_*`` part.
 
 Its arguments are an ``EvalSetting`` (names as the binaries' config fields, defaults the
 paper's) and an ``evaluate.AttackConfig`` (``evaluate.preset``).
@@ -21,16 +22,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from tsrobust import data
+from tsrobust import escalation
 from tsrobust import evaluate
 from tsrobust import metrics
 from tsrobust import models
-from tsrobust import rng
 from tsrobust import specialization
 from tsrobust import sweep
 
 __all__ = ['LABELS', 'EvalSetting', 'Evaluation', 'eps_name', 'adv_columns',
            'metric_columns', 'attack_rows', 'surrogate_apply', 'doubling_args',
-           'LowRankEvaluator']
+           'padded_students', 'level_evaluators', 'LowRankEvaluator']
 
 LABELS = ('oracle', 'fixed')  # the label kinds of the synthetic setting (evaluate.LABEL_KINDS)
 
@@ -48,6 +49,9 @@ class EvalSetting:
     tau: a teacher node is specialized when its best correlation is >= tau.
     num_attack: held-out points attacked per student.
     convergence_points: points the doubled ensemble attacks again (0: no check).
+    max_escalations: a group of students whose check fails is attacked again on all its
+      points by the doubled ensemble, then checked one level up, at most this many times
+      (``escalation.escalate``; 0: the check only).
     surrogate_temperature: ``apgd_pair`` follows ReLU gradients ``sigmoid(z / T)``
       (0: exact gradients).
     ccat_pass_rate: CCAT's threshold passes this fraction of the correctly
@@ -61,6 +65,7 @@ class EvalSetting:
   tau: float = 0.9
   num_attack: int = 512
   convergence_points: int = 128
+  max_escalations: int = 3
   surrogate_temperature: float = 0.1
   ccat_pass_rate: float = 0.99
 
@@ -92,11 +97,12 @@ def metric_columns(n_layers: int, eps: Sequence[Any], attacks_run: Sequence[str]
 
 
 class Evaluation(NamedTuple):
-  """The raw outcome of an evaluation: ``evaluate.Result``, its ``combine``d successes, and
-  the convergence check's ``Result`` (the doubled ensemble on the first points), if run."""
+  """The raw outcome of an evaluation: ``evaluate.Result`` (escalated groups' successes
+  included), its ``combine``d successes, and the convergence report per group
+  (``escalation.escalate``), if the check ran."""
   result: evaluate.Result
   final: Dict[Any, np.ndarray]
-  doubled: Optional[evaluate.Result] = None
+  convergence: Optional[Dict[str, Any]] = None
 
 
 def surrogate_apply(student, teacher, temperature: float):
@@ -113,8 +119,27 @@ def surrogate_apply(student, teacher, temperature: float):
 def doubling_args(x: jax.Array, keys: jax.Array, points: int, shared: bool = False):
   """The convergence check's inputs: the first ``points`` of ``x [S, N, ...]`` (or shared
   ``[N, ...]`` with ``shared=True``) and ``keys [S]`` folded with ``rng.CONVERGENCE_CHECK``."""
-  return (x[:points] if shared else x[:, :points]), jax.vmap(
-      lambda k: jax.random.fold_in(k, rng.CONVERGENCE_CHECK))(keys)
+  return (x[:points] if shared else x[:, :points]), escalation.escalation_keys(keys, 1)
+
+
+def padded_students(students: np.ndarray, multiple: int) -> np.ndarray:
+  """``students`` (indices) padded with its last to a multiple of ``multiple`` (the devices
+  a batch of students is laid over); the caller drops the padded rows' results."""
+  students = np.asarray(students, int)
+  pad = -len(students) % multiple
+  return np.concatenate([students, np.repeat(students[-1:], pad)])
+
+
+def level_evaluators(make: Callable[[evaluate.AttackConfig], evaluate.Evaluator],
+                     config: evaluate.AttackConfig) -> Callable[[int], evaluate.Evaluator]:
+  """``level -> evaluate.Evaluator`` of ``config.scaled(2 ** level)``, built once per level."""
+  cache = {}
+
+  def get(level):
+    if level not in cache:
+      cache[level] = make(config.scaled(2 ** level))
+    return cache[level]
+  return get
 
 
 class LowRankEvaluator:
@@ -166,13 +191,10 @@ class LowRankEvaluator:
     self._confidence = jax.jit(jax.vmap(confidence))
     self.attack_config = attack_config
     surrogate = surrogate_apply(student, teacher, c.surrogate_temperature)
-    self.attacks = evaluate.Evaluator(s_apply, t_apply, norm=c.attack_norm,
-                                      config=self.attack_config, surrogate_apply=surrogate)
-    self.doubled_attacks = None
-    if c.convergence_points:
-      self.doubled_attacks = evaluate.Evaluator(s_apply, t_apply, norm=c.attack_norm,
-                                                config=self.attack_config.scaled(2),
-                                                surrogate_apply=surrogate)
+    make = lambda cfg: evaluate.Evaluator(s_apply, t_apply, norm=c.attack_norm, config=cfg,
+                                          surrogate_apply=surrogate)
+    self.attacks = make(self.attack_config)
+    self.level_attacks = level_evaluators(make, self.attack_config)
 
   def shard(self, tree):
     """Lays a pytree with a leading seeds axis over ``mesh``."""
@@ -186,30 +208,51 @@ class LowRankEvaluator:
 
   def attack(self, params, teacher_params, projector, held, full_rank: bool,
              labels_kinds=LABELS, thresholds=None, check: bool = True,
+             groups: Optional[Dict[str, np.ndarray]] = None,
              progress: Optional[Callable[[str], Callable]] = None) -> Evaluation:
     """The attack ensemble in S (``in``), S_perp (``off``) and unconstrained (``full``).
 
     At full rank there is no complement and ``in`` is the whole space: only
     ``full`` is attacked (``rows`` copies it to ``in``). With ``check`` and
-    ``convergence_points > 0``, the doubled ensemble attacks the first points again
-    (``Evaluation.doubled``). ``progress``: ``what -> on_progress``
+    ``convergence_points > 0``, the doubled ensemble attacks the first points again, per
+    group of students (``groups``: ``{name: [S] bool}``, disjoint; default: one group of
+    all), and the groups where it finds more are escalated (``escalation.escalate``,
+    ``Evaluation.convergence``). ``progress``: ``what -> on_progress``
     (``evaluate.Evaluator.run``), called once per run of the ensemble.
     """
     progress = progress or (lambda what: None)
     args, kwargs = self._attack_args(params, teacher_params, projector, held, full_rank,
                                      labels_kinds, thresholds)
     result = self.attacks.run(*args, on_progress=progress('the ensemble'), **kwargs)
-    doubled = None
-    if check and self.doubled_attacks is not None:
-      doubled = self.doubled_attacks.run(*self._doubling_args(args),
-                                         on_progress=progress('the convergence check'),
-                                         **kwargs)
-    return Evaluation(result, evaluate.combine(result), doubled)
+    convergence = None
+    if check and self.setting.convergence_points:
+      num = projector.shape[0]
+      groups = {'all': np.ones(num, bool)} if groups is None else groups
+      result, convergence = escalation.escalate(
+          self._level_run(args, kwargs, progress), result, groups,
+          self.setting.convergence_points, self.setting.max_escalations)
+    return Evaluation(result, evaluate.combine(result), convergence)
 
-  def _doubling_args(self, args):
+  def _level_run(self, args, kwargs, progress):
+    """``escalation.escalate``'s ``run``: level ``L``'s ensemble on some students' points."""
     params, teacher_params, x, keys = args
-    points = min(int(self.setting.convergence_points), int(self.setting.num_attack))
-    return (params, teacher_params, *doubling_args(x, keys, points))
+    multiple = self.mesh.devices.size
+
+    def run(level, students, start, stop):
+      idx = padded_students(students, multiple)
+      pick = lambda tree: jax.tree_util.tree_map(lambda v: v[idx], tree)
+      kw = dict(kwargs)
+      kw['projectors'] = self.shard(pick(kwargs['projectors']))
+      if kwargs.get('thresholds') is not None:
+        kw['thresholds'] = np.asarray(kwargs['thresholds'])[idx]
+      sp, tp, xs, ks = self.shard((pick(params), pick(teacher_params),
+                                   pick(x)[:, start:stop], pick(keys)))
+      what = (f'the convergence check, {2 ** level}x' if start == 0 else
+              f'{len(students)} students attacked at {2 ** level}x (not converged)')
+      out = self.level_attacks(level).run(sp, tp, xs, escalation.escalation_keys(ks, level),
+                                          on_progress=progress(what), **kw)
+      return escalation.take_students(out, np.arange(len(students)))
+    return run
 
   def _attack_args(self, params, teacher_params, projector, held, full_rank, labels_kinds,
                    thresholds):
@@ -241,16 +284,21 @@ class LowRankEvaluator:
     args, kwargs = self._attack_args(params, teacher_params, projector, held, full_rank,
                                      LABELS, None)
     prepared = 1 + self.attacks.prepare(*args, **kwargs)
-    if self.doubled_attacks is not None:
-      prepared += self.doubled_attacks.prepare(*self._doubling_args(args), **kwargs)
+    if self.setting.convergence_points:  # the check on every student's first points
+      params, teacher_params, x, keys = args
+      points = min(int(self.setting.convergence_points), int(self.setting.num_attack))
+      prepared += self.level_attacks(1).prepare(params, teacher_params,
+                                                *doubling_args(x, keys, points), **kwargs)
     return prepared
 
   def evaluate(self, params, teacher_params, projector, held, full_rank: bool,
+               groups: Optional[Dict[str, np.ndarray]] = None,
                progress: Optional[Callable[[str], Callable]] = None):
     """Metrics of a batch of students ``[S, ...]``; off-subspace ones are None at full rank.
 
     Inputs are laid over the seeds mesh (``shard``); S must be a multiple of
-    the device count. ``progress``: as in ``attack``. Returns ``(rows, Evaluation)``.
+    the device count. ``groups`` and ``progress``: as in ``attack``. Returns
+    ``(rows, Evaluation)``.
     """
     num = projector.shape[0]
     d = projector.shape[-1]
@@ -258,7 +306,8 @@ class LowRankEvaluator:
     params, teacher_params, projector, held = self.shard(
         (params, teacher_params, projector, held))
     spec = sweep.to_host(self._spec(*self._spec_args(params, teacher_params, projector, held)))
-    ev = self.attack(params, teacher_params, projector, held, full_rank, progress=progress)
+    ev = self.attack(params, teacher_params, projector, held, full_rank, groups=groups,
+                     progress=progress)
     adv = attack_rows(ev, self.setting.eps, self.attack_config.attacks, full_rank)
     baseline = None if full_rank else specialization.random_cosine_baseline(d - rank)
     rows = []

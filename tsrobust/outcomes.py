@@ -141,7 +141,7 @@ def attack_checks(result: Result, final: Mapping[Tuple[str, str], np.ndarray],
                   headline: float, attacks_run: Sequence[str],
                   convergence_points: Sequence[int],
                   rows: Optional[np.ndarray] = None,
-                  doubled: Optional[Result] = None) -> Dict[str, Any]:
+                  convergence: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
   """Diagnostics of the raw attacks, before the invariants were enforced.
 
   Args:
@@ -150,7 +150,8 @@ def attack_checks(result: Result, final: Mapping[Tuple[str, str], np.ndarray],
     attacks_run: the attacks of the ensemble.
     convergence_points: APGD iteration counts of the convergence curve.
     rows: ``[S]`` bool, the students to count (e.g. one method's); default all.
-    doubled: the ensemble with its iterations doubled on the first points (``doubling``).
+    convergence: this group's convergence check (``escalation.escalate``'s report: its
+      ``points``, ``threshold`` and ``max_level``, and the group's entry as ``group``).
 
   Returns:
     A JSON-able dict: per attack and for the raw ensemble, the per-example
@@ -159,8 +160,9 @@ def attack_checks(result: Result, final: Mapping[Tuple[str, str], np.ndarray],
     ``check_invariants.py`` does; per (label, where, eps) the fraction of
     points broken only by Square and by each attack; the convergence of APGD
     (error after k iterations, untargeted APGD alone, full space, at the
-    headline budget) beside the ensemble's error; with ``doubled``, ``doubling``: this
-    group's entry of ``doubling`` (and its ``points``).
+    headline budget) beside the ensemble's error; with ``convergence``, ``doubling``: the
+    group's last check (``doubling``'s entry, with ``points``, ``threshold``, ``max_level``,
+    the escalation ``level`` reached and every level's ``checks``).
   """
   sel = np.ones(next(iter(final.values())).shape[0], bool) if rows is None else rows
   pick = lambda d: {k: v[sel] for k, v in d.items()}
@@ -192,10 +194,9 @@ def attack_checks(result: Result, final: Mapping[Tuple[str, str], np.ndarray],
     curve = {str(k): float(((fs[:, hi] <= k) | clean).mean()) for k in convergence_points}
     out['convergence'][label] = {'apgd_error_after_iterations': curve,
                                  'ensemble_error': float(fin[(label, 'full')][:, hi].mean())}
-  if doubled is not None:
-    check = doubling(result, doubled, {'group': sel})
-    out['doubling'] = {'points': check['points'], 'threshold': check['threshold'],
-                       **check['groups']['group']}
+  if convergence is not None:
+    out['doubling'] = {k: convergence[k] for k in ('points', 'threshold', 'max_level')}
+    out['doubling'].update(convergence['group'])
   return out
 
 

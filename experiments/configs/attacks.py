@@ -36,6 +36,7 @@ FIELDS = {
     },
     'surrogate_temperature': validation.Float(lo=0),
     'convergence_points': validation.Int(lo=0),
+    'max_escalations': validation.Int(lo=0),
 }
 
 
@@ -69,3 +70,7 @@ def add_attack_fields(c: ml_collections.ConfigDict, oracle_tolerance: float,
   # Convergence check: the ensemble with every iteration count doubled (other random keys)
   # attacks the first this-many attacked points again; 0: no check.
   c.convergence_points = convergence_points  # points the doubled ensemble attacks again
+  # A group of students (a grid point) whose check fails is attacked again on all its points
+  # by the doubled ensemble, then checked at 4x, ..., at most this many doublings; its
+  # errors are the union over the levels (0: the check only, nothing escalated).
+  c.max_escalations = 3
