@@ -113,6 +113,8 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
         attacks_run=evaluator.attack_config.attacks,
         convergence_points=evaluator.attack_config.convergence_points(), rows=kept,
         convergence=summaries.group_convergence(ev, 'all'))
+    if summaries.group_reference(ev, 'all') is not None:
+      checks[f'rank_{r}']['reference'] = summaries.group_reference(ev, 'all')
     for i, row in enumerate(rows):
       records.append({'rank': r, 'seed': i, 'train_loss': float(losses[i, -1])
                       if losses.size else None, **row})

@@ -175,7 +175,7 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
                             progress=lambda what: cli.evaluation_progress(
                                 f"CCAT students by CCAT's criterion, {what}"))
     ev = lowrank_eval.Evaluation(ev.result, evaluate.merge_ccat(ev.final, ev_c.final, sel),
-                                 ev.convergence)
+                                 ev.convergence, ev.reference)
     for row, a in zip(rows, study.attack_rows(config, ev, full_rank=False)):
       row.update(a)
     names = {float(e): study.eps_name(e) for e in config.eps}

@@ -44,6 +44,15 @@ def group_convergence(ev: lowrank_eval.Evaluation, name: str):
           'group': c['groups'][name]}
 
 
+def group_reference(ev: lowrank_eval.Evaluation, name: str):
+  """Group ``name``'s reference check (``escalation.reference_check``), with its ``points``
+  and ``threshold``; None when it did not run."""
+  r = ev.reference
+  if r is None or name not in r['groups']:
+    return None
+  return {'points': r['points'], 'threshold': r['threshold'], **r['groups'][name]}
+
+
 def method_attack_checks(config, points, ev: lowrank_eval.Evaluation,
                          attack_cfg: evaluate.AttackConfig,
                          headline: float) -> Dict[str, Any]:
@@ -60,14 +69,17 @@ def method_attack_checks(config, points, ev: lowrank_eval.Evaluation,
         ev.result, ev.final, headline=headline, attacks_run=attack_cfg.attacks,
         convergence_points=attack_cfg.convergence_points(), rows=rows,
         convergence=group_convergence(ev, name))
+    ref = group_reference(ev, name)
+    if ref is not None:
+      checks[name]['reference'] = ref
   summary = attack_checks_summary(config, checks)
   log_unconverged(summary)
   return summary
 
 
 def log_unconverged(checks: Mapping[str, Any]) -> None:
-  """A warning per group whose attack has not converged (``evaluate.doubling``), and a line
-  per group that was escalated."""
+  """A warning per group whose attack has not converged (``evaluate.doubling``) or is below
+  the reference check, and a line per group that was escalated."""
   for name, g in checks['groups'].items():
     d = g.get('doubling')
     if d is None:
@@ -82,6 +94,13 @@ def log_unconverged(checks: Mapping[str, Any]) -> None:
                       'iterations raises %s from %.3f to %.3f on the first %d points (its '
                       'errors are lower bounds)', name, 2 ** level, d['max_gain_cell'],
                       before, after, d['points'])
+  for name, g in checks['groups'].items():
+    r = g.get('reference')
+    if r is not None and not r['converged']:
+      before, after = r['cells'][r['max_gain_cell']]
+      logging.warning('%s: the reference ensemble raises %s from %.3f to %.3f on the first %d '
+                      'points: the evaluation is below the reference', name,
+                      r['max_gain_cell'], before, after, r['points'])
 
 
 def attack_checks_summary(config, checks: Mapping[str, Any]) -> Dict[str, Any]:
@@ -127,7 +146,7 @@ def attack_checks_markdown(summary: Mapping[str, Any]) -> str:
                               conv['apgd_error_after_iterations'].items()))
       cells.append(f"{conv['ensemble_error']:.3f}")
     lines.append('| ' + ' | '.join(cells) + ' |')
-  return '\n'.join(lines) + '\n' + doubling_markdown(summary)
+  return '\n'.join(lines) + '\n' + doubling_markdown(summary) + reference_markdown(summary)
 
 
 def doubling_markdown(summary: Mapping[str, Any]) -> str:
@@ -167,6 +186,35 @@ def doubling_markdown(summary: Mapping[str, Any]) -> str:
     lines.append('| ' + ' | '.join([
         name, str(d['students']), f'{2 ** d.get("level", 0)}x',
         '-' if main is None else f'{main[0]:.3f} / {main[1]:.3f}',
+        f'`{d["max_gain_cell"]}`', f'{before:.3f} / {after:.3f}',
+        'yes' if d['converged'] else '**no**']) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def reference_markdown(summary: Mapping[str, Any]) -> str:
+  """The reference check per group (``escalation.reference_check``): '' when it did not run."""
+  groups = {k: g['reference'] for k, g in summary['groups'].items() if 'reference' in g}
+  if not groups:
+    return ''
+  first = next(iter(groups.values()))
+  head = next(iter(summary['groups'].values()))['headline_eps']
+  bad = [k for k, d in groups.items() if not d['converged']]
+  lines = ['', '### Reference check: the `reference` ensemble on the first points', '',
+           f'On the first {first["points"]} attacked points of each student, the `reference` '
+           'preset\'s ensemble (restarts, Square 10,000 queries, `apgd_pair` 500 iterations '
+           'x 18 pairs x 2 restarts; other random starts) attacks after the evaluation; its '
+           'successes are added to the evaluation\'s. A group agrees with the reference when '
+           f'no error cell rises by more than {first["threshold"]:g}.', '']
+  lines += ([f'**Below the reference by more than {first["threshold"]:g}: {", ".join(bad)}.**',
+             ''] if bad else ['Every group is within the threshold of the reference.', ''])
+  cols = ['group', 'students', f'oracle, full, {head:g}: run / with reference',
+          'largest gain: cell', 'run / with reference', 'within']
+  lines += ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
+  for name, d in groups.items():
+    main = d['cells'].get(f'oracle_full_{head:g}')
+    before, after = d['cells'][d['max_gain_cell']]
+    lines.append('| ' + ' | '.join([
+        name, str(d['students']), '-' if main is None else f'{main[0]:.3f} / {main[1]:.3f}',
         f'`{d["max_gain_cell"]}`', f'{before:.3f} / {after:.3f}',
         'yes' if d['converged'] else '**no**']) + ' |')
   return '\n'.join(lines) + '\n'

@@ -201,3 +201,32 @@ def test_the_evaluator_escalates_only_unconverged_groups(evaluations):
   final_esc = evaluate.error_rates(esc.final)
   for k, v in final_plain.items():
     assert (final_esc[k] >= v - 1e-12).all()
+
+
+def test_reference_check_known_answer():
+  h = _hardness()
+  base = _result(h, 0, np.arange(6), 0, 8)
+  result, _ = escalation.escalate(lambda lv, st, a, b: _result(h, lv, st, a, b), base, GROUPS,
+                                  4, 1)
+  seen = []
+
+  def reference(students, start, stop):  # as strong as level 5
+    seen.append((tuple(students.tolist()), start, stop))
+    return _result(h, 5, students, start, stop)
+  ref = escalation.reference_check(reference, result, GROUPS, 4)
+  assert seen == [((0, 1, 2, 3, 4, 5), 0, 4)]
+  g = ref['groups']
+  assert g['a']['converged'] and g['b']['converged']  # a breaks at 0, b's point at 1
+  # c escalated to level 1 breaks points 0-1 of the first four; level 5 breaks all four.
+  assert g['c']['cells']['oracle_full_1'] == [0.5, 1.0] and not g['c']['converged']
+  with pytest.raises(ValueError, match='points'):
+    escalation.reference_check(reference, result, GROUPS, 0)
+
+
+def test_with_budget_of_keeps_the_criteria():
+  cfg = evaluate.preset('fast', oracle_tolerance=0.05, oracle_loss='mse', pair_smoothing=0.0)
+  ref = cfg.with_budget_of('reference')
+  assert (ref.oracle_tolerance, ref.oracle_loss, ref.pair_smoothing) == (0.05, 'mse', 0.0)
+  assert (ref.square_queries, ref.pair_restarts) == (10000, 2)
+  with pytest.raises(ValueError, match='strength'):
+    cfg.with_budget_of('huge')

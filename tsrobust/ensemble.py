@@ -173,6 +173,21 @@ class AttackConfig:
         apgd_t_steps=self.apgd_t_steps * factor, square_queries=self.square_queries * factor,
         pair_steps=self.pair_steps * factor)
 
+  def with_budget_of(self, strength: str) -> 'AttackConfig':
+    """This ensemble's criteria (oracle tolerance and loss, PGD's step factor, the pair
+    attack's smoothing, Square's ``p_init``) with the iterations, restarts, targets and
+    queries of preset ``strength``: e.g. the reference check's ensemble.
+
+    >>> cfg = preset('standard', oracle_tolerance=0.05).with_budget_of('reference')
+    >>> (cfg.oracle_tolerance, cfg.square_queries)
+    (0.05, 10000)
+    """
+    if strength not in PRESETS:
+      raise ValueError(f'strength must be one of {STRENGTHS}, got {strength!r}')
+    keep = ('pgd_step_factor', 'square_p_init', 'pair_smoothing', 'oracle_loss',
+            'oracle_tolerance')
+    return dataclasses.replace(PRESETS[strength], **{k: getattr(self, k) for k in keep})
+
   def convergence_points(self) -> Tuple[int, ...]:
     """APGD iteration counts at which its error is reported (1/4, 1/2, all)."""
     n = self.apgd_steps

@@ -15,6 +15,10 @@ and its errors are the union of their successes (then ``outcomes.combine``). Gro
 converge at level 0 are attacked exactly as without escalation: their results do not
 change. A group still not converged at ``max_level`` reports lower bounds, and says so.
 
+``reference_check`` compares the evaluation, per group, with a much stronger ensemble (the
+``reference`` preset) on the first points: the test that the escalated default has
+converged, too costly for every run.
+
 ``escalate`` is numpy glue around a ``run`` callback, so the low-rank and the image
 evaluators (``lowrank_eval``, ``image_eval``) share it; ``take_students``,
 ``concat_points`` and ``add_successes`` are its operations on ``outcomes.Result``.
@@ -28,7 +32,8 @@ import numpy as np
 from tsrobust import outcomes
 from tsrobust import rng
 
-__all__ = ['escalation_keys', 'take_students', 'concat_points', 'add_successes', 'escalate']
+__all__ = ['escalation_keys', 'reference_keys', 'take_students', 'concat_points',
+           'add_successes', 'escalate', 'reference_check']
 
 Result = outcomes.Result
 
@@ -43,6 +48,11 @@ def escalation_keys(keys: jax.Array, level: int) -> jax.Array:
   if level > 1:
     out = jax.vmap(lambda k: jax.random.fold_in(k, level))(out)
   return out
+
+
+def reference_keys(keys: jax.Array) -> jax.Array:
+  """``[S]`` attack keys of the reference check: ``fold_in(key, rng.REFERENCE_CHECK)``."""
+  return jax.vmap(lambda k: jax.random.fold_in(k, rng.REFERENCE_CHECK))(keys)
 
 
 def _map(result: Result, fn: Callable[[np.ndarray], np.ndarray]) -> Result:
@@ -126,12 +136,7 @@ def escalate(run: Callable[[int, np.ndarray, int, int], Result], base: Result,
   n = min(int(check_points), num_points)
   if n < 1:
     raise ValueError(f'check_points must be >= 1, got {check_points!r}')
-  masks = {}
-  for name, sel in groups.items():
-    sel = np.asarray(sel, bool)
-    if sel.shape != (num,):
-      raise ValueError(f'group {name!r} must be a [{num}] bool mask, got shape {sel.shape}')
-    masks[name] = sel
+  masks = _masks(groups, num)
   taken = sum(m.astype(int) for m in masks.values()) if masks else np.zeros(num, int)
   if np.any(taken > 1):
     raise ValueError('groups must be disjoint; students '
@@ -163,3 +168,47 @@ def escalate(run: Callable[[int, np.ndarray, int, int], Result], base: Result,
     r.update({k: v for k, v in r['checks'][-1].items() if k != 'level'})
   return result, {'points': int(n), 'threshold': threshold, 'max_level': int(max_level),
                   'groups': report}
+
+
+def _masks(groups: Mapping[str, np.ndarray], num: int) -> Dict[str, np.ndarray]:
+  masks = {}
+  for name, sel in groups.items():
+    sel = np.asarray(sel, bool)
+    if sel.shape != (num,):
+      raise ValueError(f'group {name!r} must be a [{num}] bool mask, got shape {sel.shape}')
+    masks[name] = sel
+  return masks
+
+
+def reference_check(run: Callable[[np.ndarray, int, int], Result], result: Result,
+                    groups: Mapping[str, np.ndarray], points: int,
+                    threshold: float = outcomes.CONVERGED_GAIN) -> Dict[str, Any]:
+  """The evaluation against a reference ensemble on each group's first points.
+
+  Args:
+    run: ``run(students, start, stop)``: the reference ensemble (e.g.
+      ``AttackConfig.with_budget_of('reference')``, keys ``reference_keys``) on those
+      students' points ``start:stop``.
+    result: the evaluation (escalated groups' successes included), ``[S, E, N]``.
+    groups: ``{name: [S] bool}``; students in no group are not attacked.
+    points: the first ``n = min(points, N)`` points of every student.
+    threshold: the largest gain that counts as agreeing with the reference.
+
+  Returns:
+    ``{'points', 'threshold', 'groups'}``, per group ``outcomes.doubling``'s entry with the
+    reference in place of the doubled ensemble: per cell ``[evaluation, evaluation and
+    reference together]``, ``max_gain``, its cell, and ``converged`` (within ``threshold``
+    of the reference: the union is at least as strong as the reference alone).
+  """
+  num, num_points = next(iter(result.success.values())).shape[::2]
+  n = min(int(points), num_points)
+  if n < 1:
+    raise ValueError(f'points must be >= 1, got {points!r}')
+  masks = {g: m for g, m in _masks(groups, num).items() if m.any()}
+  if not masks:
+    return {'points': n, 'threshold': threshold, 'groups': {}}
+  students = np.flatnonzero(np.any(list(masks.values()), axis=0))
+  ref = run(students, 0, n)
+  d = outcomes.doubling(take_students(result, students), ref,
+                        {g: m[students] for g, m in masks.items()}, threshold)
+  return {'points': int(n), 'threshold': threshold, 'groups': d['groups']}

@@ -51,6 +51,8 @@ class ImageEvalSetting:
       rng.IMAGE_PROBES)`` and noise std.
     convergence_points: points the doubled ensemble attacks again (0: no check).
     max_escalations: the most doublings of a group whose check fails (0: the check only).
+    reference_points: the ``reference`` ensemble's check on each group's first points (0:
+      none; ``escalation.reference_check``).
     surrogate_temperature: ``apgd_pair``'s surrogate ReLU gradients (0: exact).
     ccat_pass_rate: CCAT's threshold passes this fraction of the agreeing clean points.
   """
@@ -66,6 +68,7 @@ class ImageEvalSetting:
   probe_scale: float = 0.15
   convergence_points: int = 25
   max_escalations: int = 3
+  reference_points: int = 0
   surrogate_temperature: float = 0.1
   ccat_pass_rate: float = 0.99
 
@@ -180,6 +183,8 @@ class ImageEvaluator:
                                           surrogate_apply=surrogate, **kw)
     self.attacks = make(self.attack_config)
     self.level_attacks = lowrank_eval.level_evaluators(make, self.attack_config)
+    self.reference_attacks = (make(self.attack_config.with_budget_of('reference'))
+                              if c.reference_points else None)
     self.teacher_attacks = evaluate.Evaluator(t_apply, t_apply, config=self.attack_config, **kw)
     # Test-set predictions of a teacher-shaped network (the teacher, the robust model):
     # compiled once, streamed in eval_batch chunks.
@@ -246,20 +251,18 @@ class ImageEvaluator:
     """``adv_{label}_{where}_{eps}`` (ensemble, consistent) and ``..._{attack}`` (raw)."""
     return evaluate.records(ev.result, ev.final, self.names)
 
-  def _level_run(self, params, keys, progress):
-    """``escalation.escalate``'s ``run``: level ``L``'s ensemble on some students' points."""
+  def _subset_run(self, attacks, fold_keys, params, keys, on_progress):
+    """``(students, start, stop) -> Result``: ``attacks`` on those students' points with keys
+    ``fold_keys(keys)`` (``escalation.escalate`` / ``reference_check``'s ``run``)."""
     multiple = self.mesh.devices.size
 
-    def run(level, students, start, stop):
+    def run(students, start, stop):
       idx = lowrank_eval.padded_students(students, multiple)
       sp = sweep.shard_seeds(jax.tree_util.tree_map(lambda v: v[idx], params), self.mesh)
-      what = (f'convergence check at {2 ** level}x, {len(students)} students' if start == 0
-              else f'{len(students)} students attacked at {2 ** level}x (not converged)')
-      out = self.level_attacks(level).run(
-          sp, self.teacher_params, self.x_att[start:stop],
-          escalation.escalation_keys(jnp.asarray(keys)[idx], level),
+      out = attacks.run(
+          sp, self.teacher_params, self.x_att[start:stop], fold_keys(jnp.asarray(keys)[idx]),
           labels=self.y_att[start:stop], eps=self.budgets, labels_kinds=self.labels,
-          projectors=self._projectors(len(idx)) or None, on_progress=progress(what))
+          projectors=self._projectors(len(idx)) or None, on_progress=on_progress)
       return escalation.take_students(out, np.arange(len(students)))
     return run
 
@@ -292,13 +295,22 @@ class ImageEvaluator:
                   projectors=self._projectors(num) or None)
     result = self.attacks.run(params, self.teacher_params, self.x_att, keys, labels=self.y_att,
                               on_progress=progress(f'{num} students'), **kwargs)
-    convergence = None
+    convergence = reference = None
+    groups = {'all': np.ones(num, bool)} if groups is None else groups
     if c.convergence_points:  # the convergence check, escalated where it fails
-      groups = {'all': np.ones(num, bool)} if groups is None else groups
-      result, convergence = escalation.escalate(
-          self._level_run(params, keys, progress), result, groups, c.convergence_points,
-          c.max_escalations)
-    ev = lowrank_eval.Evaluation(result, evaluate.combine(result), convergence)
+      def level_run(level, students, start, stop):
+        what = (f'convergence check at {2 ** level}x, {len(students)} students' if start == 0
+                else f'{len(students)} students attacked at {2 ** level}x (not converged)')
+        return self._subset_run(self.level_attacks(level),
+                                lambda k: escalation.escalation_keys(k, level), params, keys,
+                                progress(what))(students, start, stop)
+      result, convergence = escalation.escalate(level_run, result, groups,
+                                                c.convergence_points, c.max_escalations)
+    if self.reference_attacks is not None:
+      reference = escalation.reference_check(
+          self._subset_run(self.reference_attacks, escalation.reference_keys, params, keys,
+                           progress('reference check')), result, groups, c.reference_points)
+    ev = lowrank_eval.Evaluation(result, evaluate.combine(result), convergence, reference)
     sel = np.flatnonzero(ccat_mask)
     for i in range(num):
       for b in sorted(self.budgets):
@@ -317,7 +329,7 @@ class ImageEvaluator:
                                                     f'criterion'))
       fin_c = evaluate.combine(res_c)
       ev = lowrank_eval.Evaluation(result, evaluate.merge_ccat(ev.final, fin_c, sel),
-                                   convergence)
+                                   convergence, reference)
       for i, c_row, threshold in zip(sel, evaluate.ccat_records(res_c, fin_c, self.names),
                                      thresholds):
         rows[i].update(c_row, ccat_threshold=float(threshold))

@@ -52,6 +52,10 @@ class EvalSetting:
     max_escalations: a group of students whose check fails is attacked again on all its
       points by the doubled ensemble, then checked one level up, at most this many times
       (``escalation.escalate``; 0: the check only).
+    reference_points: with N > 0, the ``reference`` preset's ensemble attacks each group's
+      first N points after the evaluation and reports how much it adds
+      (``escalation.reference_check``; costly: for checking the defaults, not for routine
+      runs).
     surrogate_temperature: ``apgd_pair`` follows ReLU gradients ``sigmoid(z / T)``
       (0: exact gradients).
     ccat_pass_rate: CCAT's threshold passes this fraction of the correctly
@@ -66,6 +70,7 @@ class EvalSetting:
   num_attack: int = 512
   convergence_points: int = 128
   max_escalations: int = 3
+  reference_points: int = 0
   surrogate_temperature: float = 0.1
   ccat_pass_rate: float = 0.99
 
@@ -103,6 +108,7 @@ class Evaluation(NamedTuple):
   result: evaluate.Result
   final: Dict[Any, np.ndarray]
   convergence: Optional[Dict[str, Any]] = None
+  reference: Optional[Dict[str, Any]] = None  # escalation.reference_check's report
 
 
 def surrogate_apply(student, teacher, temperature: float):
@@ -195,6 +201,8 @@ class LowRankEvaluator:
                                           surrogate_apply=surrogate)
     self.attacks = make(self.attack_config)
     self.level_attacks = level_evaluators(make, self.attack_config)
+    self.reference_attacks = (make(self.attack_config.with_budget_of('reference'))
+                              if c.reference_points else None)
 
   def shard(self, tree):
     """Lays a pytree with a leading seeds axis over ``mesh``."""
@@ -224,21 +232,32 @@ class LowRankEvaluator:
     args, kwargs = self._attack_args(params, teacher_params, projector, held, full_rank,
                                      labels_kinds, thresholds)
     result = self.attacks.run(*args, on_progress=progress('the ensemble'), **kwargs)
-    convergence = None
+    convergence = reference = None
+    groups = {'all': np.ones(projector.shape[0], bool)} if groups is None else groups
     if check and self.setting.convergence_points:
-      num = projector.shape[0]
-      groups = {'all': np.ones(num, bool)} if groups is None else groups
+      def level_run(level, students, start, stop):
+        what = (f'the convergence check, {2 ** level}x' if start == 0 else
+                f'{len(students)} students attacked at {2 ** level}x (not converged)')
+        return self._subset_run(self.level_attacks(level),
+                                lambda k: escalation.escalation_keys(k, level), args, kwargs,
+                                progress(what))(students, start, stop)
       result, convergence = escalation.escalate(
-          self._level_run(args, kwargs, progress), result, groups,
-          self.setting.convergence_points, self.setting.max_escalations)
-    return Evaluation(result, evaluate.combine(result), convergence)
+          level_run, result, groups, self.setting.convergence_points,
+          self.setting.max_escalations)
+    if check and self.reference_attacks is not None:
+      reference = escalation.reference_check(
+          self._subset_run(self.reference_attacks, escalation.reference_keys, args, kwargs,
+                           progress('the reference check')),
+          result, groups, self.setting.reference_points)
+    return Evaluation(result, evaluate.combine(result), convergence, reference)
 
-  def _level_run(self, args, kwargs, progress):
-    """``escalation.escalate``'s ``run``: level ``L``'s ensemble on some students' points."""
+  def _subset_run(self, attacks, fold_keys, args, kwargs, on_progress):
+    """``(students, start, stop) -> Result``: ``attacks`` on those students' points, with
+    keys ``fold_keys(keys)`` (``escalation.escalate`` / ``reference_check``'s ``run``)."""
     params, teacher_params, x, keys = args
     multiple = self.mesh.devices.size
 
-    def run(level, students, start, stop):
+    def run(students, start, stop):
       idx = padded_students(students, multiple)
       pick = lambda tree: jax.tree_util.tree_map(lambda v: v[idx], tree)
       kw = dict(kwargs)
@@ -247,10 +266,7 @@ class LowRankEvaluator:
         kw['thresholds'] = np.asarray(kwargs['thresholds'])[idx]
       sp, tp, xs, ks = self.shard((pick(params), pick(teacher_params),
                                    pick(x)[:, start:stop], pick(keys)))
-      what = (f'the convergence check, {2 ** level}x' if start == 0 else
-              f'{len(students)} students attacked at {2 ** level}x (not converged)')
-      out = self.level_attacks(level).run(sp, tp, xs, escalation.escalation_keys(ks, level),
-                                          on_progress=progress(what), **kw)
+      out = attacks.run(sp, tp, xs, fold_keys(ks), on_progress=on_progress, **kw)
       return escalation.take_students(out, np.arange(len(students)))
     return run
 

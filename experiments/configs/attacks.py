@@ -37,6 +37,7 @@ FIELDS = {
     'surrogate_temperature': validation.Float(lo=0),
     'convergence_points': validation.Int(lo=0),
     'max_escalations': validation.Int(lo=0),
+    'reference_points': validation.Int(lo=0),
 }
 
 
@@ -74,3 +75,7 @@ def add_attack_fields(c: ml_collections.ConfigDict, oracle_tolerance: float,
   # by the doubled ensemble, then checked at 4x, ..., at most this many doublings; its
   # errors are the union over the levels (0: the check only, nothing escalated).
   c.max_escalations = 3
+  # With N > 0, the `reference` preset's ensemble (well beyond `strong`; ~30x `standard`)
+  # attacks each group's first N points after the evaluation: how far the default is from it
+  # (costly).
+  c.reference_points = 0
