@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,6 +52,59 @@ def test_seed_keys_per_seed_and_shared():
     # The students' own streams do not depend on sharing the teacher.
     np.testing.assert_array_equal(shared.student[s], per_seed.student[s])
     np.testing.assert_array_equal(shared.train[s], per_seed.train[s])
+
+
+def _old_seed_keys(seed, num_seeds):
+  """The keys of every seed as they were before teachers had students: seed ``s`` splits
+  ``fold_in(PRNGKey(seed), s)`` into the five streams, in order."""
+  master = jax.random.PRNGKey(seed)
+  return {name: np.stack([np.asarray(jax.random.split(jax.random.fold_in(master, s), 5)[i])
+                          for s in range(num_seeds)])
+          for i, name in enumerate(rng.LOWRANK_STREAMS)}
+
+
+def test_one_student_per_teacher_keeps_every_key():
+  """students_per_teacher = 1 (the default): every key bit-identical to the old ones."""
+  old = _old_seed_keys(5, 6)
+  for keys in (lowrank.seed_keys(5, 6), lowrank.seed_keys(5, 6, True, 1)):
+    for name in rng.LOWRANK_STREAMS:
+      np.testing.assert_array_equal(np.asarray(getattr(keys, name)), old[name], err_msg=name)
+  assert lowrank.teacher_ids(6).tolist() == list(range(6))
+
+
+def test_students_of_one_teacher_share_its_teacher_and_basis():
+  k1 = lowrank.seed_keys(0, 7)
+  k2 = lowrank.seed_keys(0, 7, students_per_teacher=2)
+  assert lowrank.teacher_ids(7, True, 2).tolist() == [0, 0, 1, 1, 2, 2, 3]
+  for s in range(7):
+    first = (s // 2) * 2  # the teacher's first seed
+    np.testing.assert_array_equal(k2.teacher[s], k1.teacher[first])
+    np.testing.assert_array_equal(k2.basis[s], k1.basis[first])
+    for name in ('student', 'train', 'eval'):  # the student's own streams
+      np.testing.assert_array_equal(getattr(k2, name)[s], getattr(k1, name)[s])
+  setting = lowrank.Setting(d=6, teacher_hidden=(3,), out_dim=3, width_mult=2,
+                            students_per_teacher=2)
+  problem = lowrank.build_problem(setting, k2)
+  seed = lambda tree, i: jax.tree_util.tree_map(lambda v: np.asarray(v[i]), tree)
+  # Seeds 0 and 1: one teacher and basis, two initial students; seed 2: another teacher.
+  chex.assert_trees_all_equal(seed(problem.teacher_params, 0), seed(problem.teacher_params, 1))
+  np.testing.assert_array_equal(problem.bases[0], problem.bases[1])
+  assert not np.array_equal(problem.bases[0], problem.bases[2])
+  kernel = lambda params, i: seed(params, i)['params']['hidden_0']['kernel']
+  assert not np.array_equal(kernel(problem.student_params, 0), kernel(problem.student_params, 1))
+  assert not np.array_equal(kernel(problem.teacher_params, 0), kernel(problem.teacher_params, 2))
+  # The run's keys follow the setting's field.
+  assert lowrank.teacher_ids(4, False, 2).tolist() == [0, 0, 0, 0]
+  shared = lowrank.seed_keys(0, 4, False, 2)
+  np.testing.assert_array_equal(shared.teacher, lowrank.seed_keys(0, 4, False).teacher)
+
+
+@pytest.mark.parametrize('bad', [0, -1, 1.5, True])
+def test_students_per_teacher_must_be_a_positive_integer(bad):
+  with pytest.raises(ValueError, match='students_per_teacher must be an integer >= 1'):
+    lowrank.seed_keys(0, 4, True, bad)
+  with pytest.raises(ValueError, match='students_per_teacher must be an integer >= 1'):
+    lowrank.teacher_ids(4, True, bad)
 
 
 def test_problem_from_explicit_arguments():

@@ -7,7 +7,8 @@ learn from its outputs. Everything is per seed, on a leading seeds axis:
 
 * ``Setting``: the setting's arguments, defaults the paper's (d = 40, a
   40 -> 10 -> 10 teacher, students 5x as wide, online data);
-* ``seed_keys``: the named key streams of every seed (``rng.LOWRANK_STREAMS``);
+* ``seed_keys``: the named key streams of every seed (``rng.LOWRANK_STREAMS``),
+  seeds grouped ``students_per_teacher`` to a teacher (``teacher_ids``);
 * ``build_problem``: teachers, nested subspace bases and initial students;
 * ``rank_projector``, ``lowrank_args``, ``data_scale``, ``sampler``: the
   training data at rank r, as ``train.train_seeds``' ``data_args``;
@@ -26,10 +27,12 @@ have the same names); a user builds one directly:
 
 import dataclasses
 import functools
+import numbers
 from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tsrobust import data
 from tsrobust import evaluate
@@ -39,9 +42,9 @@ from tsrobust import rng
 from tsrobust import sweep
 from tsrobust import train
 
-__all__ = ['Setting', 'SeedKeys', 'seed_keys', 'Problem', 'build_problem', 'rank_projector',
-           'lowrank_args', 'data_scale', 'sampler', 'from_mapping', 'Run', 'build_run',
-           'rank_inputs']
+__all__ = ['Setting', 'SeedKeys', 'teacher_ids', 'seed_keys', 'Problem', 'build_problem',
+           'rank_projector', 'lowrank_args', 'data_scale', 'sampler', 'from_mapping', 'Run',
+           'build_run', 'rank_inputs']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +58,11 @@ class Setting:
     use_bias: teacher and student layers have biases.
     teacher_bias_scale: teacher biases ~ N(0, scale^2).
     strength_decay: fan-out of teacher hidden node j scaled by (j + 1)^-decay.
-    teacher_per_seed: each seed draws its own teacher and basis (False: one shared).
+    teacher_per_seed: every teacher of the seeds axis draws its own network and basis
+      (False: one teacher and basis shared by every seed).
+    students_per_teacher: K, seeds per teacher: seed ``s`` is a student of teacher
+      ``s // K`` (``teacher_ids``, ``seed_keys``); 1: every seed its own teacher. With
+      ``teacher_per_seed=False`` every seed is a student of the one shared teacher, whatever K.
     width_mult: student widths = width_mult x the teacher's.
     student_init_scale: student kernels start as N(0, scale^2 / fan_in).
     data_scale: per-coordinate std of full-rank data.
@@ -69,6 +76,7 @@ class Setting:
   teacher_bias_scale: float = 0.5
   strength_decay: float = 0.0
   teacher_per_seed: bool = True
+  students_per_teacher: int = 1
   width_mult: int = 5
   student_init_scale: float = 1.0
   data_scale: float = 1.0
@@ -99,12 +107,42 @@ class SeedKeys(NamedTuple):
   eval: jax.Array
 
 
-def seed_keys(seed: int, num_seeds: int, teacher_per_seed: bool = True) -> SeedKeys:
+def _check_students_per_teacher(students_per_teacher) -> int:
+  if (isinstance(students_per_teacher, bool)
+      or not isinstance(students_per_teacher, numbers.Integral) or students_per_teacher < 1):
+    raise ValueError(f'students_per_teacher must be an integer >= 1, got {students_per_teacher!r}')
+  return int(students_per_teacher)
+
+
+def teacher_ids(num_seeds: int, teacher_per_seed: bool = True,
+                students_per_teacher: int = 1) -> np.ndarray:
+  """``[num_seeds]`` the teacher of each seed: ``s // students_per_teacher``, or 0 for every
+  seed when one teacher is shared (``teacher_per_seed=False``).
+
+  >>> teacher_ids(6, students_per_teacher=2).tolist(), teacher_ids(3, False).tolist()
+  ([0, 0, 1, 1, 2, 2], [0, 0, 0])
+  """
+  k = _check_students_per_teacher(students_per_teacher)
+  if not teacher_per_seed:
+    return np.zeros(num_seeds, np.int64)
+  return np.arange(num_seeds, dtype=np.int64) // k
+
+
+def seed_keys(seed: int, num_seeds: int, teacher_per_seed: bool = True,
+              students_per_teacher: int = 1) -> SeedKeys:
   """Keys of ``num_seeds`` seeds; seed ``s`` splits ``fold_in(PRNGKey(seed), s)``.
 
-  With ``teacher_per_seed=False`` every seed's teacher and basis keys are the
-  two halves of ``fold_in(PRNGKey(seed), rng.SHARED_PROBLEM)``.
+  Teachers are a replicated axis: seed ``s`` is a student of teacher ``t = s // K``
+  (``K = students_per_teacher``), and its teacher and basis keys are those of seed
+  ``t * K``, the teacher's first student; its student, train and eval keys stay its own.
+  With ``K = 1`` every key is the seed's own (the same keys as before teachers had
+  students). With ``teacher_per_seed=False`` every seed's teacher and basis keys are the
+  two halves of ``fold_in(PRNGKey(seed), rng.SHARED_PROBLEM)``, whatever ``K``.
+  ``num_seeds`` need not be a multiple of ``K`` (padded seeds may fill a last teacher
+  partly).
   """
+  k = _check_students_per_teacher(students_per_teacher)
+
   def draw():  # integer work: exact at any optimization level
     master = jax.random.PRNGKey(seed)
     keys = SeedKeys(**rng.per_seed(master, num_seeds, rng.LOWRANK_STREAMS))
@@ -112,6 +150,9 @@ def seed_keys(seed: int, num_seeds: int, teacher_per_seed: bool = True) -> SeedK
       shared = jax.random.split(jax.random.fold_in(master, rng.SHARED_PROBLEM), 2)
       keys = keys._replace(teacher=jnp.broadcast_to(shared[0], keys.teacher.shape),
                            basis=jnp.broadcast_to(shared[1], keys.basis.shape))
+    elif k > 1:
+      first = jnp.asarray(teacher_ids(num_seeds, True, k) * k)  # each teacher's first seed
+      keys = keys._replace(teacher=keys.teacher[first], basis=keys.basis[first])
     return keys
   return sweep.jit_once(draw)()
 
@@ -205,7 +246,8 @@ def build_run(setting: Setting, evaluation: lowrank_eval.EvalSetting,
     loss, batch_size: the regression loss to the teacher and the batch per step.
     mesh: the seeds mesh (default: every device).
   """
-  keys = seed_keys(seed, num_seeds, bool(setting.teacher_per_seed))
+  keys = seed_keys(seed, num_seeds, bool(setting.teacher_per_seed),
+                   setting.students_per_teacher)
   problem = build_problem(setting, keys)
   loss_fn = _regression_loss(problem.student, problem.teacher, loss, setting.num_train,
                              batch_size)
