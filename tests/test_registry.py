@@ -185,6 +185,12 @@ class TestStudentArgs:
     assert recs[4]['variant'] == 'at 0.3' and recs[0]['at_eps'] is None
     with pytest.raises(ValueError, match='one dict per student'):
       methods.records(points, 2, 3, (), loss, rows[:8])
+    # With the seeds' teachers: a teacher field before the seed, the same at every grid point.
+    recs = methods.records(points, 2, 3, ('at_eps',), loss, rows, teachers=[7, 7])
+    assert list(recs[2])[:4] == ['method', 'at_eps', 'teacher', 'seed']
+    assert [r['teacher'] for r in recs] == [7] * 6
+    with pytest.raises(ValueError, match='one teacher per seed'):
+      methods.records(points, 2, 3, (), loss, rows, teachers=[0])
     with pytest.raises(ValueError, match='num_padded must be'):
       methods.student_mask(points, 'at', 3, 2)
 

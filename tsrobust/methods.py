@@ -272,16 +272,20 @@ def tile(tree: chex.ArrayTree, times: int) -> chex.ArrayTree:
 
 
 def record_head(method: str, hp: Dict[str, Any], seed: int, columns: Sequence[str],
-                variant: bool = False) -> Dict[str, Any]:
-  """The first fields of a student's result record: method, (variant,) hyper-parameters, seed.
+                variant: bool = False, teacher: Optional[int] = None) -> Dict[str, Any]:
+  """The first fields of a student's result record: method, (variant,) hyper-parameters,
+  (teacher,) seed.
 
   ``columns``: the study's hyper-parameter columns (``hparam_columns``); a
-  column the grid point lacks is None.
+  column the grid point lacks is None. ``teacher``: the seed's teacher (a study with
+  a teachers axis), None: no ``teacher`` field.
   """
   head = {'method': method}
   if variant:
     head['variant'] = variant_name(method, hp)
   head.update({h: hp.get(h) for h in columns})
+  if teacher is not None:
+    head['teacher'] = teacher
   head['seed'] = seed
   return head
 
@@ -365,11 +369,12 @@ def student_mask(points: Sequence[GridPoint], method: str, num_seeds: int,
 
 def records(points: Sequence[GridPoint], num_seeds: int, num_padded: int,
             columns: Sequence[str], train_loss: np.ndarray,
-            rows: Sequence[Dict[str, Any]], variant: bool = False) -> List[Dict[str, Any]]:
+            rows: Sequence[Dict[str, Any]], variant: bool = False,
+            teachers: Optional[Sequence[int]] = None) -> List[Dict[str, Any]]:
   """One result record per kept student, grid point by grid point, seed by seed.
 
   Student ``student_index(p, seed, num_padded)`` of the students axis gets
-  ``record_head`` (method, variant, the hyper-parameter ``columns``, seed),
+  ``record_head`` (method, variant, the hyper-parameter ``columns``, teacher, seed),
   ``train_loss`` (its final training loss) and its metrics ``rows[i]``;
   padded seeds (``seed >= num_seeds``) are dropped.
 
@@ -380,16 +385,22 @@ def records(points: Sequence[GridPoint], num_seeds: int, num_padded: int,
     train_loss: ``[P * num_padded]`` final losses.
     rows: ``P * num_padded`` metric dicts.
     variant: add the ``variant`` name (``variant_name``).
+    teachers: ``[num_seeds]`` the teacher of each seed (every grid point's seed ``s`` has
+      teacher ``teachers[s]``), as the ``teacher`` field; None: no such field.
   """
   num = len(points) * num_padded
   chex.assert_shape(train_loss, (num,))
   if len(rows) != num:
     raise ValueError(f'rows must hold one dict per student ({num}), got {len(rows)}')
+  if teachers is not None and len(teachers) != num_seeds:
+    raise ValueError(f'teachers must hold one teacher per seed ({num_seeds}), '
+                     f'got {len(teachers)}')
   out = []
   for p, (method, hp) in enumerate(points):
     for seed in range(num_seeds):
       i = student_index(p, seed, num_padded)
-      out.append({**record_head(method, hp, seed, columns, variant),
+      teacher = None if teachers is None else int(teachers[seed])
+      out.append({**record_head(method, hp, seed, columns, variant, teacher),
                   'train_loss': float(train_loss[i]), **rows[i]})
   return out
 
