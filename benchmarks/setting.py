@@ -61,6 +61,7 @@ class LowRankJob:
   teacher_bias_scale: float = _SETTING.teacher_bias_scale
   strength_decay: float = _SETTING.strength_decay
   teacher_per_seed: bool = _SETTING.teacher_per_seed
+  students_per_teacher: int = _SETTING.students_per_teacher
   width_mult: int = _SETTING.width_mult
   student_init_scale: float = _SETTING.student_init_scale
   # Training.

@@ -9,9 +9,14 @@ with perturbations restricted to the subspace, to its complement, or free.
     python -m experiments.lowrank --workdir=runs/lowrank \
         [--config=experiments/configs/lowrank.py] [--config.num_seeds=16 ...]
 
-Writes ``results.csv``, ``results.json``, ``summary.md`` (mean +- std per rank, and the
-attack checks), ``attack_checks.json`` (the raw attacks' invariant violations, points only
-Square broke, APGD's error vs iterations) and ``lowrank.png`` into ``--workdir``.
+Teachers are a replicated axis: ``students_per_teacher`` (K) of the ``num_seeds`` seeds per
+rank share a teacher and subspace (seed ``s``: teacher ``s // K``; results' ``teacher``
+column).
+
+Writes ``results.csv``, ``results.json``, ``summary.md`` (mean +- std per rank, the oracle
+error per rank with teacher-level intervals, and the attack checks), ``attack_checks.json``
+(the raw attacks' invariant violations, points only Square broke, APGD's error vs
+iterations) and ``lowrank.png`` into ``--workdir``.
 """
 
 import os
@@ -43,8 +48,8 @@ def validate_config(config) -> None:
   """Checks every field at start; raises ``validation.ConfigError`` naming the field.
 
   The table ``CONFIG_FIELDS``, then the cross-field rules: every rank <= ``d``,
-  and ``study.check_lowrank_rules`` (``eval_batch`` divides ``num_eval``; a
-  valid attack ensemble).
+  and ``study.check_lowrank_rules`` (``eval_batch`` divides ``num_eval``; ``num_seeds``
+  a multiple of ``students_per_teacher``; a valid attack ensemble).
   """
   validation.check_config(config, CONFIG_FIELDS)
   for r in config.ranks:
@@ -56,7 +61,28 @@ def validate_config(config) -> None:
 
 def columns(config) -> List[str]:
   """The CSV columns, in order."""
-  return ['rank', 'seed'] + study.metric_columns(config)
+  return ['rank', 'teacher', 'seed'] + study.metric_columns(config)
+
+
+def teacher_level_markdown(config, records) -> str:
+  """summary.md's oracle error per rank with the t-interval over teachers
+  (``summaries.teacher_intervals``): in S and off S at the headline budget, the full space
+  at every budget."""
+  mid = study.eps_name(study.headline_eps(config))
+  cols = study.oracle_error_columns(config)
+  intervals = summaries.teacher_intervals(records, lambda r: r['rank'], cols)
+  t = len({r['teacher'] for r in records})
+  return (f'## Teacher-level intervals ({t} teachers x {config.students_per_teacher} '
+          'student(s) per teacher per rank)\n\n' + summaries.teacher_intervals_markdown(
+              intervals, 'rank', cols,
+              'Oracle adversarial error per rank: the mean over teachers of each teacher\'s '
+              'mean over its students, with the 95% t-interval over the teachers '
+              '(`clustered.teacher_mean_interval`, T - 1 degrees of freedom; students of one '
+              'teacher are not independent draws, so the teacher is the unit; not clipped to '
+              '[0, 1]). In S and off S '
+              f'at the headline budget {mid} (off S: `-` at full rank), the full space at every '
+              'budget. With few teachers these intervals are wide: that is what the run can '
+              'say.'))
 
 
 Run = lowrank.Run
@@ -85,6 +111,7 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   keys, problem, optimizer, loss_fn, evaluator = run
 
   records, checks = [], {}
+  teachers = study.teachers(config)
   for r in config.ranks:
     t0 = time.perf_counter()
     data_args, held, state = rank_inputs(config, run, r)
@@ -116,7 +143,8 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
     if summaries.group_reference(ev, 'all') is not None:
       checks[f'rank_{r}']['reference'] = summaries.group_reference(ev, 'all')
     for i, row in enumerate(rows):
-      records.append({'rank': r, 'seed': i, 'train_loss': float(losses[i, -1])
+      records.append({'rank': r, 'teacher': teachers[i], 'seed': i,
+                      'train_loss': float(losses[i, -1])
                       if losses.size else None, **row})
     logging.info('rank %d done in %.1fs: %s clean_agree %.3f', r, time.perf_counter() - t0,
                  study.spec_log_text(rows, len(config.teacher_hidden)),
@@ -132,6 +160,7 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
         records, ['rank'], study.spec_columns(config) + [
             'wcos_in', 'wcos_off', 'wcos_off_random', 'clean_agree', f'adv_oracle_in_{mid}',
             f'adv_oracle_off_{mid}', f'adv_oracle_full_{mid}', f'adv_fixed_full_{mid}'])
+        + '\n' + teacher_level_markdown(config, records)
         + '\n' + summaries.attack_checks_markdown(checks))
     plotting.plot_lowrank(os.path.join(workdir, 'results.csv'),
                           os.path.join(workdir, 'lowrank.png'), eps=mid,

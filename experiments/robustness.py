@@ -12,10 +12,16 @@ experiment, and specialization is correlated with robust accuracy.
     python -m experiments.robustness --workdir=runs/robustness \
         [--config=experiments/configs/robustness.py] [--config.FIELD=VALUE ...]
 
+Teachers are a replicated axis: ``num_seeds`` students per grid point,
+``students_per_teacher`` (K) to a teacher, so ``num_seeds / K`` teachers; seed ``s`` is
+a student of teacher ``s // K`` at every grid point. Intervals treat the teacher as the
+unit (``tsrobust.clustered``).
+
 Writes into ``--workdir``: ``results.csv`` / ``results.json`` (one row per
-student), ``correlation.json``, ``summary.md`` (mean +- std per grid point)
-and ``robustness.png`` (specialization vs robust accuracy, one color per
-method).
+student, with its ``teacher``), ``correlation.json``, ``summary.md`` (mean +- std per
+grid point; correlations; teacher-level intervals per grid point, paired differences
+against standard training and the correlation within grid points) and
+``robustness.png`` (specialization vs robust accuracy, one color per method).
 """
 
 import os
@@ -53,7 +59,8 @@ def validate_config(config) -> None:
 
   The table ``CONFIG_FIELDS``, then the cross-field rules: ``rank < d``,
   each method's smallest ``batch_size`` (CCAT: 2), and ``study.check_lowrank_rules``
-  (``eval_batch`` divides ``num_eval``; a valid attack ensemble).
+  (``eval_batch`` divides ``num_eval``; ``num_seeds`` a multiple of
+  ``students_per_teacher``; a valid attack ensemble).
   """
   validation.check_config(config, CONFIG_FIELDS)
   if config.rank >= config.d:
@@ -72,7 +79,7 @@ def grid(config) -> List[methods_lib.GridPoint]:
 
 
 def columns(config) -> List[str]:
-  cols = ['method', *HPARAM_COLUMNS, 'seed'] + study.metric_columns(config)
+  cols = ['method', *HPARAM_COLUMNS, 'teacher', 'seed'] + study.metric_columns(config)
   if study.has_ccat_evaluation(config):
     cols += ['ccat_threshold'] + [f'ccat_err_{study.eps_name(e)}' for e in config.eps]
     cols += [f'ccat_accepted_wrong_{study.eps_name(e)}' for e in config.eps]
@@ -88,24 +95,65 @@ def method_settings(config) -> methods_lib.Settings:
       aug_fraction=config.aug_fraction, step_factor=config.attack.pgd_step_factor)
 
 
+def grid_point_of(record: Dict[str, Any]) -> str:
+  """A record's grid point, named as in the attack checks (``study.grid_point_name``)."""
+  return study.grid_point_name(record['method'], record)
+
+
+def robust_accuracy_name(eps) -> str:
+  """The robust accuracy at budget ``eps`` as the tables name it."""
+  return f'1 - adv_oracle_full_{study.eps_name(eps)}'
+
+
+def teacher_level(config, records) -> Dict[str, Any]:
+  """Teacher-level inference (``tsrobust.clustered``; ``summaries``' teacher functions).
+
+  ``'oracle_error'``: per grid point, ``study.oracle_error_columns`` with the t-interval over
+  teachers; ``'paired_vs_standard'``: per grid point, its oracle error minus standard
+  training's, per teacher, at the headline budget, full space and off S (None without
+  ``standard``); ``'within_grid_points'``: per budget, the correlation of ``spec_off``
+  with robust accuracy within grid points, pooled by Fisher z
+  (``summaries.within_correlations``).
+  """
+  mid = study.eps_name(study.headline_eps(config))
+  within = {}
+  kept = [r for r in records if r['spec_off'] is not None and np.isfinite(r['spec_off'])]
+  for eps in config.eps:
+    name = study.eps_name(eps)
+    within[robust_accuracy_name(eps)] = summaries.within_correlations(
+        [r['spec_off'] for r in kept], [1.0 - r[f'adv_oracle_full_{name}'] for r in kept],
+        [grid_point_of(r) for r in kept], [r['teacher'] for r in kept])
+  return {
+      'unit': 'teacher', 'level': 0.95,
+      'oracle_error': summaries.teacher_intervals(records, grid_point_of,
+                                                  study.oracle_error_columns(config)),
+      'paired_vs_standard': summaries.paired_differences(
+          records, grid_point_of, 'standard', [f'adv_oracle_full_{mid}', f'adv_oracle_off_{mid}']),
+      'within_grid_points': {'x': 'spec_off', 'by_robust_accuracy': within}}
+
+
 def correlations(config, records) -> Dict[str, Any]:
-  """Pearson / Spearman of robust accuracy vs specialization: pooled, within methods, by seed."""
+  """Pearson / Spearman of robust accuracy vs specialization: pooled, within methods,
+  bootstrapped by teacher; and the teacher-level inference (``teacher_level``)."""
   key = jax.random.PRNGKey(config.seed)
+  teachers = [r['teacher'] for r in records]
   out = {'robust_accuracy': '1 - adv_oracle_full_{eps}', 'n_students': len(records),
-         'bootstrap': 'clustered by seed'}
+         'n_teachers': len(set(teachers)),
+         'students_per_teacher': int(config.students_per_teacher),
+         'bootstrap': 'clustered by teacher'}
   spec = {'spec_in': np.array([r['spec_in'] for r in records]),
           'spec_off': np.array([r['spec_off'] for r in records])}
   spec['spec_mean'] = (spec['spec_in'] + spec['spec_off']) / 2
   methods = [r['method'] for r in records]
-  seeds = [r['seed'] for r in records]
   for i, eps in enumerate(config.eps):
     name = study.eps_name(eps)
     acc = 1.0 - np.array([r[f'adv_oracle_full_{name}'] for r in records])
     out[f'eps_{name}'] = {
-        s_name: summaries.correlation(s_val, acc, methods, seeds,
+        s_name: summaries.correlation(s_val, acc, methods, teachers,
                                       jax.random.fold_in(key, 10 * i + j),
-                                      config.bootstrap_resamples)
+                                      config.bootstrap_resamples, unit='teacher')
         for j, (s_name, s_val) in enumerate(spec.items())}
+  out['teacher_level'] = teacher_level(config, records)
   return out
 
 
@@ -115,7 +163,55 @@ def correlation_markdown(config, corr) -> str:
   for s_name in ('spec_off', 'spec_in', 'spec_mean'):
     names = [study.eps_name(e) for e in config.eps]
     reports = {f'1 - adv_oracle_full_{n}': corr[f'eps_{n}'][s_name] for n in names}
-    parts.append(summaries.correlation_markdown(reports, s_name, config.bootstrap_resamples))
+    parts.append(summaries.correlation_markdown(
+        reports, s_name, config.bootstrap_resamples,
+        resampled='teachers: all students of a teacher move together',
+        within_note='*Within* is within *methods*: it pools a method\'s variants (e.g. AT '
+                    'restricted to S with unconstrained AT), so it can show a contrast of '
+                    'variants; the correlation within grid points is in "Teacher-level '
+                    'inference" below, beside it.'))
+  return '\n'.join(parts)
+
+
+def teacher_level_markdown(config, corr) -> str:
+  """The teacher-level sections of summary.md: oracle error per grid point, paired
+  differences against standard training, the correlation within grid points."""
+  tl = corr['teacher_level']
+  mid = study.eps_name(study.headline_eps(config))
+  t, k = corr['n_teachers'], corr['students_per_teacher']
+  parts = [f'## Teacher-level inference ({t} teachers x {k} student(s) per teacher per grid '
+           'point)', '',
+           summaries.teacher_intervals_markdown(
+               tl['oracle_error'], 'grid point', study.oracle_error_columns(config),
+               'Oracle adversarial error per grid point: the mean over teachers of each '
+               'teacher\'s mean over its students, with the 95% t-interval over the teachers '
+               '(`clustered.teacher_mean_interval`, T - 1 degrees of freedom; students of one '
+               'teacher are not independent draws, so the teacher is the unit; not clipped to '
+               '[0, 1]). In S and off S '
+               f'at the headline budget {mid}, the full space at every budget. With few '
+               'teachers these intervals are wide: that is what the study can say.')]
+  diffs = tl['paired_vs_standard']
+  if diffs is None:
+    parts += ['No `standard` grid point: no paired differences against standard training.', '']
+  else:
+    parts.append(summaries.paired_differences_markdown(
+        diffs, 'grid point', [f'adv_oracle_full_{mid}', f'adv_oracle_off_{mid}'],
+        f'Paired differences against standard training at the headline budget {mid}: per '
+        'teacher, the grid point\'s mean oracle error minus standard training\'s (the same '
+        'teacher, so its own level cancels), then the mean over teachers with the 95% '
+        't-interval over the per-teacher differences (`clustered.paired_difference`). '
+        'Negative: more robust than standard training.', baseline='standard'))
+  parts.append(summaries.within_correlations_markdown(
+      tl['within_grid_points']['by_robust_accuracy'],
+      'Within grid points: the Pearson correlation of `spec_off` with robust accuracy among '
+      'the students of one grid point, pooled over grid points by Fisher z '
+      '(`clustered.pooled_within_correlation`, groups = grid points). It stands beside the '
+      '*within methods* column above, which mixes variants. Its interval treats the grid '
+      'points as independent; they share the teachers, so it is too narrow. *Teacher x grid '
+      'point*: within the students of one teacher at one grid point (needs >= 4 students '
+      'per teacher, `students_per_teacher`), pooled per teacher, then the t-interval over '
+      'the teachers: the teacher-level interval (`-`: no cell large enough, or fewer than 2 '
+      'teachers).', groups='grid points', group='grid point'))
   return '\n'.join(parts)
 
 
@@ -185,7 +281,8 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   logging.info('evaluated %d students in %.1fs', len(rows), time.perf_counter() - t0)
   checks = summaries.method_attack_checks(config, points, ev, evaluator.attack_config,
                                           study.headline_eps(config))
-  records = methods_lib.records(points, config.num_seeds, s, HPARAM_COLUMNS, losses, rows)
+  records = methods_lib.records(points, config.num_seeds, s, HPARAM_COLUMNS, losses, rows,
+                                teachers=study.teachers(config))
 
   mid = study.eps_name(study.headline_eps(config))
   corr = correlations(config, records)
@@ -200,8 +297,8 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
     io.write_json(os.path.join(workdir, 'attack_checks.json'), checks)
     io.atomic_write_text(os.path.join(workdir, 'summary.md'), io.markdown_summary(
         records, ['method', 'at_eps', 'at_where', 'ccat_eps', 'aug_scale'], summary_cols)
-        + '\n' + correlation_markdown(config, corr) + '\n'
-        + summaries.attack_checks_markdown(checks))
+        + '\n' + correlation_markdown(config, corr) + '\n' + teacher_level_markdown(config, corr)
+        + '\n' + summaries.attack_checks_markdown(checks))
     plotting.plot_spec_vs_robustness(os.path.join(workdir, 'results.csv'),
                                      os.path.join(workdir, 'robustness.png'), eps=mid,
                                      norm=config.attack_norm)

@@ -81,14 +81,31 @@ def headline_eps(config) -> float:
   return config.eps[len(config.eps) // 2]
 
 
+def check_teacher_rules(config) -> None:
+  """Cross-field rules of the teachers axis: ``num_seeds`` (students per grid point) is a
+  multiple of ``students_per_teacher``; with one shared teacher (``teacher_per_seed``
+  False) ``students_per_teacher`` is 1 or ``num_seeds`` (every student that teacher's)."""
+  k, n = config.students_per_teacher, config.num_seeds
+  if not config.teacher_per_seed:
+    if k not in (1, n):
+      raise ConfigError(f'config.students_per_teacher must be 1 or config.num_seeds = {n} '
+                        f'when config.teacher_per_seed is False (one teacher shared by every '
+                        f'student), got {k}')
+  elif n % k:
+    raise ConfigError(f'config.num_seeds must be a multiple of config.students_per_teacher = '
+                      f'{k} (the students of each teacher), got {n}')
+
+
 def check_lowrank_rules(config) -> None:
   """Cross-field rules of the low-rank setting (after the table check).
 
-  ``eval_batch`` divides ``num_eval``; the attack ensemble is valid.
+  ``eval_batch`` divides ``num_eval``; the teachers axis (``check_teacher_rules``); the
+  attack ensemble is valid.
   """
   if config.num_eval % config.eval_batch:
     raise ConfigError(f'config.eval_batch must divide config.num_eval = {config.num_eval}, '
                       f'got {config.eval_batch}')
+  check_teacher_rules(config)
   check_attack_rules(config)
 
 
@@ -128,8 +145,19 @@ def lowrank_evaluator(config, problem: lowrank.Problem) -> lowrank_eval.LowRankE
 
 
 def seed_keys(config) -> lowrank.SeedKeys:
-  """The keys of ``num_padded_seeds(config)`` seeds (``lowrank.seed_keys``)."""
-  return lowrank.seed_keys(config.seed, num_padded_seeds(config), bool(config.teacher_per_seed))
+  """The keys of ``num_padded_seeds(config)`` seeds (``lowrank.seed_keys``), grouped into
+  teachers as the setting says (a config without ``students_per_teacher``: 1)."""
+  s = setting(config)
+  return lowrank.seed_keys(config.seed, num_padded_seeds(config), bool(s.teacher_per_seed),
+                           s.students_per_teacher)
+
+
+def teachers(config) -> List[int]:
+  """The teacher of each kept seed ``0..num_seeds - 1`` (``lowrank.teacher_ids``): the
+  results' ``teacher`` column."""
+  s = setting(config)
+  return lowrank.teacher_ids(config.num_seeds, bool(s.teacher_per_seed),
+                             s.students_per_teacher).tolist()
 
 
 def spec_columns(config) -> List[str]:
@@ -165,6 +193,14 @@ def metric_columns(config) -> List[str]:
   """Columns of one student's evaluation (``lowrank_eval.metric_columns``), in order."""
   return lowrank_eval.metric_columns(len(config.teacher_hidden), config.eps,
                                      attack_config(config).attacks)
+
+
+def oracle_error_columns(config) -> List[str]:
+  """The oracle errors the summaries give teacher-level intervals: in S and off S at the
+  headline budget, the full space at every budget."""
+  mid = eps_name(headline_eps(config))
+  return ([f'adv_oracle_in_{mid}', f'adv_oracle_off_{mid}']
+          + [f'adv_oracle_full_{eps_name(e)}' for e in config.eps])
 
 
 def attack_rows(config, ev: lowrank_eval.Evaluation, full_rank: bool) -> List[Dict[str, Any]]:

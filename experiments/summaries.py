@@ -4,15 +4,21 @@
 groups whose attack has not converged; ``attack_checks_summary`` /
 ``attack_checks_markdown`` write them (``attack_checks.json``, summary.md's "Attack
 checks" and "Convergence" tables); ``correlation`` / ``correlation_markdown`` the
-correlations of specialization with robust accuracy, bootstrapped over seeds.
+correlations of specialization with robust accuracy, bootstrapped over clusters (teachers
+in the synthetic studies, seeds in the image study). Teacher-level inference
+(``tsrobust.clustered``, the teacher as the unit): ``teacher_intervals`` (a column's mean
+per group with the t-interval over teachers), ``paired_differences`` (each group minus a
+baseline group, per teacher), ``within_correlations`` (within groups, pooled by Fisher z),
+and their tables.
 """
 
-from typing import Any, Dict, Mapping
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from absl import logging
 import numpy as np
 
 from experiments import study
+from tsrobust import clustered
 from tsrobust import evaluate
 from tsrobust import lowrank_eval
 from tsrobust import stats
@@ -220,39 +226,201 @@ def reference_markdown(summary: Mapping[str, Any]) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def correlation(x, y, groups, seeds, key, num_resamples: int) -> Dict[str, Any]:
+def correlation(x, y, groups, clusters, key, num_resamples: int,
+                unit: str = 'seed') -> Dict[str, Any]:
   """Pooled correlation of ``x`` and ``y`` across students, with within-method ones.
 
-  Intervals are bootstrapped over seeds (``seeds``: the seed id of each
-  student; all methods of a seed share its teacher, initial student and data
-  stream, so students are resampled in seed clusters). Returns the pooled
-  ``stats.correlation_report`` keys at the top level, plus ``'pooled_within'``
-  (the correlation of the deviations from each method's mean) and
-  ``'by_method'`` (one report per method).
+  Intervals are bootstrapped over clusters (``clusters``: the cluster id of each
+  student, its ``unit``: ``'teacher'`` in the synthetic studies, where all students
+  of a teacher share it; ``'seed'`` in the image study, where all methods of a seed
+  share its initial student and data stream), students resampled in whole clusters.
+  Returns the pooled ``stats.correlation_report`` keys at the top level, plus
+  ``'pooled_within'`` (the correlation of the deviations from each method's mean) and
+  ``'by_method'`` (one report per method); each report's ``'bootstrap'`` names the unit.
   """
   rep = stats.within_group_correlations(np.asarray(x, np.float64), np.asarray(y, np.float64),
-                                        np.asarray(groups), np.asarray(seeds), key,
+                                        np.asarray(groups), np.asarray(clusters), key,
                                         num_resamples)
+  if unit != 'seed':  # stats names its clusters seeds
+    for r in [rep['pooled'], rep['pooled_within'], *rep['groups'].values()]:
+      if r.get('bootstrap') == 'clustered by seed':
+        r['bootstrap'] = f'clustered by {unit}'
   return {**rep['pooled'], 'pooled_within': rep['pooled_within'], 'by_method': rep['groups']}
 
 
 def correlation_markdown(reports: Mapping[str, Mapping[str, Any]], x_name: str,
-                         num_resamples: int) -> str:
-  """A markdown table of ``correlation`` reports, one row per robust-accuracy column."""
+                         num_resamples: int,
+                         resampled: str = 'seeds: all methods of a seed move together',
+                         within_note: str = '') -> str:
+  """A markdown table of ``correlation`` reports, one row per robust-accuracy column.
+
+  ``resampled``: what the bootstrap resamples, as the text says it; ``within_note``: a
+  sentence on the *within* column, appended to the text.
+  """
   fmt = lambda v: '-' if v is None or not np.isfinite(v) else f'{v:.3f}'
   ci = lambda r, k: (f'{fmt(r[k])} [{fmt((r.get(k + "_ci") or [None])[0])}, '
                      f'{fmt((r.get(k + "_ci") or [None, None])[1])}]')
   first = next(iter(reports.values()))
   methods = list(first['by_method'])
   lines = [f'Correlation across students of `{x_name}` with robust accuracy (95% intervals, '
-           f'{num_resamples} bootstrap resamples of seeds: all methods of a seed move together). '
+           f'{num_resamples} bootstrap resamples of {resampled}). '
            '*Pooled*: all students; *within*: deviations from each method\'s mean, pooled; '
-           'then Pearson within each method (`-`: too few students or constant).', '',
+           'then Pearson within each method (`-`: too few students or constant).'
+           + (f' {within_note}' if within_note else ''), '',
            '| robust accuracy | n | Pearson pooled | Spearman pooled | Pearson within | '
            + ' | '.join(methods) + ' |', '|' + '---|' * (5 + len(methods))]
   for name, r in reports.items():
     cells = [f'`{name}`', str(r['n']), ci(r, 'pearson'), ci(r, 'spearman'),
              ci(r['pooled_within'], 'pearson')]
     cells += [fmt(r['by_method'][m]['pearson']) for m in methods]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+# ----------------------------------------------------------------------------
+# Teacher-level inference (tsrobust.clustered): the teacher as the unit.
+# ----------------------------------------------------------------------------
+
+def _fmt(v) -> str:
+  return '-' if v is None or not np.isfinite(v) else f'{v:.3f}'
+
+
+def interval_cell(report: Optional[Mapping[str, Any]]) -> str:
+  """``0.123 [0.050, 0.196]`` (estimate and interval), ``0.123`` without an interval,
+  ``-`` without an estimate."""
+  if report is None or report.get('estimate') is None:
+    return '-'
+  ci = report.get('ci')
+  if ci is None:
+    return _fmt(report['estimate'])
+  return f'{_fmt(report["estimate"])} [{_fmt(ci[0])}, {_fmt(ci[1])}]'
+
+
+def _grouped(records: Sequence[Mapping[str, Any]],
+             group_of: Callable[[Mapping[str, Any]], Any]) -> Dict[Any, List[Mapping[str, Any]]]:
+  groups: Dict[Any, List[Mapping[str, Any]]] = {}
+  for r in records:
+    groups.setdefault(group_of(r), []).append(r)
+  return groups
+
+
+def _values(members: Sequence[Mapping[str, Any]], column: str):
+  """``(values, teachers)`` of the members whose ``column`` is set (not None / NaN)."""
+  kept = [m for m in members if m.get(column) is not None and np.isfinite(float(m[column]))]
+  return (np.array([float(m[column]) for m in kept]),
+          np.array([m['teacher'] for m in kept], np.int64))
+
+
+def teacher_interval(values, teachers, level: float = 0.95) -> Optional[Dict[str, Any]]:
+  """``clustered.teacher_mean_interval`` of ``values``; None without values; with one
+  teacher, the estimate (its students' mean) with ``'ci': None`` and a ``'note'``."""
+  values = np.asarray(values, np.float64)
+  if not values.size:
+    return None
+  if len(np.unique(teachers)) < 2:
+    return {'estimate': float(values.mean()), 'ci': None, 'num_teachers': 1,
+            'num_students': int(values.size),
+            'note': 'one teacher: no teacher-level interval'}
+  return clustered.teacher_mean_interval(values, teachers, level)
+
+
+def teacher_intervals(records: Sequence[Mapping[str, Any]],
+                      group_of: Callable[[Mapping[str, Any]], Any], columns: Sequence[str],
+                      level: float = 0.95) -> Dict[str, Dict[str, Any]]:
+  """Per group (first-seen order), each column's mean over teachers with its t-interval.
+
+  ``{str(group): {'teachers': T, 'students': n, 'columns': {column: teacher_interval}}}``;
+  records carry a ``teacher`` field; a column that is empty in a group (e.g. off-subspace
+  errors at full rank) is None.
+  """
+  out = {}
+  for group, members in _grouped(records, group_of).items():
+    out[str(group)] = {
+        'teachers': len({m['teacher'] for m in members}), 'students': len(members),
+        'columns': {c: teacher_interval(*_values(members, c), level) for c in columns}}
+  return out
+
+
+def teacher_intervals_markdown(intervals: Mapping[str, Mapping[str, Any]], group_title: str,
+                               columns: Sequence[str], text: str) -> str:
+  """A markdown section of ``teacher_intervals``: ``text`` (a paragraph), then the table."""
+  cols = [group_title, 'teachers', 'students'] + [f'`{c}`' for c in columns]
+  lines = [text, '', '| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
+  for name, g in intervals.items():
+    cells = [name, str(g['teachers']), str(g['students'])]
+    cells += [interval_cell(g['columns'].get(c)) for c in columns]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def paired_differences(records: Sequence[Mapping[str, Any]],
+                       group_of: Callable[[Mapping[str, Any]], Any], baseline: str,
+                       columns: Sequence[str],
+                       level: float = 0.95) -> Optional[Dict[str, Dict[str, Any]]]:
+  """Each group minus the ``baseline`` group, per teacher (``clustered.paired_difference``,
+  t-interval over the teachers both have).
+
+  ``{str(group): {column: report}}`` for every group but the baseline, in first-seen
+  order; None when no group is named ``baseline``. A column without two common teachers
+  gets ``{'estimate': None, 'ci': None, 'note': why}``.
+  """
+  groups = {str(k): v for k, v in _grouped(records, group_of).items()}
+  if baseline not in groups:
+    return None
+  out = {}
+  for name, members in groups.items():
+    if name == baseline:
+      continue
+    out[name] = {}
+    for c in columns:
+      a, ta = _values(members, c)
+      b, tb = _values(groups[baseline], c)
+      try:
+        out[name][c] = clustered.paired_difference(a, b, ta, tb, level=level)
+      except ValueError as e:  # fewer than 2 teachers in common (or no values)
+        out[name][c] = {'estimate': None, 'ci': None, 'note': str(e)}
+  return out
+
+
+def paired_differences_markdown(diffs: Mapping[str, Mapping[str, Any]], group_title: str,
+                                columns: Sequence[str], text: str, baseline: str) -> str:
+  """A markdown section of ``paired_differences`` against ``baseline``: ``text``, then the
+  table."""
+  cols = [group_title, 'teachers'] + [f'`{c}` minus {baseline}' for c in columns]
+  lines = [text, '', '| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
+  for name, by_col in diffs.items():
+    t = max((r.get('num_teachers', 0) for r in by_col.values()), default=0)
+    cells = [name, str(t)] + [interval_cell(by_col.get(c)) for c in columns]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def within_correlations(x, y, groups, teachers, level: float = 0.95) -> Dict[str, Any]:
+  """The correlation of ``x`` and ``y`` within groups, pooled by Fisher z.
+
+  ``'groups'``: ``clustered.pooled_within_correlation`` with one group per label of
+  ``groups`` (e.g. grid point: the students of all its teachers; its interval treats the
+  groups as independent, which groups sharing teachers are not); ``'teacher_x_group'``:
+  the same with ``teachers``, each ``(teacher, group)`` its own group (>= 4 students
+  each), whose ``'teacher_level'`` is the t-interval over the teachers' pooled z.
+  """
+  return {'groups': clustered.pooled_within_correlation(x, y, groups, level=level),
+          'teacher_x_group': clustered.pooled_within_correlation(x, y, groups, teachers,
+                                                                 level=level)}
+
+
+def within_correlations_markdown(reports: Mapping[str, Mapping[str, Any]], text: str,
+                                 groups: str = 'groups', group: str = 'group') -> str:
+  """A markdown section of ``within_correlations``, one row per ``reports`` entry (a
+  robust-accuracy column): ``text``, then the table (``groups`` / ``group``: what a group
+  is, plural and singular, in the headers)."""
+  cols = ['robust accuracy', f'{groups} used', 'students', f'within {groups} (Fisher z)',
+          f'teacher x {group} cells used', f'within teacher x {group}, over teachers (t)']
+  lines = [text, '', '| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
+  for name, r in reports.items():
+    g, tg = r['groups'], r['teacher_x_group']
+    cells = [f'`{name}`', f"{g['num_groups']} of {len(g['groups'])}", str(g['num_members']),
+             interval_cell(g), f"{tg['num_groups']} of {len(tg['groups'])}",
+             interval_cell(tg.get('teacher_level'))]
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'

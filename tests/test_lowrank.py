@@ -45,8 +45,9 @@ def test_writes_files_that_parse(tiny_run):
   rows = io.read_csv(os.path.join(workdir, 'results.csv'))
   assert len(rows) == len(records) == 4  # 2 ranks x 2 seeds
   assert check_results.check_file(os.path.join(workdir, 'results.csv')) == ([], 4)
-  assert [(r['rank'], r['seed']) for r in rows] == [(2, 0), (2, 1), (6, 0), (6, 1)]
-  expected = ['rank', 'seed', 'spec_in', 'spec_in_l1', 'spec_off', 'wcos_in', 'wcos_off',
+  assert [(r['rank'], r['teacher'], r['seed']) for r in rows] == [
+      (2, 0, 0), (2, 1, 1), (6, 0, 0), (6, 1, 1)]  # one student per teacher: teacher = seed
+  expected = ['rank', 'teacher', 'seed', 'spec_in', 'spec_in_l1', 'spec_off', 'wcos_in', 'wcos_off',
               'wcos_off_random', 'clean_agree']
   expected += [f'adv_{lab}_{w}_{e}' for lab in ('oracle', 'fixed')
                for w in ('in', 'off', 'full') for e in ('0.5', '1.0', '2.0')]
@@ -74,6 +75,48 @@ def test_writes_files_that_parse(tiny_run):
     assert set(group['convergence']) == {'oracle', 'fixed'}
     assert group['doubling']['points'] == 16 and group['doubling']['students'] == 2
   assert '### Convergence: the ensemble with every iteration count doubled' in table
+  assert '## Teacher-level intervals (2 teachers x 1 student(s) per teacher per rank)' in table
+
+
+@pytest.mark.slow
+def test_students_per_teacher(tmp_path):
+  """Two students per teacher: the teacher column, students of one teacher share its
+  network and subspace (not their initial weights), and the teacher-level table."""
+  config = tiny_config(num_seeds=4, students_per_teacher=2, ranks=(2,), num_steps=30)
+  workdir = str(tmp_path)
+  records = lowrank.train_and_evaluate(config, workdir)
+  rows = io.read_csv(os.path.join(workdir, 'results.csv'))
+  assert [(r['teacher'], r['seed']) for r in rows] == [(0, 0), (0, 1), (1, 2), (1, 3)]
+  assert [r['teacher'] for r in records] == [0, 0, 1, 1]
+  with open(os.path.join(workdir, 'results.csv')) as f:
+    assert f.readline().startswith('rank,teacher,seed,')
+  run = lowrank.build(config)
+  seed = lambda tree, i: jax.tree_util.tree_map(lambda v: np.asarray(v[i]), tree)
+  for a, b, same in ((0, 1, True), (2, 3, True), (1, 2, False)):
+    teachers_equal = all(np.array_equal(x, y) for x, y in zip(
+        jax.tree_util.tree_leaves(seed(run.problem.teacher_params, a)),
+        jax.tree_util.tree_leaves(seed(run.problem.teacher_params, b))))
+    assert teachers_equal == same, (a, b)
+    assert np.array_equal(run.problem.bases[a], run.problem.bases[b]) == same, (a, b)
+    assert not np.array_equal(run.keys.student[a], run.keys.student[b])
+  # The teacher-level table: per rank, finite estimates with finite t-intervals (2 teachers).
+  with open(os.path.join(workdir, 'summary.md')) as f:
+    text = f.read()
+  assert '## Teacher-level intervals (2 teachers x 2 student(s) per teacher per rank)' in text
+  section = text.split('## Teacher-level intervals')[1].split('## Attack checks')[0]
+  table = [line for line in section.splitlines() if line.startswith('|')]
+  assert table[0] == ('| rank | teachers | students | `adv_oracle_in_1.0` | '
+                      '`adv_oracle_off_1.0` | `adv_oracle_full_0.5` | `adv_oracle_full_1.0` | '
+                      '`adv_oracle_full_2.0` |')
+  cells = [c.strip() for c in table[2].strip('|').split('|')]
+  assert cells[:3] == ['2', '2', '4']
+  for cell in cells[3:]:
+    estimate, lo, hi = (float(v) for v in cell.replace('[', '').replace(']', '')
+                        .replace(',', '').split())
+    assert lo <= estimate <= hi and all(np.isfinite([estimate, lo, hi])), cell
+  # The estimate is the mean of the two teachers' means (equal sizes: the students' mean).
+  assert estimate == pytest.approx(np.mean([r['adv_oracle_full_2.0'] for r in records]),
+                                   abs=1e-3)
 
 
 @pytest.mark.slow
@@ -198,6 +241,31 @@ def test_bad_config_fails_at_start(tmp_path, field, value, message):
   assert not os.listdir(tmp_path)  # nothing was started
 
 
+@pytest.mark.parametrize('overrides, message', [
+    (dict(students_per_teacher=3),
+     'config.num_seeds must be a multiple of config.students_per_teacher = 3 (the students of '
+     'each teacher), got 2'),
+    (dict(students_per_teacher=0), 'config.students_per_teacher must be >= 1'),
+    (dict(teacher_per_seed=False, num_seeds=4, students_per_teacher=2),
+     'config.students_per_teacher must be 1 or config.num_seeds = 4 when '
+     'config.teacher_per_seed is False (one teacher shared by every student), got 2'),
+])
+def test_bad_students_per_teacher_fails_at_start(tmp_path, overrides, message):
+  with pytest.raises(validation.ConfigError) as info:
+    lowrank.train_and_evaluate(tiny_config(**overrides), str(tmp_path))
+  assert message in str(info.value)
+  assert not os.listdir(tmp_path)
+
+
+def test_students_per_teacher_combinations_that_hold():
+  # A shared teacher with students_per_teacher 1 (the default) or num_seeds; K dividing
+  # num_seeds.
+  for overrides in (dict(teacher_per_seed=False), dict(teacher_per_seed=False,
+                                                       students_per_teacher=2),
+                    dict(num_seeds=6, students_per_teacher=3)):
+    lowrank.validate_config(tiny_config(**overrides))
+
+
 def _run_binary(args, capfd):
   """The binary's entry point, in-process on private flags: (exit code, stderr)."""
   capfd.readouterr()
@@ -216,6 +284,12 @@ def test_command_line_names_a_bad_value(tmp_path, capfd):
                            '--config.ranks=(2,9)'], capfd)
   assert code == 2
   assert err == 'error: config.ranks must satisfy 1 <= r <= d = 6, got r = 9\n'
+  assert not (tmp_path / 'bad').exists()
+  code, err = _run_binary([f'--workdir={tmp_path / "bad"}', '--config.num_seeds=6',
+                           '--config.students_per_teacher=4'], capfd)
+  assert code == 2
+  assert err == ('error: config.num_seeds must be a multiple of config.students_per_teacher = '
+                 '4 (the students of each teacher), got 6\n')
   assert not (tmp_path / 'bad').exists()
   code, err = _run_binary([], capfd)
   assert code == 2 and err == 'error: --workdir is required (the folder for the result files)\n'

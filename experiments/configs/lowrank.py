@@ -48,6 +48,7 @@ SETTING_FIELDS = {
     'teacher_bias_scale': validation.Float(lo=0),
     'strength_decay': validation.Float(lo=0),
     'teacher_per_seed': validation.Bool(),
+    'students_per_teacher': validation.Int(lo=1),
     'num_eval': validation.Int(lo=2),
     'eval_batch': validation.Int(lo=1),
     'probe_scale': validation.Float(lo=0, lo_open=True),
@@ -85,7 +86,12 @@ def get_config(preset: str = 'default') -> ml_collections.ConfigDict:
   c.use_bias = True           # teacher and student layers have biases
   c.teacher_bias_scale = 0.5  # teacher biases ~ N(0, scale^2)
   c.strength_decay = 0.0      # fan-out of hidden node j scaled by (j+1)^-decay
-  c.teacher_per_seed = True   # each seed draws its own teacher and subspace (False: shared)
+  c.teacher_per_seed = True   # each teacher draws its own network and subspace (False: shared)
+  # Students per teacher K: seed s is a student of teacher s // K (its teacher and subspace
+  # are seed (s // K) * K's; its init and data streams its own). num_seeds must be a multiple
+  # of K; 1: one student per teacher. With teacher_per_seed = False every student has the one
+  # shared teacher: K must then be 1 or num_seeds (both say so), and the teacher column is 0.
+  c.students_per_teacher = 1
 
   # Student: same family, widths x width_mult.
   c.width_mult = 5            # student width = width_mult x the teacher's (over-realization)

@@ -64,5 +64,5 @@ def get_config():
   c.aug_scales = (0.5, 1.0, 2.0)  # std of the noise xi (orth, iso)
   c.aug_fraction = 0.5         # fraction of each batch replaced by noisy points
 
-  c.bootstrap_resamples = 2000  # bootstrap resamples (of seeds) of the correlation intervals
+  c.bootstrap_resamples = 2000  # bootstrap resamples (of teachers) of the correlation intervals
   return c
