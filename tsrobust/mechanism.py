@@ -11,6 +11,8 @@ and intervenes on exactly that part of a student, for one seed (``jax.vmap`` for
 * ``rescale_off_subspace``: ``W -> P W + c P_perp W``;
 * ``match_teacher_nodes`` / ``transplant_off_subspace``: give each matched student node
   its teacher node's ``P_perp w_T`` (zero the unmatched ones);
+* ``transplant_off_subspace_all``: the same for every student node specialized to a teacher
+  node (an over-realized student's several copies of one teacher node);
 * ``INTERVENTIONS`` / ``intervene``: the interventions by name;
 * ``snapshot``: per teacher node, max correlation in and off S, weight cosines and
   ``P_perp`` movement, as fixed-shape arrays: callable from a scan or between chunks;
@@ -43,7 +45,8 @@ from tsrobust import train
 
 __all__ = ['INTERVENTIONS', 'check_projector', 'probe_sets', 'off_subspace_movement',
            'node_off_subspace_movement', 'rescale_off_subspace', 'match_teacher_nodes',
-           'transplant_off_subspace', 'intervene', 'snapshot', 'batched_snapshot',
+           'transplant_off_subspace', 'transplant_off_subspace_all', 'intervene', 'snapshot',
+           'batched_snapshot',
            'log_spaced_steps', 'train_with_snapshots']
 
 INTERVENTIONS = ('none', 'rescale', 'transplant')
@@ -351,6 +354,85 @@ def transplant_off_subspace(teacher_apply: Callable, student_apply: Callable,
           'student_of_teacher': match['student_of_teacher'],
           'match_corr': summary.max_corr,
           'norm_ratio': ratio,
+          'num_matched': matched.sum(),
+          'num_zeroed': (~matched).sum()}
+  return _with_first_layer_kernel(student_params, new_w), info
+
+
+def transplant_off_subspace_all(teacher_apply: Callable, student_apply: Callable,
+                                student_params: chex.ArrayTree, teacher_params: chex.ArrayTree,
+                                projector: chex.Array, x_eval: chex.Array, *,
+                                min_corr: float = 0.9, dead_tol: float = 1e-6,
+                                eps: float = 1e-12
+                                ) -> Tuple[chex.ArrayTree, Dict[str, chex.Array]]:
+  """Gives *every* specialized student node its teacher node's off-subspace weights.
+
+  ``transplant_off_subspace`` matches one student node per teacher node; an over-realized
+  student (width ``k m``) spreads a teacher node over several student nodes, each a scaled
+  copy of it in S, and there only one of them would get the teacher's ``P_perp w_T``. Here
+  each student node ``k`` takes its best-correlated alive teacher node ``j(k) = argmax_j
+  rho_jk`` on the first hidden layer's activations over ``x_eval`` (in S); where
+  ``rho_{j(k) k} >= min_corr``::
+
+      w_k -> P w_k + (||P w_k|| / ||P w_T_j||) P_perp w_T_j
+
+  so a node with ``P w_k = c P w_T_j`` becomes ``c w_T_j`` everywhere; every other student
+  node gets ``P_perp w_k = 0``. Biases and later layers are unchanged.
+
+  Args:
+    teacher_apply, student_apply: ``(params, x) -> (outputs, activations)``.
+    student_params, teacher_params: one seed's parameters.
+    projector: ``[d, d]`` projector onto the data subspace (rank < d).
+    x_eval: ``[N, d]`` inputs in S.
+    min_corr: the correlation a student node needs with its teacher node to be matched.
+    dead_tol: teacher nodes with activation variance <= this are dead (never matched).
+    eps: added to ``||P w_T_j||`` in the ratio.
+
+  Returns:
+    ``(params, info)``: the new student params and ``info`` with ``teacher_of_student``
+    ``[K]`` (-1: unmatched, off-subspace part zeroed), ``match_corr`` ``[K]`` (each student
+    node's best correlation with an alive teacher node), ``norm_ratio`` ``[K]`` (0 when
+    unmatched), ``students_of_teacher`` ``[J]`` (matched student nodes per teacher node),
+    ``num_matched`` and ``num_zeroed`` (scalars; they add up to K).
+
+  A teacher transplanted into a student that already is a copy of it changes nothing:
+
+  >>> teacher = models.MLP((2,), 2)
+  >>> tp = models.random_teacher_params(jax.random.PRNGKey(0), teacher, 4)
+  >>> p = data.projectors(data.random_orthonormal(jax.random.PRNGKey(1), 4, 2))[0]
+  >>> x = data.sample_lowrank(jax.random.PRNGKey(2), p, 256)
+  >>> new, info = transplant_off_subspace_all(teacher.apply, teacher.apply, tp, tp, p, x)
+  >>> int(info['num_matched']), bool(jnp.allclose(models.first_layer_kernel(new),
+  ...                                             models.first_layer_kernel(tp), atol=1e-5))
+  (2, True)
+  """
+  w_s = models.first_layer_kernel(student_params)
+  w_t = models.first_layer_kernel(teacher_params)
+  chex.assert_rank([w_s, w_t, x_eval, projector], 2)
+  d = w_s.shape[0]
+  chex.assert_shape(w_t, (d, None))
+  chex.assert_shape(projector, (d, d))
+  chex.assert_shape(x_eval, (None, d))
+  check_projector(projector)
+  _check_in_subspace(x_eval, projector, 'x_eval')
+  corr, summary = _first_layer_summary(teacher_apply, student_apply, teacher_params,
+                                       student_params, x_eval, dead_tol)
+  scores = jnp.where(summary.alive[:, None] & ~jnp.isnan(corr), corr, -jnp.inf)
+  j = jnp.argmax(scores, axis=0)                                  # [K]
+  best = jnp.max(scores, axis=0)
+  matched = best >= min_corr
+  perp = _perp(projector)
+  in_s = numerics.matmul(projector, w_s)
+  w_t_in = numerics.matmul(projector, w_t)
+  ratio = jnp.where(matched, jnp.linalg.norm(in_s, axis=0)
+                    / (jnp.linalg.norm(w_t_in, axis=0)[j] + eps), 0.0)
+  new_off = numerics.matmul(perp, w_t)[:, j] * ratio[None, :]     # zero where unmatched
+  new_w = w_s + (new_off - numerics.matmul(perp, w_s))
+  t_of_s = jnp.where(matched, j, -1)
+  info = {'teacher_of_student': t_of_s,
+          'match_corr': jnp.where(jnp.isfinite(best), best, jnp.nan),
+          'norm_ratio': ratio,
+          'students_of_teacher': (t_of_s[None, :] == jnp.arange(w_t.shape[1])[:, None]).sum(1),
           'num_matched': matched.sum(),
           'num_zeroed': (~matched).sum()}
   return _with_first_layer_kernel(student_params, new_w), info
