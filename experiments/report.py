@@ -36,6 +36,8 @@ END = '<!-- END GENERATED: {} -->'
 _MARKER = re.compile(r'^\s*<!-- (BEGIN|END) GENERATED: (\S+) -->\s*$')
 _NAME = re.compile(r'^[A-Za-z0-9_.-]+$')
 _PRESET_LINE = re.compile(r'^<!-- reproduce: preset=(\w+) -->$', re.M)
+# A summary.md line naming the table right below it (experiments/mechanism.py writes them).
+_TABLE_NAME = re.compile(r'^<!-- table: ([A-Za-z0-9_.-]+) -->$')
 
 
 def format_duration(seconds: float) -> str:
@@ -49,6 +51,9 @@ def format_duration(seconds: float) -> str:
 
 
 def _table_kind(header: str, context: str) -> str:
+  named = _TABLE_NAME.match(context.strip())
+  if named:  # the summary names its table on the line above it
+    return named.group(1)
   first = header.strip().strip('|').split('|')[0].strip()
   if first == 'group':
     return 'attack-checks'
@@ -65,7 +70,8 @@ def _table_kind(header: str, context: str) -> str:
 def mark_tables(study: str, markdown: str, heading_shift: int = 2) -> Tuple[str, List[str]]:
   """Wraps every table of a ``summary.md`` in named generated-block markers.
 
-  A table is a run of lines starting with ``|``. Its name is ``<study>-<kind>``: ``summary``
+  A table is a run of lines starting with ``|``. Its name is ``<study>-<kind>``: the name
+  given on the line right above it (``<!-- table: <kind> -->``), else ``summary``
   (the per-group means), ``attack-checks`` (first header cell ``group``), ``wilson``
   (``variant``), ``subspaces`` (the paragraph before it starts with
   ``summaries.SUBSPACE_TABLE_TITLE``), ``correlation-<x>`` (``robust accuracy``; ``x`` from the
@@ -87,6 +93,8 @@ def mark_tables(study: str, markdown: str, heading_shift: int = 2) -> Tuple[str,
         name += f'-{sum(n == name or n.startswith(name + "-") for n in names) + 1}'
       names.append(name)
       out += [BEGIN.format(name), *lines[i:j], END.format(name)]
+      if _TABLE_NAME.match(context.strip()):  # a name is the next table's only
+        context = ''
       i = j
       continue
     if line.startswith('#'):

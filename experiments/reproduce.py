@@ -113,6 +113,15 @@ _QUICK_REAL = ('num_seeds=2', 'num_train=64', 'num_test=40', 'teacher_conv=(2,)'
 # The low-rank MNIST preset keeps its own L2 budgets.
 _QUICK_REAL_LOWRANK = tuple(o for o in _QUICK_REAL if not o.startswith(('eps=', 'at_eps=')))
 _LOWRANK_DONE = ('results.csv', 'results.json', 'summary.md')
+# The mechanism study at the tiny sizes: 2 teachers x 1 student, two augmentation ranks, one
+# noise scale, widths 1 and 2, one finite training set; the convergence check only.
+_QUICK_MECHANISM = ('num_teachers=2', 'students_per_teacher=1', 'd=6', 'rank=2',
+                    'teacher_hidden=(3,)', 'out_dim=3', 'width_mult=2', 'batch_size=16',
+                    'num_eval=64', 'eval_batch=32', 'num_attack=16', 'convergence_points=16',
+                    'max_escalations=0', 'num_steps=60', 'chunk_steps=30',
+                    'augmentation.ranks=(2,4)', 'augmentation.scales=(0.3,)',
+                    'dependence.width_mults=(1,2)', 'dependence.num_train=(32,)',
+                    'dynamics.num_points=3', 'dynamics.record_chunk_steps=30') + _QUICK_ATTACKS
 _REAL_DONE = ('results.csv', 'results.json', 'summary.json', 'summary.md')
 
 STUDIES = (
@@ -129,6 +138,7 @@ STUDIES = (
           _QUICK_LOWRANK + ('rank=2', 'num_steps=40', 'chunk_steps=40', 'at_steps=2',
                             'ccat_steps=2', 'at_eps=(0.5,1.0)', 'aug_scales=(1.0,)',
                             'bootstrap_resamples=50'), _LOWRANK_DONE),
+    Study('mechanism', 'mechanism', None, _QUICK_MECHANISM, _LOWRANK_DONE),
     Study('real', 'real', None, _QUICK_REAL, _REAL_DONE),
     Study('real_lowrank', 'real', 'experiments/configs/real.py:mnist_lowrank',
           _QUICK_REAL_LOWRANK, _REAL_DONE),

@@ -10,6 +10,7 @@ from absl import flags
 import pytest
 
 from experiments import lowrank
+from experiments import mechanism
 from experiments import real
 from experiments import reproduce
 from experiments import robustness
@@ -27,9 +28,9 @@ R = reproduce
 
 def test_studies_in_order_and_commands():
   assert [s.name for s in R.STUDIES] == ['lowrank', 'lowrank_strict', 'lowrank_linf',
-                                         'robustness', 'real', 'real_lowrank', 'fashion_mnist',
-                                         'cifar10']
-  lowrank_study, strict, linf, _, _, real_lowrank, _, cifar10 = R.STUDIES
+                                         'robustness', 'mechanism', 'real', 'real_lowrank',
+                                         'fashion_mnist', 'cifar10']
+  lowrank_study, strict, linf, _, _, _, real_lowrank, _, cifar10 = R.STUDIES
   assert R.study_args(lowrank_study, 'full', 'runs/x/lowrank') == ['--workdir=runs/x/lowrank']
   # Variants of a default config: their overrides in both presets, before the quick ones.
   assert R.study_args(strict, 'full', 'w') == ['--workdir=w', '--config.attack.oracle_tolerance=0']
@@ -56,7 +57,7 @@ def test_studies_in_order_and_commands():
 
 
 _VALIDATE = {'lowrank': lowrank.validate_config, 'robustness': robustness.validate_config,
-             'real': real.validate_config}
+             'mechanism': mechanism.validate_config, 'real': real.validate_config}
 
 
 @pytest.mark.parametrize('preset', R.PRESETS)
@@ -89,7 +90,8 @@ def test_every_study_config_loads_and_is_valid(preset, tmp_path):
     else:  # real.validate_config looks for the CIFAR-10 files
       _VALIDATE[study.binary](config)
     if preset == 'quick':
-      assert config.attack.strength == 'fast' and config.num_seeds == 2
+      students = config.get('num_seeds') or config.num_teachers * config.students_per_teacher
+      assert config.attack.strength == 'fast' and students == 2
       assert config.num_steps < default.num_steps
     else:  # the binary's defaults (except a variant's overrides), the manual's numbers
       changed = {k: v for k, v in config.to_dict().items() if default.to_dict()[k] != v}
@@ -250,6 +252,11 @@ def test_mark_tables():
       '| method | n | spec |\n|---|---|---|\n| standard | 2 | 0.5 +- 0.1 |\n')
   twice, names = R.mark_tables('s', '| a |\n|---|\n\n| b |\n|---|\n\n| c |\n|---|\n')
   assert names == ['s-summary', 's-summary-2', 's-summary-3']
+  # A summary may name a table on the line above it (experiments/mechanism.py does).
+  named, names = R.mark_tables('m', 'Text.\n\n<!-- table: claim5 -->\n| group |\n|---|\n\n'
+                                    '| group |\n|---|\n')
+  assert names == ['m-claim5', 'm-attack-checks']
+  assert '<!-- table: claim5 -->\n<!-- BEGIN GENERATED: m-claim5 -->\n| group |' in named
 
 
 def test_format_duration():
