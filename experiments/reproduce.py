@@ -93,8 +93,10 @@ class Study(NamedTuple):
 
 
 # The quick runs are compile-bound: the fast attack ensemble without APGD-T and Square
-# (each binary then compiles PGD, APGD and, for oracle labels, the pair attack).
-_QUICK_ATTACKS = ('attack.strength=fast', 'attack.apgd_t_steps=0', 'attack.square_queries=0')
+# (each binary then compiles PGD, APGD and, for oracle labels, the pair attack); the
+# convergence check runs (and says the fast ensemble has not converged) without escalating.
+_QUICK_ATTACKS = ('attack.strength=fast', 'attack.apgd_t_steps=0', 'attack.square_queries=0',
+                  'max_escalations=0')
 # Tiny synthetic configs (the binaries' tests use the same sizes): 2 seeds (one per core),
 # d = 6, a few dozen steps, 16 attacked points.
 _QUICK_LOWRANK = ('num_seeds=2', 'd=6', 'teacher_hidden=(3,)', 'out_dim=3', 'width_mult=2',
@@ -118,7 +120,7 @@ _LOWRANK_DONE = ('results.csv', 'results.json', 'summary.md')
 _QUICK_MECHANISM = ('num_teachers=2', 'students_per_teacher=1', 'd=6', 'rank=2',
                     'teacher_hidden=(3,)', 'out_dim=3', 'width_mult=2', 'batch_size=16',
                     'num_eval=64', 'eval_batch=32', 'num_attack=16', 'convergence_points=16',
-                    'max_escalations=0', 'num_steps=60', 'chunk_steps=30',
+                    'num_steps=60', 'chunk_steps=30',
                     'augmentation.ranks=(2,4)', 'augmentation.scales=(0.3,)',
                     'dependence.width_mults=(1,2)', 'dependence.num_train=(32,)',
                     'dynamics.num_points=3', 'dynamics.record_chunk_steps=30') + _QUICK_ATTACKS
