@@ -141,6 +141,10 @@ STUDIES = (
                             'ccat_steps=2', 'at_eps=(0.5,1.0)', 'aug_scales=(1.0,)',
                             'bootstrap_resamples=50'), _LOWRANK_DONE),
     Study('mechanism', 'mechanism', None, _QUICK_MECHANISM, _LOWRANK_DONE),
+    # The same students attacked by the standard ensemble with up to 3 escalations: the check
+    # of the default's fast ensemble (lower bounds where it has not converged).
+    Study('mechanism_strong', 'mechanism', 'experiments/configs/mechanism.py:strong',
+          _QUICK_MECHANISM, _LOWRANK_DONE),
     Study('real', 'real', None, _QUICK_REAL, _REAL_DONE),
     Study('real_lowrank', 'real', 'experiments/configs/real.py:mnist_lowrank',
           _QUICK_REAL_LOWRANK, _REAL_DONE),

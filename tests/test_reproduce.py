@@ -28,9 +28,9 @@ R = reproduce
 
 def test_studies_in_order_and_commands():
   assert [s.name for s in R.STUDIES] == ['lowrank', 'lowrank_strict', 'lowrank_linf',
-                                         'robustness', 'mechanism', 'real', 'real_lowrank',
-                                         'fashion_mnist', 'cifar10']
-  lowrank_study, strict, linf, _, _, _, real_lowrank, _, cifar10 = R.STUDIES
+                                         'robustness', 'mechanism', 'mechanism_strong', 'real',
+                                         'real_lowrank', 'fashion_mnist', 'cifar10']
+  lowrank_study, strict, linf, _, _, _, _, real_lowrank, _, cifar10 = R.STUDIES
   assert R.study_args(lowrank_study, 'full', 'runs/x/lowrank') == ['--workdir=runs/x/lowrank']
   # Variants of a default config: their overrides in both presets, before the quick ones.
   assert R.study_args(strict, 'full', 'w') == ['--workdir=w', '--config.attack.oracle_tolerance=0']
@@ -350,12 +350,22 @@ DOC_BLOCKS = {
                      'real_lowrank-subspaces',
                      'real_lowrank-correlation-spec_off', 'fashion_mnist-summary',
                      'fashion_mnist-subspaces', 'fashion_mnist-correlation-spec_mean'],
+    'docs/mechanism.md': ['mechanism-intervention', 'mechanism-intervention-paired',
+                          'mechanism-intervention-budgets', 'mechanism-optimizers',
+                          'mechanism-dynamics', 'mechanism-claim5', 'mechanism-claim5-paired',
+                          'mechanism-dependence', 'mechanism-attack-checks-2',
+                          'mechanism_strong-intervention-paired', 'mechanism_strong-claim5-paired',
+                          'mechanism_strong-attack-checks-2'],
     'docs/robustness.md': ['robustness-summary', 'robustness-correlation-spec_off',
                            'robustness-correlation-spec_in', 'robustness-attack-checks',
                            'robustness-attack-checks-2'],
 }
 DOC_FIGURES = {'README.md': ['docs/lowrank.png', 'docs/robustness.png'],
                'docs/lowrank.md': ['docs/lowrank.png'],
+               'docs/mechanism.md': ['docs/mechanism_intervention.png',
+                                     'docs/mechanism_dynamics.png', 'docs/mechanism_claim5.png',
+                                     'docs/mechanism_strong_mechanism_intervention.png',
+                                     'docs/mechanism_strong_mechanism_claim5.png'],
                'docs/robustness.md': ['docs/robustness.png']}
 
 
@@ -441,6 +451,11 @@ def test_the_repository_documents_regenerate_without_a_diff(tmp_path):
     blocks.update(R.generated_blocks(_text(rel)))
   figures = {'docs/lowrank.png': 'lowrank/lowrank.png',
              'docs/robustness.png': 'robustness/robustness.png'}
+  for name in ('intervention', 'dynamics', 'claim5'):
+    figures[f'docs/mechanism_{name}.png'] = f'mechanism/mechanism_{name}.png'
+  for name in ('intervention', 'claim5'):
+    figures[f'docs/mechanism_strong_mechanism_{name}.png'] = (
+        f'mechanism_strong/mechanism_{name}.png')
   workdir = _full_report(tmp_path, blocks, figures=())
   for doc_fig, study_fig in figures.items():
     os.makedirs(os.path.join(workdir, os.path.dirname(study_fig)), exist_ok=True)
