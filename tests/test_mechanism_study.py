@@ -249,7 +249,7 @@ def test_command_line_names_the_field(tmp_path, capfd):
     assert not work.exists()
 
 
-def test_default_and_large_configs_are_valid():
+def test_default_and_strong_configs_are_valid():
   for preset in mechanism_config.PRESETS:
     mechanism.validate_config(mechanism_config.get_config(preset))
   with pytest.raises(ValueError, match='config preset must be one of'):
