@@ -285,6 +285,23 @@ def _check_in_subspace(x: chex.Array, projector: chex.Array, name: str) -> None:
                      f'data.sample_lowrank')
 
 
+def _transplant_inputs(teacher_apply, student_apply, student_params, teacher_params,
+                       projector, x_eval, dead_tol):
+  """The transplants' checked inputs: ``(w_s [d, K], w_t [d, J], corr [J, K], summary)``."""
+  w_s = models.first_layer_kernel(student_params)
+  w_t = models.first_layer_kernel(teacher_params)
+  chex.assert_rank([w_s, w_t, x_eval, projector], 2)
+  d = w_s.shape[0]
+  chex.assert_shape(w_t, (d, None))
+  chex.assert_shape(projector, (d, d))
+  chex.assert_shape(x_eval, (None, d))
+  check_projector(projector)
+  _check_in_subspace(x_eval, projector, 'x_eval')
+  corr, summary = _first_layer_summary(teacher_apply, student_apply, teacher_params,
+                                       student_params, x_eval, dead_tol)
+  return w_s, w_t, corr, summary
+
+
 def transplant_off_subspace(teacher_apply: Callable, student_apply: Callable,
                             student_params: chex.ArrayTree, teacher_params: chex.ArrayTree,
                             projector: chex.Array, x_eval: chex.Array, *,
@@ -324,17 +341,8 @@ def transplant_off_subspace(teacher_apply: Callable, student_apply: Callable,
     (the applied ``||P w_k|| / ||P w_T_j||``, 0 when unmatched), ``num_matched`` and
     ``num_zeroed`` (scalars; they add up to K).
   """
-  w_s = models.first_layer_kernel(student_params)
-  w_t = models.first_layer_kernel(teacher_params)
-  chex.assert_rank([w_s, w_t, x_eval, projector], 2)
-  d = w_s.shape[0]
-  chex.assert_shape(w_t, (d, None))
-  chex.assert_shape(projector, (d, d))
-  chex.assert_shape(x_eval, (None, d))
-  check_projector(projector)
-  _check_in_subspace(x_eval, projector, 'x_eval')
-  corr, summary = _first_layer_summary(teacher_apply, student_apply, teacher_params,
-                                       student_params, x_eval, dead_tol)
+  w_s, w_t, corr, summary = _transplant_inputs(teacher_apply, student_apply, student_params,
+                                               teacher_params, projector, x_eval, dead_tol)
   eligible = summary.alive
   if min_corr is not None:
     eligible = eligible & (summary.max_corr >= min_corr)
@@ -406,17 +414,8 @@ def transplant_off_subspace_all(teacher_apply: Callable, student_apply: Callable
   ...                                             models.first_layer_kernel(tp), atol=1e-5))
   (2, True)
   """
-  w_s = models.first_layer_kernel(student_params)
-  w_t = models.first_layer_kernel(teacher_params)
-  chex.assert_rank([w_s, w_t, x_eval, projector], 2)
-  d = w_s.shape[0]
-  chex.assert_shape(w_t, (d, None))
-  chex.assert_shape(projector, (d, d))
-  chex.assert_shape(x_eval, (None, d))
-  check_projector(projector)
-  _check_in_subspace(x_eval, projector, 'x_eval')
-  corr, summary = _first_layer_summary(teacher_apply, student_apply, teacher_params,
-                                       student_params, x_eval, dead_tol)
+  w_s, w_t, corr, summary = _transplant_inputs(teacher_apply, student_apply, student_params,
+                                               teacher_params, projector, x_eval, dead_tol)
   scores = jnp.where(summary.alive[:, None] & ~jnp.isnan(corr), corr, -jnp.inf)
   j = jnp.argmax(scores, axis=0)                                  # [K]
   best = jnp.max(scores, axis=0)
