@@ -260,10 +260,15 @@ def test_bad_students_per_teacher_fails_at_start(tmp_path, overrides, message):
 def test_students_per_teacher_combinations_that_hold():
   # A shared teacher with students_per_teacher 1 (the default) or num_seeds; K dividing
   # num_seeds.
-  for overrides in (dict(teacher_per_seed=False), dict(teacher_per_seed=False,
-                                                       students_per_teacher=2),
-                    dict(num_seeds=6, students_per_teacher=3)):
-    lowrank.validate_config(tiny_config(**overrides))
+  from tsrobust import lowrank as lowrank_lib  # pylint: disable=g-import-not-at-top
+  for overrides, teachers in ((dict(teacher_per_seed=False), [0, 0]),
+                              (dict(teacher_per_seed=False, students_per_teacher=2), [0, 0]),
+                              (dict(num_seeds=6, students_per_teacher=3), [0, 0, 0, 1, 1, 1])):
+    config = tiny_config(**overrides)
+    lowrank.validate_config(config)  # raises on a combination it refuses
+    ids = lowrank_lib.teacher_ids(config.num_seeds, config.teacher_per_seed,
+                                  config.students_per_teacher)
+    assert ids.tolist() == teachers, overrides
 
 
 def _run_binary(args, capfd):

@@ -143,6 +143,16 @@ def probe_sets(key: chex.PRNGKey, projector: chex.Array, n: int, scale: float = 
   return x_in, data.off_subspace_probe(k_off, x_in, _perp(projector), probe_scale)
 
 
+def _checked_kernels(w, w0, projector):
+  """``(w, w0)`` as first-layer kernels, shapes and projector checked (the movement's inputs)."""
+  w, w0 = _kernel(w), _kernel(w0)
+  chex.assert_rank([w, projector], 2)
+  chex.assert_equal_shape([w, w0])
+  chex.assert_shape(projector, (w.shape[0], w.shape[0]))
+  check_projector(projector)
+  return w, w0
+
+
 def node_off_subspace_movement(w, w0, projector: chex.Array) -> chex.Array:
   """``[n]``: ``||P_perp (w_k - w0_k)|| / ||P_perp w0_k||`` per first-layer node ``k``.
 
@@ -154,12 +164,7 @@ def node_off_subspace_movement(w, w0, projector: chex.Array) -> chex.Array:
   Returns:
     ``[n]`` ratios; a node with ``P_perp w0_k = 0`` gives ``inf`` (moved) or NaN (not).
   """
-  w, w0 = _kernel(w), _kernel(w0)
-  chex.assert_rank([w, projector], 2)
-  chex.assert_equal_shape([w, w0])
-  chex.assert_shape(projector, (w.shape[0], w.shape[0]))
-  check_projector(projector)
-  return _movement(projector, w, w0)[0]
+  return _movement(projector, *_checked_kernels(w, w0, projector))[0]
 
 
 def off_subspace_movement(w, w0, projector: chex.Array) -> chex.Array:
@@ -178,12 +183,7 @@ def off_subspace_movement(w, w0, projector: chex.Array) -> chex.Array:
   >>> float(off_subspace_movement(w, w0, p)), float(off_subspace_movement(w0, w0, p))
   (0.2, 0.0)
   """
-  w, w0 = _kernel(w), _kernel(w0)
-  chex.assert_rank([w, projector], 2)
-  chex.assert_equal_shape([w, w0])
-  chex.assert_shape(projector, (w.shape[0], w.shape[0]))
-  check_projector(projector)
-  return _movement(projector, w, w0)[1]
+  return _movement(projector, *_checked_kernels(w, w0, projector))[1]
 
 
 def rescale_off_subspace(student_params: chex.ArrayTree, projector: chex.Array,
