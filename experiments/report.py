@@ -35,7 +35,7 @@ BEGIN = '<!-- BEGIN GENERATED: {} -->'
 END = '<!-- END GENERATED: {} -->'
 _MARKER = re.compile(r'^\s*<!-- (BEGIN|END) GENERATED: (\S+) -->\s*$')
 _NAME = re.compile(r'^[A-Za-z0-9_.-]+$')
-_PRESET_LINE = re.compile(r'^<!-- reproduce: preset=(\w+) -->$', re.M)
+_PRESET_LINE = re.compile(r'^<!-- reproduce: preset=(\w+)(?: studies=([\w,]+))? -->$', re.M)
 # A summary.md line naming the table right below it (experiments/mechanism.py writes them).
 _TABLE_NAME = re.compile(r'^<!-- table: ([A-Za-z0-9_.-]+) -->$')
 
@@ -178,6 +178,27 @@ def report_preset(report: str) -> Optional[str]:
   return m.group(1) if m else None
 
 
+def report_studies(report: str) -> Optional[Tuple[str, ...]]:
+  """The studies a ``REPORT.md`` of ``--studies=...`` was limited to; None: every study."""
+  m = _PRESET_LINE.search(report)
+  return tuple(m.group(2).split(',')) if m and m.group(2) else None
+
+
+def block_study(name: str, study_names: Sequence[str]) -> Optional[str]:
+  """The study a generated block belongs to: the longest study name ``s`` with ``name``
+  ``s-...`` (``mechanism_strong-claim5`` is ``mechanism_strong``'s); None: no study's."""
+  owners = [s for s in study_names if name.startswith(s + '-')]
+  return max(owners, key=len) if owners else None
+
+
+def figure_study(figure: str, study_names: Sequence[str]) -> Optional[str]:
+  """The study a ``docs/*.png`` comes from (``docs_name``): the longest study name it starts
+  with; None: no study's."""
+  base = figure.rsplit('/', 1)[-1]
+  owners = [s for s in study_names if base.startswith(s)]
+  return max(owners, key=len) if owners else None
+
+
 def linked_figures(markdown: str, in_docs: bool = False) -> List[str]:
   """The ``docs/*.png`` paths ``markdown`` links, in order, once each.
 
@@ -235,11 +256,17 @@ def _study_section(o: Outcome, workdir_display: str) -> List[str]:
 
 
 def render_report(preset: str, header: Mapping[str, str], outcomes: Sequence[Outcome],
-                  workdir_display: str) -> str:
-  """The text of ``REPORT.md``: header rows, a table of the studies, a section per study."""
-  lines = ['# Reproduction report', '', f'<!-- reproduce: preset={preset} -->', '',
+                  workdir_display: str, studies: Optional[Sequence[str]] = None) -> str:
+  """The text of ``REPORT.md``: header rows, a table of the studies, a section per study.
+
+  ``studies``: the names a ``--studies=...`` run was limited to (None: every study); the
+  report says so on its preset line, and ``--update_readme`` then updates their blocks only.
+  """
+  only = f' studies={",".join(studies)}' if studies else ''
+  flag = f' --studies={",".join(studies)}' if studies else ''
+  lines = ['# Reproduction report', '', f'<!-- reproduce: preset={preset}{only} -->', '',
            f'Written by `python -m experiments.reproduce --workdir={workdir_display} '
-           f'--preset={preset}`. ' + ('`quick`: tiny configs that show the whole pipeline; '
+           f'--preset={preset}{flag}`. ' + ('`quick`: tiny configs that show the whole pipeline; '
                                       'the numbers are not the manual\'s.' if preset == 'quick'
                                       else '`full`: the binaries\' default configs, the '
                                       'manual\'s numbers.'), '',

@@ -1,6 +1,7 @@
 r"""Runs every study of the manual (docs/) and writes one report of their tables and figures.
 
-    python -m experiments.reproduce --workdir=DIR [--preset=quick|full] [--cifar10_dir=PATH]
+    python -m experiments.reproduce --workdir=DIR [--preset=quick|full] [--studies=a,b]
+        [--cifar10_dir=PATH]
     python -m experiments.reproduce --workdir=DIR --update_readme
 
 Each study of ``STUDIES`` runs as its own process, ``python -m experiments.<binary>
@@ -24,6 +25,10 @@ are compile-bound; one with ``full``, so each wall time is the study's alone).
 machine, then per study the exact command, its wall time and status, its ``summary.md``
 (every table wrapped in ``<!-- BEGIN GENERATED: <name> -->`` / ``<!-- END GENERATED:
 <name> -->``) and links to its figures.
+
+``--studies=a,b`` runs (or reuses) only those studies (default: all); the report says so,
+and ``--update_readme`` on it updates their blocks and figures only, leaving every other
+study's as it is: one study rerun after a change to it, without rerunning the rest.
 
 ``--update_readme`` copies every generated block of a ``full`` report into README.md and
 every page of ``docs/`` (the manual), between the same markers, and the figures they link
@@ -324,8 +329,11 @@ def run_study(study: Study, args: Sequence[str], workdir: str, commit: Optional[
 
 def reproduce(workdir: str, preset: str, cifar10_dir: Optional[str] = None,
               root: str = ROOT, studies: Sequence[Study] = STUDIES,
-              log=print, jobs: int = 1) -> List[Outcome]:
+              log=print, jobs: int = 1,
+              only: Optional[Sequence[str]] = None) -> List[Outcome]:
   """Runs (or reuses) every study and writes ``workdir/REPORT.md``; returns the outcomes.
+
+  ``only``: the names of the studies to run (``select_studies``; None: all of ``studies``).
 
   ``jobs``: studies run at once (each is one process; a study's compilation uses about
   one core).
@@ -336,6 +344,8 @@ def reproduce(workdir: str, preset: str, cifar10_dir: Optional[str] = None,
   Raises:
     validation.ConfigError: a study's config fails to load or its workdir holds another config.
   """
+  if only is not None:
+    studies = select_studies(only, studies)
   os.makedirs(workdir, exist_ok=True)
   shown = display_path(workdir, root)
   commit, dirty = git_commit(root)
@@ -407,8 +417,25 @@ def reproduce(workdir: str, preset: str, cifar10_dir: Optional[str] = None,
       ' (wall times of studies run side by side include their contention)' if jobs > 1 else '')
   header['wall time of this run'] = format_duration(elapsed)
   io.atomic_write_text(os.path.join(workdir, REPORT),
-                       render_report(preset, header, outcomes, shown))
+                       render_report(preset, header, outcomes, shown,
+                                     None if only is None else [st.name for st in studies]))
   return outcomes
+
+
+def select_studies(names: Sequence[str], studies: Sequence[Study] = STUDIES) -> List[Study]:
+  """The studies named in ``names``, in ``studies``' order.
+
+  Raises:
+    validation.ConfigError: an unknown or repeated name, or no name.
+  """
+  known = [st.name for st in studies]
+  unknown = [n for n in names if n not in known]
+  if unknown or not names or len(set(names)) != len(names):
+    raise validation.ConfigError(
+        f'--studies must be distinct names among {", ".join(known)}, got '
+        f'{",".join(names) or "nothing"}' + (f' (unknown: {", ".join(unknown)})' if unknown
+                                             else ''))
+  return [st for st in studies if st.name in names]
 
 
 # ----------------------------------------------------------------------------
@@ -463,7 +490,13 @@ def update_documents(workdir: str, root: str = ROOT,
     blocks = generated_blocks(report)
   except ValueError as e:
     raise validation.ConfigError(f'--update_readme: {REPORT}: {e}') from e
-  sources = figure_sources(workdir, studies)
+  limited = report_lib.report_studies(report)
+  names = [st.name for st in studies]
+  if limited is not None:  # a --studies report: the other studies' blocks and figures stay
+    sources = {f: p for f, p in figure_sources(workdir, studies).items()
+               if report_lib.figure_study(f, names) in limited}
+  else:
+    sources = figure_sources(workdir, studies)
   plan, done = [], []
   for rel in documents(root):
     path = os.path.join(root, rel)
@@ -471,16 +504,21 @@ def update_documents(workdir: str, root: str = ROOT,
     if text is None:
       continue
     try:
-      updated = replace_generated_blocks(text, blocks)
+      current = generated_blocks(text)
+      kept = {} if limited is None else {
+          n: b for n, b in current.items() if report_lib.block_study(n, names) not in limited}
+      updated = replace_generated_blocks(text, {**kept, **blocks})
     except ValueError as e:
       raise validation.ConfigError(f'--update_readme: {rel}: {e}') from e
     figures = linked_figures(text, in_docs=rel.startswith('docs/'))
+    if limited is not None:
+      figures = [f for f in figures if report_lib.figure_study(f, names) in limited]
     missing = [f for f in figures if f not in sources]
     if missing:
       raise validation.ConfigError(f'--update_readme: {rel} links {missing}, which no study of '
                                    f'{workdir} wrote (it has {sorted(sources)})')
     plan.append((path, text, updated, figures))
-    done += list(generated_blocks(text)) + figures
+    done += [n for n in current if n not in kept] + figures
   for fig in dict.fromkeys(f for _, _, _, figures in plan for f in figures):
     with open(sources[fig], 'rb') as f:
       data = f.read()
@@ -517,6 +555,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        '(compile-bound: each compiles on about one core), 1 with --preset=full '
                        '(each study\'s wall time measured alone).', lower_bound=0,
                        flag_values=flag_values)
+  flags.DEFINE_list('studies', None, 'Run (or reuse) only these studies, e.g. '
+                    'robustness,mechanism (default: all); --update_readme on their report '
+                    'updates their blocks only.', flag_values=flag_values)
   flags.DEFINE_bool('update_readme', False, 'Copy the generated blocks and figures of the '
                     'full report in --workdir into README.md and the manual, docs/*.md and '
                     'docs/*.png (runs no study).', flag_values=flag_values)
@@ -533,9 +574,9 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS,
     if not f.workdir:
       raise app.UsageError('--workdir is required (the folder of the report and the studies)')
     if f.update_readme:
-      if f.cifar10_dir:
-        raise app.UsageError('--cifar10_dir is not used with --update_readme (it copies an '
-                             'existing report)')
+      if f.cifar10_dir or f.studies:
+        raise app.UsageError('--cifar10_dir and --studies are not used with --update_readme '
+                             '(it copies an existing report, with the studies it ran)')
       done = update_documents(f.workdir, root, studies)
       print(f'updated README.md and docs/ from {os.path.join(f.workdir, REPORT)}: '
             f'{", ".join(done)}')
@@ -548,7 +589,8 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS,
                            f'--workdir')
     cli.quiet_library_logs()
     jobs = f.jobs or (1 if f.preset == 'full' else sweep.cpu_cores())
-    outcomes = reproduce(f.workdir, f.preset, f.cifar10_dir, root, studies, jobs=jobs)
+    outcomes = reproduce(f.workdir, f.preset, f.cifar10_dir, root, studies, jobs=jobs,
+                         only=f.studies)
   except (validation.ConfigError, app.UsageError) as e:
     cli.exit_with_error(e)
   except KeyboardInterrupt:

@@ -172,6 +172,38 @@ def test_reproduce_reuses_finished_studies_and_runs_the_others(tmp_path, monkeyp
   assert not ran
 
 
+def test_reproduce_of_some_studies(tmp_path, monkeypatch):
+  """--studies runs those only, in the table's order, and the report names them."""
+  ran = []
+
+  def fake_run(study, args, wd, commit, root=R.ROOT, side_by_side=False):
+    ran.append(study.name)
+    _finish(os.path.join(wd, study.name), R.load_config(study, args, root), study.done)
+    return 'ran', '', 3.0
+  monkeypatch.setattr(R, 'run_study', fake_run)
+  workdir = str(tmp_path / 'report')
+  outcomes = R.reproduce(workdir, 'quick', log=lambda _: None, only=['robustness', 'lowrank'])
+  assert ran == ['lowrank', 'robustness']
+  assert [o.name for o in outcomes] == ['lowrank', 'robustness']
+  report = open(os.path.join(workdir, 'REPORT.md')).read()
+  assert '<!-- reproduce: preset=quick studies=lowrank,robustness -->' in report
+  assert '--preset=quick --studies=lowrank,robustness`' in report
+  assert R.report_lib.report_studies(report) == ('lowrank', 'robustness')
+  assert R.report_lib.report_studies(report.replace(' studies=lowrank,robustness', '')) is None
+
+
+def test_block_and_figure_owners():
+  names = [s.name for s in R.STUDIES]
+  assert R.report_lib.block_study('mechanism_strong-claim5-paired', names) == 'mechanism_strong'
+  assert R.report_lib.block_study('mechanism-claim5', names) == 'mechanism'
+  assert R.report_lib.block_study('real_lowrank-summary', names) == 'real_lowrank'
+  assert R.report_lib.block_study('a', names) is None
+  assert R.report_lib.figure_study('docs/mechanism_strong_mechanism_claim5.png',
+                                   names) == 'mechanism_strong'
+  assert R.report_lib.figure_study('docs/robustness.png', names) == 'robustness'
+  assert R.report_lib.figure_study('docs/other.png', names) is None
+
+
 def test_study_env_cache_and_gpu_memory():
   env = R.study_env('runs/x', side_by_side=False, environ={'PATH': '/bin'})
   assert env == {'PATH': '/bin', 'JAX_COMPILATION_CACHE_DIR': os.path.abspath('runs/x/jax_cache')}
@@ -443,6 +475,37 @@ def test_update_documents(tmp_path):
   assert after == before  # nothing rewritten
 
 
+def test_update_documents_of_some_studies(tmp_path):
+  """A --studies report updates its studies' blocks and figures; every other study's block
+  and figure is kept, and one of its own studies' blocks missing is still an error."""
+  workdir = _full_report(tmp_path, {'robustness-summary': '| new rob |\n'},
+                         figures=('robustness/robustness.png', 'lowrank/lowrank.png'))
+  report = os.path.join(workdir, 'REPORT.md')
+  with open(report) as f:
+    text = f.read()
+  with open(report, 'w') as f:
+    f.write(text.replace('preset=full', 'preset=full studies=robustness'))
+  root = tmp_path / 'repo'
+  (root / 'docs').mkdir(parents=True)
+  readme = ('<!-- BEGIN GENERATED: lowrank-summary -->\n| old low |\n'
+            '<!-- END GENERATED: lowrank-summary -->\n'
+            '<!-- BEGIN GENERATED: robustness-summary -->\n| old rob |\n'
+            '<!-- END GENERATED: robustness-summary -->\n'
+            '![a](docs/lowrank.png) ![b](docs/robustness.png)\n')
+  (root / 'README.md').write_text(readme)
+  (root / 'docs' / 'lowrank.png').write_bytes(b'old lowrank')
+  done = R.update_documents(workdir, str(root))
+  assert done == ['robustness-summary', 'docs/robustness.png']
+  assert (root / 'README.md').read_text() == readme.replace('| old rob |', '| new rob |')
+  assert (root / 'docs' / 'lowrank.png').read_bytes() == b'old lowrank'
+  assert (root / 'docs' / 'robustness.png').read_bytes() == (
+      b'png bytes of robustness/robustness.png')
+  (root / 'README.md').write_text(readme + '<!-- BEGIN GENERATED: robustness-wilson -->\n'
+                                  '<!-- END GENERATED: robustness-wilson -->\n')
+  with pytest.raises(validation.ConfigError, match=r"robustness-wilson"):
+    R.update_documents(workdir, str(root))
+
+
 def test_the_repository_documents_regenerate_without_a_diff(tmp_path):
   """A report holding the blocks the documents hold now, and the figures they show:
   updating the repository's README.md and docs/ from it changes no byte."""
@@ -514,7 +577,19 @@ def _run(args, capfd, root=ROOT):
      "error: --cifar10_dir must be a folder holding the CIFAR-10 binary batches, "
      "got '/no/such/folder'\n"),
     (['--workdir=W', '--update_readme', '--cifar10_dir=/tmp'],
-     'error: --cifar10_dir is not used with --update_readme (it copies an existing report)\n'),
+     'error: --cifar10_dir and --studies are not used with --update_readme (it copies an '
+     'existing report, with the studies it ran)\n'),
+    (['--workdir=W', '--update_readme', '--studies=lowrank'],
+     'error: --cifar10_dir and --studies are not used with --update_readme (it copies an '
+     'existing report, with the studies it ran)\n'),
+    (['--workdir=W', '--studies=lowrank,robustnes'],
+     'error: --studies must be distinct names among lowrank, lowrank_strict, lowrank_linf, '
+     'robustness, mechanism, mechanism_strong, real, real_lowrank, fashion_mnist, cifar10, '
+     'got lowrank,robustnes (unknown: robustnes)\n'),
+    (['--workdir=W', '--studies=lowrank,lowrank'],
+     'error: --studies must be distinct names among lowrank, lowrank_strict, lowrank_linf, '
+     'robustness, mechanism, mechanism_strong, real, real_lowrank, fashion_mnist, cifar10, '
+     'got lowrank,lowrank\n'),
     (['--workdir=W', 'extra'],
      "error: unexpected arguments ['extra']; flags are written --name=value\n"),
     (['--workdir=W', '--bogus=1'], 'error: Unknown command line flag \'bogus\'\n'),
