@@ -42,6 +42,8 @@ Measuring
                       paired differences, pooled within-group correlation, coverage simulation
   ``check_results``   the invariants of robust errors in a ``results.csv``
                       (``python -m tsrobust.check_results RUN/results.csv``)
+  ``verdicts``        each claim's verdict by the written rule (docs/verdicts.md) from a
+                      teacher-level interval; the claims x settings table
 
 Running
   ``sweep``           seeds sharded over devices, checkpoints, compilation cache

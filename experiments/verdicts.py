@@ -1,0 +1,92 @@
+r"""The claims x settings verdict table from finished studies' ``results.csv``.
+
+Each claim in each setting gets the verdict its teacher-level interval earns under the
+rules of ``docs/verdicts.md`` (``tsrobust.verdicts``). Nothing is trained or attacked: the
+table is read from the studies' result files.
+
+    python -m experiments.verdicts --lowrank=runs/lowrank --robustness=runs/robustness \
+        [--real=DIR] [--real_lowrank=DIR] [--fashion_mnist=DIR] [--nodetails]
+
+A setting without a flag (or without a ``results.csv``) shows ``not run``. From Python
+(e.g. ``experiments.reproduce``, with its study folders):
+
+    table_from_workdirs({'lowrank': 'runs/full/lowrank', 'robustness': ...})
+
+Results written before teachers were an axis have no ``teacher`` column: in the synthetic
+studies (``lowrank``, ``robustness``) each seed then had its own teacher (K = 1), in the
+image studies every student shares one teacher.
+"""
+
+import os
+from typing import Any, Dict, List, Mapping, Optional
+
+from absl import app
+from absl import flags
+
+from tsrobust import io
+from tsrobust import verdicts
+
+# experiments.reproduce's study names, in the table's column order, with their headers.
+SETTINGS = ('lowrank', 'robustness', 'real', 'real_lowrank', 'fashion_mnist')
+TITLES = {'lowrank': 'synthetic low-rank', 'robustness': 'robustness study', 'real': 'MNIST',
+          'real_lowrank': 'MNIST low-rank', 'fashion_mnist': 'Fashion-MNIST'}
+# Where results carry no ``teacher`` column: a synthetic student's teacher was its seed.
+SYNTHETIC = ('lowrank', 'robustness')
+
+_FLAGS = {s: flags.DEFINE_string(s, None, f'The {TITLES[s]} study\'s workdir (its results.csv);'
+                                 ' unset: the column shows "not run".') for s in SETTINGS}
+_DETAILS = flags.DEFINE_bool('details', True, 'Also print each cell\'s statistic and the '
+                             'reason for its verdict.')
+
+
+def _check_settings(workdirs: Mapping[str, Any]) -> None:
+  unknown = [s for s in workdirs if s not in SETTINGS]
+  if unknown:
+    raise ValueError(f'unknown setting(s) {unknown}: workdirs keys must be among '
+                     f'{list(SETTINGS)}')
+
+
+def cells_from_workdirs(workdirs: Mapping[str, Optional[str]]) -> List[Dict[str, Any]]:
+  """Every claim's cell for every setting: from ``DIR/results.csv`` where ``workdirs`` names
+  a folder that has one, ``not run`` cells otherwise (``tsrobust.verdicts.cells``)."""
+  _check_settings(workdirs)
+  out: List[Dict[str, Any]] = []
+  for s in SETTINGS:
+    workdir = workdirs.get(s)
+    if not workdir:
+      out += verdicts.missing_cells(s)
+      continue
+    path = os.path.join(workdir, 'results.csv')
+    if not os.path.isfile(path):
+      out += verdicts.missing_cells(s, f'no results.csv in {workdir}')
+      continue
+    missing_teacher = 'seed' if s in SYNTHETIC else 'one'
+    out += verdicts.cells(io.read_csv(path), s, missing_teacher=missing_teacher)
+  return out
+
+
+def table_from_workdirs(workdirs: Mapping[str, Optional[str]], details: bool = False) -> str:
+  """The claims x settings verdict table (markdown) of the studies in ``workdirs``.
+
+  Args:
+    workdirs: setting -> study folder (``experiments.reproduce``'s names: ``lowrank``,
+      ``robustness``, ``real``, ``real_lowrank``, ``fashion_mnist``); a setting left out or
+      None shows ``not run``.
+    details: also list each cell's statistic and the reason for its verdict.
+  """
+  cells = cells_from_workdirs(workdirs)
+  text = verdicts.verdict_table(cells, SETTINGS, TITLES)
+  if details:
+    text += '\n' + verdicts.verdict_details(cells, TITLES)
+  return text
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  print(table_from_workdirs({s: f.value for s, f in _FLAGS.items()}, details=_DETAILS.value),
+        end='')
+
+
+if __name__ == '__main__':
+  app.run(main)
