@@ -256,11 +256,14 @@ def _study_section(o: Outcome, workdir_display: str) -> List[str]:
 
 
 def render_report(preset: str, header: Mapping[str, str], outcomes: Sequence[Outcome],
-                  workdir_display: str, studies: Optional[Sequence[str]] = None) -> str:
-  """The text of ``REPORT.md``: header rows, a table of the studies, a section per study.
+                  workdir_display: str, studies: Optional[Sequence[str]] = None,
+                  verdicts: Optional[str] = None) -> str:
+  """The text of ``REPORT.md``: header rows, a table of the studies, the claims' verdicts,
+  a section per study.
 
   ``studies``: the names a ``--studies=...`` run was limited to (None: every study); the
   report says so on its preset line, and ``--update_readme`` then updates their blocks only.
+  ``verdicts``: the "Verdicts" section's markdown (None: no section).
   """
   only = f' studies={",".join(studies)}' if studies else ''
   flag = f' --studies={",".join(studies)}' if studies else ''
@@ -277,6 +280,8 @@ def render_report(preset: str, header: Mapping[str, str], outcomes: Sequence[Out
     wall = '-' if o.wall_s is None or o.status == 'skipped' else format_duration(o.wall_s)
     lines.append(f'| [{o.name}](#{o.name}) | {o.status} | {wall} |')
   lines.append('')
+  if verdicts is not None:
+    lines += ['## Verdicts', '', verdicts.rstrip('\n'), '']
   for o in outcomes:
     lines += _study_section(o, workdir_display)
   return '\n'.join(lines).rstrip('\n') + '\n'

@@ -61,6 +61,7 @@ from absl import flags
 
 from experiments import cli
 from experiments import validation
+from experiments import verdicts as verdicts_lib
 from experiments import report as report_lib  # update_documents' text is `report`
 from tsrobust import datasets
 from tsrobust import io
@@ -418,8 +419,39 @@ def reproduce(workdir: str, preset: str, cifar10_dir: Optional[str] = None,
   header['wall time of this run'] = format_duration(elapsed)
   io.atomic_write_text(os.path.join(workdir, REPORT),
                        render_report(preset, header, outcomes, shown,
-                                     None if only is None else [st.name for st in studies]))
+                                     None if only is None else [st.name for st in studies],
+                                     verdict_section(workdir, partial=only is not None)))
   return outcomes
+
+
+VERDICTS_BLOCK = 'verdicts'
+
+
+def verdict_section(workdir: str, partial: bool = False) -> str:
+  """The report's "Verdicts" section: the claims x settings table (``experiments.verdicts``,
+  rules in docs/verdicts.md) of the studies' results in ``workdir``, as the generated block
+  ``verdicts``, with the commit each setting's results come from.
+
+  A setting without results shows "not run". A ``--studies`` run (``partial``) writes the
+  table only when every setting's folder holds results (else a line saying which are
+  missing), so that ``--update_readme`` never replaces a whole table by a partial one.
+  """
+  have = {s: os.path.join(workdir, s) for s in verdicts_lib.SETTINGS
+          if os.path.isfile(os.path.join(workdir, s, 'results.csv'))}
+  missing = [s for s in verdicts_lib.SETTINGS if s not in have]
+  if partial and missing:
+    return (f'Not written: the verdict table needs every setting\'s results in this folder; '
+            f'missing: {", ".join(missing)}.')
+  table = verdicts_lib.table_from_workdirs(have)
+  made = []
+  for s in have:
+    run = json.loads(_read(os.path.join(workdir, f'{s}.run.json')) or '{}')
+    made.append(f'{verdicts_lib.TITLES[s]} {str(run.get("commit") or "unknown")[:12]}')
+  source = ('<sub>By the rules of `docs/verdicts.md` (`python -m experiments.verdicts`), '
+            'from the studies\' `results.csv`'
+            + ('; the commit of each: ' + ', '.join(made) if made else '') + '.</sub>')
+  return '\n'.join([BEGIN.format(VERDICTS_BLOCK), table.rstrip('\n'), '', source,
+                    END.format(VERDICTS_BLOCK)]) + '\n'
 
 
 def select_studies(names: Sequence[str], studies: Sequence[Study] = STUDIES) -> List[Study]:

@@ -33,10 +33,16 @@ TITLES = {'lowrank': 'synthetic low-rank', 'robustness': 'robustness study', 're
 # Where results carry no ``teacher`` column: a synthetic student's teacher was its seed.
 SYNTHETIC = ('lowrank', 'robustness')
 
-_FLAGS = {s: flags.DEFINE_string(s, None, f'The {TITLES[s]} study\'s workdir (its results.csv);'
-                                 ' unset: the column shows "not run".') for s in SETTINGS}
-_DETAILS = flags.DEFINE_bool('details', True, 'Also print each cell\'s statistic and the '
-                             'reason for its verdict.')
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Dict[str, Any]:
+  """The binary's flags (defined when it runs, so importing this module defines none)."""
+  out = {s: flags.DEFINE_string(s, None, f'The {TITLES[s]} study\'s workdir (its '
+                                'results.csv); unset: the column shows "not run".',
+                                flag_values=flag_values) for s in SETTINGS}
+  out['details'] = flags.DEFINE_bool('details', True, 'Also print each cell\'s statistic and '
+                                     'the reason for its verdict.', flag_values=flag_values)
+  return out
 
 
 def _check_settings(workdirs: Mapping[str, Any]) -> None:
@@ -60,8 +66,12 @@ def cells_from_workdirs(workdirs: Mapping[str, Optional[str]]) -> List[Dict[str,
     if not os.path.isfile(path):
       out += verdicts.missing_cells(s, f'no results.csv in {workdir}')
       continue
+    rows = io.read_csv(path)
+    if not rows:
+      out += verdicts.missing_cells(s, f'{path} has no rows')
+      continue
     missing_teacher = 'seed' if s in SYNTHETIC else 'one'
-    out += verdicts.cells(io.read_csv(path), s, missing_teacher=missing_teacher)
+    out += verdicts.cells(rows, s, missing_teacher=missing_teacher)
   return out
 
 
@@ -81,12 +91,13 @@ def table_from_workdirs(workdirs: Mapping[str, Optional[str]], details: bool = F
   return text
 
 
-def main(argv):
+def main(argv, defined: Mapping[str, Any]):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  print(table_from_workdirs({s: f.value for s, f in _FLAGS.items()}, details=_DETAILS.value),
-        end='')
+  print(table_from_workdirs({s: defined[s].value for s in SETTINGS},
+                            details=defined['details'].value), end='')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  _DEFINED = define_flags()
+  app.run(lambda argv: main(argv, _DEFINED))

@@ -160,7 +160,8 @@ def test_reproduce_reuses_finished_studies_and_runs_the_others(tmp_path, monkeyp
                                                     ('robustness', 'ran')]
   report = open(os.path.join(workdir, 'REPORT.md')).read()
   assert R.report_preset(report) == 'quick'
-  assert set(R.generated_blocks(report)) == {'lowrank-summary', 'robustness-summary'}
+  assert set(R.generated_blocks(report)) == {'lowrank-summary', 'robustness-summary',
+                                               'verdicts'}
   # A second run reuses both; a full run into the same folder is refused before any work.
   ran.clear()
   assert [o.status for o in R.reproduce(workdir, 'quick', studies=studies,
@@ -221,7 +222,8 @@ def test_a_preset_not_available_is_skipped(tmp_path, monkeypatch):
   assert outcome.status == 'skipped' and outcome.detail.startswith('preset not available (')
   report = open(tmp_path / 'REPORT.md').read()
   assert '## later' in report and 'Status: skipped: preset not available' in report
-  assert R.generated_blocks(report) == {}
+  assert list(R.generated_blocks(report)) == ['verdicts']  # every cell 'not run'
+  assert 'not run | not run |' in R.generated_blocks(report)['verdicts']
 
 
 def test_a_study_whose_data_is_not_installed_is_skipped(tmp_path, monkeypatch):
@@ -315,6 +317,35 @@ def test_render_report():
   assert 'study `lowrank`, commit abc123def456.' in block
   assert '![lowrank lowrank.png](lowrank/lowrank.png)' in text
   assert '(docs: `docs/lowrank.png`)' in text
+
+
+def test_verdict_section(tmp_path):
+  """The report's verdict table reads the settings' results in the workdir, names the commit
+  of each, and a partial (--studies) report writes it only when every setting has results."""
+  from tsrobust import io as io_lib  # pylint: disable=g-import-not-at-top
+  rows = []
+  for t in range(5):  # claim 3: off - in error 0.4 + small noise over 5 teachers
+    off = 0.6 + 0.01 * t
+    rows.append({'rank': 5.0, 'teacher': float(t), 'seed': float(t), 'spec_in': 0.99,
+                 'spec_off': 0.5, 'wcos_off': 0.15, 'wcos_off_random': 0.146,
+                 **{f'adv_oracle_in_{b}': 0.2 for b in ('0.5', '1.0', '2.0')},
+                 **{f'adv_oracle_off_{b}': off for b in ('0.5', '1.0', '2.0')},
+                 **{f'adv_oracle_full_{b}': off for b in ('0.5', '1.0', '2.0')}})
+  workdir = tmp_path / 'w'
+  (workdir / 'lowrank').mkdir(parents=True)
+  io_lib.write_csv(str(workdir / 'lowrank' / 'results.csv'), rows)
+  (workdir / 'lowrank.run.json').write_text('{"commit": "0123456789abcdef"}')
+  partial = R.verdict_section(str(workdir), partial=True)
+  assert partial == ('Not written: the verdict table needs every setting\'s results in this '
+                     'folder; missing: robustness, real, real_lowrank, fashion_mnist.')
+  text = R.verdict_section(str(workdir))
+  block = R.generated_blocks(text)['verdicts']
+  claim3 = [line for line in block.split('\n') if line.startswith('| 3.')][0].split(' | ')
+  assert claim3[1].startswith('holds: 0.420 [0.400, 0.440]') and claim3[1].endswith('T=5')
+  assert claim3[2:] == ['not run'] * 3 + ['not run |']
+  assert 'synthetic low-rank 0123456789ab.</sub>' in block
+  report = R.render_report('full', {}, [], 'w', verdicts=text)
+  assert '## Verdicts\n\n<!-- BEGIN GENERATED: verdicts -->' in report
 
 
 # ----------------------------------------------------------------------------

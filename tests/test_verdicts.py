@@ -326,12 +326,17 @@ def test_table_from_workdirs(tmp_path):
   io.write_csv(os.path.join(tmp_path, 'results.csv'), old)
   empty = tmp_path / 'empty'
   empty.mkdir()
+  no_rows = tmp_path / 'no_rows'
+  no_rows.mkdir()
+  (no_rows / 'results.csv').write_text('rank,teacher\n')
   text = exp_verdicts.table_from_workdirs({'lowrank': str(tmp_path), 'real': str(empty),
+                                           'robustness': str(no_rows),
                                            'fashion_mnist': None}, details=True)
   table = [line for line in text.split('\n') if line.startswith('| 3.')][0].split(' | ')
   assert table[1].startswith('holds: ') and table[1].endswith('T=10')
   assert table[2:] == ['not run'] * 3 + ['not run |']
   assert f'no results.csv in {empty}' in text
+  assert f'{no_rows}/results.csv has no rows' in text
   with pytest.raises(ValueError, match=r"unknown setting\(s\) \['mnist'\]"):
     exp_verdicts.table_from_workdirs({'mnist': str(tmp_path)})
   with open(os.path.join(tmp_path, 'results.csv')) as f:
