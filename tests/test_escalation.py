@@ -224,9 +224,11 @@ def test_reference_check_known_answer():
 
 
 def test_with_budget_of_keeps_the_criteria():
-  cfg = evaluate.preset('fast', oracle_tolerance=0.05, oracle_loss='mse', pair_smoothing=0.0)
+  cfg = evaluate.preset('fast', oracle_tolerance=0.05, oracle_loss='mse', pair_smoothing=0.0,
+                        pair_momentum=0.75)
   ref = cfg.with_budget_of('reference')
-  assert (ref.oracle_tolerance, ref.oracle_loss, ref.pair_smoothing) == (0.05, 'mse', 0.0)
+  assert (ref.oracle_tolerance, ref.oracle_loss, ref.pair_smoothing, ref.pair_momentum) == (
+      0.05, 'mse', 0.0, 0.75)
   assert (ref.square_queries, ref.pair_restarts) == (10000, 2)
   with pytest.raises(ValueError, match='strength'):
     cfg.with_budget_of('huge')

@@ -230,6 +230,9 @@ def test_presets_and_bad_input():
                     pair_steps=0)
   with pytest.raises(ValueError, match='pair_smoothing'):
     evaluate.preset('fast', pair_smoothing=-1.0)
+  for bad in (0.0, 1.5):
+    with pytest.raises(ValueError, match=r'pair_momentum must be in \(0, 1\], got'):
+      evaluate.preset('fast', pair_momentum=bad)
   with pytest.raises(ValueError, match='factor'):
     evaluate.preset('fast').scaled(0)
   doubled = evaluate.preset('standard').scaled(2)

@@ -97,6 +97,9 @@ class AttackConfig:
     pair_smoothing: its soft minimum's temperature, relative to each example's
       logit scale (the standard deviation over classes of the teacher's clean
       logits); 0: the plain minimum.
+    pair_momentum: its APGD's ``alpha``, the weight of the new step against the
+      previous displacement (Croce & Hein use 0.75; less is heavier momentum, which
+      follows the teacher's boundaries further: docs/evaluation.md).
     oracle_loss: PGD's oracle objective, ``'kl'`` or ``'mse'``.
     oracle_tolerance: an oracle disagreement counts only where the teacher's
       own top-2 logit gap at that point is ``>= oracle_tolerance`` (0: any
@@ -120,6 +123,7 @@ class AttackConfig:
   pair_targets: int = 3
   pair_restarts: int = 1
   pair_smoothing: float = 0.5
+  pair_momentum: float = 0.4
   oracle_loss: str = 'kl'
   oracle_tolerance: float = 0.0
 
@@ -137,6 +141,8 @@ class AttackConfig:
       raise ValueError(f'pgd_step_factor must be > 0, got {self.pgd_step_factor!r}')
     if not (isinstance(self.pair_smoothing, (int, float)) and self.pair_smoothing >= 0):
       raise ValueError(f'pair_smoothing must be >= 0, got {self.pair_smoothing!r}')
+    if not (isinstance(self.pair_momentum, (int, float)) and 0 < self.pair_momentum <= 1):
+      raise ValueError(f'pair_momentum must be in (0, 1], got {self.pair_momentum!r}')
     if not 0 < self.square_p_init <= 1:
       raise ValueError(f'square_p_init must be in (0, 1], got {self.square_p_init!r}')
     if not (isinstance(self.oracle_tolerance, (int, float)) and self.oracle_tolerance >= 0):
@@ -175,7 +181,7 @@ class AttackConfig:
 
   def with_budget_of(self, strength: str) -> 'AttackConfig':
     """This ensemble's criteria (oracle tolerance and loss, PGD's step factor, the pair
-    attack's smoothing, Square's ``p_init``) with the iterations, restarts, targets and
+    attack's smoothing and momentum, Square's ``p_init``) with the iterations, restarts, targets and
     queries of preset ``strength``: e.g. the reference check's ensemble.
 
     >>> cfg = preset('standard', oracle_tolerance=0.05).with_budget_of('reference')
@@ -184,8 +190,8 @@ class AttackConfig:
     """
     if strength not in PRESETS:
       raise ValueError(f'strength must be one of {STRENGTHS}, got {strength!r}')
-    keep = ('pgd_step_factor', 'square_p_init', 'pair_smoothing', 'oracle_loss',
-            'oracle_tolerance')
+    keep = ('pgd_step_factor', 'square_p_init', 'pair_smoothing', 'pair_momentum',
+            'oracle_loss', 'oracle_tolerance')
     return dataclasses.replace(PRESETS[strength], **{k: getattr(self, k) for k in keep})
 
   def convergence_points(self) -> Tuple[int, ...]:
@@ -393,7 +399,7 @@ def attack_one(student_fn: Callable, teacher_fn: Callable, x: chex.Array,
       objective = attacks.oracle_pair_objective(g_s, g_t, a, b, tolerance=tol, smoothing=tau)
       d = attacks.apgd(objective, x, pkey, eps=eps, steps=c.pair_steps, norm=norm,
                        restarts=c.pair_restarts, projector=projector, clip_range=clip_range,
-                       success_fn=success)
+                       success_fn=success, momentum=c.pair_momentum)
       return d, success(x + d)
     delta = _first_success(*jax.lax.map(one_pair, (keep, move, jax.random.split(key, 2 * k))))
   else:  # square

@@ -31,6 +31,7 @@ FIELDS = {
         'pair_targets': validation.Int(lo=0, none=_PRESETS),
         'pair_restarts': validation.Int(lo=1, none=_PRESETS),
         'pair_smoothing': validation.Float(lo=0, none=_PRESETS),
+        'pair_momentum': validation.Float(lo=0, lo_open=True, hi=1, none=_PRESETS),
         'oracle_loss': validation.Choice(attacks.ORACLE_LOSSES),
         'oracle_tolerance': validation.Float(lo=0),
     },
@@ -63,6 +64,9 @@ def add_attack_fields(c: ml_collections.ConfigDict, oracle_tolerance: float,
   a.pair_restarts = config_dict.placeholder(int)   # apgd_pair restarts
   # apgd_pair's soft minimum, relative to the logit scale (0: min).
   a.pair_smoothing = config_dict.placeholder(float)
+  # apgd_pair's APGD alpha: weight of the new step vs the previous displacement (0.75 in
+  # Croce & Hein; 0.4, heavier momentum, follows the teacher's boundaries further).
+  a.pair_momentum = config_dict.placeholder(float)
   a.oracle_loss = 'kl'        # PGD's oracle objective: kl | mse
   # An oracle error needs the teacher's top-2 logit gap >= this at x + delta (0: any
   # disagreement; see docs/lowrank.md, "Why a tolerance").
