@@ -41,7 +41,25 @@ tsrobust draws the indices ``randint(split(fold_in(key_i, t))[0], (B,), 0, N)``
 ``batch_indices`` computes them and the PyTorch trainers gather the same images
 (inside their timed loops, as the JAX trainer gathers inside its own).
 ``tests/test_benchmarks_cnn_sweep.py`` checks that every trainer's students, after a
-few steps, give the JAX students' outputs, and after 0 steps the JAX initial loss.
+few steps, give the JAX students' outputs, and after 0 steps the JAX initial loss (and
+the same after a few PGD-AT steps, given tsrobust's random starts).
+
+PGD-AT (``--step=pgd_at``, or ``both``): the image study's ``at`` students' step, the attack
+inside training. tsrobust: the same ``train.train_seeds`` with the loss
+``methods.make_loss('at', ...)`` and the per-student ``data_args`` of
+``methods.student_args`` (``at_eps``, ``at_fraction``), the settings
+``real_eval.method_settings`` gives the default config (``at_settings``: L-inf, 3 PGD steps of
+``2.5 eps / 3``, oracle labels (the teacher at the attacked point), the whole batch attacked,
+pixels in [0, 1], one restart from a random start; ``--at_eps``, default 0.3, the larger of the
+study's two budgets). The PyTorch peers run the same PGD (``torch_pgd``: the random start,
+``sign`` steps clipped to the box and the pixel range, per example the best of every iterate
+as ``attacks.pgd`` keeps it, hence one more forward at the last point), through their own
+model (sequential: each student; ``torch_func``: ``vmap(grad(objective, argnums=1))``;
+``grouped``: all S students in the grouped model at once; the attack's gradients are the
+inputs' only, its bookkeeping under ``torch.no_grad``, no host syncs), then the step at the
+attacked points. Given tsrobust's random starts (``jax_random_starts``) they reach the JAX
+students' weights (the tests' known answer); timed, they draw their own, so the held-out
+losses (clean test images) agree within the spread the random starts make.
 
 Every repeat runs the trainers back to back (their order rotated from one repeat to the
 next), so a change in load hits all of them; each reported time is the median over
@@ -56,6 +74,9 @@ large float32 ``jnp.dot``'s rate on the same machine (``torch.mm``'s is recorded
 
     python -m benchmarks.cnn_sweep --students=1,8,32 --steps=200 --repeats=3 \
         --json=/tmp/cnn_sweep.json
+    python -m benchmarks.cnn_sweep --step=pgd_at --students=1,8,32 --steps=10 --repeats=3
+
+``--json``: ``rows[]`` one per step kind and S (``rows[].step``), see ``run_sweep``.
 """
 
 import argparse
@@ -74,15 +95,33 @@ import numpy as np
 from benchmarks import hardware
 from benchmarks import seed_sweep
 from benchmarks import setting
+from tsrobust import attacks
 from tsrobust import cnn
 from tsrobust import io
 from tsrobust import lowrank
+from tsrobust import methods
 from tsrobust import sweep
 from tsrobust import train
 
 TRAINERS = ('vmap', 'sequential', 'torch_func', 'grouped')
 TORCH_TRAINERS = TRAINERS[1:]
 TORCH_WARMUP_STEPS = 5
+STEP_KINDS = ('standard', 'pgd_at')
+# The PGD-AT students' budget: the larger of the image study's default grid
+# (``experiments/configs/real.py``: ``at_eps = (0.05, 0.3)``; the time does not depend on it).
+AT_EPS = 0.3
+
+
+def at_settings(job: setting.ImageJob) -> methods.Settings:
+  """The methods' settings the image study trains its PGD-AT (``at``) students with.
+
+  ``experiments/real_eval.method_settings`` of the default config: the loss and batch of
+  ``job``, L-inf PGD of ``at_steps = 3`` steps of ``step_factor * eps / at_steps`` (2.5),
+  oracle labels, the whole batch attacked, pixels kept in [0, 1]; the rest are
+  ``methods.Settings``' defaults, which are the config's (a test checks they are equal).
+  """
+  return methods.Settings(loss=job.loss, batch_size=job.batch_size, clip_range=(0.0, 1.0),
+                          budget_scale=1.0 / job.eps_denominator)
 
 
 class Problem(NamedTuple):
@@ -97,6 +136,9 @@ class Problem(NamedTuple):
   loss_fn: Any
   train_x: np.ndarray   # [N, H, W, C] float32
   test_x: np.ndarray    # [n, H, W, C] float32
+  kind: str = 'standard'  # the step: STEP_KINDS
+  data_args: Any = None   # per-student data_args [S] (PGD-AT: at_eps, at_fraction), or None
+  settings: Any = None    # methods.Settings (PGD-AT), or None
 
   @property
   def num_seeds(self) -> int:
@@ -109,8 +151,9 @@ class Problem(NamedTuple):
 
 def make_problem(num_seeds: int, *, job: Optional[setting.ImageJob] = None,
                  data: str = 'mnist', image_shape: Sequence[int] = (28, 28, 1),
-                 num_train: int = 4000, num_heldout: int = 1000, seed: int = 0) -> Problem:
-  """The image job's teacher (random), ``num_seeds`` students, Adam and the standard loss.
+                 num_train: int = 4000, num_heldout: int = 1000, seed: int = 0,
+                 step: str = 'standard', at_eps: float = AT_EPS) -> Problem:
+  """The image job's teacher (random), ``num_seeds`` students, Adam and the step's loss.
 
   Args:
     num_seeds: students S.
@@ -120,7 +163,12 @@ def make_problem(num_seeds: int, *, job: Optional[setting.ImageJob] = None,
       images) or ``'random'`` (uniform ``[num_train + num_heldout, *image_shape]``).
     num_heldout: test images of the held-out loss.
     seed: the teacher's, students' and training keys' PRNG seed.
+    step: ``'standard'`` (the ``standard`` method's loss) or ``'pgd_at'`` (the ``at``
+      method's, ``methods.make_loss('at', ...)`` with ``at_settings(job)``, every student
+      at the budget ``at_eps`` through ``methods.student_args``, as the study builds them).
   """
+  if step not in STEP_KINDS:
+    raise ValueError(f'step must be one of {STEP_KINDS}, got {step!r}')
   job = job or setting.ImageJob()
   if data == 'mnist':
     ds = job.load_data()
@@ -141,10 +189,70 @@ def make_problem(num_seeds: int, *, job: Optional[setting.ImageJob] = None,
       jax.random.split(k_student, num_seeds))
   optimizer = setting.make_optimizer(job)
   state = jax.vmap(lambda p: train.init_state(p, optimizer))(params)
-  loss_fn = train.teacher_regression_loss(student.apply, teacher.apply, job.loss,
-                                          lowrank.sampler(train_x.shape[0]), job.batch_size)
+  sample = lowrank.sampler(train_x.shape[0])
+  data_args = settings = None
+  if step == 'standard':
+    loss_fn = train.teacher_regression_loss(student.apply, teacher.apply, job.loss, sample,
+                                            job.batch_size)
+  else:
+    settings = at_settings(job)
+    loss_fn = methods.make_loss('at', student.apply, teacher.apply, sample, settings)
+    data_args = methods.student_args([('at', {'at_eps': at_eps})], num_seeds, settings)
   return Problem(job, teacher, student, teacher_params, state,
-                 jax.random.split(k_train, num_seeds), optimizer, loss_fn, train_x, test_x)
+                 jax.random.split(k_train, num_seeds), optimizer, loss_fn, train_x, test_x,
+                 step, data_args, settings)
+
+
+class PGDSpec(NamedTuple):
+  """One student's PGD of PGD-AT, in float32 as the library computes it (``pgd_spec``)."""
+  eps: float
+  alpha: float       # step_factor * eps / steps
+  steps: int
+  clip_range: Tuple[float, float]
+
+
+def pgd_spec(problem: Problem, i: int = 0) -> PGDSpec:
+  """Student ``i``'s attack: ``train.pgd_augmentation``'s ``attacks.pgd`` arguments.
+
+  Only what the PyTorch peers implement: L-inf, oracle labels, the whole batch, one
+  restart, a random start, no subspace, pixels clipped (``check_pgd_at_supported``).
+  """
+  st = problem.settings
+  eps = np.float32(problem.data_args['at_eps'][i])
+  alpha = np.float32(st.step_factor) * eps / np.float32(st.at_steps)
+  return PGDSpec(float(eps), float(alpha), st.at_steps, tuple(st.clip_range))
+
+
+def check_pgd_at_supported(problem: Problem) -> None:
+  """Raises ``ValueError`` where the study's PGD-AT is one the PyTorch peers do not write."""
+  st = problem.settings
+  fractions = np.asarray(problem.data_args['at_fraction'])
+  eps = np.asarray(problem.data_args['at_eps'])
+  if (st.at_norm != 'linf' or st.at_label != 'oracle' or st.loss != 'mse'
+      or st.clip_range is None or not np.all(fractions == 1.0) or not np.all(eps == eps[0])):
+    raise ValueError('the PyTorch PGD-AT peers implement L-inf PGD with oracle labels, the MSE, '
+                     'the whole batch attacked, pixels clipped and one budget for all students; '
+                     f'got {st} and at_eps {eps}, at_fraction {fractions}')
+
+
+def jax_random_starts(problem: Problem, num_seeds: int, steps: int) -> np.ndarray:
+  """``[num_seeds, steps, B, C, H, W]`` PGD-AT's random starts in tsrobust's step ``t``.
+
+  Before clipping the pixels: ``teacher_regression_loss`` splits the step's key
+  ``fold_in(key_i, t)`` and hands the second half to the transform;
+  ``attacks.pgd`` splits it once per restart (one) and ``_random_start`` draws the start.
+  For the tests: the PyTorch trainers, given these, compute what tsrobust computes.
+  """
+  b = problem.job.batch_size
+  x = jnp.zeros((b,) + problem.image_shape, jnp.float32)
+  eps = problem.data_args['at_eps'][:num_seeds]
+
+  def one(key, e, t):
+    run_key = jax.random.split(jax.random.split(jax.random.fold_in(key, t))[1], 1)[0]
+    return attacks._random_start(run_key, x, e, 'linf', None)  # pylint: disable=protected-access
+  starts = jax.vmap(lambda k, e: jax.vmap(lambda t: one(k, e, t))(jnp.arange(steps)))(
+      problem.keys[:num_seeds], eps)
+  return np.ascontiguousarray(np.asarray(starts).transpose(0, 1, 2, 5, 3, 4))
 
 
 def batch_indices(problem: Problem, num_seeds: int, steps: int) -> np.ndarray:
@@ -165,7 +273,11 @@ def batch_indices(problem: Problem, num_seeds: int, steps: int) -> np.ndarray:
 
 def flops_per_student_step(problem: Problem) -> dict:
   """Conv and matmul FLOPs of one student-step (a batch): student forward + backward,
-  teacher forward. The backward is twice the forward less the first layer's input gradient."""
+  teacher forward. The backward is twice the forward less the first layer's input gradient.
+
+  PGD-AT adds the attack: per PGD step the student's and the teacher's forward and their
+  input gradients (as much again: every layer's, no weight gradients), and a last forward
+  of both at the final point (``attacks.pgd`` evaluates every iterate)."""
   def forward(model):
     h, w, c = problem.image_shape
     k = model.kernel_size
@@ -183,8 +295,13 @@ def flops_per_student_step(problem: Problem) -> dict:
   student, teacher = forward(problem.student), forward(problem.teacher)
   b = problem.job.batch_size
   per_example = 3 * sum(student) - student[0] + sum(teacher)
-  return {'exact': b * per_example, 'student_forward': b * sum(student),
-          'teacher_forward': b * sum(teacher)}
+  out = {'exact': b * per_example, 'student_forward': b * sum(student),
+         'teacher_forward': b * sum(teacher)}
+  if problem.kind == 'pgd_at':
+    both = sum(student) + sum(teacher)
+    out['attack'] = b * (problem.settings.at_steps * 2 * both + both)
+    out['exact'] += out['attack']
+  return out
 
 
 def jax_outputs(problem: Problem, params: Any, x: np.ndarray) -> np.ndarray:
@@ -223,7 +340,7 @@ def make_vmap(problem: Problem, steps: int, mesh=None):
   p = problem
   teacher = jax.tree_util.tree_map(
       lambda v: jnp.broadcast_to(v, (p.num_seeds,) + v.shape), p.teacher_params)
-  inputs = (p.state, teacher, {}, p.keys)
+  inputs = (p.state, teacher, p.data_args or {}, p.keys)
   shared = {'train_x': jnp.asarray(p.train_x)}
   if mesh is not None:
     inputs = sweep.shard_seeds(inputs, mesh)
@@ -302,9 +419,12 @@ class _Torch(NamedTuple):
   images: Any          # [N, C, H, W] tensor
   idx: Any             # [S, steps, B] long tensor
   sync: Any
+  pgd: Optional[PGDSpec]  # PGD-AT's attack (None: the standard step)
+  starts: Any          # None, or [S, steps, B, C, H, W] PGD-AT's random starts (tests)
 
 
-def _torch_setup(problem: Problem, num_seeds: int, steps: int, device) -> _Torch:
+def _torch_setup(problem: Problem, num_seeds: int, steps: int, device,
+                 starts: Optional[np.ndarray] = None) -> _Torch:
   import torch  # pylint: disable=g-import-not-at-top
   shape = problem.image_shape
   students = [torch_sequential(torch_layers(setting.seed_slice(problem.state.params, i),
@@ -313,27 +433,70 @@ def _torch_setup(problem: Problem, num_seeds: int, steps: int, device) -> _Torch
   teacher = torch_sequential(torch_layers(problem.teacher_params, problem.teacher, shape),
                              problem.teacher, device).requires_grad_(False)
   idx = torch.from_numpy(batch_indices(problem, num_seeds, max(steps, 1))).to(device)
+  pgd = None
+  if problem.kind == 'pgd_at':
+    check_pgd_at_supported(problem)
+    pgd = pgd_spec(problem)
+  if starts is not None:
+    starts = torch.from_numpy(np.array(starts, np.float32)).to(device)  # a writable copy
   return _Torch(students, teacher, _nchw(problem.train_x, device), idx,
-                seed_sweep._torch_sync(device))  # pylint: disable=protected-access
+                seed_sweep._torch_sync(device), pgd, starts)  # pylint: disable=protected-access
+
+
+def torch_pgd(value_and_grad, value, x, spec: PGDSpec, start=None):
+  """``attacks.pgd`` (L-inf, one restart, no subspace, pixels clipped) in PyTorch: ``x + delta``.
+
+  A random start (``start``, before clipping, or uniform in ``[-eps, eps]``), ``spec.steps``
+  steps ``delta <- clip(delta + alpha sign(g))`` (the box, then the pixel range); as the
+  library, per example the best of every iterate (the start, each step's and the final one's
+  objective: one more forward), the earliest among equals. ``x [..., B, C, H, W]``;
+  ``value_and_grad(xa) -> (objective [..., B], its gradient wrt xa)``, ``value(xa)``: the
+  objective alone. No host synchronization.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  lo, hi = spec.clip_range
+  eps, alpha = spec.eps, spec.alpha
+  with torch.no_grad():
+    delta = torch.empty_like(x).uniform_(-1.0, 1.0).mul_(eps) if start is None else start
+    delta = (x + delta).clamp_(lo, hi).sub_(x)
+    best = delta
+    best_obj = torch.full(x.shape[:-3], -float('inf'), dtype=x.dtype, device=x.device)
+
+  def keep(best, best_obj, delta, obj):
+    better = obj > best_obj
+    return torch.where(better[..., None, None, None], delta, best), torch.where(better, obj,
+                                                                                best_obj)
+  for _ in range(spec.steps):
+    obj, g = value_and_grad(x + delta)
+    with torch.no_grad():
+      best, best_obj = keep(best, best_obj, delta, obj)
+      delta = (delta + alpha * g.sign()).clamp_(-eps, eps)
+      delta = (x + delta).clamp_(lo, hi).sub_(x)
+  with torch.no_grad():
+    best, _ = keep(best, best_obj, delta, value(x + delta))
+    return x + best
 
 
 def _finish(t: _Torch, steps: int, init_state, step, predictor, device, loop=None):
   """The timed ``run()`` with its attributes. Its loop: ``loop(state)`` if given, else
-  ``steps`` calls of ``step(state, the batches of every student)``."""
+  ``steps`` calls of ``step(state, the batches of every student, their random starts)``."""
+  def start(i):
+    return None if t.starts is None else t.starts[:, i]
+
   def run_():
     state = run_.fresh.pop()
     if loop is not None:
       loop(state)
     else:
       for i in range(steps):
-        step(state, t.images[t.idx[:, i]])
+        step(state, t.images[t.idx[:, i]], start(i))
     t.sync()
     return state
 
   def warmup():
     state = init_state()
     for i in range(TORCH_WARMUP_STEPS):
-      step(state, t.images[t.idx[:, i % t.idx.shape[1]]])
+      step(state, t.images[t.idx[:, i % t.idx.shape[1]]], None)
     t.sync()
 
   def predictor_(state):
@@ -349,38 +512,60 @@ def _finish(t: _Torch, steps: int, init_state, step, predictor, device, loop=Non
   return run_
 
 
-def make_sequential(problem: Problem, num_seeds: int, steps: int, device='cpu'):
-  """(b) A Python loop over S students, each with its own ``torch.optim.Adam``."""
+def make_sequential(problem: Problem, num_seeds: int, steps: int, device='cpu', starts=None):
+  """(b) A Python loop over S students, each with its own ``torch.optim.Adam``.
+
+  PGD-AT: each student's batch attacked by ``torch_pgd`` through that student
+  (``torch.autograd.grad`` of the objective wrt the inputs only), then the step at the
+  attacked points. ``starts``: PGD-AT's random starts to use (``jax_random_starts``).
+  """
   import torch  # pylint: disable=g-import-not-at-top
-  t = _torch_setup(problem, num_seeds, steps, device)
+  t = _torch_setup(problem, num_seeds, steps, device, starts)
   lr = problem.job.learning_rate
 
   def init_state():
     students = [copy.deepcopy(s) for s in t.students]
     return [(s, torch.optim.Adam(s.parameters(), lr=lr)) for s in students]
 
-  def step_one(student, opt, x):
+  def objective(student, xa):  # [B] the oracle MSE: the teacher at the attacked point
+    return ((student(xa) - t.teacher(xa)) ** 2).mean(-1)
+
+  def attack(student, x, start):
+    def value_and_grad(xa):
+      xa = xa.detach().requires_grad_(True)
+      obj = objective(student, xa)
+      return obj.detach(), torch.autograd.grad(obj.sum(), xa)[0]
+    return torch_pgd(value_and_grad, lambda xa: objective(student, xa), x, t.pgd, start)
+
+  def step_one(student, opt, x, start):
+    if t.pgd is not None:
+      x = attack(student, x, start)
     setting.torch_regression_step(t.teacher, student, opt, x)
 
-  def step(state, x):
-    for (student, opt), xi in zip(state, x):
-      step_one(student, opt, xi)
+  def step(state, x, start):
+    for i, ((student, opt), xi) in enumerate(zip(state, x)):
+      step_one(student, opt, xi, None if start is None else start[i])
 
   def loop(state):
     for i, (student, opt) in enumerate(state):  # one student after the other
       for j in range(steps):
-        step_one(student, opt, t.images[t.idx[i, j]])
+        step_one(student, opt, t.images[t.idx[i, j]],
+                 None if t.starts is None else t.starts[i, j])
 
   def predictor(state):
     return lambda i, x: state[i][0](x)
   return _finish(t, steps, init_state, step, predictor, device, loop)
 
 
-def make_torch_func(problem: Problem, num_seeds: int, steps: int, device='cpu'):
-  """(c) ``vmap(grad(functional_call))`` over stacked students, Adam on the stacks."""
+def make_torch_func(problem: Problem, num_seeds: int, steps: int, device='cpu', starts=None):
+  """(c) ``vmap(grad(functional_call))`` over stacked students, Adam on the stacks.
+
+  PGD-AT: the attack's input gradients by ``vmap(grad(objective, argnums=1))`` over the
+  stacked students and their batches (the teacher shared), then the step at the attacked
+  points."""
   import torch  # pylint: disable=g-import-not-at-top
   from torch import func  # pylint: disable=g-import-not-at-top
-  t = _torch_setup(problem, num_seeds, steps, device)
+  t = _torch_setup(problem, num_seeds, steps, device, starts)
   lr = problem.job.learning_rate
   stacked, _ = func.stack_module_state(t.students)
   stacked = {k: v.detach() for k, v in stacked.items()}
@@ -390,12 +575,26 @@ def make_torch_func(problem: Problem, num_seeds: int, steps: int, device='cpu'):
     return torch.mean((func.functional_call(base, params, (x,)) - target) ** 2)
   grads_fn = func.vmap(func.grad(loss))
 
+  def objective(params, xa):  # (sum, [B]) the oracle MSE of one student
+    obj = ((func.functional_call(base, params, (xa,)) - t.teacher(xa)) ** 2).mean(-1)
+    return obj.sum(), obj
+  input_grads = func.vmap(func.grad(objective, argnums=1, has_aux=True))
+  values = func.vmap(lambda p, xa: objective(p, xa)[1])
+
   def init_state():
     params = {k: v.clone() for k, v in stacked.items()}
     return params, torch.optim.Adam(list(params.values()), lr=lr)
 
-  def step(state, x):
+  def attack(params, x, start):
+    def value_and_grad(xa):
+      g, obj = input_grads(params, xa)
+      return obj, g
+    return torch_pgd(value_and_grad, lambda xa: values(params, xa), x, t.pgd, start)
+
+  def step(state, x, start):
     params, opt = state
+    if t.pgd is not None:
+      x = attack(params, x, start)
     s, b = x.shape[:2]
     with torch.no_grad():
       target = t.teacher(x.reshape((s * b,) + x.shape[2:])).reshape(s, b, -1)
@@ -410,11 +609,15 @@ def make_torch_func(problem: Problem, num_seeds: int, steps: int, device='cpu'):
   return _finish(t, steps, init_state, step, predictor, device)
 
 
-def make_grouped(problem: Problem, num_seeds: int, steps: int, device='cpu'):
-  """(d) Grouped convolutions (``groups=S``) and batched matmuls, Adam on the stacks."""
+def make_grouped(problem: Problem, num_seeds: int, steps: int, device='cpu', starts=None):
+  """(d) Grouped convolutions (``groups=S``) and batched matmuls, Adam on the stacks.
+
+  PGD-AT: the attack runs through the same grouped model, all S students at once (one
+  ``torch.autograd.grad`` wrt the inputs ``[S, B, C, H, W]`` per PGD step; the teacher on
+  the ``S * B`` points), then the step at the attacked points."""
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
-  t = _torch_setup(problem, num_seeds, steps, device)
+  t = _torch_setup(problem, num_seeds, steps, device, starts)
   model, lr, s = problem.student, problem.job.learning_rate, num_seeds
   n_conv = len(model.conv_widths)
   pool = {'max': F.max_pool2d, 'avg': F.avg_pool2d}.get(model.pool)
@@ -458,11 +661,26 @@ def make_grouped(problem: Problem, num_seeds: int, steps: int, device='cpu'):
     it = iter(params)
     return [(next(it), None if b is None else next(it)) for _, b in stacked]
 
-  def step(state, x):
-    params, opt = state
+  def teacher(x):  # [S, B, C, H, W] -> [S, B, out]
     k, b = x.shape[:2]
+    return t.teacher(x.reshape((k * b,) + x.shape[2:])).reshape(k, b, -1)
+
+  def attack(params, x, start):
+    def objective(xa):  # [S, B] the oracle MSE
+      return ((forward(layers(params), xa) - teacher(xa)) ** 2).mean(-1)
+
+    def value_and_grad(xa):
+      xa = xa.detach().requires_grad_(True)
+      obj = objective(xa)
+      return obj.detach(), torch.autograd.grad(obj.sum(), xa)[0]
+    return torch_pgd(value_and_grad, objective, x, t.pgd, start)
+
+  def step(state, x, start):
+    params, opt = state
+    if t.pgd is not None:
+      x = attack(params, x, start)
     with torch.no_grad():
-      target = t.teacher(x.reshape((k * b,) + x.shape[2:])).reshape(k, b, -1)
+      target = teacher(x)
     loss = ((forward(layers(params), x) - target) ** 2).mean(dim=(1, 2)).sum()
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -481,7 +699,6 @@ def make_grouped(problem: Problem, num_seeds: int, steps: int, device='cpu'):
         return forward(mine, x[None])[0]
     return one
   return _finish(t, steps, init_state, step, predictor, device)
-
 
 MAKERS = {'sequential': make_sequential, 'torch_func': make_torch_func,
           'grouped': make_grouped}
@@ -535,10 +752,17 @@ def best_peer(trainers: dict) -> Optional[str]:
   return min(peers, key=lambda n: trainers[n]['seconds']) if peers else None
 
 
-def main():
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--students', default='1,8,32', help='comma-separated numbers S')
   parser.add_argument('--steps', type=int, default=200, help='training steps per student')
+  parser.add_argument('--step', default='standard', choices=STEP_KINDS + ('both',),
+                      help="the training step timed: the standard method's, PGD-AT's (the "
+                      "image study's 'at' students: the attack inside training), or both")
+  parser.add_argument('--at_eps', type=float, default=AT_EPS,
+                      help='PGD-AT budget of every student (L-inf, pixels in [0, 1])')
+  parser.add_argument('--at_train_steps', type=int, default=0,
+                      help='training steps per student of the PGD-AT rows (0: --steps)')
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--json', default=None, metavar='PATH',
                       help='also write the results as JSON here (rewritten after every S)')
@@ -555,13 +779,34 @@ def main():
   parser.add_argument('--matmul_n', type=int, default=2048)
   parser.add_argument('--unrolled_threefry', action=argparse.BooleanOptionalAction,
                       default=True, help='unrolled threefry on CPU, as the binaries')
-  args = parser.parse_args()
+  return parser.parse_args(argv)
+
+
+def main():
+  args = parse_args()
   seed_sweep.set_up_jax(args.cpu_devices, args.unrolled_threefry)
   seed_sweep.CLOCK = seed_sweep.CompileClock()
+  run_sweep(args, sys.argv[1:])
+
+
+def run_sweep(args: argparse.Namespace, argv: Sequence[str] = (), *,
+              job: Optional[setting.ImageJob] = None, image_shape: Sequence[int] = (28, 28, 1),
+              num_train: int = 4000) -> dict:
+  """The sweep of ``args`` (``parse_args``): prints, writes ``--json``, returns the record.
+
+  ``job``, ``image_shape``, ``num_train``: the problem (``make_problem``; tests: tiny ones).
+  JSON: ``rows[]`` one per step kind and S (``rows[].step``: ``'standard'`` or
+  ``'pgd_at'``, ``rows[].steps``, ``rows[].S``, ``rows[].trainers.<name>.seconds``, ...);
+  ``setting.steps`` / ``setting.flops_per_student_step`` are the standard step's,
+  ``setting.pgd_at`` PGD-AT's attack, steps and FLOPs.
+  """
+  job = job or setting.ImageJob()
+  kinds = STEP_KINDS if args.step == 'both' else (args.step,)
+  steps_of = {'standard': args.steps, 'pgd_at': args.at_train_steps or args.steps}
   students = [int(s) for s in args.students.split(',')]
   device = 'cpu'
   record = {'benchmark': 'cnn_sweep',
-            'command': ' '.join(['python -m benchmarks.cnn_sweep'] + sys.argv[1:]),
+            'command': ' '.join(['python -m benchmarks.cnn_sweep'] + list(argv)),
             'date': f'{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}',
             'machine': {'cores': os.cpu_count(), 'cpu': io.cpu_model(),
                         'platform': platform.platform(),
@@ -586,9 +831,11 @@ def main():
           f"{record['reference']['torch_mm_flops_per_s'] / 1e9:.1f} GFLOP/s, torch device "
           f"{device}, threads {record['versions']['threads']}")
   mesh = sweep.seed_mesh()
-  job = setting.ImageJob()
-  probe = make_problem(1, job=job, data=args.data, num_heldout=args.heldout)
-  flops = flops_per_student_step(probe)
+  problem_args = dict(job=job, data=args.data, image_shape=image_shape, num_train=num_train,
+                      num_heldout=args.heldout, at_eps=args.at_eps)
+  probes = {k: make_problem(1, step=k, **problem_args) for k in STEP_KINDS}
+  flops = {k: flops_per_student_step(p) for k, p in probes.items()}
+  probe = probes['standard']
   record['setting'] = {'data': args.data, 'image_shape': list(probe.image_shape),
                        'num_train': int(probe.train_x.shape[0]), 'heldout': args.heldout,
                        'teacher_conv': list(job.teacher_conv),
@@ -597,64 +844,84 @@ def main():
                        'width_mult': job.width_mult, 'batch_size': job.batch_size,
                        'optimizer': job.optimizer, 'learning_rate': job.learning_rate,
                        'loss': job.loss, 'steps': args.steps, 'repeats': args.repeats,
-                       'flops_per_student_step': flops,
+                       'flops_per_student_step': flops['standard'],
+                       'step_kinds': list(kinds),
                        'vmap_devices': int(mesh.devices.size)}
-  print(f'FLOPs per student-step: {flops["exact"] / 1e6:.1f} M; steps {args.steps}, repeats '
-        f'{args.repeats} (median); vmap: students sharded over {mesh.devices.size} '
-        f'JAX device(s)\n', flush=True)
+  if 'pgd_at' in kinds:
+    st, spec = probes['pgd_at'].settings, pgd_spec(probes['pgd_at'])
+    record['setting']['pgd_at'] = {
+        'steps': steps_of['pgd_at'], 'method': 'at', 'at_eps': args.at_eps,
+        'at_norm': st.at_norm, 'at_steps': st.at_steps, 'step_factor': st.step_factor,
+        'alpha': spec.alpha, 'at_label': st.at_label, 'at_fraction': st.at_fraction,
+        'clip_range': list(st.clip_range), 'restarts': 1, 'random_start': True,
+        'flops_per_student_step': flops['pgd_at']}
+  print('FLOPs per student-step: ' + ', '.join(
+      f'{k} {flops[k]["exact"] / 1e6:.1f} M ({steps_of[k]} steps)' for k in kinds)
+      + f'; repeats {args.repeats} (median); vmap: students sharded over {mesh.devices.size} '
+      f'JAX device(s)\n', flush=True)
   record['rows'] = []
-  for s in students:
-    padded = sweep.padded_size(s, mesh)
-    problem = make_problem(padded, job=job, data=args.data, num_heldout=args.heldout)
-    meter, load_before = hardware.OtherLoad(), hardware.load()
-    row = measure(problem, s, args.steps, args.repeats, mesh=mesh,
-                  torch_trainers=torch_trainers, device=device)
-    for v in row['trainers'].values():
-      v['flops_per_s'] = s * args.steps * flops['exact'] / v['seconds']
-      v['fraction_of_jnp_dot'] = v['flops_per_s'] / peak
-    peer = best_peer(row['trainers'])
-    row.update(S=s, vmap_students_trained=padded, best_peer=peer,
-               vmap_over_best_peer=(row['trainers']['vmap']['seconds']
-                                    / row['trainers'][peer]['seconds']) if peer else None,
-               load_before=load_before, load_after=hardware.load(),
-               other_procs_cores=meter.cores())
-    record['rows'].append(row)
-    print(f'S={s}: ' + ' | '.join(
-        f"{n} {[round(x, 2) for x in v['seconds_per_repeat']]} s, held-out "
-        f"{v['heldout_loss']:.4g}" for n, v in row['trainers'].items())
-        + f" | init held-out {row['heldout_loss_init']:.4g}; vmap compile "
-        f"{row['trainers']['vmap']['compile_seconds']:.1f} s; load {load_before} -> "
-        f"{row['load_after']}; other procs {row['other_procs_cores']:.2f} cores"
-        + (f'; vmap trained {padded} (S padded to the devices)' if padded > s else '')
-        + (f"; {row['note']}" if row['note'] else ''), flush=True)
-    if args.json:
-      record['machine']['load_end'] = seed_sweep.getloadavg()
-      io.write_json(args.json, record)
+  for kind in kinds:
+    steps = steps_of[kind]
+    for s in students:
+      padded = sweep.padded_size(s, mesh)
+      problem = make_problem(padded, step=kind, **problem_args)
+      meter, load_before = hardware.OtherLoad(), hardware.load()
+      row = measure(problem, s, steps, args.repeats, mesh=mesh,
+                    torch_trainers=torch_trainers, device=device)
+      for v in row['trainers'].values():
+        v['flops_per_s'] = s * steps * flops[kind]['exact'] / v['seconds']
+        v['fraction_of_jnp_dot'] = v['flops_per_s'] / peak
+      peer = best_peer(row['trainers'])
+      row.update(S=s, step=kind, steps=steps,
+                 flops_per_student_step=flops[kind]['exact'], vmap_students_trained=padded,
+                 best_peer=peer,
+                 vmap_over_best_peer=(row['trainers']['vmap']['seconds']
+                                      / row['trainers'][peer]['seconds']) if peer else None,
+                 load_before=load_before, load_after=hardware.load(),
+                 other_procs_cores=meter.cores())
+      record['rows'].append(row)
+      print(f'{kind} S={s}: ' + ' | '.join(
+          f"{n} {[round(x, 2) for x in v['seconds_per_repeat']]} s, held-out "
+          f"{v['heldout_loss']:.4g}" for n, v in row['trainers'].items())
+          + f" | init held-out {row['heldout_loss_init']:.4g}; vmap compile "
+          f"{row['trainers']['vmap']['compile_seconds']:.1f} s; load {load_before} -> "
+          f"{row['load_after']}; other procs {row['other_procs_cores']:.2f} cores"
+          + (f'; vmap trained {padded} (S padded to the devices)' if padded > s else '')
+          + (f"; {row['note']}" if row['note'] else ''), flush=True)
+      if args.json:
+        record['machine']['load_end'] = seed_sweep.getloadavg()
+        io.write_json(args.json, record)
   print_table(record)
   if args.json:
     print(f'wrote {args.json}')
+  return record
 
 
 def print_table(record: dict) -> None:
-  """The Markdown table of per student-step seconds, ratios and FLOP/s fractions."""
-  rows = record['rows']
-  names = [n for n in TRAINERS if n in rows[0]['trainers']]
-  print(f"\nCNN sweep, {record['setting']['steps']} steps, batch "
-        f"{record['setting']['batch_size']}: ms per student-step (median of "
-        f"{record['setting']['repeats']}), vmap / best PyTorch peer, % of float32 jnp.dot "
-        f"({record['reference']['jnp_dot_flops_per_s'] / 1e9:.1f} GFLOP/s), held-out loss\n")
-  header = (['S'] + [f'{n} ms' for n in names] + ['vmap / best peer']
-            + [f'{n} %' for n in names] + [f'held-out {n}' for n in names])
-  print('| ' + ' | '.join(header) + ' |')
-  print('|---' * len(header) + '|')
-  for r in rows:
-    t = r['trainers']
-    ratio = (f"{r['vmap_over_best_peer']:.2f}x ({r['best_peer']})" if r['best_peer']
-             else '-')
-    print(f"| {r['S']} | " + ' | '.join(
-        [f"{1e3 * t[n]['seconds_per_student_step']:.2f}" for n in names] + [ratio]
-        + [f"{100 * t[n]['fraction_of_jnp_dot']:.1f}" for n in names]
-        + [f"{t[n]['heldout_loss']:.4g}" for n in names]) + ' |')
+  """Per step kind, the Markdown table of per student-step seconds, ratios and FLOP/s
+  fractions (rows without a ``step``, from before PGD-AT was measured, are standard)."""
+  for kind in STEP_KINDS:
+    rows = [r for r in record['rows'] if r.get('step', 'standard') == kind]
+    if not rows:
+      continue
+    names = [n for n in TRAINERS if n in rows[0]['trainers']]
+    title = 'CNN sweep' if kind == 'standard' else 'CNN sweep, PGD-AT step'
+    print(f"\n{title}, {rows[0].get('steps', record['setting']['steps'])} steps, batch "
+          f"{record['setting']['batch_size']}: ms per student-step (median of "
+          f"{record['setting']['repeats']}), vmap / best PyTorch peer, % of float32 jnp.dot "
+          f"({record['reference']['jnp_dot_flops_per_s'] / 1e9:.1f} GFLOP/s), held-out loss\n")
+    header = (['S'] + [f'{n} ms' for n in names] + ['vmap / best peer']
+              + [f'{n} %' for n in names] + [f'held-out {n}' for n in names])
+    print('| ' + ' | '.join(header) + ' |')
+    print('|---' * len(header) + '|')
+    for r in rows:
+      t = r['trainers']
+      ratio = (f"{r['vmap_over_best_peer']:.2f}x ({r['best_peer']})" if r['best_peer']
+               else '-')
+      print(f"| {r['S']} | " + ' | '.join(
+          [f"{1e3 * t[n]['seconds_per_student_step']:.2f}" for n in names] + [ratio]
+          + [f"{100 * t[n]['fraction_of_jnp_dot']:.1f}" for n in names]
+          + [f"{t[n]['heldout_loss']:.4g}" for n in names]) + ' |')
 
 
 if __name__ == '__main__':
