@@ -328,6 +328,19 @@ def run_study(study: Study, args: Sequence[str], workdir: str, commit: Optional[
   return 'ran', '', wall
 
 
+def same_command(a: Optional[str], b: str, root: str = ROOT) -> bool:
+  """Whether two study commands are the same run: equal once each ``--workdir=`` is made
+  absolute (relative to ``root``), so a report written with ``--workdir=runs/x`` reuses the
+  wall time and commit of a run made with ``--workdir=/abs/path/runs/x``."""
+  if a is None:
+    return False
+
+  def norm(command):
+    return [f'--workdir={os.path.normpath(os.path.join(root, w[len("--workdir="):]))}'
+            if w.startswith('--workdir=') else w for w in shlex.split(command)]
+  return norm(a) == norm(b)
+
+
 def reproduce(workdir: str, preset: str, cifar10_dir: Optional[str] = None,
               root: str = ROOT, studies: Sequence[Study] = STUDIES,
               log=print, jobs: int = 1,
@@ -387,7 +400,7 @@ def reproduce(workdir: str, preset: str, cifar10_dir: Optional[str] = None,
       status, detail, wall = 'skipped', why, None
     elif finished:
       previous = json.loads(_read(os.path.join(workdir, f'{study.name}.run.json')) or '{}')
-      if previous.get('command') != command:
+      if not same_command(previous.get('command'), command, root):
         previous = {}
       status, wall = 'reused', previous.get('wall_s')
       detail = f'run of {previous["started"]}' if previous.get('started') else ''

@@ -193,6 +193,17 @@ def test_reproduce_of_some_studies(tmp_path, monkeypatch):
   assert R.report_lib.report_studies(report.replace(' studies=lowrank,robustness', '')) is None
 
 
+def test_same_command_up_to_the_workdir_path():
+  cmd = 'python -m experiments.lowrank --workdir=runs/f/lowrank --config.d=4'
+  assert R.same_command(cmd, cmd, '/repo')
+  assert R.same_command('python -m experiments.lowrank --workdir=/repo/runs/f/lowrank '
+                        '--config.d=4', cmd, '/repo')
+  assert not R.same_command('python -m experiments.lowrank --workdir=/other/runs/f/lowrank '
+                            '--config.d=4', cmd, '/repo')
+  assert not R.same_command(cmd.replace('d=4', 'd=5'), cmd, '/repo')
+  assert not R.same_command(None, cmd, '/repo')
+
+
 def test_block_and_figure_owners():
   names = [s.name for s in R.STUDIES]
   assert R.report_lib.block_study('mechanism_strong-claim5-paired', names) == 'mechanism_strong'
@@ -405,7 +416,8 @@ def test_a_marker_without_a_block_is_an_error():
 
 # The blocks each document holds (README.md none: it shows figures; docs/ the tables).
 DOC_BLOCKS = {
-    'README.md': [],
+    'README.md': ['verdicts'],
+    'docs/verdicts.md': ['verdicts'],
     'docs/lowrank.md': ['lowrank-summary', 'lowrank_strict-summary', 'lowrank_linf-summary',
                         'lowrank-attack-checks', 'lowrank-attack-checks-2'],
     'docs/real.md': ['real-summary', 'real-wilson', 'real-correlation-spec_mean',
@@ -445,7 +457,8 @@ def test_documents_markers_and_figures():
     text = _text(rel)
     names = list(R.generated_blocks(text))
     assert names == DOC_BLOCKS.get(rel, []), rel
-    assert {n.split('-')[0] for n in names} <= {s.name for s in R.STUDIES}
+    assert {n.split('-')[0] for n in names} <= {s.name for s in R.STUDIES} | {
+        R.VERDICTS_BLOCK}
     figures = R.linked_figures(text, in_docs=rel.startswith('docs/'))
     assert figures == DOC_FIGURES.get(rel, []), rel
     for fig in figures:
