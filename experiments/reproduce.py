@@ -563,7 +563,7 @@ def update_documents(workdir: str, root: str = ROOT,
       raise validation.ConfigError(f'--update_readme: {rel} links {missing}, which no study of '
                                    f'{workdir} wrote (it has {sorted(sources)})')
     plan.append((path, text, updated, figures))
-    done += [n for n in current if n not in kept] + figures
+    done += [n for n in current if n in blocks] + figures
   for fig in dict.fromkeys(f for _, _, _, figures in plan for f in figures):
     with open(sources[fig], 'rb') as f:
       data = f.read()

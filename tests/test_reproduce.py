@@ -432,8 +432,9 @@ DOC_BLOCKS = {
                           'mechanism_strong-intervention-paired', 'mechanism_strong-claim5-paired',
                           'mechanism_strong-attack-checks-2'],
     'docs/robustness.md': ['robustness-summary', 'robustness-correlation-spec_off',
-                           'robustness-correlation-spec_in', 'robustness-attack-checks',
-                           'robustness-attack-checks-2'],
+                           'robustness-correlation-spec_in', 'robustness-summary-2',
+                           'robustness-summary-3', 'robustness-correlation',
+                           'robustness-attack-checks', 'robustness-attack-checks-2'],
 }
 DOC_FIGURES = {'README.md': ['docs/lowrank.png', 'docs/robustness.png'],
                'docs/lowrank.md': ['docs/lowrank.png'],
