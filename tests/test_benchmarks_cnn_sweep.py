@@ -106,6 +106,11 @@ def test_torch_trainer_starts_from_the_jax_students(name, problem):
 def test_torch_trainer_matches_jax_steps(name, problem, jax_trained):
   pytest.importorskip('torch')
   run = cnn_sweep.MAKERS[name](problem, NUM_SEEDS, NUM_STEPS)
+  _assert_reaches_jax(run, problem, jax_trained)
+
+
+def _assert_reaches_jax(run, problem, jax_trained):
+  """The PyTorch trainer ``run`` ends where the JAX students ``jax_trained`` did."""
   run.prepare(1)
   predict = run.predictor(run())
   want = cnn_sweep.jax_predictor(problem, jax_trained)
@@ -190,14 +195,7 @@ def test_pgd_at_torch_trainer_matches_jax_steps(name, pgd_problem, jax_pgd_train
   pytest.importorskip('torch')
   starts = cnn_sweep.jax_random_starts(pgd_problem, NUM_SEEDS, NUM_STEPS)
   run = cnn_sweep.MAKERS[name](pgd_problem, NUM_SEEDS, NUM_STEPS, starts=starts)
-  run.prepare(1)
-  predict = run.predictor(run())
-  want = cnn_sweep.jax_predictor(pgd_problem, jax_pgd_trained)
-  init = cnn_sweep.jax_predictor(pgd_problem, pgd_problem.state.params)
-  x = pgd_problem.test_x
-  for i in range(NUM_SEEDS):
-    assert np.abs(want(i, x) - init(i, x)).max() > 100 * 1e-5
-    np.testing.assert_allclose(predict(i, x), want(i, x), rtol=1e-4, atol=1e-5)
+  _assert_reaches_jax(run, pgd_problem, jax_pgd_trained)
 
 
 def test_pgd_at_random_starts_matter(pgd_problem, jax_pgd_trained):
