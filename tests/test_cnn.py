@@ -64,6 +64,59 @@ class CNNTest(chex.TestCase):
     got = self.variant(lambda v, u: cnn.im2col(v, k) @ u.reshape(-1, 4))(x, w)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
+  def test_vmapped_conv2d_equals_batched_im2col(self):
+    """Known answer (issue 35): under vmap over students ``conv2d`` runs one student at a
+    time; its outputs, input gradients and weight gradients are those of the batched
+    im2col matmul it replaced, for a nested vmap and a shared (unmapped) kernel too."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 5, 6, 4))   # [S, N, H, W, C]
+    w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 4, 5))   # [S, k, k, C, F]
+    g = jax.random.normal(jax.random.PRNGKey(2), (3, 2, 5, 6, 5))
+
+    def old(v, u):
+      return cnn.im2col(v, 3) @ u.reshape(-1, 5)
+
+    def loss(conv):
+      return lambda v, u, t: jnp.sum(conv(v, u) * t)
+    for conv in (cnn.conv2d, old):
+      np.testing.assert_allclose(jax.jit(jax.vmap(conv))(x, w), jax.vmap(old)(x, w),
+                                 rtol=1e-5, atol=1e-5)
+    want = jax.vmap(jax.grad(loss(old), argnums=(0, 1)))(x, w, g)
+    got = jax.jit(jax.vmap(jax.grad(loss(cnn.conv2d), argnums=(0, 1))))(x, w, g)
+    for a, b in zip(got, want):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    shared = jax.jit(jax.vmap(jax.grad(loss(cnn.conv2d), argnums=(0, 1)),
+                              in_axes=(0, None, 0)))(x, w[0], g)
+    want = jax.vmap(jax.grad(loss(old), argnums=(0, 1)), in_axes=(0, None, 0))(x, w[0], g)
+    for a, b in zip(shared, want):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    def summed(conv):  # a shared kernel's gradient summed over the mapped axis
+      return lambda v, u: jnp.sum(jnp.sin(jax.vmap(conv, in_axes=(0, None))(v, u)))
+    got = jax.jit(jax.grad(summed(cnn.conv2d), argnums=(0, 1)))(x, w[0])
+    for a, b in zip(got, jax.grad(summed(old), argnums=(0, 1))(x, w[0])):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+    nested = jax.vmap(jax.vmap(cnn.conv2d))(x[:, None], w[:, None])[:, 0]
+    np.testing.assert_allclose(nested, jax.vmap(old)(x, w), rtol=1e-5, atol=1e-5)
+
+  def test_vmapped_student_equals_per_student_apply(self):
+    """The vmapped student (outputs, input and weight gradients) equals each student's
+    own apply, on random weights."""
+    model = cnn.make_cnn((4, 6), (8,), 3)
+    params = jax.vmap(lambda k: cnn.init_params(k, model, (8, 8, 2)))(
+        jax.random.split(jax.random.PRNGKey(0), 3))
+    x = jax.random.uniform(jax.random.PRNGKey(1), (3, 2, 8, 8, 2))
+
+    def loss(p, v):
+      return jnp.sum(model.apply(p, v)[0] ** 2)
+    out = jax.jit(jax.vmap(lambda p, v: model.apply(p, v)[0]))(params, x)
+    grads = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1))))(params, x)
+    for i in range(3):
+      p_i = jax.tree_util.tree_map(lambda a, i=i: a[i], params)
+      np.testing.assert_allclose(out[i], model.apply(p_i, x[i])[0], rtol=1e-5, atol=1e-6)
+      want = jax.grad(loss, argnums=(0, 1))(p_i, x[i])
+      got = jax.tree_util.tree_map(lambda a, i=i: a[i], grads)
+      for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
   def test_conv_layer_matches_flax_conv(self):
     model = cnn.make_cnn((4,), (), 2, pool='none')
     params = cnn.init_params(jax.random.PRNGKey(0), model, (6, 6, 2))
