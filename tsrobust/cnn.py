@@ -14,7 +14,7 @@ and Dense widths) by ``k`` (``student_of``), as for the MLP.
 
 import functools
 import numbers
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import chex
 import flax.linen as nn
@@ -99,16 +99,19 @@ def _conv2d_fn(kernel_size: int) -> Callable[[chex.Array, chex.Array], chex.Arra
   return conv
 
 
-def conv2d(x: chex.Array, kernel: chex.Array) -> chex.Array:
+def conv2d(x: chex.Array, kernel: chex.Array,
+           one_at_a_time: Optional[bool] = None) -> chex.Array:
   """Stride-1 ``'SAME'`` convolution ``[N, H, W, C] x [k, k, C, F] -> [N, H, W, F]``:
   ``im2col(x, k) @ kernel.reshape(k * k * C, F)``.
 
-  Under ``vmap`` (the students of ``train.train_seeds``) the forward pass, the input
-  gradient and the weight gradient each run as a ``lax.map`` over the mapped axis
-  instead of one batched im2col and matmul: the same operations, so the same values, but
-  one student's patches at a time stay in cache. On one CPU core the PGD-AT step of 32
-  image students got 1.3x faster (benchmarks/RESULTS.md, issue 35). Differentiable once
-  in reverse mode (``custom_vjp``; no forward mode, no second derivatives).
+  ``one_at_a_time`` (default: on where JAX's default backend is the CPU): under ``vmap``
+  (the students of ``train.train_seeds``) the forward pass, the input gradient and the
+  weight gradient each run as a ``lax.map`` over the mapped axis instead of one batched
+  im2col and matmul: the same operations, so the same values, but one student's patches
+  at a time stay in cache. On one CPU core the PGD-AT step of 32 image students got 1.3x
+  faster (benchmarks/RESULTS.md, issue 35). It is then differentiable once in reverse mode
+  (``custom_vjp``; no forward mode, no second derivatives: pass ``False`` for those). On a
+  GPU or TPU the batched matmul is kept: there the students run in parallel.
 
   >>> x, k = jnp.ones((2, 4, 4, 3)), jnp.ones((3, 3, 3, 5))
   >>> float(conv2d(x, k)[0, 1, 1, 0]), float(conv2d(x, k)[0, 0, 0, 0])  # interior, corner
@@ -116,7 +119,12 @@ def conv2d(x: chex.Array, kernel: chex.Array) -> chex.Array:
   """
   chex.assert_rank([x, kernel], [4, 4])
   k, _, c_in, features = kernel.shape
-  return _conv2d_fn(k)(x, kernel.reshape(k * k * c_in, features))
+  w = kernel.reshape(k * k * c_in, features)
+  if one_at_a_time is None:
+    one_at_a_time = jax.default_backend() == 'cpu'
+  if not one_at_a_time:
+    return numerics.matmul(im2col(x, k), w)
+  return _conv2d_fn(k)(x, w)
 
 
 class _Conv(nn.Module):
