@@ -184,19 +184,22 @@ def report_studies(report: str) -> Optional[Tuple[str, ...]]:
   return tuple(m.group(2).split(',')) if m and m.group(2) else None
 
 
+def _longest_prefix(text: str, prefixes: Sequence[str]) -> Optional[str]:
+  owners = [p for p in prefixes if text.startswith(p)]
+  return max(owners, key=len) if owners else None
+
+
 def block_study(name: str, study_names: Sequence[str]) -> Optional[str]:
   """The study a generated block belongs to: the longest study name ``s`` with ``name``
   ``s-...`` (``mechanism_strong-claim5`` is ``mechanism_strong``'s); None: no study's."""
-  owners = [s for s in study_names if name.startswith(s + '-')]
-  return max(owners, key=len) if owners else None
+  owner = _longest_prefix(name, [s + '-' for s in study_names])
+  return owner and owner[:-1]
 
 
 def figure_study(figure: str, study_names: Sequence[str]) -> Optional[str]:
   """The study a ``docs/*.png`` comes from (``docs_name``): the longest study name it starts
   with; None: no study's."""
-  base = figure.rsplit('/', 1)[-1]
-  owners = [s for s in study_names if base.startswith(s)]
-  return max(owners, key=len) if owners else None
+  return _longest_prefix(figure.rsplit('/', 1)[-1], study_names)
 
 
 def linked_figures(markdown: str, in_docs: bool = False) -> List[str]:

@@ -443,7 +443,8 @@ VERDICTS_BLOCK = 'verdicts'
 def verdict_section(workdir: str, partial: bool = False) -> str:
   """The report's "Verdicts" section: the claims x settings table (``experiments.verdicts``,
   rules in docs/verdicts.md) of the studies' results in ``workdir``, as the generated block
-  ``verdicts``, with the commit each setting's results come from.
+  ``verdicts``, then (outside it: the README carries no commit hashes) the commit each
+  setting's results come from.
 
   A setting without results shows "not run". A ``--studies`` run (``partial``) writes the
   table only when every setting's folder holds results (else a line saying which are
@@ -461,10 +462,13 @@ def verdict_section(workdir: str, partial: bool = False) -> str:
     run = json.loads(_read(os.path.join(workdir, f'{s}.run.json')) or '{}')
     made.append(f'{verdicts_lib.TITLES[s]} {str(run.get("commit") or "unknown")[:12]}')
   source = ('<sub>By the rules of `docs/verdicts.md` (`python -m experiments.verdicts`), '
-            'from the studies\' `results.csv`'
-            + ('; the commit of each: ' + ', '.join(made) if made else '') + '.</sub>')
-  return '\n'.join([BEGIN.format(VERDICTS_BLOCK), table.rstrip('\n'), '', source,
-                    END.format(VERDICTS_BLOCK)]) + '\n'
+            'from the studies\' `results.csv`; the reproduction report names the commit of '
+            'each.</sub>')
+  lines = [BEGIN.format(VERDICTS_BLOCK), table.rstrip('\n'), '', source,
+           END.format(VERDICTS_BLOCK)]
+  if made:
+    lines += ['', 'The results\' commits: ' + ', '.join(made) + '.']
+  return '\n'.join(lines) + '\n'
 
 
 def select_studies(names: Sequence[str], studies: Sequence[Study] = STUDIES) -> List[Study]:
@@ -536,12 +540,8 @@ def update_documents(workdir: str, root: str = ROOT,
   except ValueError as e:
     raise validation.ConfigError(f'--update_readme: {REPORT}: {e}') from e
   limited = report_lib.report_studies(report)
-  names = [st.name for st in studies]
-  if limited is not None:  # a --studies report: the other studies' blocks and figures stay
-    sources = {f: p for f, p in figure_sources(workdir, studies).items()
-               if report_lib.figure_study(f, names) in limited}
-  else:
-    sources = figure_sources(workdir, studies)
+  names = [st.name for st in studies]  # a --studies report: the others' blocks, figures stay
+  sources = figure_sources(workdir, studies)
   plan, done = [], []
   for rel in documents(root):
     path = os.path.join(root, rel)
