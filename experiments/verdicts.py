@@ -34,7 +34,6 @@ TITLES = {'lowrank': 'synthetic low-rank', 'robustness': 'robustness study', 're
 SYNTHETIC = ('lowrank', 'robustness')
 
 
-
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Dict[str, Any]:
   """The binary's flags (defined when it runs, so importing this module defines none)."""
   out = {s: flags.DEFINE_string(s, None, f'The {TITLES[s]} study\'s workdir (its '
