@@ -7,8 +7,12 @@ network: the data (``seed``, ``dataset``, ``data_dir``, ``num_train``,
 steps, batch, learning rate, PGD steps), plus ``format`` (bumped when the
 training code changes meaning) and, for a fine-tuned network, ``init_from``
 (the hash of the spec it starts from), and for a network of its own PRNG
-stream (an independent robust model) ``stream``. ``teacher_spec`` builds it
-from a study's config fields (``TEACHER_FIELDS``).
+stream (an independent robust model) ``stream``. Teachers are a replicated
+axis: teacher ``t > 0`` of a study (and a network derived from it) has
+``teacher_index: t`` in its spec, which gives it another initialization and
+data order (``INDEX_KEY``) and another hash; teacher 0's spec has no such field,
+so it is the network (and the cache folder) of a study with one teacher.
+``teacher_spec`` builds the spec from a study's config fields (``TEACHER_FIELDS``).
 
 ``pretrain_teacher`` trains a CNN on the true labels (cross-entropy, Adam)
 into ``<root>/<hash of the spec>`` (``teacher_folder``): ``spec.json`` and the
@@ -39,7 +43,7 @@ from tsrobust import sweep
 from tsrobust import train
 
 __all__ = ['TEACHER_TRAININGS', 'ROLES', 'RF_MODEL_INITS', 'TEACHER_CHUNK',
-           'TEACHER_FORMAT', 'TEACHER_FIELDS', 'TRAIN_KEY', 'STREAMS', 'config_hash',
+           'TEACHER_FORMAT', 'TEACHER_FIELDS', 'TRAIN_KEY', 'STREAMS', 'INDEX_KEY', 'config_hash',
            'supervised_loss', 'teacher_spec', 'teachers_root', 'teacher_folder',
            'pretrain_teacher']
 
@@ -61,6 +65,9 @@ TEACHER_FIELDS = ('seed', 'dataset', 'data_dir', 'num_train', 'lowrank_rank', 't
 # (the independent robust model) folds in STREAMS[stream] after that.
 TRAIN_KEY = rng.TEACHER_PRETRAINING
 STREAMS = {'robust_model': 1}
+# A spec with ``teacher_index`` t > 0 folds in INDEX_KEY, then t, after any stream: every
+# teacher its own initialization and data order, none equal to a robust model's stream.
+INDEX_KEY = 2
 
 
 def config_hash(obj: Any) -> str:
@@ -111,7 +118,8 @@ def supervised_loss(apply_fn: Callable, num_train: int, batch_size: int, *, pgd_
   return train.reads_step(loss_fn) if eps_warmup and pgd_steps else loss_fn
 
 
-def teacher_spec(fields: Mapping[str, Any], role: str = 'teacher') -> Dict[str, Any]:
+def teacher_spec(fields: Mapping[str, Any], role: str = 'teacher',
+                 teacher_index: int = 0) -> Dict[str, Any]:
   """The spec of a pretrained network: the ``TEACHER_FIELDS`` of ``fields``, as plain values.
 
   ``data_dir`` is made absolute; a standard teacher's ``teacher_eps`` is 0
@@ -134,15 +142,26 @@ def teacher_spec(fields: Mapping[str, Any], role: str = 'teacher') -> Dict[str, 
   ``eps_warmup`` (steps) only when it is > 0, so the specs of networks
   trained without one keep their hash.
 
+  ``teacher_index = t > 0``: teacher ``t`` of a study with several teachers, an
+  independent network (``pretrain_teacher`` folds ``INDEX_KEY`` and ``t`` into
+  its key); the spec holds ``teacher_index: t``, and so does every spec built
+  from it (its fine-tuned robust model; an independent robust model of index t).
+  ``t = 0`` adds nothing: teacher 0 is the teacher of a study with one teacher.
+
   Args:
     fields: a mapping (e.g. a ``ConfigDict``) holding ``TEACHER_FIELDS`` (and,
       for the robust model, ``rf_model_eps`` / ``rf_model_steps`` and
       optionally ``rf_model_init``; optionally ``pgd_warmup``).
     role: ``'teacher'`` or ``'robust_model'``.
+    teacher_index: which teacher (>= 0; 0: the study's first, or only, teacher).
   """
   if role not in ROLES:
     raise ValueError(f"role must be 'teacher' or 'robust_model', got {role!r}")
+  if isinstance(teacher_index, bool) or int(teacher_index) != teacher_index or teacher_index < 0:
+    raise ValueError(f'teacher_index must be an integer >= 0, got {teacher_index!r}')
   spec = {f: io.to_plain(fields[f]) for f in TEACHER_FIELDS}
+  if teacher_index:  # only when > 0: teacher 0 keeps the hash of a single-teacher study
+    spec['teacher_index'] = int(teacher_index)
   spec['data_dir'] = os.path.abspath(spec['data_dir']) if spec['data_dir'] else ''
   if spec['teacher_training'] == 'standard':
     spec['teacher_eps'] = 0.0  # unused: does not key the checkpoint
@@ -194,8 +213,9 @@ def pretrain_teacher(spec: Mapping[str, Any], model: cnn.CNN, dataset: datasets.
   checkpoints of training (resumable). A finished checkpoint of the same
   spec is reused as is; a folder whose ``spec.json`` differs from ``spec``
   is refused (a hash collision or an edited folder). The keys are
-  ``fold_in(PRNGKey(spec['seed']), TRAIN_KEY)``, split into initialization
-  and training.
+  ``fold_in(PRNGKey(spec['seed']), TRAIN_KEY)`` (then ``STREAMS[spec['stream']]``
+  where the spec has a stream, then ``INDEX_KEY`` and ``spec['teacher_index']``
+  where it has an index), split into initialization and training.
 
   Args:
     spec: ``teacher_spec``'s dict.
@@ -241,6 +261,8 @@ def pretrain_teacher(spec: Mapping[str, Any], model: cnn.CNN, dataset: datasets.
   key = jax.random.fold_in(jax.random.PRNGKey(spec['seed']), TRAIN_KEY)
   if 'stream' in spec:
     key = jax.random.fold_in(key, STREAMS[spec['stream']])
+  if spec.get('teacher_index'):
+    key = jax.random.fold_in(jax.random.fold_in(key, INDEX_KEY), spec['teacher_index'])
   k_init, k_train = jax.random.split(key)
   params = cnn.init_params(k_init, model, dataset.image_shape) if init is None else init
   add_axis = lambda tree: jax.tree_util.tree_map(lambda v: jnp.asarray(v)[None], tree)
