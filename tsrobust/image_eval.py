@@ -1,6 +1,7 @@
 """The image study's evaluation: specialization per layer and the attack ensemble, per student.
 
-``ImageEvaluator`` compiles, once for a batch of CNN students of one teacher, their
+``ImageEvaluator`` compiles, once for a batch of CNN students of one teacher (or, with
+``shared_teacher=False``, each student with its own teacher of the same architecture), their
 specialization per layer on the test set (and on off-subspace probes with a PCA
 subspace), clean accuracy and agreement, and the attack ensemble (``evaluate.Evaluator``,
 ``lax.map`` over students) judged by the oracle and / or the true labels, in the PCA
@@ -105,7 +106,7 @@ def _spec_columns(rows: List[Dict[str, Any]], stats: Dict[str, np.ndarray], tag:
 
 
 class ImageEvaluator:
-  """Compiled evaluation of students against one teacher (``lax.map`` over students).
+  """Compiled evaluation of students against their teacher (``lax.map`` over students).
 
   Specialization on the whole test set; the attack ensemble
   (``tsrobust.evaluate``, ``attack_norm``) on its first ``num_attack``
@@ -123,16 +124,25 @@ class ImageEvaluator:
   Args:
     setting: the evaluation's ``ImageEvalSetting``.
     attack_config: the ensemble (``evaluate.preset``).
-    teacher, student: the networks; ``teacher_params`` the teacher's.
+    teacher, student: the networks; ``teacher_params`` the teacher's (one network, no
+      students axis): every student's with ``shared_teacher``, else the default network of
+      ``teacher`` (the teacher-shaped networks ``teacher`` evaluates).
     dataset: its test images are evaluated (the first ``num_attack`` attacked).
     pca_projector: ``[D, D]``, or None (no subspace).
     mesh: the seeds mesh per-student projectors are laid over (default: every device).
+    shared_teacher: one teacher for every student (its parameters are compiled into the
+      specialization program); False: ``students`` takes each student's teacher
+      (``teacher_params [P, ...]``, e.g. students of several teachers, ``evaluate.Evaluator``'s
+      ``shared_teacher=False``). Each student's metrics are those ``shared_teacher=True``
+      with its own teacher gives it (up to float rounding).
   """
 
   def __init__(self, setting: ImageEvalSetting, attack_config: evaluate.AttackConfig,
                teacher: cnn.CNN, student: cnn.CNN, teacher_params,
-               dataset: datasets.Dataset, pca_projector: Optional[Any] = None, mesh=None):
+               dataset: datasets.Dataset, pca_projector: Optional[Any] = None, mesh=None,
+               shared_teacher: bool = True):
     self.setting = c = setting
+    self.shared_teacher = bool(shared_teacher)
     self.mesh = sweep.seed_mesh() if mesh is None else mesh
     t_apply, s_apply = teacher.apply, student.apply
     tp = teacher_params
@@ -142,9 +152,9 @@ class ImageEvaluator:
     self.x_att = self.x_test[:c.num_attack]
     self.y_att = self.y_test[:c.num_attack]
     self.labels = tuple(c.attack_labels)
-    t_fn = lambda v: t_apply(tp, v)[0]
 
-    def spec_one(sp, x, y):
+    def spec_one(sp, tp, x, y):
+      t_fn = lambda v: t_apply(tp, v)[0]
       layers = specialization.network_stats(t_apply, s_apply, tp, sp, x, c.eval_batch)
       sums = [specialization.summarize(s, c.tau) for s in layers]
       batches = x.reshape((-1, c.eval_batch) + x.shape[1:])
@@ -158,16 +168,22 @@ class ImageEvaluator:
               'clean_acc': (pred == y).mean(), 'clean_agree': (pred == t_pred).mean(),
               'confidence': jax.nn.softmax(logits).max(-1), 'agree': pred == t_pred}
 
-    def spec_probe(sp, x):
+    def spec_probe(sp, tp, x):
       sums = [specialization.summarize(s, c.tau) for s in
               specialization.network_stats(t_apply, s_apply, tp, sp, x, c.eval_batch)]
       return {'spec': jnp.stack([s.mean_max_corr for s in sums]),
               'frac': jnp.stack([s.frac_specialized for s in sums])}
 
-    self._spec = jax.jit(lambda params, x, y: jax.lax.map(
-        lambda sp: spec_one(sp, x, y), params))
-    self._spec_probe = jax.jit(lambda params, x: jax.lax.map(
-        lambda sp: spec_probe(sp, x), params))
+    if self.shared_teacher:  # the teacher compiled in, as a constant
+      self._spec = jax.jit(lambda params, tps, x, y: jax.lax.map(
+          lambda sp: spec_one(sp, tp, x, y), params))
+      self._spec_probe = jax.jit(lambda params, tps, x: jax.lax.map(
+          lambda sp: spec_probe(sp, tp, x), params))
+    else:  # each student with its teacher
+      self._spec = jax.jit(lambda params, tps, x, y: jax.lax.map(
+          lambda a: spec_one(a[0], a[1], x, y), (params, tps)))
+      self._spec_probe = jax.jit(lambda params, tps, x: jax.lax.map(
+          lambda a: spec_probe(a[0], a[1], x), (params, tps)))
     self.projector = None
     if pca_projector is not None:
       p = jnp.asarray(pca_projector, jnp.float32)
@@ -180,7 +196,8 @@ class ImageEvaluator:
               shared_data=True, batching='map')
     surrogate = lowrank_eval.surrogate_apply(student, teacher, c.surrogate_temperature)
     make = lambda cfg: evaluate.Evaluator(s_apply, t_apply, config=cfg,
-                                          surrogate_apply=surrogate, **kw)
+                                          surrogate_apply=surrogate,
+                                          **dict(kw, shared_teacher=self.shared_teacher))
     self.attacks = make(self.attack_config)
     self.level_attacks = lowrank_eval.level_evaluators(make, self.attack_config)
     self.reference_attacks = (make(self.attack_config.with_budget_of('reference'))
@@ -251,23 +268,44 @@ class ImageEvaluator:
     """``adv_{label}_{where}_{eps}`` (ensemble, consistent) and ``..._{attack}`` (raw)."""
     return evaluate.records(ev.result, ev.final, self.names)
 
-  def _subset_run(self, attacks, fold_keys, params, keys, on_progress):
+  def _subset_run(self, attacks, fold_keys, params, teacher_params, keys, on_progress):
     """``(students, start, stop) -> Result``: ``attacks`` on those students' points with keys
-    ``fold_keys(keys)`` (``escalation.escalate`` / ``reference_check``'s ``run``)."""
+    ``fold_keys(keys)`` (``escalation.escalate`` / ``reference_check``'s ``run``);
+    ``teacher_params``: the shared teacher's, or ``[P, ...]`` per student."""
     multiple = self.mesh.devices.size
 
     def run(students, start, stop):
       idx = lowrank_eval.padded_students(students, multiple)
-      sp = sweep.shard_seeds(jax.tree_util.tree_map(lambda v: v[idx], params), self.mesh)
+      pick = lambda tree: jax.tree_util.tree_map(lambda v: v[idx], tree)
+      sp = sweep.shard_seeds(pick(params), self.mesh)
+      tp = (teacher_params if self.shared_teacher
+            else sweep.shard_seeds(pick(teacher_params), self.mesh))
       out = attacks.run(
-          sp, self.teacher_params, self.x_att[start:stop], fold_keys(jnp.asarray(keys)[idx]),
+          sp, tp, self.x_att[start:stop], fold_keys(jnp.asarray(keys)[idx]),
           labels=self.y_att[start:stop], eps=self.budgets, labels_kinds=self.labels,
           projectors=self._projectors(len(idx)) or None, on_progress=on_progress)
       return escalation.take_students(out, np.arange(len(students)))
     return run
 
+  def _student_teachers(self, params, teacher_params):
+    """The teacher argument of the compiled programs: the shared teacher's parameters, or
+    ``teacher_params [P, ...]`` checked against the students ``params [P, ...]``."""
+    if self.shared_teacher:
+      if teacher_params is not None:
+        raise ValueError('teacher_params is for an evaluator built with shared_teacher=False; '
+                         'this one evaluates every student with its one teacher')
+      return self.teacher_params
+    if teacher_params is None:
+      raise ValueError('teacher_params [P, ...] (each student\'s teacher) is needed: the '
+                       'evaluator was built with shared_teacher=False')
+    num = jax.tree_util.tree_leaves(params)[0].shape[0]
+    for leaf, ref in zip(jax.tree_util.tree_leaves(teacher_params),
+                         jax.tree_util.tree_leaves(self.teacher_params)):
+      chex.assert_shape(leaf, (num,) + np.shape(ref))
+    return teacher_params
+
   def students(self, params, keys, ccat_mask: np.ndarray, progress=None,
-               groups: Optional[Dict[str, np.ndarray]] = None):
+               groups: Optional[Dict[str, np.ndarray]] = None, teacher_params=None):
     """Metrics of students ``params [P, ...]`` (``keys [P]`` attack keys).
 
     Returns ``(rows, Evaluation)``; CCAT students (``ccat_mask``) are also
@@ -275,11 +313,14 @@ class ImageEvaluator:
     and their accepted-and-wrong points count as oracle errors. ``progress``:
     ``what -> on_progress`` (``evaluate.Evaluator.run``), called once per evaluation.
     ``groups``: ``{name: [P] bool}`` of the convergence check and its escalation
-    (``escalation.escalate``; default one group of all).
+    (``escalation.escalate``; default one group of all). ``teacher_params``: each student's
+    teacher, ``[P, ...]`` (laid out as ``params``), with ``shared_teacher=False`` only.
     """
     progress = progress or (lambda what: None)
     c = self.setting
-    spec = sweep.to_host(self._spec(params, self.x_test, self.y_test))
+    tps = self._student_teachers(params, teacher_params)
+    spec_tps = None if self.shared_teacher else tps  # shared: compiled into the program
+    spec = sweep.to_host(self._spec(params, spec_tps, self.x_test, self.y_test))
     num = spec['clean_acc'].shape[0]
     rows = [{} for _ in range(num)]
     _spec_columns(rows, spec, '', 'spec_mean')
@@ -289,11 +330,11 @@ class ImageEvaluator:
       rows[i]['clean_acc'] = float(spec['clean_acc'][i])
       rows[i]['clean_agree'] = float(spec['clean_agree'][i])
     if self.projector is not None:
-      _spec_columns(rows, sweep.to_host(self._spec_probe(params, self.x_probe)), 'off_',
+      _spec_columns(rows, sweep.to_host(self._spec_probe(params, spec_tps, self.x_probe)), 'off_',
                     'spec_off')
     kwargs = dict(eps=self.budgets, labels_kinds=self.labels,
                   projectors=self._projectors(num) or None)
-    result = self.attacks.run(params, self.teacher_params, self.x_att, keys, labels=self.y_att,
+    result = self.attacks.run(params, tps, self.x_att, keys, labels=self.y_att,
                               on_progress=progress(f'{num} students'), **kwargs)
     convergence = reference = None
     groups = {'all': np.ones(num, bool)} if groups is None else groups
@@ -302,14 +343,15 @@ class ImageEvaluator:
         what = (f'convergence check at {2 ** level}x, {len(students)} students' if start == 0
                 else f'{len(students)} students attacked at {2 ** level}x (not converged)')
         return self._subset_run(self.level_attacks(level),
-                                lambda k: escalation.escalation_keys(k, level), params, keys,
-                                progress(what))(students, start, stop)
+                                lambda k: escalation.escalation_keys(k, level), params, tps,
+                                keys, progress(what))(students, start, stop)
       result, convergence = escalation.escalate(level_run, result, groups,
                                                 c.convergence_points, c.max_escalations)
     if self.reference_attacks is not None:
       reference = escalation.reference_check(
-          self._subset_run(self.reference_attacks, escalation.reference_keys, params, keys,
-                           progress('reference check')), result, groups, c.reference_points)
+          self._subset_run(self.reference_attacks, escalation.reference_keys, params, tps,
+                           keys, progress('reference check')), result, groups,
+          c.reference_points)
     ev = lowrank_eval.Evaluation(result, evaluate.combine(result), convergence, reference)
     sel = np.flatnonzero(ccat_mask)
     for i in range(num):
@@ -322,7 +364,8 @@ class ImageEvaluator:
       thresholds = np.array([evaluate.ccat_threshold(spec['confidence'][i], spec['agree'][i],
                                                      c.ccat_pass_rate) for i in sel],
                             np.float32)
-      res_c = self.attacks.run(pick(params), self.teacher_params, self.x_att, keys[sel],
+      res_c = self.attacks.run(pick(params), tps if self.shared_teacher else pick(tps),
+                               self.x_att, keys[sel],
                                eps=self.budgets, labels_kinds=('ccat',),
                                thresholds=thresholds,
                                on_progress=progress(f"{sel.size} CCAT students by CCAT's "
