@@ -40,6 +40,7 @@ CONFIG_FIELDS = {
     **lowrank_config.TRAINING_FIELDS,
     **robustness_config.METHOD_GRID_FIELDS,
     **attack_fields.FIELDS,
+    'num_teachers': validation.Int(lo=1),
     'dataset': validation.Choice(datasets.DATASETS),
     'data_dir': validation.Str('a path (a string)'),
     'num_train': validation.Int(lo=0),
@@ -80,7 +81,8 @@ CONFIG_FIELDS = {
 def validate_config(config) -> None:
   """Checks every field at start; raises ``validation.ConfigError`` naming the field.
 
-  The table ``CONFIG_FIELDS``, then the cross-field rules: ``data_dir`` holds
+  The table ``CONFIG_FIELDS``, then the cross-field rules: ``num_seeds`` a multiple of
+  ``num_teachers`` (``check_teachers``); ``data_dir`` holds
   the dataset's files (CIFAR-10 needs one); ``teacher_eps > 0`` for a PGD
   teacher; ``robust_features`` needs a hidden layer; ``orth`` / ``iso`` need
   ``lowrank_rank > 0``; ``lowrank_rank`` below the image size and the number
@@ -90,6 +92,7 @@ def validate_config(config) -> None:
   ``validate_sizes`` (before the PCA is fitted).
   """
   validation.check_config(config, CONFIG_FIELDS)
+  check_teachers(config)
   _check_data_dir(config)
   _check_rank(config, IMAGE_SIZES[config.dataset],
               config.num_train or (BUNDLED_MNIST_TRAIN if config.dataset == 'mnist'
@@ -107,6 +110,34 @@ def validate_config(config) -> None:
                                    f'PCA one) needs config.lowrank_rank > 0')
   study.check_batch_size(config)
   study.check_attack_rules(config)
+
+
+def check_teachers(config) -> None:
+  """``num_seeds`` (students per grid point) is a multiple of ``num_teachers`` (T >= 1 is the
+  table's rule), so every teacher has ``num_seeds / T`` students per grid point.
+
+  The seeds padded up to a multiple of the device count (``study.num_padded_seeds``) are
+  computed and dropped; they learn from the last teacher (``student_teachers``), so any
+  device count fits.
+  """
+  t, n = config.num_teachers, config.num_seeds
+  if n % t:
+    raise validation.ConfigError(f'config.num_seeds must be a multiple of config.num_teachers = '
+                                 f'{t} (num_seeds / num_teachers students of each teacher per '
+                                 f'grid point), got {n}')
+
+
+def student_teachers(config, num_padded: int) -> np.ndarray:
+  """``[num_padded]`` the teacher of each computed seed: ``s // (num_seeds / num_teachers)``;
+  the padded seeds ``s >= num_seeds`` (dropped) the last teacher's.
+
+  >>> import ml_collections
+  >>> c = ml_collections.ConfigDict({'num_seeds': 4, 'num_teachers': 2})
+  >>> student_teachers(c, 6).tolist()
+  [0, 0, 1, 1, 1, 1]
+  """
+  k = config.num_seeds // config.num_teachers
+  return np.minimum(np.arange(num_padded) // k, config.num_teachers - 1)
 
 
 def _check_rank(config, image_size: int, num_train: int) -> None:

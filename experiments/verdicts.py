@@ -14,7 +14,9 @@ A setting without a flag (or without a ``results.csv``) shows ``not run``. From 
 
 Results written before teachers were an axis have no ``teacher`` column: in the synthetic
 studies (``lowrank``, ``robustness``) each seed then had its own teacher (K = 1), in the
-image studies every student shares one teacher.
+image studies every student shares one teacher. Image results with a ``teacher`` column
+(``experiments.real``, any ``num_teachers``) are judged by it: with T >= 2 teachers they
+get teacher-level intervals.
 """
 
 import os

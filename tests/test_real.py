@@ -121,7 +121,8 @@ class TestConfig:
     for kinds in (('oracle',), ('oracle', 'true')):
       c = real_config.get_config()
       c.attack_labels = kinds
-      want = (['method', 'variant', 'at_eps', 'ccat_eps', 'aug_scale', 'seed', 'train_loss']
+      want = (['method', 'variant', 'at_eps', 'ccat_eps', 'aug_scale', 'teacher', 'seed',
+               'train_loss']
               + [f'spec_l{l}' for l in layers] + ['spec_mean'] + [f'frac_l{l}' for l in layers]
               + [f'dead_l{l}' for l in layers] + ['clean_acc', 'clean_agree']
               + [f'robust_acc_{k}_{e}' for k in kinds for e in eps]

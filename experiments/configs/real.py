@@ -33,6 +33,13 @@ def get_config(preset: str = 'mnist') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0                  # master PRNG seed; student seed s uses fold_in(seed, s)
   c.num_seeds = 4             # students per grid point (a vmapped axis; a multiple of 2 cores)
+  # Teachers as a replicated axis: T CNN teachers, each pretrained (and cached) on its own;
+  # student s of a grid point learns from teacher s // (num_seeds / T), so num_seeds must be
+  # a multiple of T. Teacher 0 is the teacher of a one-teacher run (same spec, same cache);
+  # teacher t > 0 has teacher_index t in its spec (its own initialization and data order).
+  # With rf_model_init = teacher each teacher gets its own robust model and robust-feature
+  # dataset; a scratch robust model is shared. Costs ~T x the teacher's pretraining.
+  c.num_teachers = 1          # teachers T (num_seeds / T students of each per grid point)
 
   # Data.
   # mnist | cifar10 | fashion_mnist (the MNIST IDX format, see tsrobust/datasets.py)
