@@ -18,9 +18,10 @@ samples and positions), its robustness by the attack ensemble (L-inf, or L2:
 and by the true labels (``attack_labels``).
 
 Teachers are a replicated axis (``num_teachers`` T, default 1): T teachers are
-pretrained one after another, each cached in its own folder (the vmapped
-pretraining of T teachers would be another program than the one-teacher
-run's, so teacher 0 would no longer be the cached single teacher bit for bit).
+pretrained one after another, each cached in its own folder: vmapped over
+teachers, the pretraining is another program than the one-teacher run's, and
+teacher 0 would no longer be the cached single teacher bit for bit (measured on
+the tiny test config, 50 steps: up to 6e-8 apart, standard and PGD alike).
 Teacher 0 is exactly the teacher of a one-teacher run (same spec, same hash);
 teacher ``t > 0`` has ``teacher_index: t`` in its spec, which folds ``t`` into
 its initialization and data-order key (``teachers.teacher_spec``). Student

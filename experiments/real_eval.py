@@ -333,7 +333,7 @@ def summary_markdown(config, records, teacher_eval, corr, sizes,
   if all_teachers is None or len(all_teachers) == 1:
     lines += [teacher_line('Teacher', teacher_eval), '']
   else:
-    lines += [f'{len(all_teachers)} teachers, {config.num_seeds // len(all_teachers)} students '
+    lines += [f'{len(all_teachers)} teachers, {config.num_seeds // len(all_teachers)} student(s) '
               'of each per variant:', '']
     lines += ['- ' + teacher_line(f'Teacher {t["index"]} (`{t["checkpoint"]}`)', t)
               for t in all_teachers]
