@@ -82,6 +82,7 @@ from tsrobust import lowrank
 from tsrobust import methods as methods_lib
 from tsrobust import rng
 from tsrobust import robust_dataset
+from tsrobust import sweep
 from tsrobust import teachers
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'real.py')
@@ -297,8 +298,11 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   else:  # [s, ...]: each seed its teacher's parameters
     stacked = jax.tree_util.tree_map(lambda *v: np.stack(v), *[p for _, p, _ in teacher_runs])
     seed_teachers = jax.tree_util.tree_map(lambda v: jnp.asarray(v[student_teacher]), stacked)
+  # On a CPU each device trains its students one at a time (a CNN student's working set
+  # stays in cache: benchmarks/RESULTS.md, "one student at a time"); on an accelerator, vmap.
   params, losses = study.train_grid(config, workdir, points, make_loss, make_args,
-                                    init_params, seed_teachers, k_train, timings)
+                                    init_params, seed_teachers, k_train, timings,
+                                    batching=sweep.default_seed_batching())
 
   t0 = time.perf_counter()
   ccat_mask = np.repeat([methods_lib.METHODS[m].ccat_evaluation for m, _ in points], s)

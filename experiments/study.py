@@ -272,11 +272,12 @@ class Background:
 
 def train_or_keep_last_good(loss_fn, optimizer, state, teacher_params, data_args, keys, config,
                             workdir: str, stage: str, num_steps: int = None,
-                            shared_args=None):
+                            shared_args=None, batching: str = 'vmap'):
   """``train.train_seeds`` on sharded inputs, with progress and resumable checkpoints.
 
   ``shared_args``: data every student reads (no seeds axis), replicated once
-  per device instead of copied per student. Checkpoints go to
+  per device instead of copied per student. ``batching``: ``train.train_seeds``'
+  (``'map'``: each device's students one at a time). Checkpoints go to
   ``workdir/checkpoints/<stage>`` (at most every ``--checkpoint_every_sec``,
   and at the end); a rerun resumes there. On divergence, saves
   the last good parameters in the workdir and stops with a message. Returns
@@ -297,7 +298,7 @@ def train_or_keep_last_good(loss_fn, optimizer, state, teacher_params, data_args
     return train.train_seeds(loss_fn, optimizer, state, teacher_params, data_args, keys,
                              num_steps=num_steps, chunk_steps=config.chunk_steps,
                              on_chunk=on_chunk, checkpointer=checkpointer,
-                             shared_args=shared_args)
+                             shared_args=shared_args, batching=batching)
   except train.TrainingDivergedError as e:
     path = os.path.join(workdir, f'last_good_params_{stage}.msgpack')
     params = sweep.to_host(e.last_good_state.params)  # a collective: every process
@@ -313,7 +314,8 @@ def train_or_keep_last_good(loss_fn, optimizer, state, teacher_params, data_args
 
 
 def train_grid(config, workdir: str, points, make_loss: Callable, make_args: Callable,
-               init_params, teacher_params, train_keys, timings: Optional[Dict] = None):
+               init_params, teacher_params, train_keys, timings: Optional[Dict] = None,
+               batching: str = 'vmap'):
   """Trains every grid point x seed, one compiled method at a time (the studies' loop).
 
   For each method of ``points`` (``methods.group_by_method``), its ``G``
@@ -323,6 +325,7 @@ def train_grid(config, workdir: str, points, make_loss: Callable, make_args: Cal
   method_points)`` returns ``(data_args, shared_args)`` (per student, and
   read by every student; ``train_or_keep_last_good``). Checkpoints in
   ``workdir/checkpoints/<method>``; ``timings['train_<method>']`` the seconds.
+  ``batching``: ``train.train_seeds``' (the image study: ``sweep.default_seed_batching()``).
 
   Returns:
     ``(params, final_loss)``: host parameters ``[P * S, ...]`` in ``points``
@@ -338,7 +341,8 @@ def train_grid(config, workdir: str, points, make_loss: Callable, make_args: Cal
     state = jax.vmap(lambda p: train.init_state(p, optimizer))(methods.tile(init_params, g))
     state, loss = train_or_keep_last_good(
         make_loss(method), optimizer, state, methods.tile(teacher_params, g), data_args,
-        methods.tile(train_keys, g), config, workdir, method, shared_args=shared)
+        methods.tile(train_keys, g), config, workdir, method, shared_args=shared,
+        batching=batching)
     trained.append(sweep.to_host(state.params))
     losses.append(loss[:, -1] if loss.size else np.full((g * s,), np.nan))
     seconds = time.perf_counter() - t0

@@ -238,6 +238,38 @@ def test_use_all_cpu_cores_keeps_the_users_count(env):
   assert _python(_KEEPS_THE_USERS_COUNT, **env) == ['3']
 
 
+_MAP_OVER_SEEDS = """
+import jax, jax.numpy as jnp, numpy as np
+from tsrobust import sweep
+assert sweep.use_all_cpu_cores(2) == 2
+mesh = sweep.seed_mesh()
+fn = lambda w, x, b: jnp.tanh(w @ x) + b   # [3, 3] @ [3, 5] per seed, b shared
+w = jax.random.normal(jax.random.PRNGKey(0), (4, 3, 3))
+x = jax.random.normal(jax.random.PRNGKey(1), (4, 3, 5))
+want = jax.vmap(fn, in_axes=(0, 0, None))(w, x, 1.0)
+mapped = jax.jit(sweep.map_over_seeds(fn, (True, True, False)))
+got = mapped(*sweep.shard_seeds((w, x), mesh), 1.0)
+np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+assert got.sharding.spec == jax.sharding.PartitionSpec('seeds'), got.sharding
+assert len(got.sharding.device_set) == 2
+odd = mapped(w[:3], x[:3], 1.0)   # 3 seeds on 2 devices: one lax.map
+np.testing.assert_allclose(odd, want[:3], rtol=1e-6, atol=1e-6)
+try:
+  mapped(w, x)
+  raise SystemExit('a missing argument was accepted')
+except ValueError as e:
+  assert 'expected 3 arguments' in str(e), e
+print('ok')
+"""
+
+
+@pytest.mark.slow
+def test_map_over_seeds_runs_each_devices_seeds_and_equals_vmap():
+  """Two CPU devices: each maps over its own seeds (the output stays laid over both); the
+  values are ``vmap``'s; a seeds axis that does not split over the devices still runs."""
+  assert _python(_MAP_OVER_SEEDS) == ['ok']
+
+
 def test_use_all_cpu_cores_once_jax_runs_warns_and_changes_nothing():
   if jax.default_backend() != 'cpu':
     pytest.skip('runs on the CPU')

@@ -106,6 +106,26 @@ class TrainSeedsTest(chex.TestCase):
                                      - batched.params['params']['hidden_0']['kernel'][1]).max()),
                        1e-2)
 
+  def test_map_batching_equals_vmap(self):
+    """``batching='map'`` (one seed at a time per device) trains the same students, with
+    and without ``shared_args``; an unknown batching is refused."""
+    loss_fn, opt, state, tparams, data_args, keys = _problem(3)
+    run = functools.partial(train.train_seeds, loss_fn, opt, state, tparams, num_steps=20,
+                            chunk_steps=10)
+    vmapped, v_losses = run(data_args, keys)
+    mapped, m_losses = run(data_args, keys, batching='map')
+    chex.assert_trees_all_close(mapped.params, vmapped.params, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(m_losses, v_losses, rtol=1e-5)
+    shared = {'projector': data_args['projector'][0]}
+    one_subspace = {'scale': data_args['scale']}
+    tiled = {**one_subspace, 'projector': jnp.broadcast_to(shared['projector'],
+                                                           data_args['projector'].shape)}
+    with_shared, _ = run(one_subspace, keys, shared_args=shared, batching='map')
+    chex.assert_trees_all_close(with_shared.params, run(tiled, keys)[0].params, atol=1e-5,
+                                rtol=1e-5)
+    with pytest.raises(ValueError, match="batching must be one of"):
+      run(data_args, keys, batching='pmap')
+
   def test_chunking_does_not_change_the_trajectory(self):
     loss_fn, opt, state, tparams, data_args, keys = _problem(2)
     whole, _ = train.train_seeds(loss_fn, opt, state, tparams, data_args, keys,

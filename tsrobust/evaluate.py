@@ -61,17 +61,20 @@ __all__ = ['ATTACKS', 'GRADIENT_ATTACKS', 'ORACLE_ONLY_ATTACKS', 'LABEL_KINDS', 
 
 
 def _over_students(fn: Callable, batched: Sequence[bool], batching: str,
-                   groups: int = 1) -> Callable:
+                   groups: Optional[int] = None) -> Callable:
   """Maps ``fn`` over the leading axis of the arguments flagged in ``batched``.
 
-  ``batching='map'`` runs the students ``groups`` at a time: the students
-  axis is split into ``[groups, S / groups]``, ``vmap``-ped over the groups and
-  ``lax.map``-ped within a group. With ``groups`` = the device count and the
-  students axis sharded over the devices, each device maps over its own
-  students (one core each on a CPU) instead of one device doing all of them.
+  ``batching='map'`` runs the students one at a time on each device
+  (``sweep.map_over_seeds``: ``shard_map`` over the devices, ``lax.map`` over each
+  device's own students). With ``groups`` given, the students axis is instead split
+  into ``[groups, S / groups]``, ``vmap``-ped over the groups and ``lax.map``-ped within
+  a group (on several CPU devices that vmap is not split over the devices as
+  ``shard_map`` is: the CNN's PGD-AT step ran 3x slower).
   """
   if batching == 'vmap':
     return jax.vmap(fn, in_axes=tuple(0 if b else None for b in batched))
+  if groups is None:
+    return sweep.map_over_seeds(fn, batched)
 
   def mapped(*args):
     shared = [None if b else a for a, b in zip(args, batched)]
@@ -117,9 +120,10 @@ class Evaluator:
     shared_data: one ``x`` (and ``labels``) for every student, else ``[S, N, ...]``.
     batching: ``'vmap'`` (MLPs) or ``'map'`` (``lax.map``, one student at a
       time per device; CNNs on a CPU).
-    map_groups: with ``'map'``, students run this many at a time (default:
-      the device count; shard the students axis over the devices, e.g.
-      ``sweep.shard_seeds``, so each device maps over its own students).
+    map_groups: with ``'map'``, None (default): each device runs its own students one
+      at a time (``sweep.map_over_seeds``; shard the students axis over the devices,
+      e.g. ``sweep.shard_seeds``); an integer: the students run as that many
+      ``vmap``-ped groups, each a ``lax.map``.
     surrogate_apply: ``(student_apply, teacher_apply)`` computing the same values
       with other gradients, which ``apgd_pair`` follows (``models.surrogate``:
       smooth ReLU gradients); default: the exact networks.
@@ -138,8 +142,8 @@ class Evaluator:
     self.surrogate_apply = surrogate_apply
     self.norm, self.config, self.clip_range = norm, config, clip_range
     self.shared_teacher, self.shared_data, self.batching = shared_teacher, shared_data, batching
-    self.map_groups = jax.device_count() if map_groups is None else int(map_groups)
-    if self.map_groups < 1:
+    self.map_groups = None if map_groups is None else int(map_groups)
+    if self.map_groups is not None and self.map_groups < 1:
       raise ValueError(f'map_groups must be >= 1, got {map_groups!r}')
     self._fns = {}
     self._clean = self._compile_clean()

@@ -17,6 +17,12 @@ seconds and at the end); a rerun restores the newest complete one.
 Orbax writes to a temporary folder and renames it, so a run killed mid-save
 leaves the previous checkpoint intact.
 
+One seed at a time: ``map_over_seeds(fn, batched)`` runs ``fn`` on one seed at a time
+on each device (``shard_map`` over the mesh, ``lax.map`` over the device's own seeds)
+instead of ``vmap`` over all of them. On a CPU that keeps one seed's working set in cache:
+the image study's CNN step runs 1.9x (standard) to 3x (PGD-AT) faster than vmapped at 32
+students (benchmarks/RESULTS.md). On an accelerator ``vmap`` keeps the seeds in parallel.
+
 CPU devices: XLA:CPU runs one device's batched small matrix products on about
 one core, so on a CPU the seeds axis only uses the machine when JAX has one
 CPU device per core. ``use_all_cpu_cores()``, called before any JAX
@@ -39,7 +45,7 @@ import re
 import signal
 import threading
 import time
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 import warnings
 
 import jax
@@ -52,6 +58,7 @@ __all__ = ['SEEDS_AXIS', 'cpu_cores', 'use_all_cpu_cores',
            'default_compilation_cache_dir', 'compilation_cache_dir',
            'use_compilation_cache', 'SETUP_COMPILER_OPTIONS', 'jit_once',
            'use_unrolled_threefry_on_cpu', 'seed_mesh', 'padded_size', 'shard_seeds',
+           'map_over_seeds', 'SEED_BATCHINGS', 'default_seed_batching',
            'replicate', 'sync_processes', 'to_host', 'checked_interval',
            'finish_before_interrupt', 'Checkpointer']
 
@@ -346,6 +353,56 @@ def padded_size(num_seeds: int, mesh: Mesh) -> int:
     raise ValueError(f'num_seeds must be >= 1, got {num_seeds}')
   n = mesh.devices.size
   return -(-num_seeds // n) * n
+
+
+SEED_BATCHINGS = ('vmap', 'map')
+
+
+def default_seed_batching() -> str:
+  """``'map'`` where JAX's default backend is the CPU (one seed's working set stays in
+  cache), else ``'vmap'`` (an accelerator runs the seeds in parallel)."""
+  return 'map' if jax.default_backend() == 'cpu' else 'vmap'
+
+
+def map_over_seeds(fn: Callable, batched: Sequence[bool],
+                   mesh: Optional[Mesh] = None) -> Callable:
+  """``fn`` over the leading (seeds) axis of the arguments flagged in ``batched``, one seed
+  at a time on each device.
+
+  The same values as ``jax.vmap(fn, in_axes=...)`` (up to float rounding of batched
+  products): under ``jit``, each device of ``mesh`` (default ``seed_mesh()``) runs a
+  ``lax.map`` over its own block of seeds (``shard_map``; the outputs keep the seeds
+  axis laid over the devices, as ``shard_seeds`` lays it). Arguments not flagged are
+  shared (every seed reads them; replicated). A seeds axis that is not a multiple of
+  the mesh size runs as one ``lax.map``.
+
+  >>> f = map_over_seeds(lambda w, x: w * x, (True, False))
+  >>> jax.jit(f)(np.arange(4.0), 2.0).tolist()
+  [0.0, 2.0, 4.0, 6.0]
+  """
+  batched = tuple(bool(b) for b in batched)
+
+  def mapped(*args):
+    if len(args) != len(batched):
+      raise ValueError(f'expected {len(batched)} arguments (batched {batched}), '
+                       f'got {len(args)}')
+    per = tuple(a for a, b in zip(args, batched) if b)
+    shared = tuple(a for a, b in zip(args, batched) if not b)
+    num = jax.tree_util.tree_leaves(per)[0].shape[0]
+
+    def local(per, shared):
+      def one(per_seed):
+        it_p, it_s = iter(per_seed), iter(shared)
+        return fn(*[next(it_p) if b else next(it_s) for b in batched])
+      return jax.lax.map(one, per)
+
+    m = seed_mesh() if mesh is None else mesh
+    if m.devices.size == 1 or num % m.devices.size:
+      return local(per, shared)
+    spec = PartitionSpec(SEEDS_AXIS)
+    return jax.shard_map(local, mesh=m, in_specs=(spec, PartitionSpec()), out_specs=spec,
+                         check_vma=False)(per, shared)
+  return mapped
 
 
 def shard_seeds(tree: Any, mesh: Mesh) -> Any:
