@@ -103,8 +103,10 @@ from tsrobust import methods
 from tsrobust import sweep
 from tsrobust import train
 
-TRAINERS = ('vmap', 'sequential', 'torch_func', 'grouped')
-TORCH_TRAINERS = TRAINERS[1:]
+TORCH_TRAINERS = ('sequential', 'torch_func', 'grouped')
+# 'vmap_batched' (--also_batched): train_seeds with batching='vmap', every student of a device
+# at once: the program the binaries ran on a CPU before they mapped the students one at a time.
+TRAINERS = ('vmap', 'vmap_batched') + TORCH_TRAINERS
 TORCH_WARMUP_STEPS = 5
 STEP_KINDS = ('standard', 'pgd_at')
 # The PGD-AT students' budget: the larger of the image study's default grid
@@ -335,8 +337,9 @@ def jax_predictor(problem: Problem, params: Any):
 # ----------------------------------------------------------------------------
 
 
-def make_vmap(problem: Problem, steps: int, mesh=None):
-  """(a) ``train.train_seeds`` over all of ``problem``'s students (sharded over ``mesh``)."""
+def make_vmap(problem: Problem, steps: int, mesh=None, batching: str = 'vmap'):
+  """(a) ``train.train_seeds`` over all of ``problem``'s students (sharded over ``mesh``),
+  with ``batching`` (``'vmap'`` or ``'map'``: ``train.train_seeds``)."""
   p = problem
   teacher = jax.tree_util.tree_map(
       lambda v: jnp.broadcast_to(v, (p.num_seeds,) + v.shape), p.teacher_params)
@@ -349,7 +352,8 @@ def make_vmap(problem: Problem, steps: int, mesh=None):
 
   def run():
     state, _ = train.train_seeds(p.loss_fn, p.optimizer, *inputs, num_steps=steps,
-                                 chunk_steps=max(steps, 1), shared_args=shared)
+                                 chunk_steps=max(steps, 1), shared_args=shared,
+                                 batching=batching)
     return jax.block_until_ready(state.params)
   return run
 
@@ -708,8 +712,12 @@ MAKERS = {'sequential': make_sequential, 'torch_func': make_torch_func,
 
 
 def measure(problem: Problem, num_seeds: int, steps: int, repeats: int, *, mesh=None,
-            torch_trainers: Sequence[str] = TORCH_TRAINERS, device='cpu') -> dict:
+            torch_trainers: Sequence[str] = TORCH_TRAINERS, device='cpu',
+            batching: str = 'vmap', also_batched: bool = False) -> dict:
   """Times every trainer ``repeats`` times (alternated) on ``num_seeds`` students.
+
+  ``batching``: the ``vmap`` trainer's (``train.train_seeds``); ``also_batched``: also
+  time ``vmap_batched``, the same trainer with ``batching='vmap'``.
 
   ``problem`` may hold more students (the vmap trainer's padding); the PyTorch
   trainers train the first ``num_seeds``, and held-out losses are over those.
@@ -718,8 +726,13 @@ def measure(problem: Problem, num_seeds: int, steps: int, repeats: int, *, mesh=
   'seconds_per_student_step', 'heldout_loss', ['compile_seconds']}},
   'heldout_loss_init': ..., 'note': ...}``.
   """
-  runs = {'vmap': make_vmap(problem, steps, mesh)}
+  runs = {'vmap': make_vmap(problem, steps, mesh, batching)}
   compile_s, _, _ = seed_sweep.timed(runs['vmap'])
+  jax_names = ['vmap']
+  if also_batched:
+    runs['vmap_batched'] = make_vmap(problem, steps, mesh, 'vmap')
+    batched_compile_s, _, _ = seed_sweep.timed(runs['vmap_batched'])
+    jax_names.append('vmap_batched')
   for name in torch_trainers:
     runs[name] = MAKERS[name](problem, num_seeds, steps, device)
     runs[name].prepare(repeats)
@@ -730,10 +743,10 @@ def measure(problem: Problem, num_seeds: int, steps: int, repeats: int, *, mesh=
   for r in range(repeats):
     for n in names[r % len(names):] + names[:r % len(names)]:  # rotated each repeat
       wall, comp, final[n] = seed_sweep.timed(runs[n])
-      if comp > 0 and n == 'vmap':
-        note += f' (vmap recompiled in a timed call, {comp:.1f}s, subtracted)'
+      if comp > 0 and n in jax_names:
+        note += f' ({n} recompiled in a timed call, {comp:.1f}s, subtracted)'
       times[n].append(wall - comp)
-  predictors = {'vmap': jax_predictor(problem, final['vmap'])}
+  predictors = {n: jax_predictor(problem, final[n]) for n in jax_names}
   predictors.update({n: runs[n].predictor(final[n]) for n in torch_trainers})
   trainers = {}
   for n in names:
@@ -742,6 +755,8 @@ def measure(problem: Problem, num_seeds: int, steps: int, repeats: int, *, mesh=
                    'seconds_per_student_step': med / (num_seeds * max(steps, 1)),
                    'heldout_loss': heldout_loss(problem, predictors[n], num_seeds)}
   trainers['vmap']['compile_seconds'] = compile_s
+  if also_batched:
+    trainers['vmap_batched']['compile_seconds'] = batched_compile_s
   return {'trainers': trainers, 'note': note.strip(),
           'heldout_loss_init': heldout_loss(
               problem, jax_predictor(problem, problem.state.params), num_seeds)}
@@ -776,6 +791,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument('--cpu_devices', type=int, default=0,
                       help='JAX CPU devices the vmap trainer shards students over: 0 = one '
                       "per core (the binaries' default), 1 = one device")
+  parser.add_argument('--batching', default='auto', choices=('auto',) + sweep.SEED_BATCHINGS,
+                      help="the vmap trainer's train_seeds(batching=...): auto = the "
+                      "binaries' choice (sweep.default_seed_batching(): 'map' on a CPU)")
+  parser.add_argument('--also_batched', action=argparse.BooleanOptionalAction, default=False,
+                      help="also time vmap_batched: train_seeds(batching='vmap'), every "
+                      'student of a device at once')
   parser.add_argument('--matmul_n', type=int, default=2048)
   parser.add_argument('--unrolled_threefry', action=argparse.BooleanOptionalAction,
                       default=True, help='unrolled threefry on CPU, as the binaries')
@@ -831,6 +852,8 @@ def run_sweep(args: argparse.Namespace, argv: Sequence[str] = (), *,
           f"{record['reference']['torch_mm_flops_per_s'] / 1e9:.1f} GFLOP/s, torch device "
           f"{device}, threads {record['versions']['threads']}")
   mesh = sweep.seed_mesh()
+  batching = (sweep.default_seed_batching() if args.batching == 'auto'
+              else args.batching)
   problem_args = dict(job=job, data=args.data, image_shape=image_shape, num_train=num_train,
                       num_heldout=args.heldout, at_eps=args.at_eps)
   probes = {k: make_problem(1, step=k, **problem_args) for k in STEP_KINDS}
@@ -846,7 +869,7 @@ def run_sweep(args: argparse.Namespace, argv: Sequence[str] = (), *,
                        'loss': job.loss, 'steps': args.steps, 'repeats': args.repeats,
                        'flops_per_student_step': flops['standard'],
                        'step_kinds': list(kinds),
-                       'vmap_devices': int(mesh.devices.size)}
+                       'vmap_devices': int(mesh.devices.size), 'vmap_batching': batching}
   if 'pgd_at' in kinds:
     st, spec = probes['pgd_at'].settings, pgd_spec(probes['pgd_at'])
     record['setting']['pgd_at'] = {
@@ -858,7 +881,7 @@ def run_sweep(args: argparse.Namespace, argv: Sequence[str] = (), *,
   print('FLOPs per student-step: ' + ', '.join(
       f'{k} {flops[k]["exact"] / 1e6:.1f} M ({steps_of[k]} steps)' for k in kinds)
       + f'; repeats {args.repeats} (median); vmap: students sharded over {mesh.devices.size} '
-      f'JAX device(s)\n', flush=True)
+      f"JAX device(s), batching '{batching}'\n", flush=True)
   record['rows'] = []
   for kind in kinds:
     steps = steps_of[kind]
@@ -867,7 +890,8 @@ def run_sweep(args: argparse.Namespace, argv: Sequence[str] = (), *,
       problem = make_problem(padded, step=kind, **problem_args)
       meter, load_before = hardware.OtherLoad(), hardware.load()
       row = measure(problem, s, steps, args.repeats, mesh=mesh,
-                    torch_trainers=torch_trainers, device=device)
+                    torch_trainers=torch_trainers, device=device, batching=batching,
+                    also_batched=args.also_batched)
       for v in row['trainers'].values():
         v['flops_per_s'] = s * steps * flops[kind]['exact'] / v['seconds']
         v['fraction_of_jnp_dot'] = v['flops_per_s'] / peak
