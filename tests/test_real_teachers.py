@@ -19,13 +19,13 @@ from experiments import validation
 from experiments import verdicts as verdicts_binary
 from experiments.configs import real as real_config
 from tsrobust import cnn
-from tsrobust import datasets
 from tsrobust import evaluate
 from tsrobust import image_eval
 from tsrobust import io
 from tsrobust import teachers
 from tsrobust import verdicts
 
+from tests.test_real import _toy_dataset as toy_dataset
 from tests.test_real import tiny_config
 
 
@@ -130,12 +130,8 @@ class TestSpecs:
       np.testing.assert_array_equal(a, b)
 
 
-def _toy_dataset(n=32, m=20, hw=8):
-  rng = np.random.default_rng(0)
-  return datasets.Dataset(rng.uniform(size=(n, hw, hw, 1)).astype(np.float32),
-                          rng.integers(0, 10, n).astype(np.int32),
-                          rng.uniform(size=(m, hw, hw, 1)).astype(np.float32),
-                          rng.integers(0, 10, m).astype(np.int32), 'toy')
+def _toy_dataset():
+  return toy_dataset(m=20)
 
 
 class TestPerStudentTeachers:
