@@ -429,7 +429,7 @@ def train_seeds(loss_fn: LossFn, optimizer: optax.GradientTransformation,
       devices it is replicated, once per device.
     batching: ``'vmap'`` (every seed of a device at once) or ``'map'`` (each device
       runs its own seeds one at a time, ``sweep.map_over_seeds``: the same values up to
-      float rounding; on a CPU the image study's CNN steps run 1.9-3x faster this way,
+      float rounding; on a CPU the image study's CNN steps run 1.8-2.4x faster this way,
       ``sweep.default_seed_batching()`` picks it there).
 
   Returns:
