@@ -292,12 +292,9 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
   make_args = lambda method, mpoints: method_args(
       config, mpoints, s, dataset.train_x, robust_x, projector,
       robust_of_seed=student_teacher if rf_per_teacher else None)
-  if num_teachers == 1:
-    seed_teachers = jax.tree_util.tree_map(
-        lambda v: jnp.broadcast_to(jnp.asarray(v), (s,) + jnp.shape(v)), teacher_params)
-  else:  # [s, ...]: each seed its teacher's parameters
-    stacked = jax.tree_util.tree_map(lambda *v: np.stack(v), *[p for _, p, _ in teacher_runs])
-    seed_teachers = jax.tree_util.tree_map(lambda v: jnp.asarray(v[student_teacher]), stacked)
+  # [s, ...]: each seed its teacher's parameters.
+  seed_teachers = jax.tree_util.tree_map(lambda *v: jnp.asarray(np.stack(v)[student_teacher]),
+                                         *[p for _, p, _ in teacher_runs])
   # On a CPU each device trains its students one at a time (a CNN student's working set
   # stays in cache: benchmarks/RESULTS.md, "one student at a time"); on an accelerator, vmap.
   params, losses = study.train_grid(config, workdir, points, make_loss, make_args,

@@ -244,9 +244,8 @@ def wilson_table(config, records) -> str:
   The intervals treat the seeds x images as independent: with one teacher they hold no
   teacher variation (the text says so); with several, the teacher-level table
   (``teacher_level_markdown``) is the one to read."""
-  names = [budget_name(config, e) for e in config.eps]
   variants = list(dict.fromkeys(r['variant'] for r in records))
-  cols = [f'robust_acc_{label}_{n}' for label in attack_labels(config) for n in names]
+  cols = robust_accuracy_columns(config)
   scope = ('one teacher: the intervals hold no teacher variation' if config.num_teachers == 1
            else f'{config.num_teachers} teachers pooled: these intervals ignore the teacher '
            'variation; see the teacher-level inference below')

@@ -119,24 +119,23 @@ def test_records_and_columns(run):
   assert 'adv_oracle_full_0.5_apgd_pair' in per and 'adv_fixed_full_0.5_apgd_pair' not in per
 
 
-@pytest.mark.slow  # the ensemble compiled twice more
-@pytest.mark.parametrize('groups', [1, 2])
-def test_vmap_and_map_batching_agree(run, groups):
-  """``lax.map`` over students, one group or split in groups (one per device), = ``vmap``."""
+@pytest.mark.slow  # the ensemble compiled once more
+def test_vmap_and_map_batching_agree(run):
+  """One student at a time per device (``sweep.map_over_seeds``) = ``vmap``."""
   ev, result, (teacher, student, tp, sp, x, proj, keys) = run
   mapped = evaluate.Evaluator(student.apply, teacher.apply, norm='l2', config=ev.config,
-                              batching='map', map_groups=groups)
+                              batching='map')
   other = mapped.run(sp, tp, x, keys, eps=EPS, labels_kinds=('oracle', 'fixed'),
                      projectors=proj)
   for k, v in result.success.items():
     np.testing.assert_array_equal(other.success[k], v, err_msg=str(k))
 
 
-def test_map_groups_must_be_positive():
+def test_unknown_batching_is_refused():
   teacher = models.MLP((4,), 3)
-  with pytest.raises(ValueError, match='map_groups'):
+  with pytest.raises(ValueError, match='batching must be one of'):
     evaluate.Evaluator(teacher.apply, teacher.apply, norm='l2', config=evaluate.preset('fast'),
-                       batching='map', map_groups=0)
+                       batching='pmap')
 
 
 def test_square_catches_a_masked_student():

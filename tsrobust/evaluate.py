@@ -60,35 +60,13 @@ __all__ = ['ATTACKS', 'GRADIENT_ATTACKS', 'ORACLE_ONLY_ATTACKS', 'LABEL_KINDS', 
 # ----------------------------------------------------------------------------
 
 
-def _over_students(fn: Callable, batched: Sequence[bool], batching: str,
-                   groups: Optional[int] = None) -> Callable:
-  """Maps ``fn`` over the leading axis of the arguments flagged in ``batched``.
-
-  ``batching='map'`` runs the students one at a time on each device
-  (``sweep.map_over_seeds``: ``shard_map`` over the devices, ``lax.map`` over each
-  device's own students). With ``groups`` given, the students axis is instead split
-  into ``[groups, S / groups]``, ``vmap``-ped over the groups and ``lax.map``-ped within
-  a group (on several CPU devices that vmap is not split over the devices as
-  ``shard_map`` is: the CNN's PGD-AT step ran 3x slower).
+def _over_students(fn: Callable, batched: Sequence[bool], batching: str) -> Callable:
+  """Maps ``fn`` over the leading axis of the arguments flagged in ``batched``: ``vmap``,
+  or (``batching='map'``) one student at a time on each device (``sweep.map_over_seeds``).
   """
   if batching == 'vmap':
     return jax.vmap(fn, in_axes=tuple(0 if b else None for b in batched))
-  if groups is None:
-    return sweep.map_over_seeds(fn, batched)
-
-  def mapped(*args):
-    shared = [None if b else a for a, b in zip(args, batched)]
-    per = tuple(a for a, b in zip(args, batched) if b)
-    num = jax.tree_util.tree_leaves(per)[0].shape[0]
-    g = groups if groups > 1 and num % groups == 0 else 1
-
-    def body(per_student):
-      it = iter(per_student)
-      return fn(*[next(it) if b else s for s, b in zip(shared, batched)])
-    split = jax.tree_util.tree_map(lambda v: v.reshape((g, num // g) + v.shape[1:]), per)
-    out = jax.vmap(lambda p: jax.lax.map(body, p))(split)
-    return jax.tree_util.tree_map(lambda v: v.reshape((num,) + v.shape[2:]), out)
-  return mapped
+  return sweep.map_over_seeds(fn, batched)
 
 
 def _identities_like(num: int, d: int, dtype, ref: Any) -> jax.Array:
@@ -118,12 +96,9 @@ class Evaluator:
     shared_teacher: one teacher for every student (its params have no
       students axis), else ``[S, ...]``.
     shared_data: one ``x`` (and ``labels``) for every student, else ``[S, N, ...]``.
-    batching: ``'vmap'`` (MLPs) or ``'map'`` (``lax.map``, one student at a
-      time per device; CNNs on a CPU).
-    map_groups: with ``'map'``, None (default): each device runs its own students one
-      at a time (``sweep.map_over_seeds``; shard the students axis over the devices,
-      e.g. ``sweep.shard_seeds``); an integer: the students run as that many
-      ``vmap``-ped groups, each a ``lax.map``.
+    batching: ``'vmap'`` (MLPs) or ``'map'`` (one student at a time per device,
+      ``sweep.map_over_seeds``; CNNs on a CPU: shard the students axis over the devices,
+      e.g. ``sweep.shard_seeds``).
     surrogate_apply: ``(student_apply, teacher_apply)`` computing the same values
       with other gradients, which ``apgd_pair`` follows (``models.surrogate``:
       smooth ReLU gradients); default: the exact networks.
@@ -132,19 +107,16 @@ class Evaluator:
   def __init__(self, student_apply: Callable, teacher_apply: Callable, *, norm: str,
                config: AttackConfig, clip_range: Optional[Tuple[float, float]] = None,
                shared_teacher: bool = False, shared_data: bool = False,
-               batching: str = 'vmap', map_groups: Optional[int] = None,
+               batching: str = 'vmap',
                surrogate_apply: Optional[Tuple[Callable, Callable]] = None):
     if norm not in attacks.NORMS:
       raise ValueError(f'norm must be one of {attacks.NORMS}, got {norm!r}')
-    if batching not in ('vmap', 'map'):
-      raise ValueError(f"batching must be 'vmap' or 'map', got {batching!r}")
+    if batching not in sweep.SEED_BATCHINGS:
+      raise ValueError(f'batching must be one of {sweep.SEED_BATCHINGS}, got {batching!r}')
     self.student_apply, self.teacher_apply = student_apply, teacher_apply
     self.surrogate_apply = surrogate_apply
     self.norm, self.config, self.clip_range = norm, config, clip_range
     self.shared_teacher, self.shared_data, self.batching = shared_teacher, shared_data, batching
-    self.map_groups = None if map_groups is None else int(map_groups)
-    if self.map_groups is not None and self.map_groups < 1:
-      raise ValueError(f'map_groups must be >= 1, got {map_groups!r}')
     self._fns = {}
     self._clean = self._compile_clean()
 
@@ -158,7 +130,7 @@ class Evaluator:
               'accepted': conf >= threshold}
     batched = (True, not self.shared_teacher, not self.shared_data, not self.shared_data,
                True)
-    return jax.jit(_over_students(one, batched, self.batching, self.map_groups))
+    return jax.jit(_over_students(one, batched, self.batching))
 
   def _fn(self, attack: str, label: str, subspace: bool, shared_projector: bool):
     key = (attack, label, subspace, shared_projector)
@@ -175,7 +147,7 @@ class Evaluator:
             clip_range=self.clip_range, threshold=threshold, gradient_fns=gradient_fns)
       batched = (True, not self.shared_teacher, not self.shared_data, not self.shared_data,
                  True, False, subspace and not shared_projector, True)
-      self._fns[key] = jax.jit(_over_students(one, batched, self.batching, self.map_groups))
+      self._fns[key] = jax.jit(_over_students(one, batched, self.batching))
     return self._fns[key]
 
   def run(self, student_params, teacher_params, x: chex.Array, keys: chex.Array, *,

@@ -21,7 +21,8 @@ One seed at a time: ``map_over_seeds(fn, batched)`` runs ``fn`` on one seed at a
 on each device (``shard_map`` over the mesh, ``lax.map`` over the device's own seeds)
 instead of ``vmap`` over all of them. On a CPU that keeps one seed's working set in cache:
 the image study's CNN step runs 2.35x (standard) and 1.83x (PGD-AT) faster than vmapped at
-32 students (benchmarks/RESULTS.md, "one student at a time"). On an accelerator ``vmap`` keeps the seeds in parallel.
+32 students (benchmarks/RESULTS.md, "one student at a time"). On an accelerator ``vmap``
+keeps the seeds in parallel.
 
 CPU devices: XLA:CPU runs one device's batched small matrix products on about
 one core, so on a CPU the seeds axis only uses the machine when JAX has one
