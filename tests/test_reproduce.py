@@ -28,9 +28,10 @@ R = reproduce
 
 def test_studies_in_order_and_commands():
   assert [s.name for s in R.STUDIES] == ['lowrank', 'lowrank_strict', 'lowrank_linf',
-                                         'robustness', 'mechanism', 'mechanism_strong', 'real',
-                                         'real_lowrank', 'fashion_mnist', 'cifar10']
-  lowrank_study, strict, linf, _, _, _, _, real_lowrank, _, cifar10 = R.STUDIES
+                                         'robustness', 'mechanism', 'mechanism_strong',
+                                         'mechanism_deep', 'real', 'real_lowrank',
+                                         'fashion_mnist', 'cifar10']
+  lowrank_study, strict, linf, _, _, _, _, _, real_lowrank, _, cifar10 = R.STUDIES
   assert R.study_args(lowrank_study, 'full', 'runs/x/lowrank') == ['--workdir=runs/x/lowrank']
   # Variants of a default config: their overrides in both presets, before the quick ones.
   assert R.study_args(strict, 'full', 'w') == ['--workdir=w', '--config.attack.oracle_tolerance=0']

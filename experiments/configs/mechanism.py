@@ -11,11 +11,14 @@ finite training sets). Every field can be overridden on the command line, e.g.
 The defaults are sized to finish in about 10 minutes on a 2-core CPU (docs/mechanism.md
 gives the measured time): 4 teachers x 1 student, 10,000 steps, and the other binaries'
 ``standard`` attack ensemble on 64 points per student, all of them attacked again by the
-convergence check, escalated up to 3 times (the ensemble at 8x) where a doubling still adds:
+convergence check, escalated up to twice (the ensemble at 4x) where a doubling still adds:
 fewer points rather than a weaker ensemble, because the noise-trained and transplanted
 students are robust and a weak ensemble under-reports their error (docs/mechanism.md).
 ``--config=experiments/configs/mechanism.py:strong`` attacks the same students on 256 points
-each (the check that 64 points suffice; docs/mechanism.md gives its time). More teachers:
+each, escalated up to 3 times (the check that 64 points suffice; docs/mechanism.md gives its
+time);
+``:deep`` runs the study with a two-hidden-layer teacher (40 -> 10 -> 10 -> 10), student
+widths 1x to 10x and claim 5 at r = 10, scale 0.3 only. More teachers:
 ``--config.num_teachers=8``.
 """
 
@@ -32,7 +35,7 @@ NOISE_KINDS = ('orth', 'iso', 'in')
 # (mechanism.transplant_off_subspace_all: every specialized student node, not one per teacher node).
 INTERVENTIONS = mechanism.INTERVENTIONS + ('transplant_all',)
 
-PRESETS = ('default', 'strong')
+PRESETS = ('default', 'strong', 'deep')
 
 # The fields of the low-rank config that this study replaces: students are num_teachers x
 # students_per_teacher, every teacher with its own network and subspace; training is online
@@ -100,7 +103,8 @@ def get_config(preset: str = 'default') -> ml_collections.ConfigDict:
   # points the doubled ensemble attacks again (the check): all of them, so an escalation
   # reuses the check's attacks
   c.convergence_points = 64
-  c.max_escalations = 3       # a condition whose check fails is attacked again at 2x, 4x, 8x
+  # a condition whose check fails is attacked again at 2x, then 4x (its last check: 8x)
+  c.max_escalations = 2
 
   # 1. Interventions on the trained students' first-layer weights off S (claim 3's cause).
   c.intervention = ml_collections.ConfigDict()
@@ -142,6 +146,12 @@ def get_config(preset: str = 'default') -> ml_collections.ConfigDict:
   de.width_mults = (1, 2, 5)  # student width multipliers k (online data)
   de.num_train = (256, 1024, 10000)  # fixed training sets of N points (k = config.width_mult)
 
-  if preset == 'strong':  # the defaults' students, on 4x the points
+  if preset == 'strong':  # the defaults' students, on 4x the points, escalated once more
     c.num_attack = 256
+    c.max_escalations = 3
+  if preset == 'deep':  # a two-hidden-layer teacher, widths up to 10x, claim 5 at one point
+    c.teacher_hidden = (10, 10)
+    de.width_mults = (1, 2, 5, 10)
+    au.ranks = (10,)
+    au.scales = (0.3,)
   return c
