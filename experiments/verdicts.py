@@ -5,7 +5,7 @@ rules of ``docs/verdicts.md`` (``tsrobust.verdicts``). Nothing is trained or att
 table is read from the studies' result files.
 
     python -m experiments.verdicts --lowrank=runs/lowrank --robustness=runs/robustness \
-        [--real=DIR] [--real_lowrank=DIR] [--fashion_mnist=DIR] [--nodetails]
+        [--mechanism=DIR] [--real=DIR] [--real_lowrank=DIR] [--fashion_mnist=DIR] [--nodetails]
 
 A setting without a flag (or without a ``results.csv``) shows ``not run``. From Python
 (e.g. ``experiments.reproduce``, with its study folders):
@@ -29,11 +29,32 @@ from tsrobust import io
 from tsrobust import verdicts
 
 # experiments.reproduce's study names, in the table's column order, with their headers.
-SETTINGS = ('lowrank', 'robustness', 'real', 'real_lowrank', 'fashion_mnist')
-TITLES = {'lowrank': 'synthetic low-rank', 'robustness': 'robustness study', 'real': 'MNIST',
-          'real_lowrank': 'MNIST low-rank', 'fashion_mnist': 'Fashion-MNIST'}
+SETTINGS = ('lowrank', 'robustness', 'mechanism', 'real', 'real_lowrank', 'fashion_mnist')
+TITLES = {'lowrank': 'synthetic low-rank', 'robustness': 'robustness study',
+          'mechanism': 'mechanism study', 'real': 'MNIST', 'real_lowrank': 'MNIST low-rank',
+          'fashion_mnist': 'Fashion-MNIST'}
 # Where results carry no ``teacher`` column: a synthetic student's teacher was its seed.
-SYNTHETIC = ('lowrank', 'robustness')
+SYNTHETIC = ('lowrank', 'robustness', 'mechanism')
+
+
+def mechanism_rows(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+  """The mechanism study's rows as the rules read them, with a ``method`` column: its
+  standard-trained students without intervention (part ``intervention``, condition
+  ``none``: claims 1-3) and its students trained with noise in S_perp (``orth``) or
+  isotropic noise (``iso``) at matched energy at the study's own rank, the rank of those
+  standard students (part ``augmentation``: claim 5). Other parts (optimizers, other
+  ranks, noise in S, the dependence part) are not read.
+  """
+  standard = [r for r in rows if r.get('part') == 'intervention'
+              and r.get('condition') == 'none']
+  if not standard:
+    raise ValueError("the mechanism study's results.csv has no standard students (part "
+                     "'intervention', condition 'none')")
+  rank = {str(r.get('rank')) for r in standard}
+  out = [{**r, 'method': 'standard'} for r in standard]
+  out += [{**r, 'method': r['aug_kind']} for r in rows if r.get('part') == 'augmentation'
+          and str(r.get('rank')) in rank and r.get('aug_kind') in ('orth', 'iso')]
+  return out
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Dict[str, Any]:
@@ -72,6 +93,13 @@ def cells_from_workdirs(workdirs: Mapping[str, Optional[str]]) -> List[Dict[str,
       out += verdicts.missing_cells(s, f'{path} has no rows')
       continue
     missing_teacher = 'seed' if s in SYNTHETIC else 'one'
+    if s == 'mechanism':  # claim 4 is not in its design (one student per teacher and dose)
+      rows = mechanism_rows(rows)
+      cells = verdicts.cells(rows, s, claims=(1, 2, 3, 5), missing_teacher=missing_teacher)
+      out += cells[:3] + verdicts.missing_cells(
+          s, 'the mechanism study has no dose-response of specialization within a method',
+          claims=(4,), result=verdicts.NOT_MEASURED) + cells[3:]
+      continue
     out += verdicts.cells(rows, s, missing_teacher=missing_teacher)
   return out
 
@@ -81,8 +109,8 @@ def table_from_workdirs(workdirs: Mapping[str, Optional[str]], details: bool = F
 
   Args:
     workdirs: setting -> study folder (``experiments.reproduce``'s names: ``lowrank``,
-      ``robustness``, ``real``, ``real_lowrank``, ``fashion_mnist``); a setting left out or
-      None shows ``not run``.
+      ``robustness``, ``mechanism``, ``real``, ``real_lowrank``, ``fashion_mnist``); a
+      setting left out or None shows ``not run``.
     details: also list each cell's statistic and the reason for its verdict.
   """
   cells = cells_from_workdirs(workdirs)

@@ -349,12 +349,13 @@ def test_verdict_section(tmp_path):
   (workdir / 'lowrank.run.json').write_text('{"commit": "0123456789abcdef"}')
   partial = R.verdict_section(str(workdir), partial=True)
   assert partial == ('Not written: the verdict table needs every setting\'s results in this '
-                     'folder; missing: robustness, real, real_lowrank, fashion_mnist.')
+                     'folder; missing: robustness, mechanism, real, real_lowrank, '
+                     'fashion_mnist.')
   text = R.verdict_section(str(workdir))
   block = R.generated_blocks(text)['verdicts']
   claim3 = [line for line in block.split('\n') if line.startswith('| 3.')][0].split(' | ')
   assert claim3[1].startswith('holds: 0.420 [0.400, 0.440]') and claim3[1].endswith('T=5')
-  assert claim3[2:] == ['not run'] * 3 + ['not run |']
+  assert claim3[2:] == ['not run'] * 4 + ['not run |']
   assert '0123456789ab' not in block  # the block goes into the README: no commit hashes
   assert text.endswith('<!-- END GENERATED: verdicts -->\n\nThe results\' commits: '
                        'synthetic low-rank 0123456789ab.\n')
@@ -433,7 +434,9 @@ DOC_BLOCKS = {
                           'mechanism-dynamics', 'mechanism-claim5', 'mechanism-claim5-paired',
                           'mechanism-dependence', 'mechanism-attack-checks-2',
                           'mechanism_strong-intervention-paired', 'mechanism_strong-claim5-paired',
-                          'mechanism_strong-attack-checks-2'],
+                          'mechanism_strong-attack-checks-2', 'mechanism_deep-dependence',
+                          'mechanism_deep-intervention', 'mechanism_deep-optimizers',
+                          'mechanism_deep-claim5-paired'],
     'docs/robustness.md': ['robustness-summary', 'robustness-correlation-spec_off',
                            'robustness-correlation-spec_in', 'robustness-summary-2',
                            'robustness-summary-3', 'robustness-correlation',
@@ -632,11 +635,13 @@ def _run(args, capfd, root=ROOT):
      'existing report, with the studies it ran)\n'),
     (['--workdir=W', '--studies=lowrank,robustnes'],
      'error: --studies must be distinct names among lowrank, lowrank_strict, lowrank_linf, '
-     'robustness, mechanism, mechanism_strong, real, real_lowrank, fashion_mnist, cifar10, '
+     'robustness, mechanism, mechanism_strong, mechanism_deep, real, real_lowrank, fashion_mnist, '
+     'cifar10, '
      'got lowrank,robustnes (unknown: robustnes)\n'),
     (['--workdir=W', '--studies=lowrank,lowrank'],
      'error: --studies must be distinct names among lowrank, lowrank_strict, lowrank_linf, '
-     'robustness, mechanism, mechanism_strong, real, real_lowrank, fashion_mnist, cifar10, '
+     'robustness, mechanism, mechanism_strong, mechanism_deep, real, real_lowrank, fashion_mnist, '
+     'cifar10, '
      'got lowrank,lowrank\n'),
     (['--workdir=W', 'extra'],
      "error: unexpected arguments ['extra']; flags are written --name=value\n"),

@@ -334,10 +334,55 @@ def test_table_from_workdirs(tmp_path):
                                            'fashion_mnist': None}, details=True)
   table = [line for line in text.split('\n') if line.startswith('| 3.')][0].split(' | ')
   assert table[1].startswith('holds: ') and table[1].endswith('T=10')
-  assert table[2:] == ['not run'] * 3 + ['not run |']
+  assert table[2:] == ['not run'] * 4 + ['not run |']
   assert f'no results.csv in {empty}' in text
   assert f'{no_rows}/results.csv has no rows' in text
   with pytest.raises(ValueError, match=r"unknown setting\(s\) \['mnist'\]"):
     exp_verdicts.table_from_workdirs({'mnist': str(tmp_path)})
   with open(os.path.join(tmp_path, 'results.csv')) as f:
     assert 'teacher' not in next(csv.reader(f))
+
+
+def _mechanism_rows(orth_minus_iso, teachers=4):
+  """Rows of a mechanism study: per teacher, its standard student (part intervention,
+  condition none; off - in error 0.6), its transplanted student (a huge in-error, not to be
+  read), orth / iso / in students at the study's rank 10 (orth - iso = ``orth_minus_iso``
+  at both scales) and at rank 20 (orth - iso = +0.5: not to be read), and an optimizer row."""
+  rng = np.random.default_rng(0)
+  rows = []
+  base = {f'adv_oracle_{w}_{b}': 0.0 for w in ('in', 'off', 'full') for b in BUDGETS}
+  for t in range(teachers):
+    level = 0.3 + 0.05 * rng.standard_normal()
+    std = dict(base, part='intervention', condition='none', teacher=t, rank=10,
+               aug_kind='', aug_scale=0.0, spec_in=0.99, spec_off=0.5, wcos_off=0.15,
+               wcos_off_random=0.146)
+    std.update({f'adv_oracle_off_{b}': 0.6 + 0.01 * rng.standard_normal() for b in BUDGETS})
+    rows.append(std)
+    rows.append(dict(std, condition='transplant', **{'adv_oracle_in_1.0': 0.9}))
+    for rank, diff in ((10, orth_minus_iso), (20, 0.5)):
+      for scale in (0.1, 0.3):
+        for kind, err in (('iso', level), ('orth', level + diff), ('in', level + 0.3)):
+          rows.append(dict(std, part='augmentation', condition=f'r={rank} {kind} {scale}',
+                           rank=rank, aug_kind=kind, aug_scale=scale,
+                           **{'adv_oracle_full_1.0': err + 0.005 * rng.standard_normal()}))
+    rows.append(dict(std, part='optimizer', condition='adam', spec_in=0.1))
+  return rows
+
+
+def test_the_mechanism_study_column(tmp_path):
+  """Claims 1-3 read its standard students, claim 5 its orth / iso students at its own rank,
+  claim 4 is not measured; a table without standard students is refused."""
+  for diff, expected in ((-0.2, HOLDS), (0.2, FAILS)):
+    io.write_csv(os.path.join(tmp_path, 'results.csv'), _mechanism_rows(diff))
+    cells = exp_verdicts.cells_from_workdirs({'mechanism': str(tmp_path)})
+    got = {c['claim']: c for c in cells if c['setting'] == 'mechanism'}
+    assert [got[k]['verdict'] for k in (1, 2, 3)] == [HOLDS] * 3
+    assert got[3]['estimate'] == pytest.approx(0.6, abs=0.02)  # the transplant row unread
+    assert got[4]['verdict'] == verdicts.NOT_MEASURED
+    assert got[5]['verdict'] == expected and got[5]['teachers'] == 4
+    assert got[5]['estimate'] == pytest.approx(diff, abs=0.01)  # rank 20 unread
+  rows = [r for r in _mechanism_rows(-0.2) if r['part'] != 'intervention']
+  with pytest.raises(ValueError, match='no standard students'):
+    exp_verdicts.mechanism_rows(rows)
+  with pytest.raises(ValueError, match='result must be'):
+    verdicts.missing_cells('mechanism', result='holds')

@@ -566,9 +566,13 @@ def cells(table: Any, setting: str, claims: Sequence[int] = tuple(CLAIMS),
 
 
 def missing_cells(setting: str, why: str = 'the study was not run',
-                  claims: Sequence[int] = tuple(CLAIMS)) -> List[Dict[str, Any]]:
-  """``'not run'`` cells for a setting without results."""
-  return [_cell(_check_claim(c), setting, None, None, None, 0, NOT_RUN, why) for c in claims]
+                  claims: Sequence[int] = tuple(CLAIMS),
+                  result: str = NOT_RUN) -> List[Dict[str, Any]]:
+  """``'not run'`` cells for a setting without results (or ``result = NOT_MEASURED``:
+  cells of claims a study does not measure by design)."""
+  if result not in (NOT_RUN, NOT_MEASURED):
+    raise ValueError(f'result must be {NOT_RUN!r} or {NOT_MEASURED!r}, got {result!r}')
+  return [_cell(_check_claim(c), setting, None, None, None, 0, result, why) for c in claims]
 
 
 # ----------------------------------------------------------------------------
