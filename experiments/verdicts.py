@@ -57,6 +57,13 @@ def mechanism_rows(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
   return out
 
 
+# A setting's rows as the rules read them (default: as written), and the claims its
+# design does not measure, with why.
+ROWS = {'mechanism': mechanism_rows}
+NOT_IN_DESIGN = {'mechanism': {
+    4: 'the mechanism study has no dose-response of specialization within a method'}}
+
+
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Dict[str, Any]:
   """The binary's flags (defined when it runs, so importing this module defines none)."""
   out = {s: flags.DEFINE_string(s, None, f'The {TITLES[s]} study\'s workdir (its '
@@ -93,14 +100,13 @@ def cells_from_workdirs(workdirs: Mapping[str, Optional[str]]) -> List[Dict[str,
       out += verdicts.missing_cells(s, f'{path} has no rows')
       continue
     missing_teacher = 'seed' if s in SYNTHETIC else 'one'
-    if s == 'mechanism':  # claim 4 is not in its design (one student per teacher and dose)
-      rows = mechanism_rows(rows)
-      cells = verdicts.cells(rows, s, claims=(1, 2, 3, 5), missing_teacher=missing_teacher)
-      out += cells[:3] + verdicts.missing_cells(
-          s, 'the mechanism study has no dose-response of specialization within a method',
-          claims=(4,), result=verdicts.NOT_MEASURED) + cells[3:]
-      continue
-    out += verdicts.cells(rows, s, missing_teacher=missing_teacher)
+    rows = ROWS.get(s, lambda r: r)(rows)
+    unmeasured = NOT_IN_DESIGN.get(s, {})
+    measured = [c for c in verdicts.CLAIMS if c not in unmeasured]
+    cells = verdicts.cells(rows, s, claims=measured, missing_teacher=missing_teacher)
+    for c, why in unmeasured.items():
+      cells += verdicts.missing_cells(s, why, claims=(c,), result=verdicts.NOT_MEASURED)
+    out += sorted(cells, key=lambda cell: cell['claim'])
   return out
 
 

@@ -104,7 +104,7 @@ class TestSpecs:
     """Teacher 1 starts from another initialization than teacher 0 and the robust model's
     stream; teacher 0 trained with an index of 0 is the one-teacher network."""
     c = tiny_config(teacher_training='standard', teacher_steps=3, num_train=32)
-    ds = _toy_dataset()
+    ds = toy_dataset(m=20)
     model = real_eval.teacher_model(c)
     root = str(tmp_path)
     p0, i0 = teachers.pretrain_teacher(teachers.teacher_spec(c), model, ds, root)
@@ -130,16 +130,12 @@ class TestSpecs:
       np.testing.assert_array_equal(a, b)
 
 
-def _toy_dataset():
-  return toy_dataset(m=20)
-
-
 class TestPerStudentTeachers:
   """``ImageEvaluator(shared_teacher=False)`` with each student's teacher equals evaluating
   each teacher's students with that teacher alone (the one-teacher path)."""
 
   def _setup(self, **overrides):
-    ds = _toy_dataset()
+    ds = toy_dataset(m=20)
     c = tiny_config(**{'eval_batch': 10, 'num_attack': 6, 'attack_labels': ('oracle', 'true'),
                        'eps': (0.1, 0.3), **overrides})
     teacher = cnn.make_cnn((2,), (4,), 10, kernel_size=3, pool='max')
@@ -346,7 +342,7 @@ def test_two_teachers_end_to_end(two_teacher_run, tmp_path):
 def test_shared_and_per_student_evaluators_are_the_documented_kinds():
   """The evaluator's attack programs take per-student teachers only when asked."""
   c = tiny_config(eval_batch=10, num_attack=6)
-  ds = _toy_dataset()
+  ds = toy_dataset(m=20)
   teacher = cnn.make_cnn((2,), (4,), 10)
   student = cnn.student_of(teacher, 2, 1.0)
   tp = cnn.init_params(jax.random.PRNGKey(0), teacher, ds.image_shape)
