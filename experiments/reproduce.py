@@ -1,6 +1,6 @@
 r"""Runs every study of the manual (docs/) and writes one report of their tables and figures.
 
-    python -m experiments.reproduce --workdir=DIR [--preset=quick|full] [--studies=a,b]
+    python -m experiments.reproduce --workdir=DIR [--preset=quick|full|paper] [--studies=a,b]
         [--cifar10_dir=PATH]
     python -m experiments.reproduce --workdir=DIR --update_readme
 
@@ -16,6 +16,10 @@ A study that reads an installed data set (``fashion_mnist``: Debian's
 folder is missing.
 
 ``--preset=full`` (the default) runs the binaries' default configs: the manual's numbers.
+``--preset=paper`` runs them and the image studies' teacher-replicated presets
+(``real_replicated``, ``real_lowrank_replicated``, ``fashion_mnist_replicated``: 8 teachers
+each, ``experiments/configs/real.py``'s ``replicate``), whose results the verdict table then
+reads in place of the one-teacher studies'.
 ``--preset=quick`` runs tiny configs (a few steps, tiny networks, the ``fast`` attack
 ensemble with PGD and APGD, two seeds, a few attacked points) to show the whole pipeline in
 minutes. ``--jobs`` studies run at once (default: one per core with ``quick``, whose runs
@@ -68,7 +72,9 @@ from tsrobust import io
 from tsrobust import sweep
 
 ROOT = report_lib.ROOT  # the repository root: the studies run there
-PRESETS = ('quick', 'full')
+PRESETS = ('quick', 'full', 'paper')
+# A replicated study's name: its setting's name + this (the verdict table prefers it).
+REPLICATED = '_replicated'
 REPORT = report_lib.REPORT
 
 
@@ -86,6 +92,7 @@ class Study(NamedTuple):
     before the ``quick`` ones).
   data_dir: a folder the study reads (both presets); without it the study is skipped, and
     the report says ``data_hint`` (how to get the data).
+  presets: the presets that run the study (``paper`` runs every study of ``full`` too).
   """
   name: str
   binary: str
@@ -96,6 +103,7 @@ class Study(NamedTuple):
   overrides: Tuple[str, ...] = ()
   data_dir: Optional[str] = None
   data_hint: str = ''
+  presets: Tuple[str, ...] = PRESETS
 
 
 # The quick runs are compile-bound: the fast attack ensemble without APGD-T and Square
@@ -161,6 +169,16 @@ STUDIES = (
           data_hint=f'{datasets.FASHION_MNIST_INSTALL} (Debian) installs it'),
     Study('cifar10', 'real', 'experiments/configs/real.py:cifar10',
           _QUICK_REAL + ('teacher_conv=(2,2,2)',), _REAL_DONE, needs_cifar10=True),
+    # The image studies with 8 teachers (one student of each per grid point): --preset=paper.
+    Study('real' + REPLICATED, 'real', 'experiments/configs/real.py:mnist' + REPLICATED, (),
+          _REAL_DONE, presets=('paper',)),
+    Study('real_lowrank' + REPLICATED, 'real',
+          'experiments/configs/real.py:mnist_lowrank' + REPLICATED, (), _REAL_DONE,
+          presets=('paper',)),
+    Study('fashion_mnist' + REPLICATED, 'real',
+          'experiments/configs/real.py:fashion_mnist' + REPLICATED, (), _REAL_DONE,
+          data_dir=datasets.FASHION_MNIST_DIR,
+          data_hint=f'{datasets.FASHION_MNIST_INSTALL} (Debian) installs it', presets=('paper',)),
 )
 
 
@@ -360,6 +378,7 @@ def reproduce(workdir: str, preset: str, cifar10_dir: Optional[str] = None,
   Raises:
     validation.ConfigError: a study's config fails to load or its workdir holds another config.
   """
+  studies = [st for st in studies if preset in st.presets]
   if only is not None:
     studies = select_studies(only, studies)
   os.makedirs(workdir, exist_ok=True)
@@ -448,12 +467,18 @@ def verdict_section(workdir: str, partial: bool = False) -> str:
   ``verdicts``, then (outside it: the README carries no commit hashes) the commit each
   setting's results come from.
 
-  A setting without results shows "not run". A ``--studies`` run (``partial``) writes the
-  table only when every setting's folder holds results (else a line saying which are
-  missing), so that ``--update_readme`` never replaces a whole table by a partial one.
+  A setting without results shows "not run"; a setting whose replicated study
+  (``<setting>_replicated``, ``--preset=paper``) has results is read from it. A ``--studies``
+  run (``partial``) writes the table only when every setting's folder holds results (else a
+  line saying which are missing), so that ``--update_readme`` never replaces a whole table by
+  a partial one.
   """
-  have = {s: os.path.join(workdir, s) for s in verdicts_lib.SETTINGS
-          if os.path.isfile(os.path.join(workdir, s, 'results.csv'))}
+  have = {}
+  for s in verdicts_lib.SETTINGS:
+    for name in (s + REPLICATED, s):
+      if os.path.isfile(os.path.join(workdir, name, 'results.csv')):
+        have[s] = os.path.join(workdir, name)
+        break
   missing = [s for s in verdicts_lib.SETTINGS if s not in have]
   if partial and missing:
     return (f'Not written: the verdict table needs every setting\'s results in this folder; '
@@ -461,8 +486,9 @@ def verdict_section(workdir: str, partial: bool = False) -> str:
   table = verdicts_lib.table_from_workdirs(have)
   made = []
   for s in have:
-    run = json.loads(_read(os.path.join(workdir, f'{s}.run.json')) or '{}')
-    made.append(f'{verdicts_lib.TITLES[s]} {str(run.get("commit") or "unknown")[:12]}')
+    name = os.path.basename(have[s])
+    run = json.loads(_read(os.path.join(workdir, f'{name}.run.json')) or '{}')
+    made.append(f'{verdicts_lib.TITLES[s]} ({name}) {str(run.get("commit") or "unknown")[:12]}')
   source = ('<sub>By the rules of `docs/verdicts.md` (`python -m experiments.verdicts`), '
             'from the studies\' `results.csv`; the reproduction report names the commit of '
             'each.</sub>')
@@ -534,8 +560,8 @@ def update_documents(workdir: str, root: str = ROOT,
                              f'run python -m experiments.reproduce --workdir={workdir} '
                              f'--preset=full first')
   preset = report_preset(report)
-  if preset != 'full':
-    raise validation.ConfigError(f'--update_readme needs a report of --preset=full; '
+  if preset not in ('full', 'paper'):
+    raise validation.ConfigError(f'--update_readme needs a report of --preset=full or paper; '
                                  f'{os.path.join(workdir, REPORT)} is from --preset={preset}')
   try:
     blocks = generated_blocks(report)
@@ -594,7 +620,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string('workdir', None, 'Folder of the report; study S runs in DIR/S.',
                       flag_values=flag_values)
   flags.DEFINE_enum('preset', 'full', PRESETS, 'full: the binaries\' default configs (the '
-                    'manual\'s numbers); quick: tiny configs (minutes).',
+                    'manual\'s numbers); paper: those and the image studies with 8 teachers '
+                    '(their verdicts); quick: tiny configs (minutes).',
                     flag_values=flag_values)
   flags.DEFINE_string('cifar10_dir', None, 'Folder of the CIFAR-10 binary batches; adds the '
                       'cifar10 study.', flag_values=flag_values)
@@ -635,7 +662,7 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS,
       raise app.UsageError(f'--workdir {f.workdir} is a file, not a folder; use another '
                            f'--workdir')
     cli.quiet_library_logs()
-    jobs = f.jobs or (1 if f.preset == 'full' else sweep.cpu_cores())
+    jobs = f.jobs or (sweep.cpu_cores() if f.preset == 'quick' else 1)
     outcomes = reproduce(f.workdir, f.preset, f.cifar10_dir, root, studies, jobs=jobs,
                          only=f.studies)
   except (validation.ConfigError, app.UsageError) as e:
