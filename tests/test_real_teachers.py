@@ -43,9 +43,19 @@ class TestConfig:
     with pytest.raises(validation.ConfigError, match=message):
       real.validate_config(tiny_config(**overrides))
 
-  def test_default_is_one_teacher_in_every_preset(self):
+  def test_default_is_one_teacher_in_every_preset_but_the_replicated(self):
     for preset in real_config.PRESETS:
-      assert real_config.get_config(preset).num_teachers == 1, preset
+      c = real_config.get_config(preset)
+      if preset.endswith(real_config.REPLICATED):
+        base = real_config.get_config(preset[:-len(real_config.REPLICATED)])
+        assert (c.num_teachers, c.num_seeds, c.num_attack, c.convergence_points) == (8, 8, 25, 25)
+        # Thinned to one grid point per method family (docs: real_config.replicate).
+        assert c.methods == base.methods and c.dataset == base.dataset
+        assert (c.aug_scales, c.at_eps) == (((0.5,), (0.5,)) if base.lowrank_rank else
+                                           ((0.5,), (0.3,)))
+        assert c.lowrank_rank == base.lowrank_rank and c.eps == base.eps
+      else:
+        assert c.num_teachers == 1, preset
     real.validate_config(tiny_config(num_seeds=4, num_teachers=2))
     real.validate_config(tiny_config(num_seeds=4, num_teachers=4))
 

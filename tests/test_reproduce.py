@@ -30,8 +30,19 @@ def test_studies_in_order_and_commands():
   assert [s.name for s in R.STUDIES] == ['lowrank', 'lowrank_strict', 'lowrank_linf',
                                          'robustness', 'mechanism', 'mechanism_strong',
                                          'mechanism_deep', 'real', 'real_lowrank',
-                                         'fashion_mnist', 'cifar10']
-  lowrank_study, strict, linf, _, _, _, _, _, real_lowrank, _, cifar10 = R.STUDIES
+                                         'fashion_mnist', 'cifar10', 'real_replicated',
+                                         'real_lowrank_replicated', 'fashion_mnist_replicated']
+  by_name = {s.name: s for s in R.STUDIES}
+  lowrank_study, strict, linf, real_lowrank, cifar10 = (
+      by_name[n] for n in ('lowrank', 'lowrank_strict', 'lowrank_linf', 'real_lowrank',
+                           'cifar10'))
+  # The teacher-replicated image studies run in --preset=paper only, with the real binary's
+  # _replicated presets; paper runs every other study too.
+  assert [s.name for s in R.STUDIES if s.presets == ('paper',)] == [
+      'real_replicated', 'real_lowrank_replicated', 'fashion_mnist_replicated']
+  assert all(s.presets == R.PRESETS for s in R.STUDIES if s.presets != ('paper',))
+  assert R.study_args(by_name['real_lowrank_replicated'], 'paper', 'w') == [
+      '--workdir=w', '--config=experiments/configs/real.py:mnist_lowrank_replicated']
   assert R.study_args(lowrank_study, 'full', 'runs/x/lowrank') == ['--workdir=runs/x/lowrank']
   # Variants of a default config: their overrides in both presets, before the quick ones.
   assert R.study_args(strict, 'full', 'w') == ['--workdir=w', '--config.attack.oracle_tolerance=0']
@@ -65,6 +76,8 @@ _VALIDATE = {'lowrank': lowrank.validate_config, 'robustness': robustness.valida
 def test_every_study_config_loads_and_is_valid(preset, tmp_path):
   """Each study's config, parsed as its binary parses it, passes the binary's checks."""
   for study in R.STUDIES:
+    if preset not in study.presets:
+      continue
     if R.preset_error(study.config):
       continue  # a preset not written yet: the study is skipped (test below)
     args = R.study_args(study, preset, str(tmp_path / study.name),
@@ -358,9 +371,27 @@ def test_verdict_section(tmp_path):
   assert claim3[2:] == ['not run'] * 4 + ['not run |']
   assert '0123456789ab' not in block  # the block goes into the README: no commit hashes
   assert text.endswith('<!-- END GENERATED: verdicts -->\n\nThe results\' commits: '
-                       'synthetic low-rank 0123456789ab.\n')
+                       'synthetic low-rank (lowrank) 0123456789ab.\n')
   report = R.render_report('full', {}, [], 'w', verdicts=text)
   assert '## Verdicts\n\n<!-- BEGIN GENERATED: verdicts -->' in report
+  # A setting's replicated study (--preset=paper), when it has results, is read in place of
+  # its one-teacher study: here the one-teacher folder holds a table with 10x the effect.
+  (workdir / 'lowrank_replicated').mkdir()
+  io_lib.write_csv(str(workdir / 'lowrank_replicated' / 'results.csv'), rows)
+  (workdir / 'lowrank_replicated.run.json').write_text('{"commit": "fedcba9876543210"}')
+  io_lib.write_csv(str(workdir / 'lowrank' / 'results.csv'),
+                   [{**r, **{k: 10 * v for k, v in r.items() if k.startswith('adv_oracle_off')}}
+                    for r in rows])
+  text = R.verdict_section(str(workdir))
+  claim3 = [line for line in text.split('\n') if line.startswith('| 3.')][0].split(' | ')
+  assert claim3[1].startswith('holds: 0.420 [0.400, 0.440]')
+  assert 'synthetic low-rank (lowrank_replicated) fedcba987654.' in text
+
+
+def test_a_paper_only_study_is_not_in_the_other_presets(tmp_path):
+  for preset in ('quick', 'full'):
+    with pytest.raises(validation.ConfigError, match='unknown: real_lowrank_replicated'):
+      R.reproduce(str(tmp_path), preset, only=['real_lowrank_replicated'])
 
 
 # ----------------------------------------------------------------------------
