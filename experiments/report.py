@@ -231,6 +231,7 @@ class Outcome(NamedTuple):
   commit: Optional[str]       # the commit the results were made with, when known
   summary: Optional[str]      # the study's summary.md
   figures: Tuple[str, ...]    # .png files in the study's workdir
+  verdicts: Optional[str] = None  # its setting's column of the verdict table (None: none)
 
 
 def _study_section(o: Outcome, workdir_display: str) -> List[str]:
@@ -250,6 +251,13 @@ def _study_section(o: Outcome, workdir_display: str) -> List[str]:
     marked = re.sub(r'\n(<!-- END GENERATED: \S+ -->)', lambda m: f'\n\n{source}\n{m.group(1)}',
                     marked)
     lines += [f'### Tables (`{o.name}/summary.md`)', '', marked.rstrip('\n'), '']
+  if o.verdicts is not None:
+    name = f'{o.name}-verdicts'
+    lines += [f'### Verdicts of `{o.name}` (rules: `docs/verdicts.md`)', '',
+              BEGIN.format(name), o.verdicts.rstrip('\n'), '',
+              f'<sub>`python -m experiments.verdicts` on `{workdir_display}/{o.name}`'
+              + (f', commit {o.commit[:12]}' if o.commit else '') + '.</sub>',
+              END.format(name), '']
   if o.figures:
     lines += ['### Figures', '']
     for fig in o.figures:
@@ -275,7 +283,10 @@ def render_report(preset: str, header: Mapping[str, str], outcomes: Sequence[Out
            f'--preset={preset}{flag}`. ' + ('`quick`: tiny configs that show the whole pipeline; '
                                       'the numbers are not the manual\'s.' if preset == 'quick'
                                       else '`full`: the binaries\' default configs, the '
-                                      'manual\'s numbers.'), '',
+                                      'manual\'s numbers.' if preset == 'full' else
+                                      '`paper`: the binaries\' default configs and the image '
+                                      'studies with 8 teachers, whose results the verdicts '
+                                      'read.'), '',
            '| | |', '|---|---|']
   lines += [f'| {k} | {v} |' for k, v in header.items()]
   lines += ['', '| study | status | wall time |', '|---|---|---|']

@@ -435,10 +435,12 @@ def reproduce(workdir: str, preset: str, cifar10_dir: Optional[str] = None,
     has_results = status in ('ran', 'reused')
     figures = tuple(sorted(f for f in os.listdir(study_dir) if f.endswith('.png'))
                     ) if has_results else ()
+    setting = study_setting(study.name)
     return Outcome(study.name, command, status, detail, wall,
                    run_commit if status == 'ran' else previous.get('commit'),
                    _read(os.path.join(study_dir, 'summary.md')) if has_results else None,
-                   figures)
+                   figures,
+                   _setting_verdicts(setting, study_dir) if has_results and setting else None)
 
   t0 = time.perf_counter()
   if jobs > 1:
@@ -459,6 +461,21 @@ def reproduce(workdir: str, preset: str, cifar10_dir: Optional[str] = None,
 
 
 VERDICTS_BLOCK = 'verdicts'
+
+
+def _setting_verdicts(setting: str, study_dir: str) -> str:
+  """``experiments.verdicts.setting_table``, or the line saying why its rows cannot be read."""
+  try:
+    return verdicts_lib.setting_table(setting, study_dir)
+  except ValueError as e:
+    return f'Not judged: {e}'
+
+
+def study_setting(name: str) -> Optional[str]:
+  """The verdict table's setting whose results study ``name`` holds (``real_lowrank`` and
+  ``real_lowrank_replicated``: ``real_lowrank``); None: a study no column reads."""
+  base = name[:-len(REPLICATED)] if name.endswith(REPLICATED) else name
+  return base if base in verdicts_lib.SETTINGS else None
 
 
 def verdict_section(workdir: str, partial: bool = False) -> str:

@@ -126,6 +126,15 @@ def table_from_workdirs(workdirs: Mapping[str, Optional[str]], details: bool = F
   return text
 
 
+def setting_table(setting: str, workdir: str) -> str:
+  """One setting's column of the verdict table, with each cell's statistic and reason:
+  what a study's own results earn (``experiments.reproduce`` puts it under the study)."""
+  _check_settings([setting])
+  cells = [c for c in cells_from_workdirs({setting: workdir}) if c['setting'] == setting]
+  return (verdicts.verdict_table(cells, [setting], TITLES) + '\n'
+          + verdicts.verdict_details(cells, TITLES))
+
+
 def main(argv, defined: Mapping[str, Any]):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')

@@ -43,6 +43,10 @@ def test_studies_in_order_and_commands():
   assert all(s.presets == R.PRESETS for s in R.STUDIES if s.presets != ('paper',))
   assert R.study_args(by_name['real_lowrank_replicated'], 'paper', 'w') == [
       '--workdir=w', '--config=experiments/configs/real.py:mnist_lowrank_replicated']
+  # The verdict table's column a study's results fill (its own column in the report).
+  assert [R.study_setting(s.name) for s in R.STUDIES] == [
+      'lowrank', None, None, 'robustness', 'mechanism', None, None, 'real', 'real_lowrank',
+      'fashion_mnist', None, 'real', 'real_lowrank', 'fashion_mnist']
   assert R.study_args(lowrank_study, 'full', 'runs/x/lowrank') == ['--workdir=runs/x/lowrank']
   # Variants of a default config: their overrides in both presets, before the quick ones.
   assert R.study_args(strict, 'full', 'w') == ['--workdir=w', '--config.attack.oracle_tolerance=0']
@@ -174,8 +178,11 @@ def test_reproduce_reuses_finished_studies_and_runs_the_others(tmp_path, monkeyp
                                                     ('robustness', 'ran')]
   report = open(os.path.join(workdir, 'REPORT.md')).read()
   assert R.report_preset(report) == 'quick'
-  assert set(R.generated_blocks(report)) == {'lowrank-summary', 'robustness-summary',
-                                               'verdicts'}
+  blocks = R.generated_blocks(report)
+  # Each study's own column of the verdict table comes with its tables.
+  assert set(blocks) == {'lowrank-summary', 'robustness-summary', 'lowrank-verdicts',
+                         'robustness-verdicts', 'verdicts'}
+  assert blocks['lowrank-verdicts'].startswith('| claim | synthetic low-rank |\n')
   # A second run reuses both; a full run into the same folder is refused before any work.
   ran.clear()
   assert [o.status for o in R.reproduce(workdir, 'quick', studies=studies,
@@ -619,7 +626,8 @@ def test_the_repository_documents_regenerate_without_a_diff(tmp_path):
 
 
 @pytest.mark.parametrize('blocks, preset, page, message', [
-    ({'a': 'x\n', 'b': 'y\n', 'c': 'z\n'}, 'quick', PAGE, 'needs a report of --preset=full; '),
+    ({'a': 'x\n', 'b': 'y\n', 'c': 'z\n'}, 'quick', PAGE,
+     'needs a report of --preset=full or paper; '),
     ({'a': 'x\n', 'b': 'y\n'}, 'full', PAGE,
      "docs/page.md: no generated block for the marker(s) ['c']"),
     ({'a': 'x\n'}, 'full', PAGE, "README.md: no generated block for the marker(s) ['b']"),
@@ -654,7 +662,7 @@ def _run(args, capfd, root=ROOT):
 @pytest.mark.parametrize('args, message', [
     ([], 'error: --workdir is required (the folder of the report and the studies)\n'),
     (['--workdir=W', '--preset=medium'],
-     'error: flag --preset=medium: value should be one of <quick|full>\n'),
+     'error: flag --preset=medium: value should be one of <quick|full|paper>\n'),
     (['--workdir=W', '--cifar10_dir=/no/such/folder'],
      "error: --cifar10_dir must be a folder holding the CIFAR-10 binary batches, "
      "got '/no/such/folder'\n"),
@@ -691,7 +699,7 @@ def test_update_readme_of_a_quick_report_in_one_line(tmp_path, capfd):
   (tmp_path / 'README.md').write_text(README)
   code, err = _run([f'--workdir={workdir}', '--update_readme'], capfd, root=str(tmp_path))
   assert code == 2
-  assert err == (f'error: --update_readme needs a report of --preset=full; '
+  assert err == (f'error: --update_readme needs a report of --preset=full or paper; '
                  f'{workdir}/REPORT.md is from --preset=quick\n')
   assert (tmp_path / 'README.md').read_text() == README
 
