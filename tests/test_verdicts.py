@@ -343,6 +343,22 @@ def test_table_from_workdirs(tmp_path):
     assert 'teacher' not in next(csv.reader(f))
 
 
+def test_setting_table_is_one_column_with_its_reasons(tmp_path):
+  io.write_csv(os.path.join(tmp_path, 'results.csv'), _lowrank_table(effect=0.4, noise=0.02))
+  text = exp_verdicts.setting_table('lowrank', str(tmp_path))
+  lines = text.split('\n')
+  assert lines[:2] == ['| claim | synthetic low-rank |', '|---|---|']
+  assert lines[4].startswith('| 3. ') and ' | holds: ' in lines[4] and lines[4].endswith('T=5 |')
+  # The whole table's column for that setting, then one line per claim with its reason.
+  full = exp_verdicts.table_from_workdirs({'lowrank': str(tmp_path)})
+  assert [l.split(' | ')[1].rstrip(' |') for l in lines[2:7]] == [
+      l.split(' | ')[1] for l in full.split('\n')[2:7]]
+  assert sum(l.startswith('- claim ') for l in lines) == 5
+  assert 'claim 3, synthetic low-rank: ' in text and 'wholly above 0' in text
+  with pytest.raises(ValueError, match=r"unknown setting\(s\) \['mnist'\]"):
+    exp_verdicts.setting_table('mnist', str(tmp_path))
+
+
 def _mechanism_rows(orth_minus_iso, teachers=4):
   """Rows of a mechanism study: per teacher, its standard student (part intervention,
   condition none; off - in error 0.6), its transplanted student (a huge in-error, not to be
