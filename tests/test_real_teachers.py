@@ -50,10 +50,13 @@ class TestConfig:
         base = real_config.get_config(preset[:-len(real_config.REPLICATED)])
         assert (c.num_teachers, c.num_seeds, c.num_attack, c.convergence_points) == (8, 8, 25, 25)
         # Thinned to one grid point per method family (docs: real_config.replicate).
-        assert c.methods == base.methods and c.dataset == base.dataset
-        assert (c.aug_scales, c.at_eps) == (((0.5,), (0.5,)) if base.lowrank_rank else
-                                           ((0.5,), (0.3,)))
-        assert c.lowrank_rank == base.lowrank_rank and c.eps == base.eps
+        assert c.dataset == base.dataset and c.lowrank_rank == base.lowrank_rank
+        assert c.eps == base.eps
+        if base.lowrank_rank:  # thinned: one noise scale
+          assert (c.methods, c.aug_scales, c.at_eps) == (base.methods, (0.5,), (0.5,))
+        else:  # graded: 4 budgets per robust-training family, a claim-4 cell per teacher
+          assert c.methods == ('standard', 'at', 'ccat')
+          assert c.at_eps == c.ccat_eps == (0.05, 0.1, 0.2, 0.3)
       else:
         assert c.num_teachers == 1, preset
     real.validate_config(tiny_config(num_seeds=4, num_teachers=2))
