@@ -12,8 +12,8 @@ Fashion-MNIST (60,000 training images) from the folder Debian's package
 projected onto its top-30 PCA directions like ``mnist_lowrank``.
 ``...real.py:<preset>_replicated`` (``mnist``, ``mnist_lowrank``, ``fashion_mnist``) is
 that study with 8 teachers, one student of each per grid point, thinned (and for MNIST
-graded) to fit an hour on two CPU cores (``replicate`` says what and why). Every field can be overridden
-on the command line.
+graded) to fit an hour on two CPU cores (``replicate`` says what and why). Every field
+can be overridden on the command line.
 
 All attack budgets (``eps``, ``at_eps``, ``ccat_eps``, ``teacher_eps``,
 ``rf_model_eps``) are in units of ``1 / eps_denominator`` of the [0, 1]
