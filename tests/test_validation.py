@@ -284,7 +284,8 @@ def test_bad_value(tmp_path, capfd, module, arg, needles):
     (['--workdir=w', '--config=/nonexistent/config.py'],
      ['--config: the config file could not be loaded', 'No such file']),
     (['--workdir=w', f'--config={real._DEFAULT_CONFIG}:svhn'],
-     ["config preset must be one of ('mnist', 'cifar10', 'mnist_lowrank', 'fashion_mnist'), "
+     ["config preset must be one of ('mnist', 'cifar10', 'mnist_lowrank', 'fashion_mnist', "
+      "'mnist_replicated', 'mnist_lowrank_replicated', 'fashion_mnist_replicated'), "
       "got 'svhn'"]),
 ])
 def test_bad_command_line(capfd, args, needles):

@@ -290,7 +290,7 @@ def replicate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.num_teachers = 8
   c.num_seeds = 8
   c.num_attack = 25
-  c.convergence_points = 25
+  c.convergence_points = 25  # points the doubled ensemble attacks again (here all 25)
   if c.lowrank_rank:
     c.aug_scales = (0.5,)
   else:
