@@ -172,7 +172,8 @@ def doubling_markdown(summary: Mapping[str, Any]) -> str:
            f'more than {threshold:g}. Errors are combined as in the evaluation (the doubled '
            f'run\'s successes added to the run\'s).', '']
   if max_level:
-    lines += [f'A group that has not converged is escalated (at most {max_level} times, '
+    lines += [f'A group whose check raises a cell by more than that is escalated (at most '
+              f'{max_level} times, '
               '`max_escalations`): the doubled ensemble attacks all its points, its successes '
               'are added, and the check runs again with the ensemble doubled once more. '
               '"Ensemble" is the largest run on every point of the group (1x: the '

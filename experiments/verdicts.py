@@ -81,33 +81,33 @@ def _check_settings(workdirs: Mapping[str, Any]) -> None:
                      f'{list(SETTINGS)}')
 
 
+def setting_cells(setting: str, workdir: Optional[str]) -> List[Dict[str, Any]]:
+  """Every claim's cell for one setting: from ``workdir/results.csv`` when the folder has
+  one, ``not run`` cells otherwise (``tsrobust.verdicts.cells``)."""
+  _check_settings([setting])
+  if not workdir:
+    return verdicts.missing_cells(setting)
+  path = os.path.join(workdir, 'results.csv')
+  if not os.path.isfile(path):
+    return verdicts.missing_cells(setting, f'no results.csv in {workdir}')
+  rows = io.read_csv(path)
+  if not rows:
+    return verdicts.missing_cells(setting, f'{path} has no rows')
+  missing_teacher = 'seed' if setting in SYNTHETIC else 'one'
+  rows = ROWS.get(setting, lambda r: r)(rows)
+  unmeasured = NOT_IN_DESIGN.get(setting, {})
+  measured = [c for c in verdicts.CLAIMS if c not in unmeasured]
+  cells = verdicts.cells(rows, setting, claims=measured, missing_teacher=missing_teacher)
+  for c, why in unmeasured.items():
+    cells += verdicts.missing_cells(setting, why, claims=(c,), result=verdicts.NOT_MEASURED)
+  return sorted(cells, key=lambda cell: cell['claim'])
+
+
 def cells_from_workdirs(workdirs: Mapping[str, Optional[str]]) -> List[Dict[str, Any]]:
-  """Every claim's cell for every setting: from ``DIR/results.csv`` where ``workdirs`` names
-  a folder that has one, ``not run`` cells otherwise (``tsrobust.verdicts.cells``)."""
+  """Every claim's cell for every setting (``setting_cells``; a setting ``workdirs`` leaves
+  out: ``not run``)."""
   _check_settings(workdirs)
-  out: List[Dict[str, Any]] = []
-  for s in SETTINGS:
-    workdir = workdirs.get(s)
-    if not workdir:
-      out += verdicts.missing_cells(s)
-      continue
-    path = os.path.join(workdir, 'results.csv')
-    if not os.path.isfile(path):
-      out += verdicts.missing_cells(s, f'no results.csv in {workdir}')
-      continue
-    rows = io.read_csv(path)
-    if not rows:
-      out += verdicts.missing_cells(s, f'{path} has no rows')
-      continue
-    missing_teacher = 'seed' if s in SYNTHETIC else 'one'
-    rows = ROWS.get(s, lambda r: r)(rows)
-    unmeasured = NOT_IN_DESIGN.get(s, {})
-    measured = [c for c in verdicts.CLAIMS if c not in unmeasured]
-    cells = verdicts.cells(rows, s, claims=measured, missing_teacher=missing_teacher)
-    for c, why in unmeasured.items():
-      cells += verdicts.missing_cells(s, why, claims=(c,), result=verdicts.NOT_MEASURED)
-    out += sorted(cells, key=lambda cell: cell['claim'])
-  return out
+  return [c for s in SETTINGS for c in setting_cells(s, workdirs.get(s))]
 
 
 def table_from_workdirs(workdirs: Mapping[str, Optional[str]], details: bool = False) -> str:
@@ -129,8 +129,7 @@ def table_from_workdirs(workdirs: Mapping[str, Optional[str]], details: bool = F
 def setting_table(setting: str, workdir: str) -> str:
   """One setting's column of the verdict table, with each cell's statistic and reason:
   what a study's own results earn (``experiments.reproduce`` puts it under the study)."""
-  _check_settings([setting])
-  cells = [c for c in cells_from_workdirs({setting: workdir}) if c['setting'] == setting]
+  cells = setting_cells(setting, workdir)
   return (verdicts.verdict_table(cells, [setting], TITLES) + '\n'
           + verdicts.verdict_details(cells, TITLES))
 
