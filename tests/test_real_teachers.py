@@ -52,8 +52,10 @@ class TestConfig:
         # Thinned to one grid point per method family (docs: real_config.replicate).
         assert c.dataset == base.dataset and c.lowrank_rank == base.lowrank_rank
         assert c.eps == base.eps
-        if base.lowrank_rank:  # thinned: one noise scale
-          assert (c.methods, c.aug_scales, c.at_eps) == (base.methods, (0.5,), (0.5,))
+        if base.lowrank_rank:  # graded noise: 4 scales per augmentation, a claim-4 cell
+          assert (c.methods, c.at_eps) == (base.methods, (0.5,))
+          assert c.aug_scales == (base.probe_scale, 2 * base.probe_scale, 0.5, 1.0)
+          assert base.probe_scale in (0.15, 0.125)
         else:  # graded: 4 budgets per robust-training family, a claim-4 cell per teacher
           assert c.methods == ('standard', 'at', 'ccat')
           assert c.at_eps == c.ccat_eps == (0.05, 0.1, 0.2, 0.3)
