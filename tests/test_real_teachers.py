@@ -49,7 +49,7 @@ class TestConfig:
       if preset.endswith(real_config.REPLICATED):
         base = real_config.get_config(preset[:-len(real_config.REPLICATED)])
         assert (c.num_teachers, c.num_seeds, c.num_attack, c.convergence_points) == (8, 8, 25, 25)
-        # Thinned to one grid point per method family (docs: real_config.replicate).
+        # Thinned within a teacher, graded where claim 4 needs it (docs: real_config.replicate).
         assert c.dataset == base.dataset and c.lowrank_rank == base.lowrank_rank
         assert c.eps == base.eps
         if base.lowrank_rank:  # graded noise: 4 scales per augmentation, a claim-4 cell
