@@ -54,8 +54,10 @@ class TestConfig:
         assert c.eps == base.eps
         if base.lowrank_rank:  # graded noise: 4 scales per augmentation, a claim-4 cell
           assert (c.methods, c.at_eps) == (base.methods, (0.5,))
-          assert c.aug_scales == (base.probe_scale, 2 * base.probe_scale, 0.5, 1.0)
-          assert base.probe_scale in (0.15, 0.125)
+          # From each image set's own off-subspace spread per pixel (its probe scale) to 1.
+          assert c.aug_scales == {'mnist_lowrank_replicated': (0.15, 0.3, 0.5, 1.0),
+                                  'fashion_mnist_replicated': (0.125, 0.25, 0.5, 1.0)}[preset]
+          assert c.aug_scales[0] == base.probe_scale
         else:  # graded: 4 budgets per robust-training family, a claim-4 cell per teacher
           assert c.methods == ('standard', 'at', 'ccat')
           assert c.at_eps == c.ccat_eps == (0.05, 0.1, 0.2, 0.3)
