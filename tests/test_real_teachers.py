@@ -43,7 +43,7 @@ class TestConfig:
     with pytest.raises(validation.ConfigError, match=message):
       real.validate_config(tiny_config(**overrides))
 
-  def test_default_is_one_teacher_in_every_preset_but_the_replicated(self):
+  def test_default_is_four_teachers_in_every_preset_but_the_replicated(self):
     for preset in real_config.PRESETS:
       c = real_config.get_config(preset)
       if preset.endswith(real_config.REPLICATED):
@@ -61,8 +61,8 @@ class TestConfig:
         else:  # graded: 4 budgets per robust-training family, a claim-4 cell per teacher
           assert c.methods == ('standard', 'at', 'ccat')
           assert c.at_eps == c.ccat_eps == (0.05, 0.1, 0.2, 0.3)
-      else:
-        assert c.num_teachers == 1, preset
+      else:  # one student of each of 4 teachers per grid point
+        assert (c.num_teachers, c.num_seeds) == (4, 4), preset
     real.validate_config(tiny_config(num_seeds=4, num_teachers=2))
     real.validate_config(tiny_config(num_seeds=4, num_teachers=4))
 
@@ -280,7 +280,6 @@ class TestReports:
   def test_image_verdicts_read_the_teacher_column(self, tmp_path):
     """A two-teacher image run's results.csv gets teacher-level verdicts; one teacher:
     'not established (one teacher)'."""
-    c = real_config.get_config('mnist_lowrank')
     for num_teachers, name in ((2, 'two'), (1, 'one')):
       workdir = tmp_path / name
       workdir.mkdir()
@@ -294,7 +293,6 @@ class TestReports:
         assert claim1['verdict'] != verdicts.ONE_TEACHER
       else:
         assert claim1['verdict'] == verdicts.ONE_TEACHER
-    assert c.num_teachers == 1
 
 
 @pytest.fixture(scope='module')

@@ -46,7 +46,10 @@ def get_config(preset: str = 'mnist') -> ml_collections.ConfigDict:
   # teacher t > 0 has teacher_index t in its spec (its own initialization and data order).
   # With rf_model_init = teacher each teacher gets its own robust model and robust-feature
   # dataset; a scratch robust model is shared. Costs ~T x the teacher's pretraining.
-  c.num_teachers = 1          # teachers T (num_seeds / T students of each per grid point)
+  # The default is T = 4 teachers, one student of each per grid point: teachers differ more
+  # than methods do on images (docs/real.md, "Another CPU, another teacher"), so the defaults'
+  # intervals are over teachers (3 degrees of freedom) for the ~40 s of the 3 extra teachers.
+  c.num_teachers = 4          # teachers T (num_seeds / T students of each per grid point)
 
   # Data.
   # mnist | cifar10 | fashion_mnist (the MNIST IDX format, see tsrobust/datasets.py)
