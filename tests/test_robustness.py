@@ -148,6 +148,19 @@ def _interval_cells(line):
   return out
 
 
+def test_default_design_replicates_teachers_and_students():
+  """The default design (issue 31): >= 3 teachers, >= 2 students of each per grid point, so
+  that claim 4's rule finds a cell of >= 4 students per teacher and family wherever a
+  family is graded over >= 2 budgets or scales; the attacked points per grid point are those
+  of 4 students x 512 points, each student attacked on 256."""
+  c = robustness_config.get_config()
+  teachers, k = c.num_seeds // c.students_per_teacher, c.students_per_teacher
+  assert c.num_seeds % k == 0 and teachers >= 3 and k >= 2
+  assert k * min(len(c.at_eps), len(c.aug_scales)) >= 4
+  assert (c.num_seeds * c.num_attack, c.convergence_points) == (4 * 512, 64)
+  robustness.validate_config(c)
+
+
 @pytest.mark.slow
 def test_students_per_teacher(tmp_path):
   """Two students per teacher: the teacher column, students of one teacher share its
