@@ -117,12 +117,12 @@ _QUICK_LOWRANK = ('num_seeds=2', 'd=6', 'teacher_hidden=(3,)', 'out_dim=3', 'wid
                   'batch_size=16', 'num_eval=64', 'eval_batch=32',
                   'num_attack=16') + _QUICK_ATTACKS
 _QUICK_LOWRANK_RANKS = _QUICK_LOWRANK + ('ranks=(2,6)', 'num_steps=60', 'chunk_steps=30')
-# Tiny image configs: 64 training / 40 test images, a one-block CNN, a PGD-trained teacher,
-# a robust-feature model of 10 steps, 4 student steps, 8 attacked images.
-_QUICK_REAL = ('num_seeds=2', 'num_train=64', 'num_test=40', 'teacher_conv=(2,)',
-               'teacher_dense=(4,)', 'teacher_training=pgd', 'teacher_steps=10',
-               'teacher_batch=16', 'teacher_pgd_steps=1', 'rf_model_steps=10', 'rf_steps=2',
-               'rf_batch=32',
+# Tiny image configs: 64 training / 40 test images, a one-block CNN, 2 PGD-trained teachers
+# (one student of each), a robust-feature model of 10 steps, 4 student steps, 8 attacked images.
+_QUICK_REAL = ('num_seeds=2', 'num_teachers=2', 'num_train=64', 'num_test=40',
+               'teacher_conv=(2,)', 'teacher_dense=(4,)', 'teacher_training=pgd',
+               'teacher_steps=10', 'teacher_batch=16', 'teacher_pgd_steps=1', 'rf_model_steps=10',
+               'rf_steps=2', 'rf_batch=32',
                'at_eps=(0.1,)', 'at_steps=1', 'ccat_steps=1', 'num_steps=4', 'chunk_steps=4',
                'batch_size=8', 'eps=(0.1,0.3)', 'num_attack=8', 'eval_batch=20',
                'bootstrap_resamples=20') + _QUICK_ATTACKS

@@ -181,12 +181,13 @@ def test_describe_known_answers():
                          ids=['lowrank', 'robustness', 'real'])
 def test_print_config_prints_the_resolved_config_and_computes_nothing(
     module, fields, get_config, preset, capfd, tmp_path):
-  code, out, err = _run(module, fields, ['--print_config', '--config.num_seeds=2',
+  # 12 students: a multiple of every default's teacher count (real 4) and K (robustness 2).
+  code, out, err = _run(module, fields, ['--print_config', '--config.num_seeds=12',
                                          '--config.seed=7'], capfd)
   assert code == 0, err
   printed = json.loads(out)
   want = get_config()
-  want.update(num_seeds=2, seed=7)
+  want.update(num_seeds=12, seed=7)
   assert printed == json.loads(json.dumps(io.to_plain(want.to_dict())))
   assert list(printed)[:2] == ['seed', 'num_seeds']  # the config file's order
 

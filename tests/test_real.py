@@ -26,7 +26,10 @@ from tsrobust import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TINY = dict(num_seeds=2, num_train=64, num_test=40, teacher_conv=(2,), teacher_dense=(4,),
+# One teacher (the default is 4): the tiny runs test the one-teacher programs; the teacher
+# axis has its own tests (test_real_teachers.py).
+TINY = dict(num_seeds=2, num_teachers=1, num_train=64, num_test=40, teacher_conv=(2,),
+            teacher_dense=(4,),
             teacher_training='pgd', teacher_steps=10, teacher_batch=16, teacher_pgd_steps=1,
             rf_model_steps=10, rf_steps=2, rf_batch=32,
             methods=('standard', 'at', 'ccat', 'robust_features'),

@@ -269,7 +269,7 @@ class TestReports:
     assert 'Teacher-level inference (2 teachers x 4 student(s) per teacher' in text
     # One teacher: today's seed bootstrap, no teacher-level block.
     one = real_config.get_config()
-    one.update(num_seeds=8, bootstrap_resamples=50)
+    one.update(num_seeds=8, num_teachers=1, bootstrap_resamples=50)
     recs = [dict(r, seed=r['seed'] % 8, teacher=0) for r in self._records(1, 8)]
     corr1 = real_eval.correlations(one, recs)
     assert corr1['bootstrap'] == 'clustered by seed' and 'teacher_level' not in corr1

@@ -17,7 +17,9 @@ from tsrobust import clustered
 from tsrobust import io
 from tsrobust import lowrank
 
-TINY = dict(num_seeds=2, d=6, rank=2, teacher_hidden=(3,), out_dim=3, width_mult=2,
+# One student of each of 2 teachers (the default is 2 of each of 4: test_students_per_teacher).
+TINY = dict(num_seeds=2, students_per_teacher=1, d=6, rank=2, teacher_hidden=(3,), out_dim=3,
+            width_mult=2,
             num_steps=40, chunk_steps=40, batch_size=16, num_eval=64, eval_batch=32,
             num_attack=16, attack=dict(strength='fast'), at_steps=2, ccat_steps=2, at_eps=(0.5, 1.0),
             at_where=('full', 'in'), aug_scales=(1.0,), bootstrap_resamples=50)

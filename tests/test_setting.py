@@ -126,8 +126,12 @@ def test_library_defaults_are_the_default_configs():
   """The library's settings and the binaries' configs state the same defaults."""
   config = lowrank_config.get_config()
   assert study.setting(config) == lowrank.Setting()
+  default = lowrank_eval.EvalSetting()
+  assert (config.num_attack, config.convergence_points) == (default.num_attack,
+                                                            default.convergence_points)
+  # The robustness study (2 students per teacher) attacks half the points per student.
   evaluation = lowrank.from_mapping(lowrank_eval.EvalSetting, robustness_config.get_config())
-  assert evaluation == lowrank_eval.EvalSetting()
+  assert evaluation == dataclasses.replace(default, num_attack=256, convergence_points=64)
 
 
 def test_image_eval_setting_checks_its_arguments():
