@@ -24,6 +24,10 @@ MNIST-sized images and reports, in one line and optionally a JSON record:
   peaks of the two phases: ``peak_data_mb`` (reading or drawing the images and
   placing one copy per device) and ``peak_train_mb`` (the students'
   initialization, compilation and training, the peak reset in between);
+* ``data_rise_mb``: the data phase's peak minus the resident memory just before it
+  (after a garbage collection): what the images added, unaffected by memory the
+  process freed between the baseline and the data (e.g. of earlier work in the same
+  process, as in a test worker);
 * ``bound_mb``: devices x data + state, and ``copies_mb``: S x data (what one
   copy of the images per student would need).
 
@@ -37,6 +41,7 @@ training). Seeds are sharded over one CPU device per core as in the binaries
 """
 
 import argparse
+import gc
 import json
 import resource
 import time
@@ -115,6 +120,8 @@ def measure(num_seeds: int, num_train: int, steps: int, *, chunk_steps: Optional
   reset = reset_peak()
   t0 = time.perf_counter()
 
+  gc.collect()
+  before_data = status_mb('VmRSS')
   if data_dir:
     images = datasets.load_mnist(data_dir).train_x[:num_train]
   else:
@@ -158,6 +165,7 @@ def measure(num_seeds: int, num_train: int, steps: int, *, chunk_steps: Optional
           'steps': steps, 'devices': int(devices), 'data_mb': data_mb,
           'params_mb': params_mb, 'state_mb': state_mb, 'baseline_mb': baseline,
           'peak_mb': peak, 'rise_mb': peak - baseline, 'peak_reset': reset,
+          'data_rise_mb': peak_data - before_data,
           'peak_data_mb': peak_data, 'peak_train_mb': peak_train,
           'bound_mb': devices * data_mb + state_mb, 'copies_mb': num_seeds * data_mb,
           'final_loss': float(np.mean(losses[:, -1])) if losses.size else float('nan'),

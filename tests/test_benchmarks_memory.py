@@ -19,7 +19,9 @@ def _check_record(r, seeds, n):
   assert r['baseline_mb'] > 0 and r['peak_mb'] >= r['baseline_mb']
   assert r['final_loss'] > 0  # it trained, to a finite loss
   if r['peak_reset']:
-    assert r['rise_mb'] >= 0.9 * r['data_mb']  # the images were resident
+    # The images were resident: the data phase's peak over the memory just before it (the
+    # rise over the baseline can be less where the test worker freed memory in between).
+    assert r['data_rise_mb'] >= 0.9 * r['data_mb']
 
 
 def test_measure_reports_its_arrays():
