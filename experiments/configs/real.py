@@ -48,7 +48,8 @@ def get_config(preset: str = 'mnist') -> ml_collections.ConfigDict:
   # dataset; a scratch robust model is shared. Costs ~T x the teacher's pretraining.
   # The default is T = 4 teachers, one student of each per grid point: teachers differ more
   # than methods do on images (docs/real.md, "Another CPU, another teacher"), so the defaults'
-  # intervals are over teachers (3 degrees of freedom) for the ~40 s of the 3 extra teachers.
+  # intervals are over teachers (3 degrees of freedom); all 4 teachers' pretraining took 37 s
+  # (MNIST) to 100 s (Fashion-MNIST) on 2 cores (benchmarks/RESULTS.md, 2026-12-07).
   c.num_teachers = 4          # teachers T (num_seeds / T students of each per grid point)
 
   # Data.
