@@ -129,15 +129,15 @@ def checkpoint_every_sec() -> float:
 
 # The run flags every binary defines (``define_flags``), in the order ``--help`` lists them.
 RUN_FLAGS = ('workdir', 'config', 'print_config', 'cpu_devices', 'compilation_cache',
-             'unrolled_threefry', 'checkpoint_every_sec', 'coordinator_address',
-             'num_processes', 'process_id')
+             'unrolled_threefry', 'seed_batching', 'checkpoint_every_sec',
+             'coordinator_address', 'num_processes', 'process_id')
 
 
 def define_flags(default_config: str, flag_values: flags.FlagValues = flags.FLAGS,
                  argv: Optional[Sequence[str]] = None) -> None:
   """Defines ``--config``, ``--workdir``, ``--print_config``, ``--cpu_devices``,
-  ``--compilation_cache``, ``--unrolled_threefry``, ``--checkpoint_every_sec`` and the
-  multi-process flags (``RUN_FLAGS``).
+  ``--compilation_cache``, ``--unrolled_threefry``, ``--seed_batching``,
+  ``--checkpoint_every_sec`` and the multi-process flags (``RUN_FLAGS``).
 
   ``--config.FIELD=VALUE`` of a field the config lacks is accepted here (the
   config is not locked) and refused by the binary's table check
@@ -172,6 +172,13 @@ def define_flags(default_config: str, flag_values: flags.FlagValues = flags.FLAG
                        "jax.random as straight-line code (JAX's lowering on accelerators): "
                        'the same random numbers, drawn 3-6x faster '
                        '(sweep.use_unrolled_threefry_on_cpu).', flag_values=flag_values)
+  flags.DEFINE_enum('seed_batching', 'auto', ('auto',) + sweep.SEED_BATCHINGS,
+                    'How each device runs its students where a binary lets the backend '
+                    "choose (the image study): 'map' one at a time (their working set stays "
+                    "in the CPU's caches), 'vmap' all at once (an accelerator's choice); "
+                    "'auto': map on a CPU, vmap elsewhere (sweep.default_seed_batching). "
+                    'The same values either way, up to float rounding.',
+                    flag_values=flag_values)
   flags.DEFINE_float('checkpoint_every_sec', DEFAULT_CHECKPOINT_EVERY_SEC,
                      'Save training checkpoints at most every this many seconds, and at the '
                      'end of each training stage (0: after every chunk). A killed run resumes '
@@ -470,13 +477,17 @@ def _main(argv: Sequence[str], validate: Callable, train_and_evaluate: Callable,
                             or cpu_devices_per_process(flag_values))
     cache = sweep.use_compilation_cache(flag_values.compilation_cache)  # before any compile
     threefry = flag_values.unrolled_threefry and sweep.use_unrolled_threefry_on_cpu()
+    sweep.set_seed_batching(None if flag_values.seed_batching == 'auto'
+                            else flag_values.seed_batching)
     set_checkpoint_every_sec(flag_values.checkpoint_every_sec)
     init_distributed(flag_values)  # after the checks (a mistake stops every process alike)
     devices = jax.devices()
     logging.info('running on %d %s device(s) (--cpu_devices=%d, %d cores): %s; compilation '
-                 'cache %s; threefry on CPU %s', len(devices), devices[0].platform,
-                 flag_values.cpu_devices, sweep.cpu_cores(), devices, cache or 'off',
-                 'unrolled' if threefry else "JAX's default")
+                 'cache %s; threefry on CPU %s; image students %s', len(devices),
+                 devices[0].platform, flag_values.cpu_devices, sweep.cpu_cores(), devices,
+                 cache or 'off', 'unrolled' if threefry else "JAX's default",
+                 'one at a time per device' if sweep.default_seed_batching() == 'map'
+                 else 'all at once per device')
     train_and_evaluate(config, workdir)
   except (ConfigError, app.UsageError) as e:
     exit_with_error(e)

@@ -10,6 +10,7 @@ import pytest
 
 from tsrobust import cnn
 from tsrobust import specialization
+from tsrobust import sweep
 
 
 class CNNTest(chex.TestCase):
@@ -117,6 +118,28 @@ class CNNTest(chex.TestCase):
     self.assertEqual(jax.default_backend(), 'cpu')  # so the default here is one at a time
     np.testing.assert_allclose(jax.jit(jax.vmap(cnn.conv2d))(x, w), batched, rtol=1e-5,
                                atol=1e-5)
+
+  def test_seed_batching_vmap_keeps_the_batched_conv(self):
+    """``--seed_batching=vmap`` (``sweep.set_seed_batching``) turns the per-student path off
+    on a CPU too: the default conv is then the batched one, which has second derivatives."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 6, 4))
+    w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 4, 5))
+
+    def curvature():
+      grad_norm = lambda v: jnp.sum(jax.grad(lambda z: jnp.sum(cnn.conv2d(z, w) ** 2))(v) ** 2)
+      return jax.grad(grad_norm)(x)
+    self.assertEqual(sweep.default_seed_batching(), 'map')  # a CPU: one at a time
+    with self.assertRaises((TypeError, ValueError)):
+      curvature()
+    sweep.set_seed_batching('vmap')
+    try:
+      self.assertEqual(sweep.default_seed_batching(), 'vmap')
+      self.assertGreater(float(jnp.abs(curvature()).max()), 0.0)
+    finally:
+      sweep.set_seed_batching(None)
+    self.assertEqual(sweep.default_seed_batching(), 'map')
+    with self.assertRaisesRegex(ValueError, r"seed batching must be one of \('vmap', 'map'\)"):
+      sweep.set_seed_batching('pmap')
 
   def test_vmapped_student_equals_per_student_apply(self):
     """The vmapped student (outputs, input and weight gradients) equals each student's

@@ -24,6 +24,7 @@ from jax.custom_batching import custom_vmap
 
 from tsrobust import models
 from tsrobust import numerics
+from tsrobust import sweep
 
 __all__ = ['POOLS', 'im2col', 'conv2d', 'pool2x2', 'CNN', 'make_cnn', 'layer_names',
            'hidden_widths', 'student_of', 'init_params']
@@ -104,7 +105,9 @@ def conv2d(x: chex.Array, kernel: chex.Array,
   """Stride-1 ``'SAME'`` convolution ``[N, H, W, C] x [k, k, C, F] -> [N, H, W, F]``:
   ``im2col(x, k) @ kernel.reshape(k * k * C, F)``.
 
-  ``one_at_a_time`` (default: on where JAX's default backend is the CPU): under ``vmap``
+  ``one_at_a_time`` (default: on where the students run one at a time,
+  ``sweep.default_seed_batching() == 'map'``, i.e. on a CPU unless ``--seed_batching``
+  says otherwise): under ``vmap``
   (the students of ``train.train_seeds``) the forward pass, the input gradient and the
   weight gradient each run as a ``lax.map`` over the mapped axis instead of one batched
   im2col and matmul: the same operations, so the same values, but one student's patches
@@ -121,7 +124,7 @@ def conv2d(x: chex.Array, kernel: chex.Array,
   k, _, c_in, features = kernel.shape
   w = kernel.reshape(k * k * c_in, features)
   if one_at_a_time is None:
-    one_at_a_time = jax.default_backend() == 'cpu'
+    one_at_a_time = sweep.default_seed_batching() == 'map'
   if not one_at_a_time:
     return numerics.matmul(im2col(x, k), w)
   return _conv2d_fn(k)(x, w)

@@ -193,7 +193,7 @@ class ImageEvaluator:
       self.x_probe = off_subspace_probes(self.x_test, p, c.probe_seed, c.probe_scale)
     self.attack_config = attack_config
     kw = dict(norm=c.attack_norm, clip_range=c.clip_range, shared_teacher=True,
-              shared_data=True, batching='map')
+              shared_data=True, batching=sweep.default_seed_batching())
     surrogate = lowrank_eval.surrogate_apply(student, teacher, c.surrogate_temperature)
     make = lambda cfg: evaluate.Evaluator(s_apply, t_apply, config=cfg,
                                           surrogate_apply=surrogate,

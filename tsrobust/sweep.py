@@ -46,7 +46,7 @@ import re
 import signal
 import threading
 import time
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 import warnings
 
 import jax
@@ -59,7 +59,7 @@ __all__ = ['SEEDS_AXIS', 'cpu_cores', 'use_all_cpu_cores',
            'default_compilation_cache_dir', 'compilation_cache_dir',
            'use_compilation_cache', 'SETUP_COMPILER_OPTIONS', 'jit_once',
            'use_unrolled_threefry_on_cpu', 'seed_mesh', 'padded_size', 'shard_seeds',
-           'map_over_seeds', 'SEED_BATCHINGS', 'default_seed_batching',
+           'map_over_seeds', 'SEED_BATCHINGS', 'default_seed_batching', 'set_seed_batching',
            'replicate', 'sync_processes', 'to_host', 'checked_interval',
            'finish_before_interrupt', 'Checkpointer']
 
@@ -359,9 +359,29 @@ def padded_size(num_seeds: int, mesh: Mesh) -> int:
 SEED_BATCHINGS = ('vmap', 'map')
 
 
+_seed_batching: List[str] = []  # set_seed_batching's choice (empty: by the backend)
+
+
+def set_seed_batching(batching: Optional[str]) -> None:
+  """Makes ``default_seed_batching()`` return ``batching`` in this process (None: the
+  backend's choice again): the binaries' ``--seed_batching``, e.g. ``'vmap'`` on a CPU to
+  run every student of a device at once, as the image path did before issue 35.
+
+  >>> set_seed_batching('vmap'); default_seed_batching()
+  'vmap'
+  >>> set_seed_batching(None)
+  """
+  if batching is not None and batching not in SEED_BATCHINGS:
+    raise ValueError(f'seed batching must be one of {SEED_BATCHINGS} or None, got {batching!r}')
+  _seed_batching[:] = [] if batching is None else [batching]
+
+
 def default_seed_batching() -> str:
   """``'map'`` where JAX's default backend is the CPU (one seed's working set stays in
-  cache), else ``'vmap'`` (an accelerator runs the seeds in parallel)."""
+  cache), else ``'vmap'`` (an accelerator runs the seeds in parallel); what
+  ``set_seed_batching`` set, if anything."""
+  if _seed_batching:
+    return _seed_batching[0]
   return 'map' if jax.default_backend() == 'cpu' else 'vmap'
 
 
