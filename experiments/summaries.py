@@ -170,7 +170,9 @@ def doubling_markdown(summary: Mapping[str, Any]) -> str:
            f'with twice the iterations and queries (other random starts) attacks again; a '
            f'group has converged when that raises no error cell (label, subspace, budget) by '
            f'more than {threshold:g}. Errors are combined as in the evaluation (the doubled '
-           f'run\'s successes added to the run\'s).', '']
+           f'run\'s successes added to the run\'s). "Found by" lists the attacks of the '
+           f'doubled run that raise the largest-gain cell each on its own (their gains '
+           f'overlap).', '']
   if max_level:
     lines += [f'A group whose check raises a cell by more than that is escalated (at most '
               f'{max_level} times, '
@@ -184,7 +186,7 @@ def doubling_markdown(summary: Mapping[str, Any]) -> str:
   else:
     lines += ['Every group has converged.', '']
   cols = ['group', 'students', 'ensemble', f'oracle, full, {head:g}: run / doubled',
-          'largest gain: cell', 'run / doubled', 'converged']
+          'largest gain: cell', 'run / doubled', 'found by (alone)', 'converged']
   lines += ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
   for name, d in groups.items():
     key = f'oracle_full_{head:g}'
@@ -193,9 +195,17 @@ def doubling_markdown(summary: Mapping[str, Any]) -> str:
     lines.append('| ' + ' | '.join([
         name, str(d['students']), f'{2 ** d.get("level", 0)}x',
         '-' if main is None else f'{main[0]:.3f} / {main[1]:.3f}',
-        f'`{d["max_gain_cell"]}`', f'{before:.3f} / {after:.3f}',
+        f'`{d["max_gain_cell"]}`', f'{before:.3f} / {after:.3f}', found_by(d),
         'yes' if d['converged'] else '**no**']) + ' |')
   return '\n'.join(lines) + '\n'
+
+
+def found_by(check: Mapping[str, Any]) -> str:
+  """The attacks of a check's stronger run that raise its largest-gain cell, each alone
+  (``outcomes.doubling``'s ``gain_by_attack``), largest first: '-' when none does."""
+  gains = sorted(((g, a) for a, g in check.get('gain_by_attack', {}).items() if g > 1e-9),
+                 reverse=True)
+  return ', '.join(f'`{a}` +{g:.3f}' for g, a in gains) or '-'
 
 
 def reference_markdown(summary: Mapping[str, Any]) -> str:
@@ -211,18 +221,19 @@ def reference_markdown(summary: Mapping[str, Any]) -> str:
            'preset\'s ensemble (restarts, Square 10,000 queries, `apgd_pair` 500 iterations '
            'x 18 pairs x 2 restarts; other random starts) attacks after the evaluation; its '
            'successes are added to the evaluation\'s. A group agrees with the reference when '
-           f'no error cell rises by more than {first["threshold"]:g}.', '']
+           f'no error cell rises by more than {first["threshold"]:g}. "Found by" lists the '
+           'reference\'s attacks that raise the largest-gain cell each on its own.', '']
   lines += ([f'**Below the reference by more than {first["threshold"]:g}: {", ".join(bad)}.**',
              ''] if bad else ['Every group is within the threshold of the reference.', ''])
   cols = ['group', 'students', f'oracle, full, {head:g}: run / with reference',
-          'largest gain: cell', 'run / with reference', 'within']
+          'largest gain: cell', 'run / with reference', 'found by (alone)', 'within']
   lines += ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
   for name, d in groups.items():
     main = d['cells'].get(f'oracle_full_{head:g}')
     before, after = d['cells'][d['max_gain_cell']]
     lines.append('| ' + ' | '.join([
         name, str(d['students']), '-' if main is None else f'{main[0]:.3f} / {main[1]:.3f}',
-        f'`{d["max_gain_cell"]}`', f'{before:.3f} / {after:.3f}',
+        f'`{d["max_gain_cell"]}`', f'{before:.3f} / {after:.3f}', found_by(d),
         'yes' if d['converged'] else '**no**']) + ' |')
   return '\n'.join(lines) + '\n'
 

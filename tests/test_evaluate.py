@@ -460,6 +460,16 @@ def test_doubling_known_answer():
   assert out['groups']['a']['max_gain'] == 0.5 and not out['groups']['a']['converged']
   assert out['groups']['b']['max_gain'] == 0.0 and out['groups']['b']['converged']
   assert out['groups']['both']['cells']['oracle_full_1'] == [0.25, 0.5]
+  assert out['groups']['a']['gain_by_attack'] == {'apgd': 0.5}
+  assert out['groups']['b']['gain_by_attack'] == {'apgd': 0.0}
+  # Which attack of the doubled run found the new points: Square alone, APGD nothing new
+  # (its success on student 0's first point was the base's already).
+  two = _result({('full', 'apgd'): [[[1, 0], [1, 0]], [[0, 0], [0, 0]]],
+                 ('full', 'square'): [[[0, 1], [0, 1]], [[0, 0], [0, 0]]]},
+                [[0, 0], [0, 0]])
+  by = evaluate.doubling(base, two, {'a': np.array([True, False])})['groups']['a']
+  assert by['max_gain'] == 0.5 and by['max_gain_cell'] == 'oracle_full_0.5'
+  assert by['gain_by_attack'] == {'apgd': 0.0, 'square': 0.5}
   # A gain of exactly the threshold (one point of 100: 0.68 - 0.67 > 0.01 in floating point)
   # has converged.
   one_more = _result({('full', 'apgd'): np.arange(100)[None, None] < np.array([[67], [67]])},

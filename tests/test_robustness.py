@@ -10,6 +10,7 @@ import scipy.stats
 
 from experiments import robustness
 from experiments import study
+from experiments import summaries
 from experiments import validation
 from experiments.configs import robustness as robustness_config
 from tsrobust import check_results
@@ -306,3 +307,19 @@ def test_bad_config_fails_at_start(tmp_path, field, value, message):
     robustness.train_and_evaluate(tiny_config(**{field: value}), str(tmp_path))
   assert message in str(info.value)
   assert not os.listdir(tmp_path)
+
+
+def test_reference_table_says_which_attack_found_the_gain():
+  """The reference check's table names the attacks that raise the largest-gain cell alone."""
+  check = lambda gains, converged: {
+      'points': 4, 'threshold': 0.01, 'students': 2, 'converged': converged,
+      'cells': {'oracle_full_1': [0.25, 0.75]}, 'max_gain': 0.5,
+      'max_gain_cell': 'oracle_full_1', 'gain_by_attack': gains}
+  summary = {'groups': {
+      'at 2.0 full': {'headline_eps': 1.0, 'reference': check(
+          {'apgd': 0.0, 'apgd_pair': 0.5, 'square': 0.25}, False)},
+      'standard': {'headline_eps': 1.0, 'reference': check({'apgd': 0.0}, True)}}}
+  rows = summaries.reference_markdown(summary).splitlines()
+  assert ('| at 2.0 full | 2 | 0.250 / 0.750 | `oracle_full_1` | 0.250 / 0.750 | '
+          '`apgd_pair` +0.500, `square` +0.250 | **no** |') in rows
+  assert '| standard | 2 | 0.250 / 0.750 | `oracle_full_1` | 0.250 / 0.750 | - | yes |' in rows

@@ -246,28 +246,45 @@ def doubling(base: Result, doubled: Result, groups: Mapping[str, np.ndarray],
     A JSON-able dict: ``points`` (``n``), ``threshold``, and per group its ``students``,
     per cell ``label_where_eps`` the error ``[base, base and doubled together]`` on those
     points (``combine``d: the invariants hold in both), the largest gain ``max_gain`` and
-    its cell ``max_gain_cell``, and ``converged`` (``max_gain <= threshold``). A group that
-    has not converged reports lower bounds of its error.
+    its cell ``max_gain_cell``, ``gain_by_attack`` (the gain in that cell when only one
+    attack of ``doubled`` is added, per attack: which attack finds what the base missed),
+    and ``converged`` (``max_gain <= threshold``). A group that has not converged reports
+    lower bounds of its error.
   """
   n = next(iter(doubled.success.values())).shape[-1]
   base_n = first_points(base, n)
   before = error_rates(combine(base_n))
   after = error_rates(combine(merge(base_n, doubled)))
+  attacks_run = sorted({a for _, _, a in doubled.success})
+  after_one = {a: error_rates(combine(merge(base_n, _only_attack(doubled, a))))
+               for a in attacks_run}
+  index = {f'{label}_{where}_{e:g}': (label, where, ei) for label, where in before
+           for ei, e in enumerate(base.eps)}
   out = {'points': int(n), 'threshold': threshold, 'groups': {}}
   for name, sel in groups.items():
     sel = np.asarray(sel, bool)
     cells, best, best_cell = {}, 0.0, None
-    for (label, where), r in before.items():
-      for ei, e in enumerate(base.eps):
-        b, a = float(r[sel, ei].mean()), float(after[(label, where)][sel, ei].mean())
-        cells[f'{label}_{where}_{e:g}'] = [b, a]
-        if best_cell is None or a - b > best:
-          best, best_cell = a - b, f'{label}_{where}_{e:g}'
+    for cell, (label, where, ei) in index.items():
+      b = float(before[(label, where)][sel, ei].mean())
+      a = float(after[(label, where)][sel, ei].mean())
+      cells[cell] = [b, a]
+      if best_cell is None or a - b > best:
+        best, best_cell = a - b, cell
+    label, where, ei = index[best_cell]
+    by_attack = {a: float(r[(label, where)][sel, ei].mean()) - cells[best_cell][0]
+                 for a, r in after_one.items() if (label, where) in r}
     # (1e-9: a gain of exactly the threshold, e.g. one point of 100, is 0.010000000000000009.)
     out['groups'][name] = {'students': int(sel.sum()), 'cells': cells, 'max_gain': best,
-                           'max_gain_cell': best_cell,
+                           'max_gain_cell': best_cell, 'gain_by_attack': by_attack,
                            'converged': bool(best <= threshold + 1e-9)}
   return out
+
+
+def _only_attack(result: Result, attack: str) -> Result:
+  """``result`` with only ``attack``'s successes (its clean errors kept)."""
+  keep = lambda d: {k: v for k, v in d.items() if k[2] == attack}
+  return Result(eps=result.eps, success=keep(result.success), accepted=keep(result.accepted),
+                first_success={}, clean=result.clean, clean_accepted=result.clean_accepted)
 
 
 def columns(labels_kinds: Sequence[str], wheres: Sequence[str], eps_names: Sequence[str],
