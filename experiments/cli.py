@@ -177,7 +177,8 @@ def define_flags(default_config: str, flag_values: flags.FlagValues = flags.FLAG
                     "choose (the image study): 'map' one at a time (their working set stays "
                     "in the CPU's caches), 'vmap' all at once (an accelerator's choice); "
                     "'auto': map on a CPU, vmap elsewhere (sweep.default_seed_batching). "
-                    'The same values either way, up to float rounding.',
+                    'The same computation, rounded differently: over training that moves '
+                    'results (docs/scaling.md).',
                     flag_values=flag_values)
   flags.DEFINE_float('checkpoint_every_sec', DEFAULT_CHECKPOINT_EVERY_SEC,
                      'Save training checkpoints at most every this many seconds, and at the '
