@@ -272,7 +272,7 @@ def doubling(base: Result, doubled: Result, groups: Mapping[str, np.ndarray],
         best, best_cell = a - b, cell
     label, where, ei = index[best_cell]
     by_attack = {a: float(r[(label, where)][sel, ei].mean()) - cells[best_cell][0]
-                 for a, r in after_one.items() if (label, where) in r}
+                 for a, r in after_one.items()}
     # (1e-9: a gain of exactly the threshold, e.g. one point of 100, is 0.010000000000000009.)
     out['groups'][name] = {'students': int(sel.sum()), 'cells': cells, 'max_gain': best,
                            'max_gain_cell': best_cell, 'gain_by_attack': by_attack,
