@@ -26,7 +26,7 @@ against standard training and the correlation within grid points) and
 
 import os
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, NamedTuple
 
 from absl import logging
 import jax
@@ -215,10 +215,26 @@ def teacher_level_markdown(config, corr) -> str:
   return '\n'.join(parts)
 
 
-def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
-  """Runs the study and writes the result files; returns the records."""
-  validate_config(config)
-  cli.prepare_workdir(workdir, config)
+class Students(NamedTuple):
+  """A robustness config's trained students and what their evaluation reads.
+
+  ``params`` holds ``len(points) * num_padded`` students (grid-major, on the host);
+  ``projector [num_padded, d, d]``, ``held`` (``LowRankEvaluator.held_out``) and the
+  ``problem``'s teachers are per seed, the same at every grid point.
+  """
+  points: List[methods_lib.GridPoint]
+  problem: lowrank.Problem
+  evaluator: lowrank_eval.LowRankEvaluator
+  projector: Any
+  held: Dict[str, Any]
+  params: Any
+  losses: np.ndarray
+  num_padded: int
+
+
+def trained_students(config, workdir: str) -> Students:
+  """Trains every grid point's students, or reloads them from ``workdir``'s checkpoints
+  (a finished run's: nothing is trained again; ``study.train_grid``)."""
   points = grid(config)
   r = config.rank
   s = study.num_padded_seeds(config)  # >= num_seeds; the padded seeds are dropped
@@ -246,6 +262,17 @@ def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
     return args, None
   params, losses = study.train_grid(config, workdir, points, make_loss, make_args,
                                     problem.student_params, problem.teacher_params, keys.train)
+  return Students(points, problem, evaluator, projector, held, params, losses, s)
+
+
+def train_and_evaluate(config, workdir: str) -> List[Dict[str, Any]]:
+  """Runs the study and writes the result files; returns the records."""
+  validate_config(config)
+  cli.prepare_workdir(workdir, config)
+  trained = trained_students(config, workdir)
+  points, problem, evaluator = trained.points, trained.problem, trained.evaluator
+  projector, held, params, losses = trained.projector, trained.held, trained.params, trained.losses
+  s = trained.num_padded
 
   # Evaluate every student at once: one compilation for the whole study.
   t0 = time.perf_counter()

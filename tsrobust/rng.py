@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 __all__ = ['LOWRANK_STREAMS', 'IMAGE_STREAMS', 'SHARED_PROBLEM', 'TEACHER_PRETRAINING',
            'ROBUST_FEATURES', 'IMAGE_PROBES', 'CONVERGENCE_CHECK', 'REFERENCE_CHECK',
-           'TEACHER_EVALUATION', 'ROBUST_MODEL_EVALUATION', 'per_seed']
+           'PAIR_LADDER', 'TEACHER_EVALUATION', 'ROBUST_MODEL_EVALUATION', 'per_seed']
 
 # Per-seed streams, in split order (changing the order changes every result).
 LOWRANK_STREAMS = ('teacher', 'basis', 'student', 'train', 'eval')
@@ -39,6 +39,8 @@ IMAGE_PROBES = 2 ** 31 - 4
 CONVERGENCE_CHECK = 2 ** 31 - 5
 # fold_in(attack key, .): the reference check's ensemble (escalation.reference_check).
 REFERENCE_CHECK = 2 ** 31 - 6
+# fold_in(attack key, .): the rungs of experiments.pair_ladder (then the rung's index).
+PAIR_LADDER = 2 ** 31 - 7
 # fold_in(master, .): the image study's attacks on the teacher and on the robust model.
 TEACHER_EVALUATION = 7
 ROBUST_MODEL_EVALUATION = 8
