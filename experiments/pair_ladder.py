@@ -20,6 +20,7 @@ part of the reference check's budget finds what the default misses on adversaria
 students.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -66,11 +67,9 @@ def rung_config(base: evaluate.AttackConfig, steps: int, targets: int,
                 restarts: int) -> evaluate.AttackConfig:
   """``base``'s criteria (tolerance, smoothing, momentum, ...) with ``apgd_pair`` alone at
   that budget: every other attack of the ensemble off."""
-  keep = ('pgd_step_factor', 'square_p_init', 'pair_smoothing', 'pair_momentum',
-          'oracle_loss', 'oracle_tolerance')
-  return evaluate.AttackConfig(
-      pgd_steps=0, apgd_steps=0, apgd_t_steps=0, square_queries=0, pair_steps=steps,
-      pair_targets=targets, pair_restarts=restarts, **{k: getattr(base, k) for k in keep})
+  return dataclasses.replace(
+      base.with_budget_of('standard'), pgd_steps=0, apgd_steps=0, apgd_t_steps=0,
+      square_queries=0, pair_steps=steps, pair_targets=targets, pair_restarts=restarts)
 
 
 def load_run(workdir: str):
