@@ -35,7 +35,7 @@ def test_per_seed_known_keys():
 
 def test_reserved_constants_are_distinct_and_far_from_seeds():
   reserved = [rng.SHARED_PROBLEM, rng.TEACHER_PRETRAINING, rng.ROBUST_FEATURES,
-              rng.IMAGE_PROBES, rng.CONVERGENCE_CHECK]
+              rng.IMAGE_PROBES, rng.CONVERGENCE_CHECK, rng.REFERENCE_CHECK, rng.PAIR_LADDER]
   assert len(set(reserved)) == len(reserved)
   assert min(reserved) > 2 ** 30
   assert rng.TEACHER_EVALUATION != rng.ROBUST_MODEL_EVALUATION
