@@ -40,16 +40,22 @@ from tsrobust import lowrank_eval
 from tsrobust import rng
 from tsrobust import sweep
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A finished experiments.robustness run.')
-_LADDER = flags.DEFINE_list('ladder', ['100x3x1', '200x3x1', '100x9x1', '200x9x1', '800x9x1',
-                                       '500x9x2'],
-                            'Budgets of apgd_pair, weakest first: STEPSxTARGETSxRESTARTS.')
-_POINTS = flags.DEFINE_integer('points', 64, 'Attacked points per student (the first ones).')
-_METHODS = flags.DEFINE_list('methods', None, 'Only these methods (default: every grid point).')
-_EPS = flags.DEFINE_list('eps', None, "L2 budgets (default: the run's).")
-_TOLERANCE = flags.DEFINE_float('tolerance', 0.01, 'A rung adding more than this to the one '
-                                'before it has not converged.')
-_JSON = flags.DEFINE_string('json', None, 'Also write the table as JSON here.')
+
+
+def define_flags() -> None:
+  """The command line's flags, defined when run as a program (not at import, so the module
+  can be imported beside others that define flags of the same names)."""
+  flags.DEFINE_string('workdir', None, 'A finished experiments.robustness run.')
+  flags.DEFINE_list('ladder', ['100x3x1', '200x3x1', '100x9x1', '200x9x1', '800x9x1',
+                               '500x9x2'],
+                    'Budgets of apgd_pair, weakest first: STEPSxTARGETSxRESTARTS.')
+  flags.DEFINE_integer('points', 64, 'Attacked points per student (the first ones).')
+  flags.DEFINE_list('methods', None, 'Only these methods (default: every grid point).')
+  flags.DEFINE_list('eps', None, "L2 budgets (default: the run's).")
+  flags.DEFINE_float('tolerance', 0.01, 'A rung adding more than this to the one before it '
+                     'has not converged.')
+  flags.DEFINE_string('json', None, 'Also write the table as JSON here.')
+
 
 _RUNG = re.compile(r'^(\d+)x(\d+)x(\d+)$')
 
@@ -164,31 +170,33 @@ def markdown(table: Dict[str, Any], points: int, num_seeds: int) -> str:
 
 def main(argv):
   del argv
+  f = flags.FLAGS
   sweep.use_all_cpu_cores()  # before any JAX work: the run's devices (one per core)
   sweep.use_unrolled_threefry_on_cpu()  # as the binaries (the same bits, faster)
-  config = load_run(_WORKDIR.value)
+  config = load_run(f.workdir)
   try:
-    rungs = [parse_rung(r) for r in _LADDER.value]
+    rungs = [parse_rung(r) for r in f.ladder]
   except ValueError as e:
     raise app.UsageError(str(e)) from e
-  eps = ([float(e) for e in _EPS.value] if _EPS.value else [float(e) for e in config.eps])
+  eps = ([float(e) for e in f.eps] if f.eps else [float(e) for e in config.eps])
   if min(eps) <= 0:
     raise app.UsageError(f'--eps must be > 0, got {eps}')
-  trained = robustness.trained_students(config, _WORKDIR.value)
+  trained = robustness.trained_students(config, f.workdir)
   try:
-    table = ladder(trained, config, rungs, _POINTS.value, eps, _METHODS.value or ())
+    table = ladder(trained, config, rungs, f.points, eps, f.methods or ())
   except ValueError as e:
     raise app.UsageError(str(e)) from e
-  print(markdown(table, _POINTS.value, config.num_seeds))
-  for g, e, gain in unconverged(table, _TOLERANCE.value):
+  print(markdown(table, f.points, config.num_seeds))
+  for g, e, gain in unconverged(table, f.tolerance):
     print(f'{g} at eps {e:g}: the last rung adds {gain:+.3f} (not converged)')
-  if _JSON.value:
-    io.write_json(_JSON.value, {
-        'workdir': _WORKDIR.value, 'points': _POINTS.value, 'groups': table['groups'],
+  if f.json:
+    io.write_json(f.json, {
+        'workdir': f.workdir, 'points': f.points, 'groups': table['groups'],
         'eps': table['eps'], 'rungs': table['rungs'], 'error': table['error'].tolist(),
         'union': table['union'].tolist()})
 
 
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flag_as_required('workdir')
   app.run(main)
