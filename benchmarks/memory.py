@@ -25,9 +25,10 @@ MNIST-sized images and reports, in one line and optionally a JSON record:
   placing one copy per device) and ``peak_train_mb`` (the students'
   initialization, compilation and training, the peak reset in between);
 * ``data_rise_mb``: the data phase's peak minus the resident memory just before it
-  (after a garbage collection): what the images added, unaffected by memory the
-  process freed between the baseline and the data (e.g. of earlier work in the same
-  process, as in a test worker);
+  (after a garbage collection): what the images added. Meaningful in a process that
+  did nothing else first, as this script's: where earlier work freed memory that is
+  still resident (malloc's free lists, e.g. in a test worker), the images can reuse it
+  and the rise is less than their size;
 * ``bound_mb``: devices x data + state, and ``copies_mb``: S x data (what one
   copy of the images per student would need).
 
