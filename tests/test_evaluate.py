@@ -236,8 +236,9 @@ def test_presets_and_bad_input():
     evaluate.preset('fast').scaled(0)
   doubled = evaluate.preset('standard').scaled(2)
   assert (doubled.pgd_steps, doubled.apgd_steps, doubled.apgd_t_steps, doubled.square_queries,
-          doubled.pair_steps, doubled.targets, doubled.apgd_restarts) == (40, 60, 30, 200, 200,
-                                                                          3, 1)
+          doubled.pair_steps, doubled.targets, doubled.pair_targets) == (40, 60, 30, 200, 200,
+                                                                         6, 6)
+  assert (doubled.pgd_restarts, doubled.apgd_restarts, doubled.pair_restarts) == (1, 1, 1)
   teacher, student, tp, sp, x, proj = _problem()
   ev = evaluate.Evaluator(student.apply, teacher.apply, norm='l2',
                           config=evaluate.preset('fast'))

@@ -47,8 +47,9 @@ iterations, 9 targets, Square 5000 queries; with ``apgd_pair``), ``reference``
 (well beyond ``strong``: restarts, Square 10,000 queries, ``apgd_pair`` 500
 iterations x 18 pairs x 2 restarts, 30x ``standard``'s; for convergence checks, not for
 routine runs).
-``AttackConfig.scaled(2)`` doubles every iteration count: a run's
-convergence check (``outcomes.doubling``).
+``AttackConfig.scaled(2)`` doubles every iteration count, Square's queries and the
+targets of APGD-T and of the pair attack (up to ``C - 1``): a run's convergence check
+(``outcomes.doubling``).
 
 ``attack_one`` runs one attack of the ensemble, for one label kind and one budget, on
 one student; ``evaluate.Evaluator`` runs them all on a batch of students, and
@@ -167,17 +168,28 @@ class AttackConfig:
     return tuple(a for a in self.attacks if label == 'oracle' or a not in ORACLE_ONLY_ATTACKS)
 
   def scaled(self, factor: int) -> 'AttackConfig':
-    """This ensemble with every attack's iterations and Square's queries times ``factor``.
+    """This ensemble with every attack's iterations, Square's queries, and the targets of
+    APGD-T and of ``apgd_pair`` times ``factor``.
 
-    Restarts and targets are unchanged. The convergence check (``outcomes.doubling``) compares
-    an ensemble with ``scaled(2)`` of it, run with other random keys.
+    Targets beyond ``C - 1`` classes are dropped where the attacks run (``attack_one``), so on
+    10 classes ``standard``'s 3 targets become 6 at 2x and 9 (every other class) from 4x on.
+    Restarts are unchanged: the convergence check (``outcomes.doubling``) compares an ensemble
+    with ``scaled(2)`` of it run from other random starts, and an escalated group's errors
+    are the union over its levels, each from its own starts. Why the targets too: on
+    adversarially trained students the pair attack's misses are as much in the pairs it does
+    not try as in its iterations (docs/evaluation.md, "the pair attack's ladder").
+
+    >>> c = preset('standard').scaled(4)
+    >>> (c.apgd_steps, c.targets, c.pair_steps, c.pair_targets, c.pair_restarts)
+    (120, 12, 400, 12, 1)
     """
     if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 1:
       raise ValueError(f'factor must be an integer >= 1, got {factor!r}')
     return dataclasses.replace(
         self, pgd_steps=self.pgd_steps * factor, apgd_steps=self.apgd_steps * factor,
         apgd_t_steps=self.apgd_t_steps * factor, square_queries=self.square_queries * factor,
-        pair_steps=self.pair_steps * factor)
+        pair_steps=self.pair_steps * factor, targets=self.targets * factor,
+        pair_targets=self.pair_targets * factor)
 
   def with_budget_of(self, strength: str) -> 'AttackConfig':
     """This ensemble's criteria (oracle tolerance and loss, PGD's step factor, the pair

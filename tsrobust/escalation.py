@@ -1,7 +1,8 @@
 """Attack harder where the ensemble has not converged: the convergence check, per group.
 
 A group of students (a method's grid point, say) has *converged* when the ensemble with
-every iteration count doubled (``AttackConfig.scaled(2)``, other random starts), run
+every iteration count, query count and target count doubled (``AttackConfig.scaled(2)``,
+other random starts), run
 again on the first ``n`` attacked points, raises no error cell by more than
 ``outcomes.CONVERGED_GAIN`` (``outcomes.doubling``). ``escalate`` runs that check per group
 and, for each group that fails it, *escalates*: the doubled ensemble attacks all of the

@@ -237,8 +237,8 @@ def doubling(base: Result, doubled: Result, groups: Mapping[str, np.ndarray],
   Args:
     base: the evaluation (``evaluate.Evaluator.run``), ``[S, E, N]``.
     doubled: the same students attacked again on their first ``n <= N`` points by the
-      ensemble with every iteration count doubled (``ensemble.AttackConfig.scaled(2)``) and other
-      random keys, ``[S, E, n]``.
+      ensemble with every iteration, query and target count doubled
+      (``ensemble.AttackConfig.scaled(2)``) and other random keys, ``[S, E, n]``.
     groups: ``{name: [S] bool}`` the students of each group (e.g. a method's grid point).
     threshold: the largest gain that counts as converged.
 
