@@ -12,6 +12,12 @@ last rung still adds more than ``--tolerance`` over the one before:
     python -m experiments.pair_ladder --workdir=runs/robustness --methods=at \
         --ladder=100x3x1,200x3x1,100x9x1,200x9x1,800x9x1,500x9x2,2000x9x1
 
+With ``--reference=SxTxR`` one more budget runs after the ladder, from keys of its own, and
+is compared with the ladder's union (``union - reference`` per cell; not part of the
+union): e.g. whether the chain the escalation runs (``100x3x1,200x6x1,400x9x1,800x9x1``: the
+pair attack of ``AttackConfig.scaled(2 ** L)``, L = 0..3, on 10 classes) reaches the
+``reference`` preset's ``500x9x2``.
+
 The first rung attacks with the run's own keys (``evaluate.Evaluator.run``'s), so with
 ``--points`` equal to the run's ``num_attack`` a rung of the run's pair budget repeats the
 run's first attack exactly (the ``adv_oracle_full_<eps>_apgd_pair`` column, before any
@@ -24,7 +30,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
@@ -54,6 +60,8 @@ def define_flags() -> None:
   flags.DEFINE_list('eps', None, "L2 budgets (default: the run's).")
   flags.DEFINE_float('tolerance', 0.01, 'A rung adding more than this to the one before it '
                      'has not converged.')
+  flags.DEFINE_string('reference', None, 'One more budget STEPSxTARGETSxRESTARTS, compared '
+                      "with the ladder's union (not part of it).")
   flags.DEFINE_string('json', None, 'Also write the table as JSON here.')
 
 
@@ -94,12 +102,15 @@ def load_run(workdir: str):
 
 
 def ladder(trained: robustness.Students, config, rungs: Sequence[Tuple[int, int, int]],
-           points: int, eps: Sequence[float],
-           methods: Sequence[str] = ()) -> Dict[str, Any]:
+           points: int, eps: Sequence[float], methods: Sequence[str] = (),
+           reference: Optional[Tuple[int, int, int]] = None) -> Dict[str, Any]:
   """Every rung's oracle success on each selected student's first ``points`` points.
 
   Returns ``{'groups': [name], 'eps': [..], 'rungs': ['SxTxR'], 'error': [G, R, E] mean,
-  'union': [G, E], 'success': {name: [R, S, E, N] bool}}``.
+  'union': [G, E], 'success': {name: [R, S, E, N] bool}}``; with ``reference`` (a budget
+  run after the rungs, with the keys a rung at that position would get) also
+  ``'reference'`` ``'SxTxR'``, ``'reference_error'`` ``[G, E]`` and
+  ``'reference_success'`` ``{name: [S, E, N]}``, outside the union.
   """
   s = trained.num_padded
   keep = [i for i, (m, _) in enumerate(trained.points) if not methods or m in methods]
@@ -120,7 +131,7 @@ def ladder(trained: robustness.Students, config, rungs: Sequence[Tuple[int, int,
   surrogate = lowrank_eval.surrogate_apply(trained.problem.student, trained.problem.teacher,
                                            config.surrogate_temperature)
   out = []
-  for j, rung in enumerate(rungs):
+  for j, rung in enumerate(list(rungs) + ([reference] if reference else [])):
     attacker = evaluate.Evaluator(trained.problem.student.apply, trained.problem.teacher.apply,
                                   norm=config.attack_norm, config=rung_config(base, *rung),
                                   surrogate_apply=surrogate)
@@ -129,19 +140,26 @@ def ladder(trained: robustness.Students, config, rungs: Sequence[Tuple[int, int,
     result = attacker.run(sp, tp, x, k, eps=eps, labels_kinds=('oracle',),
                           identity_full=config.attack_norm == 'l2')
     out.append(result.success[('oracle', 'full', 'apgd_pair')][:len(students)])
-  success = np.stack(out)  # [R, students, E, N]
-  groups, err, union, by_group = [], [], [], {}
+  success = np.stack(out)  # [R (+1), students, E, N]
+  r = len(rungs)
+  groups, err, union, by_group, ref = [], [], [], {}, {}
   for n, i in enumerate(keep):
     rows = slice(n * config.num_seeds, (n + 1) * config.num_seeds)
-    g = success[:, rows]
+    g = success[:r, rows]
     name = study.grid_point_name(*trained.points[i])
     groups.append(name)
     by_group[name] = g
     err.append(g.mean((1, 3)))        # [R, E]
     union.append(g.any(0).mean((0, 2)))  # [E]
-  return {'groups': groups, 'eps': [float(e) for e in eps],
-          'rungs': ['x'.join(str(v) for v in r) for r in rungs],
-          'error': np.stack(err), 'union': np.stack(union), 'success': by_group}
+    if reference:
+      ref[name] = success[r, rows]
+  name_of = lambda rung: 'x'.join(str(v) for v in rung)
+  table = {'groups': groups, 'eps': [float(e) for e in eps], 'rungs': [name_of(x) for x in rungs],
+           'error': np.stack(err), 'union': np.stack(union), 'success': by_group}
+  if reference:
+    table.update(reference=name_of(reference), reference_success=ref,
+                 reference_error=np.stack([ref[g].mean((0, 2)) for g in groups]))
+  return table
 
 
 def unconverged(table: Dict[str, Any], tolerance: float) -> List[Tuple[str, float, float]]:
@@ -156,7 +174,9 @@ def unconverged(table: Dict[str, Any], tolerance: float) -> List[Tuple[str, floa
 
 def markdown(table: Dict[str, Any], points: int, num_seeds: int) -> str:
   """One row per grid point and budget: each rung's error, then the union's."""
-  head = ['grid point', 'eps', *table['rungs'], 'union']
+  ref = 'reference' in table
+  head = ['grid point', 'eps', *table['rungs'], 'union'] + (
+      [f"reference {table['reference']}", 'union - reference'] if ref else [])
   lines = [f'apgd_pair alone, oracle labels, unconstrained; {num_seeds} students x the first '
            f'{points} points each; rung = iterations x targets x restarts '
            f'(2 x targets pairs)', '',
@@ -164,6 +184,9 @@ def markdown(table: Dict[str, Any], points: int, num_seeds: int) -> str:
   for i, g in enumerate(table['groups']):
     for j, e in enumerate(table['eps']):
       cells = [f'{v:.3f}' for v in table['error'][i, :, j]] + [f'{table["union"][i, j]:.3f}']
+      if ref:
+        r = table['reference_error'][i, j]
+        cells += [f'{r:.3f}', f'{table["union"][i, j] - r:+.3f}']
       lines.append(f'| {g} | {e:g} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 
@@ -176,6 +199,7 @@ def main(argv):
   config = load_run(f.workdir)
   try:
     rungs = [parse_rung(r) for r in f.ladder]
+    reference = parse_rung(f.reference) if f.reference else None
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   eps = ([float(e) for e in f.eps] if f.eps else [float(e) for e in config.eps])
@@ -183,7 +207,7 @@ def main(argv):
     raise app.UsageError(f'--eps must be > 0, got {eps}')
   trained = robustness.trained_students(config, f.workdir)
   try:
-    table = ladder(trained, config, rungs, f.points, eps, f.methods or ())
+    table = ladder(trained, config, rungs, f.points, eps, f.methods or (), reference)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   print(markdown(table, f.points, config.num_seeds))
@@ -193,7 +217,9 @@ def main(argv):
     io.write_json(f.json, {
         'workdir': f.workdir, 'points': f.points, 'groups': table['groups'],
         'eps': table['eps'], 'rungs': table['rungs'], 'error': table['error'].tolist(),
-        'union': table['union'].tolist()})
+        'union': table['union'].tolist(),
+        **({'reference': table['reference'],
+            'reference_error': table['reference_error'].tolist()} if reference else {})})
 
 
 if __name__ == '__main__':

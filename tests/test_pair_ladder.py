@@ -61,6 +61,16 @@ def test_the_first_rung_at_the_runs_budget_repeats_the_runs_pair_attack(finished
   assert np.all(table['union'] >= table['error'].max(1) - 1e-12)
   g0 = table['groups'][0]
   np.testing.assert_allclose(table['error'][0], table['success'][g0].mean((1, 3)))
+  # A reference after one rung gets the keys of the ladder's second rung: the same successes,
+  # outside the union.
+  with_ref = pair_ladder.ladder(trained, config, rungs[:1], config.num_attack, eps,
+                                reference=rungs[1])
+  assert with_ref['reference'] == '40x2x2' and with_ref['rungs'] == [table['rungs'][0]]
+  for g in table['groups']:
+    np.testing.assert_array_equal(with_ref['reference_success'][g], table['success'][g][1])
+    np.testing.assert_array_equal(with_ref['success'][g], table['success'][g][:1])
+  np.testing.assert_allclose(with_ref['union'], table['error'][:, 0])
+  np.testing.assert_allclose(with_ref['reference_error'], table['error'][:, 1])
 
 
 @pytest.mark.slow
@@ -96,6 +106,11 @@ def test_markdown_has_a_row_per_group_and_budget():
   assert '| grid point | eps | 100x3x1 | 500x9x2 | union |' in text
   assert '| at 2.0 full | 2 | 0.120 | 0.410 | 0.440 |' in text
   assert text.count('\n| ') == 1 + 4  # the header and 2 groups x 2 budgets
+  with_ref = dict(table, rungs=['100x3x1'], error=table['error'][:, :1], reference='500x9x2',
+                  reference_error=np.array([[0.15, 0.25], [0.0, 0.46]]))
+  text = pair_ladder.markdown(with_ref, 64, 8)
+  assert '| 100x3x1 | union | reference 500x9x2 | union - reference |' in text
+  assert '| at 2.0 full | 2 | 0.120 | 0.440 | 0.460 | -0.020 |' in text
 
 
 def test_load_run_refuses_a_folder_without_results(tmp_path):
