@@ -27,8 +27,9 @@ in range) first. Rows:
 * ours with escalation: a strength ``PRESET+escalation`` (e.g. ``standard+escalation``,
   the binaries' default) runs the preset, then the convergence check and escalation the
   binaries run (``escalation.escalate``, as ``image_eval`` / ``lowrank_eval`` call it): the
-  ensemble with every iteration count doubled attacks the first ``convergence_points``
-  points again (capped by the number of points) and, if it finds more than 0.01 more at
+  ensemble with every iteration, query and target count doubled attacks the first
+  ``convergence_points`` points again (capped by the number of points) and, if it finds
+  more than 0.01 more at
   some budget, attacks every point at 2x and is checked at 4x, ..., up to
   ``max_escalations`` doublings. One group per network, all budgets together, as a group
   is a grid point's students at every budget in the binaries; ``convergence_points`` and

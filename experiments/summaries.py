@@ -165,9 +165,11 @@ def doubling_markdown(summary: Mapping[str, Any]) -> str:
   head = next(iter(summary['groups'].values()))['headline_eps']  # as the attacks' budgets
   bad = [k for k, d in groups.items() if not d['converged']]
   max_level = first.get('max_level', 0)
-  lines = ['', '### Convergence: the ensemble with every iteration count doubled', '',
+  lines = ['', '### Convergence: the ensemble with every iteration, query and target count '
+           'doubled', '',
            f'On the first {first["points"]} attacked points of each student, the ensemble '
-           f'with twice the iterations and queries (other random starts) attacks again; a '
+           f'with twice the iterations, queries and targets (other random starts) attacks '
+           f'again; a '
            f'group has converged when that raises no error cell (label, subspace, budget) by '
            f'more than {threshold:g}. Errors are combined as in the evaluation (the doubled '
            f'run\'s successes added to the run\'s). "Found by" lists the attacks of the '

@@ -72,7 +72,8 @@ def add_attack_fields(c: ml_collections.ConfigDict, oracle_tolerance: float,
   # disagreement; see docs/lowrank.md, "Why a tolerance").
   a.oracle_tolerance = oracle_tolerance
   c.surrogate_temperature = 0.1  # apgd_pair follows ReLU gradients sigmoid(z / T) (0: exact)
-  # Convergence check: the ensemble with every iteration count doubled (other random keys)
+  # Convergence check: the ensemble with every iteration, query and target count doubled
+  # (AttackConfig.scaled(2), other random keys)
   # attacks the first this-many attacked points again; 0: no check.
   c.convergence_points = convergence_points  # points the doubled ensemble attacks again
   # A group of students (a grid point) whose check fails is attacked again on all its points
