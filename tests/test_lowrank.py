@@ -74,7 +74,8 @@ def test_writes_files_that_parse(tiny_run):
     assert set(group['per_attack']) == {'pgd', 'apgd', 'apgd_t', 'square', 'apgd_pair'}
     assert set(group['convergence']) == {'oracle', 'fixed'}
     assert group['doubling']['points'] == 16 and group['doubling']['students'] == 2
-  assert '### Convergence: the ensemble with every iteration, query and target count doubled' in table
+  assert ('### Convergence: the ensemble with every iteration, query and target count '
+          'doubled') in table
   assert '## Teacher-level intervals (2 teachers x 1 student(s) per teacher per rank)' in table
 
 

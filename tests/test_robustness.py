@@ -134,7 +134,8 @@ def test_summary_and_figure(tiny_run):
     for before, after in doubling['cells'].values():
       assert 0 <= before <= after <= 1  # the doubled run's successes are added, never removed
     assert doubling['converged'] == (doubling['max_gain'] <= doubling['threshold'])
-  assert '### Convergence: the ensemble with every iteration, query and target count doubled' in text
+  assert ('### Convergence: the ensemble with every iteration, query and target count '
+          'doubled') in text
   unconverged = [k for k, g in checks['groups'].items() if not g['doubling']['converged']]
   assert (f'**Not converged: {", ".join(unconverged)}.**' in text) == bool(unconverged)
   with open(os.path.join(workdir, 'robustness.png'), 'rb') as f:
