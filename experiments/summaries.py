@@ -96,9 +96,9 @@ def log_unconverged(checks: Mapping[str, Any]) -> None:
                    name, level, 2 ** level)
     if not d['converged']:
       before, after = d['cells'][d['max_gain_cell']]
-      logging.warning('%s: the attack has not converged (ensemble at %dx): doubling its '
-                      'iterations raises %s from %.3f to %.3f on the first %d points (its '
-                      'errors are lower bounds)', name, 2 ** level, d['max_gain_cell'],
+      logging.warning('%s: the attack has not converged (ensemble at %dx): doubling it '
+                      '(iterations, queries, targets) raises %s from %.3f to %.3f on the first '
+                      '%d points (its errors are lower bounds)', name, 2 ** level, d['max_gain_cell'],
                       before, after, d['points'])
   for name, g in checks['groups'].items():
     r = g.get('reference')
